@@ -1,0 +1,535 @@
+//! The embedded store: one redb file, no server.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use flowgate_core::{
+    Checkpoint, CheckpointStore, DedupStore, Error, ErrorKind, IdempotencyKey, PartitionId, Position, Record, Sink,
+    SinkCapabilities, TxContext, WriteError,
+};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use crate::rules::{Transition, check};
+
+const META: TableDefinition<'static, &str, &str> = TableDefinition::new("flowgate_meta");
+const CHECKPOINTS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("flowgate_checkpoints");
+const MARKS: TableDefinition<'static, &[u8], u64> = TableDefinition::new("flowgate_dedup");
+const EXPIRY: TableDefinition<'static, &[u8], ()> = TableDefinition::new("flowgate_dedup_expiry");
+const FORMAT_KEY: &str = "format";
+const FORMAT: &str = "flowgate-embedded-store/1";
+/// Expired marks removed per write transaction (keeps each commit short).
+const SWEEP_PER_COMMIT: usize = 10_000;
+
+/// The embedded checkpoint and dedup store: one redb file (`flowgate.redb` in the data
+/// directory).
+///
+/// - **Crash safety**: redb is copy-on-write with checksummed commit slots; a crash leaves
+///   the last committed state.
+/// - **Durability**: every `commit`, `mark` and table-sink transaction is `fsync`ed
+///   ([`redb::Durability::Immediate`]) before it returns.
+/// - **Identity**: the file carries a format marker; a foreign or corrupt file is refused at
+///   open with an error naming the path. One process at a time holds the file (redb's lock).
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    path: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredCheckpoint {
+    position: Position,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fence: Option<u64>,
+}
+
+fn corrupt(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Corrupt, format!("the embedded store {what}"))
+        .with_context("path", path.display())
+        .with_context("cause", e)
+        .with_hint("move the file away (flowgate refuses to guess) or point the store at another directory")
+}
+
+fn storage(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
+    Error::new(ErrorKind::Transient, format!("embedded store: {what} failed"))
+        .with_context("path", path.display())
+        .with_context("cause", e)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn cp_key(pipeline: &str, partition: &str) -> String {
+    format!("{pipeline}\u{0}{partition}")
+}
+
+fn mark_key(pipeline: &str, key: &IdempotencyKey) -> Vec<u8> {
+    let mut k = Vec::with_capacity(pipeline.len() + 1 + key.as_bytes().len());
+    k.extend_from_slice(pipeline.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+impl EmbeddedStore {
+    /// Opens (creating if needed) the store `flowgate.redb` in `dir`.
+    pub async fn open_dir(dir: impl AsRef<Path>) -> Result<Self, Error> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            Error::config("cannot create the data directory").with_context("path", dir.display()).with_source(e)
+        })?;
+        Self::open(dir.join("flowgate.redb")).await
+    }
+
+    /// Opens (creating if needed) the store file at `path`.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self, Error> {
+        let path = path.as_ref().to_path_buf();
+        let p2 = path.clone();
+        tokio::task::spawn_blocking(move || Self::open_blocking(p2))
+            .await
+            .map_err(|e| storage(&path, "open", e))?
+    }
+
+    fn open_blocking(path: PathBuf) -> Result<Self, Error> {
+        let existed = path.exists() && std::fs::metadata(&path).map(|m| m.len() > 0).unwrap_or(false);
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(Error::config("the embedded store is already open in another process")
+                    .with_context("path", path.display())
+                    .with_hint("run one flowgate process per data directory, or use a shared store (PostgreSQL, Redis)"));
+            }
+            Err(e) => return Err(corrupt(&path, "file cannot be opened as a flowgate store", e)),
+        };
+        let store = EmbeddedStore { db: Arc::new(db), path };
+        store.check_identity(existed)?;
+        Ok(store)
+    }
+
+    fn check_identity(&self, existed: bool) -> Result<(), Error> {
+        let txn = self.begin_write()?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| corrupt(&self.path, "meta table is unreadable", e))?;
+            let format = meta.get(FORMAT_KEY).map_err(|e| corrupt(&self.path, "meta table is unreadable", e))?.map(|v| v.value().to_string());
+            match format {
+                Some(f) if f == FORMAT => {}
+                Some(other) => return Err(corrupt(&self.path, "file has an unknown format", other)),
+                None if existed => {
+                    // An existing redb file without our marker: someone else's database.
+                    let tables = txn.list_tables().map(|t| t.count()).unwrap_or(0);
+                    if tables > 1 {
+                        return Err(corrupt(&self.path, "file is a redb database that flowgate did not create", "no format marker"));
+                    }
+                    meta.insert(FORMAT_KEY, FORMAT).map_err(|e| storage(&self.path, "init", e))?;
+                }
+                None => {
+                    meta.insert(FORMAT_KEY, FORMAT).map_err(|e| storage(&self.path, "init", e))?;
+                }
+            }
+            txn.open_table(CHECKPOINTS).map_err(|e| corrupt(&self.path, "checkpoint table is unreadable", e))?;
+            txn.open_table(MARKS).map_err(|e| corrupt(&self.path, "dedup table is unreadable", e))?;
+            txn.open_table(EXPIRY).map_err(|e| corrupt(&self.path, "dedup table is unreadable", e))?;
+        }
+        txn.commit().map_err(|e| storage(&self.path, "init commit", e))
+    }
+
+    /// The file this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn begin_write(&self) -> Result<WriteTransaction, Error> {
+        let mut txn = self.db.begin_write().map_err(|e| storage(&self.path, "begin write", e))?;
+        txn.set_durability(redb::Durability::Immediate).map_err(|e| storage(&self.path, "set durability", e))?;
+        Ok(txn)
+    }
+
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&EmbeddedStore) -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me)).await.map_err(|e| storage(&self.path, "blocking task", e))?
+    }
+
+    fn commit_checkpoints_in(&self, txn: &WriteTransaction, pipeline: &str, cps: &[Checkpoint], skip_backwards: bool) -> Result<(), Error> {
+        let mut table = txn.open_table(CHECKPOINTS).map_err(|e| storage(&self.path, "open checkpoints", e))?;
+        for c in cps {
+            let key = cp_key(pipeline, c.partition.as_str());
+            let stored = match table.get(key.as_str()).map_err(|e| storage(&self.path, "read checkpoint", e))? {
+                Some(v) => Some(self.decode_checkpoint(&c.partition, v.value())?),
+                None => None,
+            };
+            let verdict = match check(stored.as_ref(), c) {
+                Err(e) if skip_backwards && e.kind() == ErrorKind::Fenced && c.fence >= stored.as_ref().and_then(|s| s.fence) => continue,
+                other => other?,
+            };
+            if verdict == Transition::Write {
+                let value = serde_json::to_vec(&StoredCheckpoint { position: c.position.clone(), fence: c.fence })
+                    .map_err(|e| storage(&self.path, "encode checkpoint", e))?;
+                table.insert(key.as_str(), value.as_slice()).map_err(|e| storage(&self.path, "write checkpoint", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn decode_checkpoint(&self, partition: &PartitionId, bytes: &[u8]) -> Result<Checkpoint, Error> {
+        let s: StoredCheckpoint = serde_json::from_slice(bytes)
+            .map_err(|e| corrupt(&self.path, "holds an unreadable checkpoint", format!("partition {partition}: {e}")))?;
+        Ok(Checkpoint { partition: partition.clone(), position: s.position, fence: s.fence })
+    }
+
+    fn mark_in(&self, txn: &WriteTransaction, pipeline: &str, keys: &[IdempotencyKey], ttl: Duration) -> Result<(), Error> {
+        let now = now_ms();
+        let expires = now.saturating_add(ttl.as_millis() as u64);
+        let mut marks = txn.open_table(MARKS).map_err(|e| storage(&self.path, "open dedup", e))?;
+        let mut expiry = txn.open_table(EXPIRY).map_err(|e| storage(&self.path, "open dedup expiry", e))?;
+        // Sweep a bounded number of expired marks.
+        let mut expired: Vec<Vec<u8>> = Vec::new();
+        {
+            let upper = (now + 1).to_be_bytes();
+            for item in expiry.range::<&[u8]>(..upper.as_slice()).map_err(|e| storage(&self.path, "sweep", e))?.take(SWEEP_PER_COMMIT) {
+                let (k, _) = item.map_err(|e| storage(&self.path, "sweep", e))?;
+                expired.push(k.value().to_vec());
+            }
+        }
+        for ek in expired {
+            expiry.remove(ek.as_slice()).map_err(|e| storage(&self.path, "sweep", e))?;
+            let mk = &ek[8..];
+            let still = marks.get(mk).map_err(|e| storage(&self.path, "sweep", e))?.map(|v| v.value());
+            if still.is_some_and(|exp| exp <= now) {
+                marks.remove(mk).map_err(|e| storage(&self.path, "sweep", e))?;
+            }
+        }
+        for k in keys {
+            let mk = mark_key(pipeline, k);
+            marks.insert(mk.as_slice(), expires).map_err(|e| storage(&self.path, "write mark", e))?;
+            let mut ek = Vec::with_capacity(8 + mk.len());
+            ek.extend_from_slice(&expires.to_be_bytes());
+            ek.extend_from_slice(&mk);
+            expiry.insert(ek.as_slice(), ()).map_err(|e| storage(&self.path, "write mark expiry", e))?;
+        }
+        Ok(())
+    }
+
+    /// A sink appending records as rows to table `name` of this store, transactionally with
+    /// the dedup marks and checkpoints (exactly-once).
+    pub fn table_sink(&self, name: &str) -> TableSink {
+        TableSink { store: self.clone(), table: format!("rows:{name}") }
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for EmbeddedStore {
+    fn describe(&self) -> String {
+        format!("embedded store {}", self.path.display())
+    }
+
+    async fn load(&self, pipeline: &str) -> Result<Vec<Checkpoint>, Error> {
+        let pipeline = pipeline.to_string();
+        self.blocking(move |s| {
+            let txn = s.db.begin_read().map_err(|e| storage(&s.path, "begin read", e))?;
+            let table = txn.open_table(CHECKPOINTS).map_err(|e| storage(&s.path, "open checkpoints", e))?;
+            let lo = format!("{pipeline}\u{0}");
+            let hi = format!("{pipeline}\u{1}");
+            let mut out = Vec::new();
+            for item in table.range::<&str>(lo.as_str()..hi.as_str()).map_err(|e| storage(&s.path, "scan", e))? {
+                let (k, v) = item.map_err(|e| storage(&s.path, "scan", e))?;
+                let partition = PartitionId::new(&k.value()[lo.len()..]);
+                out.push(s.decode_checkpoint(&partition, v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn commit(&self, pipeline: &str, checkpoints: &[Checkpoint]) -> Result<(), Error> {
+        let pipeline = pipeline.to_string();
+        let cps = checkpoints.to_vec();
+        self.blocking(move |s| {
+            let txn = s.begin_write()?;
+            s.commit_checkpoints_in(&txn, &pipeline, &cps, false)?;
+            txn.commit().map_err(|e| storage(&s.path, "commit", e))
+        })
+        .await
+    }
+
+    async fn reset(&self, pipeline: &str, partitions: Option<&[PartitionId]>) -> Result<(), Error> {
+        let pipeline = pipeline.to_string();
+        let partitions = partitions.map(<[PartitionId]>::to_vec);
+        self.blocking(move |s| {
+            let txn = s.begin_write()?;
+            {
+                let mut table = txn.open_table(CHECKPOINTS).map_err(|e| storage(&s.path, "open checkpoints", e))?;
+                let keys: Vec<String> = match partitions {
+                    Some(ps) => ps.iter().map(|p| cp_key(&pipeline, p.as_str())).collect(),
+                    None => {
+                        let lo = format!("{pipeline}\u{0}");
+                        let hi = format!("{pipeline}\u{1}");
+                        let mut ks = Vec::new();
+                        for item in table.range::<&str>(lo.as_str()..hi.as_str()).map_err(|e| storage(&s.path, "scan", e))? {
+                            ks.push(item.map_err(|e| storage(&s.path, "scan", e))?.0.value().to_string());
+                        }
+                        ks
+                    }
+                };
+                for k in keys {
+                    table.remove(k.as_str()).map_err(|e| storage(&s.path, "reset", e))?;
+                }
+            }
+            txn.commit().map_err(|e| storage(&s.path, "commit", e))
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl DedupStore for EmbeddedStore {
+    fn describe(&self) -> String {
+        format!("embedded store {}", self.path.display())
+    }
+
+    async fn seen(&self, pipeline: &str, keys: &[IdempotencyKey]) -> Result<Vec<bool>, Error> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pipeline = pipeline.to_string();
+        let keys = keys.to_vec();
+        self.blocking(move |s| {
+            let now = now_ms();
+            let txn = s.db.begin_read().map_err(|e| storage(&s.path, "begin read", e))?;
+            let marks = txn.open_table(MARKS).map_err(|e| storage(&s.path, "open dedup", e))?;
+            keys.iter()
+                .map(|k| {
+                    let mk = mark_key(&pipeline, k);
+                    Ok(marks.get(mk.as_slice()).map_err(|e| storage(&s.path, "read mark", e))?.is_some_and(|v| v.value() > now))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn mark(&self, pipeline: &str, keys: &[IdempotencyKey], ttl: Duration) -> Result<(), Error> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let pipeline = pipeline.to_string();
+        let keys = keys.to_vec();
+        self.blocking(move |s| {
+            let txn = s.begin_write()?;
+            s.mark_in(&txn, &pipeline, &keys, ttl)?;
+            txn.commit().map_err(|e| storage(&s.path, "commit", e))
+        })
+        .await
+    }
+}
+
+/// Appends records as rows to a table of the [`EmbeddedStore`]; with
+/// [`write_transactional`](Sink::write_transactional) the rows, the dedup marks and the
+/// checkpoints are committed in one redb transaction, so a replay after a crash skips exactly
+/// the records whose rows exist: exactly-once into this table.
+///
+/// Rows are numbered in write order; each holds the record as JSON.
+#[derive(Clone)]
+pub struct TableSink {
+    store: EmbeddedStore,
+    table: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Row {
+    partition: String,
+    position: Position,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    key: Option<Bytes>,
+    payload: Bytes,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    idempotency_key: Option<Bytes>,
+}
+
+impl TableSink {
+    fn append_in(&self, txn: &WriteTransaction, batch: &[Record]) -> Result<(), Error> {
+        let s = &self.store;
+        let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&self.table);
+        let mut table = txn.open_table(def).map_err(|e| storage(&s.path, "open rows", e))?;
+        let mut next = table.last().map_err(|e| storage(&s.path, "read rows", e))?.map_or(0, |(k, _)| k.value() + 1);
+        for r in batch {
+            let row = Row {
+                partition: r.partition.to_string(),
+                position: r.position.clone(),
+                key: r.key.clone(),
+                payload: r.payload.clone(),
+                idempotency_key: r.idempotency_key.as_ref().map(IdempotencyKey::to_bytes),
+            };
+            let v = serde_json::to_vec(&row).map_err(|e| Error::poison("record cannot be stored").with_source(e))?;
+            table.insert(next, v.as_slice()).map_err(|e| storage(&s.path, "write row", e))?;
+            next += 1;
+        }
+        Ok(())
+    }
+
+    /// Every row, in write order.
+    pub async fn rows(&self) -> Result<Vec<Record>, Error> {
+        let me = self.clone();
+        self.store
+            .blocking(move |s| {
+                let txn = s.db.begin_read().map_err(|e| storage(&s.path, "begin read", e))?;
+                let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&me.table);
+                let table = match txn.open_table(def) {
+                    Ok(t) => t,
+                    Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                    Err(e) => return Err(storage(&s.path, "open rows", e)),
+                };
+                let mut out = Vec::new();
+                for item in table.iter().map_err(|e| storage(&s.path, "scan rows", e))? {
+                    let (_, v) = item.map_err(|e| storage(&s.path, "scan rows", e))?;
+                    let row: Row = serde_json::from_slice(v.value()).map_err(|e| corrupt(&s.path, "holds an unreadable row", e))?;
+                    let mut r = Record::new(PartitionId::new(&row.partition), row.position, row.payload);
+                    r.key = row.key;
+                    r.idempotency_key = row.idempotency_key.map(IdempotencyKey::new);
+                    out.push(r);
+                }
+                Ok(out)
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl Sink for TableSink {
+    fn capabilities(&self) -> SinkCapabilities {
+        SinkCapabilities::basic().with_transactional(true).with_forwards_idempotency_key(true)
+    }
+
+    async fn write(&self, batch: &[Record]) -> Result<(), WriteError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let me = self.clone();
+        let batch = batch.to_vec();
+        Ok(self
+            .store
+            .blocking(move |s| {
+                let txn = s.begin_write()?;
+                me.append_in(&txn, &batch)?;
+                txn.commit().map_err(|e| storage(&s.path, "commit", e))
+            })
+            .await?)
+    }
+
+    async fn write_transactional(&self, batch: &[Record], tx: &TxContext<'_>) -> Result<(), WriteError> {
+        let me = self.clone();
+        let batch = batch.to_vec();
+        let pipeline = tx.pipeline.to_string();
+        let marks = tx.dedup_marks.to_vec();
+        let ttl = tx.dedup_ttl;
+        let cps = tx.checkpoints.to_vec();
+        Ok(self
+            .store
+            .blocking(move |s| {
+                let txn = s.begin_write()?;
+                me.append_in(&txn, &batch)?;
+                s.mark_in(&txn, &pipeline, &marks, ttl)?;
+                s.commit_checkpoints_in(&txn, &pipeline, &cps, true)?;
+                txn.commit().map_err(|e| storage(&s.path, "commit", e))
+            })
+            .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flowgate_core::testkit;
+
+    struct H(tempfile::TempDir);
+
+    #[async_trait]
+    impl testkit::store::StoreHarness for H {
+        type Store = EmbeddedStore;
+        async fn open(&self) -> Arc<EmbeddedStore> {
+            // Re-opening needs the previous handle dropped: redb holds an exclusive lock.
+            let mut tries = 0;
+            loop {
+                match EmbeddedStore::open_dir(self.0.path()).await {
+                    Ok(s) => return Arc::new(s),
+                    Err(e) if tries < 50 => {
+                        tries += 1;
+                        let _ = e;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn embedded_store_passes_the_conformance_suite() {
+        testkit::store::run_all(&H(tempfile::tempdir().unwrap())).await;
+    }
+
+    struct SinkH(EmbeddedStore);
+
+    #[async_trait]
+    impl testkit::sink::SinkHarness for SinkH {
+        type Sink = TableSink;
+        async fn open_sink(&self) -> Result<TableSink, Error> {
+            Ok(self.0.table_sink("conformance"))
+        }
+        async fn read_back(&self) -> Result<Vec<Record>, Error> {
+            self.0.table_sink("conformance").rows().await
+        }
+    }
+
+    #[tokio::test]
+    async fn table_sink_passes_the_sink_conformance_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open_dir(dir.path()).await.unwrap();
+        testkit::sink::run_all(&SinkH(store)).await;
+    }
+
+    #[tokio::test]
+    async fn garbage_file_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flowgate.redb");
+        std::fs::write(&path, b"this is not a database, it is a shopping list\n".repeat(100)).unwrap();
+        let err = EmbeddedStore::open(&path).await.err().expect("a garbage file must be refused");
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+    }
+
+    #[tokio::test]
+    async fn second_process_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _a = EmbeddedStore::open_dir(dir.path()).await.unwrap();
+        let err = EmbeddedStore::open_dir(dir.path()).await.err().expect("second open must fail");
+        assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    }
+
+    #[tokio::test]
+    async fn transactional_write_commits_rows_marks_and_checkpoints_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open_dir(dir.path()).await.unwrap();
+        let sink = store.table_sink("t");
+        let recs: Vec<Record> = (0..3u64)
+            .map(|i| {
+                Record::new(PartitionId::new("p"), Position::from(i), Bytes::from("x"))
+                    .with_idempotency_key(IdempotencyKey::new(format!("k{i}")))
+            })
+            .collect();
+        let keys: Vec<IdempotencyKey> = recs.iter().filter_map(|r| r.idempotency_key.clone()).collect();
+        let cps = [Checkpoint::new(PartitionId::new("p"), Position::from(1))];
+        let tx = TxContext { pipeline: "pl", dedup_marks: &keys, dedup_ttl: Duration::from_secs(60), checkpoints: &cps };
+        sink.write_transactional(&recs, &tx).await.unwrap();
+        assert_eq!(sink.rows().await.unwrap().len(), 3);
+        assert_eq!(store.seen("pl", &keys).await.unwrap(), vec![true; 3]);
+        assert_eq!(store.load("pl").await.unwrap()[0].position, Position::from(1));
+        // A stale snapshot of checkpoints in a later transaction never moves them back.
+        let older = [Checkpoint::new(PartitionId::new("p"), Position::from(0))];
+        let tx = TxContext { pipeline: "pl", dedup_marks: &[], dedup_ttl: Duration::from_secs(60), checkpoints: &older };
+        sink.write_transactional(&recs[..1], &tx).await.unwrap();
+        assert_eq!(store.load("pl").await.unwrap()[0].position, Position::from(1));
+    }
+}

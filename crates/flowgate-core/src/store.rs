@@ -1,0 +1,46 @@
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::{Checkpoint, Error, IdempotencyKey, PartitionId};
+
+/// Durable checkpoints: the last processed position of each partition, per pipeline.
+///
+/// Contract (tested by `testkit::store`):
+/// - `commit` is atomic for all its checkpoints and durable when it returns.
+/// - A checkpoint never moves backwards through `commit`, and a write whose `fence` is older
+///   than the stored one is refused with [`ErrorKind::Fenced`](crate::ErrorKind::Fenced);
+///   only [`reset`](CheckpointStore::reset) moves it back.
+/// - Pipelines are isolated namespaces.
+#[async_trait]
+pub trait CheckpointStore: Send + Sync {
+    /// Where the store lives, for logs and errors (never includes secrets).
+    fn describe(&self) -> String;
+
+    /// Every checkpoint of a pipeline.
+    async fn load(&self, pipeline: &str) -> Result<Vec<Checkpoint>, Error>;
+
+    /// Stores checkpoints atomically and durably.
+    async fn commit(&self, pipeline: &str, checkpoints: &[Checkpoint]) -> Result<(), Error>;
+
+    /// Forgets checkpoints: of the given partitions, or all of the pipeline's if `None`.
+    async fn reset(&self, pipeline: &str, partitions: Option<&[PartitionId]>) -> Result<(), Error>;
+}
+
+/// Durable idempotency marks: which records were already applied by the sink.
+///
+/// Contract (tested by `testkit::store`):
+/// - `mark` is durable when it returns; marks live at least `ttl`.
+/// - `seen` answers for each key, in order, whether a live mark exists.
+/// - Pipelines are isolated namespaces.
+#[async_trait]
+pub trait DedupStore: Send + Sync {
+    /// Where the store lives, for logs and errors.
+    fn describe(&self) -> String;
+
+    /// For each key, whether it was marked (and has not expired).
+    async fn seen(&self, pipeline: &str, keys: &[IdempotencyKey]) -> Result<Vec<bool>, Error>;
+
+    /// Marks keys as applied, for at least `ttl`.
+    async fn mark(&self, pipeline: &str, keys: &[IdempotencyKey], ttl: Duration) -> Result<(), Error>;
+}

@@ -1,0 +1,176 @@
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use flowgate_core::{Error, IdempotencyKey, PartitionId, Position, Record, Sink, SinkCapabilities, WriteError};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Mutex;
+
+/// Settings of the [`JsonLinesSink`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonLinesConfig {
+    /// File to append to (created if missing).
+    pub path: PathBuf,
+    /// `fdatasync` after every batch, so confirmed records survive a machine crash, not only a
+    /// process crash. Default false.
+    #[serde(default)]
+    pub fsync: bool,
+}
+
+/// Appends one JSON object per record to a file:
+/// `{"partition","position","key","payload","idempotency_key","headers"}`. Text that is not
+/// UTF-8 is written as hex under `key_hex` / `payload_hex`. A batch is confirmed once it was
+/// written to the file (and synced, with `fsync`).
+pub struct JsonLinesSink {
+    cfg: JsonLinesConfig,
+    file: Mutex<tokio::fs::File>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Line<'a> {
+    partition: Cow<'a, str>,
+    position: Cow<'a, str>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    key: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    key_hex: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    payload: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    payload_hex: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    idempotency_key: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    headers: BTreeMap<String, String>,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
+}
+
+fn text_or_hex(b: &[u8]) -> (Option<Cow<'_, str>>, Option<String>) {
+    match std::str::from_utf8(b) {
+        Ok(s) => (Some(Cow::Borrowed(s)), None),
+        Err(_) => (None, Some(hex(b))),
+    }
+}
+
+impl JsonLinesSink {
+    /// Opens (creating) the file for appending.
+    pub async fn open(cfg: JsonLinesConfig) -> Result<Self, Error> {
+        if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(dir).await.map_err(|e| io_err("cannot create the directory of", &cfg.path, e))?;
+        }
+        let file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&cfg.path)
+            .await
+            .map_err(|e| io_err("cannot open", &cfg.path, e))?;
+        Ok(JsonLinesSink { cfg, file: Mutex::new(file) })
+    }
+
+    /// Reads a file written by this sink. A torn last line (the process died mid-write) is
+    /// ignored; any other unreadable line is an error naming the line.
+    pub fn read(path: &Path) -> Result<Vec<Record>, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| io_err("cannot read", path, e))?;
+        let complete = text.ends_with('\n');
+        let lines: Vec<&str> = text.lines().collect();
+        let mut out = Vec::with_capacity(lines.len());
+        for (i, line) in lines.iter().enumerate() {
+            let parsed: Result<Line<'_>, _> = serde_json::from_str(line);
+            let l = match parsed {
+                Ok(l) => l,
+                Err(_) if i + 1 == lines.len() && !complete => break,
+                Err(e) => {
+                    return Err(Error::new(flowgate_core::ErrorKind::Corrupt, "unreadable JSON line")
+                        .with_context("path", path.display())
+                        .with_context("line", i + 1)
+                        .with_source(e));
+                }
+            };
+            let position = Position::parse_decimal(&l.position)
+                .map_err(|e| Error::new(flowgate_core::ErrorKind::Corrupt, "bad position").with_context("line", i + 1).with_source(e))?;
+            let payload = match (l.payload, l.payload_hex) {
+                (Some(p), _) => Bytes::from(p.into_owned()),
+                (None, Some(h)) => Bytes::from(unhex(&h).unwrap_or_default()),
+                _ => Bytes::new(),
+            };
+            let mut r = Record::new(PartitionId::new(&*l.partition), position, payload);
+            r.key = match (l.key, l.key_hex) {
+                (Some(k), _) => Some(Bytes::from(k.into_owned())),
+                (None, Some(h)) => unhex(&h).map(Bytes::from),
+                _ => None,
+            };
+            r.idempotency_key = l.idempotency_key.map(|k| IdempotencyKey::new(k.into_owned()));
+            for (k, v) in l.headers {
+                r.headers.push(k, v);
+            }
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    fn encode(batch: &[Record]) -> Result<Vec<u8>, Error> {
+        let mut buf = Vec::with_capacity(batch.len() * 160);
+        for r in batch {
+            let (key, key_hex) = r.key.as_deref().map_or((None, None), text_or_hex);
+            let (payload, payload_hex) = text_or_hex(&r.payload);
+            let line = Line {
+                partition: Cow::Borrowed(r.partition.as_str()),
+                position: Cow::Owned(r.position.to_string()),
+                key,
+                key_hex,
+                payload,
+                payload_hex,
+                idempotency_key: r.idempotency_key.as_ref().map(|k| String::from_utf8_lossy(k.as_bytes())),
+                headers: r.headers.iter().map(|h| (h.name.to_string(), String::from_utf8_lossy(&h.value).into_owned())).collect(),
+            };
+            serde_json::to_writer(&mut buf, &line).map_err(|e| Error::poison("record cannot be encoded as JSON").with_source(e))?;
+            buf.push(b'\n');
+        }
+        Ok(buf)
+    }
+}
+
+fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
+    let kind = match e.kind() {
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::NotFound => flowgate_core::ErrorKind::Config,
+        _ => flowgate_core::ErrorKind::Transient,
+    };
+    Error::new(kind, format!("{what} the JSON-lines file")).with_context("path", path.display()).with_source(e)
+}
+
+#[async_trait]
+impl Sink for JsonLinesSink {
+    fn capabilities(&self) -> SinkCapabilities {
+        SinkCapabilities::basic().with_forwards_idempotency_key(true)
+    }
+
+    async fn write(&self, batch: &[Record]) -> Result<(), WriteError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let buf = Self::encode(batch)?;
+        let mut f = self.file.lock().await;
+        f.write_all(&buf).await.map_err(|e| io_err("cannot write", &self.cfg.path, e))?;
+        f.flush().await.map_err(|e| io_err("cannot flush", &self.cfg.path, e))?;
+        if self.cfg.fsync {
+            f.sync_data().await.map_err(|e| io_err("cannot sync", &self.cfg.path, e))?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), Error> {
+        let f = self.file.lock().await;
+        f.sync_data().await.map_err(|e| io_err("cannot sync", &self.cfg.path, e))
+    }
+}

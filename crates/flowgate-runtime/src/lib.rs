@@ -1,0 +1,42 @@
+//! # flowgate-runtime
+//!
+//! The backpressure runtime that drives every flowgate [`Source`](flowgate_core::Source) and
+//! [`Sink`](flowgate_core::Sink):
+//!
+//! - **credit** per partition (bounded in-flight records) and a global **byte budget**,
+//!   handed to the source as [`Credits`](flowgate_core::Credits) so it can apply
+//!   broker-native flow control;
+//! - per-partition **ordering** (or per key, or none), **batching** (records, bytes, linger);
+//! - fixed or **adaptive** sink concurrency (AIMD);
+//! - **retries** with exponential backoff and jitter (via `backon`), bounded;
+//! - error classes → retry / back off / dead-letter / stop;
+//! - **overflow policies** `block` / `shed_oldest` / `shed_newest` / `fail_fast`;
+//! - ack tracking → **contiguous watermark** → checkpoint commits (every N records or T, and
+//!   on revoke and shutdown), in the order sink → dedup marks → checkpoint store → broker;
+//! - **dedup** by idempotency key (check before sink, mark after confirm);
+//! - **metrics** through the `metrics` facade and a progress-based **health** state;
+//! - graceful **shutdown** on SIGINT/SIGTERM with a drain timeout.
+//!
+//! Start with [`Pipeline::builder`].
+
+mod aimd;
+pub mod adapters;
+mod dedup;
+mod metrics;
+mod pipeline;
+mod settings;
+mod shutdown;
+mod stats;
+mod tracker;
+mod worker;
+
+pub use dedup::KeyExtractor;
+pub use metrics::names as metric_names;
+pub use pipeline::{Pipeline, PipelineBuilder, resume_after};
+pub use settings::{
+    BatchSettings, CommitSettings, ConcurrencyMode, ConcurrencySettings, ExhaustedPolicy, HealthSettings, Ordering,
+    OverflowPolicy, RetrySettings, RuntimeSettings,
+};
+pub use shutdown::{Shutdown, ShutdownTrigger};
+pub use stats::{Health, RunSummary, Stats, StatsSnapshot};
+pub use worker::{BoxFuture, TransformFn, dead_letter_record};

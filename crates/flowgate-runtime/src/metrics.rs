@@ -1,0 +1,101 @@
+//! Metrics exported through the [`metrics`] facade; install any recorder (Prometheus, …).
+//!
+//! Every series carries a `pipeline` label; per-partition series also carry `partition`.
+
+use metrics::{Counter, Gauge, Histogram};
+
+/// Names of every metric the runtime exports.
+pub mod names {
+    /// Counter: records received from the source.
+    pub const RECORDS_IN: &str = "flowgate_records_in_total";
+    /// Counter: records confirmed by the sink.
+    pub const RECORDS_OUT: &str = "flowgate_records_out_total";
+    /// Gauge: records received and not yet settled.
+    pub const IN_FLIGHT: &str = "flowgate_in_flight_records";
+    /// Gauge: bytes of records held by the runtime.
+    pub const BUFFER_BYTES: &str = "flowgate_buffer_bytes";
+    /// Gauge (per partition): source lag, in the unit of label `unit` (`records`, `millis`).
+    pub const LAG: &str = "flowgate_lag";
+    /// Gauge (per partition): lag rate of change per second (positive: falling behind).
+    pub const LAG_RATE: &str = "flowgate_lag_rate_per_second";
+    /// Histogram (seconds): record timestamp → sink confirmation, oldest record of each batch.
+    pub const END_TO_END: &str = "flowgate_end_to_end_latency_seconds";
+    /// Histogram (seconds): checkpoint store write + broker commit.
+    pub const COMMIT_LATENCY: &str = "flowgate_commit_latency_seconds";
+    /// Counter: sink write retries.
+    pub const RETRIES: &str = "flowgate_retries_total";
+    /// Counter: throttles met by the sink.
+    pub const THROTTLES: &str = "flowgate_throttles_total";
+    /// Counter: records shed by an overflow policy.
+    pub const SHED: &str = "flowgate_shed_total";
+    /// Counter: records sent to the dead-letter destination.
+    pub const DEAD_LETTERS: &str = "flowgate_dead_letters_total";
+    /// Counter: records skipped as already applied.
+    pub const DEDUP_HITS: &str = "flowgate_dedup_hits_total";
+    /// Counter: partition assignments and revocations.
+    pub const REBALANCES: &str = "flowgate_rebalances_total";
+    /// Counter: checkpoint commits.
+    pub const COMMITS: &str = "flowgate_commits_total";
+    /// Gauge: sink concurrency limit.
+    pub const CONCURRENCY: &str = "flowgate_sink_concurrency";
+    /// Gauge: 1 healthy, 0 unhealthy.
+    pub const HEALTHY: &str = "flowgate_healthy";
+}
+
+/// Metric handles of one pipeline, registered once.
+#[derive(Clone)]
+pub(crate) struct Metrics {
+    pub(crate) records_in: Counter,
+    pub(crate) records_out: Counter,
+    pub(crate) in_flight: Gauge,
+    pub(crate) buffer_bytes: Gauge,
+    pub(crate) end_to_end: Histogram,
+    pub(crate) commit_latency: Histogram,
+    pub(crate) retries: Counter,
+    pub(crate) throttles: Counter,
+    pub(crate) shed: Counter,
+    pub(crate) dead_letters: Counter,
+    pub(crate) dedup_hits: Counter,
+    pub(crate) rebalances: Counter,
+    pub(crate) commits: Counter,
+    pub(crate) concurrency: Gauge,
+    pub(crate) healthy: Gauge,
+}
+
+impl Metrics {
+    pub(crate) fn new(pipeline: &str) -> Self {
+        let p = pipeline.to_string();
+        Metrics {
+            records_in: metrics::counter!(names::RECORDS_IN, "pipeline" => p.clone()),
+            records_out: metrics::counter!(names::RECORDS_OUT, "pipeline" => p.clone()),
+            in_flight: metrics::gauge!(names::IN_FLIGHT, "pipeline" => p.clone()),
+            buffer_bytes: metrics::gauge!(names::BUFFER_BYTES, "pipeline" => p.clone()),
+            end_to_end: metrics::histogram!(names::END_TO_END, "pipeline" => p.clone()),
+            commit_latency: metrics::histogram!(names::COMMIT_LATENCY, "pipeline" => p.clone()),
+            retries: metrics::counter!(names::RETRIES, "pipeline" => p.clone()),
+            throttles: metrics::counter!(names::THROTTLES, "pipeline" => p.clone()),
+            shed: metrics::counter!(names::SHED, "pipeline" => p.clone()),
+            dead_letters: metrics::counter!(names::DEAD_LETTERS, "pipeline" => p.clone()),
+            dedup_hits: metrics::counter!(names::DEDUP_HITS, "pipeline" => p.clone()),
+            rebalances: metrics::counter!(names::REBALANCES, "pipeline" => p.clone()),
+            commits: metrics::counter!(names::COMMITS, "pipeline" => p.clone()),
+            concurrency: metrics::gauge!(names::CONCURRENCY, "pipeline" => p.clone()),
+            healthy: metrics::gauge!(names::HEALTHY, "pipeline" => p),
+        }
+    }
+}
+
+/// Per-partition lag gauges.
+pub(crate) struct PartitionMetrics {
+    pub(crate) lag: Gauge,
+    pub(crate) lag_rate: Gauge,
+}
+
+impl PartitionMetrics {
+    pub(crate) fn new(pipeline: &str, partition: &str, unit: &'static str) -> Self {
+        PartitionMetrics {
+            lag: metrics::gauge!(names::LAG, "pipeline" => pipeline.to_string(), "partition" => partition.to_string(), "unit" => unit),
+            lag_rate: metrics::gauge!(names::LAG_RATE, "pipeline" => pipeline.to_string(), "partition" => partition.to_string()),
+        }
+    }
+}

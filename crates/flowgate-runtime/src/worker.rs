@@ -1,0 +1,421 @@
+//! One sink batch: dedup check → transform → write with retries → dead letters → marks.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use flowgate_core::{Checkpoint, DedupStore, Error, ErrorKind, IdempotencyKey, PartitionId, Record, Sink, TxContext, WriteError};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::metrics::Metrics;
+use crate::settings::{ExhaustedPolicy, RetrySettings};
+use crate::stats::Stats;
+
+/// A boxed future, as returned by transforms.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// An async record transform: `Ok(Some(r))` passes `r` on, `Ok(None)` filters the record out
+/// (it is acknowledged), `Err` with kind `Poison` dead-letters it, temporary errors are
+/// retried, other errors stop the pipeline.
+pub type TransformFn = Arc<dyn Fn(Record) -> BoxFuture<Result<Option<Record>, Error>> + Send + Sync>;
+
+/// What every worker shares.
+pub(crate) struct Shared {
+    pub(crate) pipeline: String,
+    pub(crate) sink: Arc<dyn Sink>,
+    pub(crate) transactional: bool,
+    pub(crate) dead_letter: Option<Arc<dyn Sink>>,
+    pub(crate) native_dead_letter: bool,
+    pub(crate) dedup: Option<Arc<dyn DedupStore>>,
+    pub(crate) marker: Option<mpsc::UnboundedSender<MarkRequest>>,
+    pub(crate) transform: Option<TransformFn>,
+    pub(crate) retry: RetrySettings,
+    pub(crate) dedup_ttl: Duration,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) metrics: Metrics,
+    pub(crate) events: mpsc::UnboundedSender<WorkerEvent>,
+    /// Latest watermarks, handed to transactional sinks.
+    pub(crate) watermarks: Mutex<HashMap<PartitionId, Checkpoint>>,
+}
+
+/// A batch of one lane of one partition.
+pub(crate) struct Batch {
+    pub(crate) partition: PartitionId,
+    pub(crate) incarnation: u64,
+    pub(crate) lane: usize,
+    pub(crate) seqs: Vec<u64>,
+    pub(crate) records: Vec<Record>,
+    pub(crate) bytes: usize,
+}
+
+/// What a worker tells the coordinator.
+pub(crate) enum WorkerEvent {
+    /// The sink confirmed the batch; the lane may send its next batch (the batch itself is
+    /// acknowledged later, once its dedup marks are durable).
+    LaneFree { partition: PartitionId, incarnation: u64, lane: usize },
+    /// The batch is settled (or failed fatally).
+    Done(Completion),
+}
+
+pub(crate) struct Completion {
+    pub(crate) partition: PartitionId,
+    pub(crate) incarnation: u64,
+    pub(crate) lane: usize,
+    pub(crate) lane_released: bool,
+    pub(crate) seqs: Vec<u64>,
+    pub(crate) bytes: usize,
+    pub(crate) latency: Duration,
+    pub(crate) throttled: bool,
+    /// Poison records the source must dead-letter on the broker before the batch is acked.
+    pub(crate) rejects: Vec<(Record, Error)>,
+    pub(crate) result: Result<(), Error>,
+}
+
+/// A group-commit request for dedup marks.
+pub(crate) struct MarkRequest {
+    keys: Vec<IdempotencyKey>,
+    done: oneshot::Sender<Result<(), Error>>,
+}
+
+/// Coalesces concurrent mark requests into one store call: with a durable store each call
+/// costs an fsync, so batches confirmed while one call runs share the next one.
+pub(crate) async fn marker_task(
+    store: Arc<dyn DedupStore>,
+    pipeline: String,
+    ttl: Duration,
+    retry: RetrySettings,
+    mut rx: mpsc::UnboundedReceiver<MarkRequest>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut reqs = vec![first];
+        while let Ok(r) = rx.try_recv() {
+            reqs.push(r);
+        }
+        let keys: Vec<IdempotencyKey> = reqs.iter().flat_map(|r| r.keys.iter().cloned()).collect();
+        let res = retry_temporary(&retry, "dedup mark", || store.mark(&pipeline, &keys, ttl)).await;
+        for r in reqs {
+            let _ = r.done.send(res.as_ref().map(|_| ()).map_err(Error::duplicate));
+        }
+    }
+}
+
+/// Retries an operation while it fails with a temporary error, with the runtime's backoff.
+pub(crate) async fn retry_temporary<T, F, Fut>(retry: &RetrySettings, what: &'static str, mut op: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Error>>,
+{
+    let mut delays = backoff(retry);
+    let started = Instant::now();
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_temporary() => match delays.next() {
+                Some(d) if started.elapsed() + d <= retry.max_elapsed => {
+                    tracing::warn!(error = %e, delay = ?d, "{what} failed, retrying");
+                    tokio::time::sleep(e.retry_after().map_or(d, |r| r.max(d))).await;
+                }
+                _ => return Err(e.with_context("gave_up_after", format!("{:?}", started.elapsed()))),
+            },
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn backoff(retry: &RetrySettings) -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(retry.initial_backoff)
+        .with_max_delay(retry.max_backoff)
+        .with_max_times(retry.max_attempts.saturating_sub(1))
+        .with_jitter()
+        .build()
+}
+
+/// Sends a fatal completion if the worker panics, so the coordinator never waits forever.
+struct Guard {
+    shared: Arc<Shared>,
+    info: Option<(PartitionId, u64, usize, Vec<u64>, usize)>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some((partition, incarnation, lane, seqs, bytes)) = self.info.take() {
+            let _ = self.shared.events.send(WorkerEvent::Done(Completion {
+                partition,
+                incarnation,
+                lane,
+                lane_released: false,
+                seqs,
+                bytes,
+                latency: Duration::ZERO,
+                throttled: false,
+                rejects: Vec::new(),
+                result: Err(Error::fatal("a sink worker panicked; see the log for the panic message")),
+            }));
+        }
+    }
+}
+
+/// Runs one batch to completion and reports it.
+pub(crate) async fn run(shared: Arc<Shared>, batch: Batch) {
+    let Batch { partition, incarnation, lane, seqs, records, bytes } = batch;
+    let mut guard = Guard { shared: shared.clone(), info: Some((partition.clone(), incarnation, lane, Vec::new(), bytes)) };
+    let started = Instant::now();
+    let mut out = Outcome::default();
+    let result = process(&shared, &partition, incarnation, lane, records, &mut out).await;
+    guard.info = None;
+    let _ = shared.events.send(WorkerEvent::Done(Completion {
+        partition,
+        incarnation,
+        lane,
+        lane_released: out.lane_released,
+        seqs,
+        bytes,
+        latency: started.elapsed(),
+        throttled: out.throttled,
+        rejects: out.rejects,
+        result,
+    }));
+}
+
+#[derive(Default)]
+struct Outcome {
+    throttled: bool,
+    lane_released: bool,
+    rejects: Vec<(Record, Error)>,
+}
+
+async fn process(
+    shared: &Arc<Shared>,
+    partition: &PartitionId,
+    incarnation: u64,
+    lane: usize,
+    mut records: Vec<Record>,
+    out: &mut Outcome,
+) -> Result<(), Error> {
+    // 1. Check before sink: skip records already applied.
+    if let Some(store) = &shared.dedup {
+        let keyed: Vec<(usize, IdempotencyKey)> =
+            records.iter().enumerate().filter_map(|(i, r)| r.idempotency_key.clone().map(|k| (i, k))).collect();
+        if !keyed.is_empty() {
+            let keys: Vec<IdempotencyKey> = keyed.iter().map(|(_, k)| k.clone()).collect();
+            let seen = retry_temporary(&shared.retry, "dedup check", || store.seen(&shared.pipeline, &keys)).await?;
+            let skip: Vec<usize> = keyed.iter().zip(seen).filter(|(_, s)| *s).map(|((i, _), _)| *i).collect();
+            if !skip.is_empty() {
+                Stats::add(&shared.stats.dedup_hits, skip.len() as u64);
+                shared.metrics.dedup_hits.increment(skip.len() as u64);
+                let mut i = 0;
+                records.retain(|_| {
+                    let keep = skip.binary_search(&i).is_err();
+                    i += 1;
+                    keep
+                });
+            }
+        }
+    }
+
+    // 2. Transform.
+    let mut dead: Vec<(Record, Error)> = Vec::new();
+    if let Some(t) = &shared.transform {
+        let mut transformed = Vec::with_capacity(records.len());
+        for r in records {
+            let original = r.clone();
+            let res = retry_temporary(&shared.retry, "transform", || t(r.clone())).await;
+            match res {
+                Ok(Some(r)) => transformed.push(r),
+                Ok(None) => {}
+                Err(e) if e.kind() == ErrorKind::Poison => dead.push((original, e)),
+                Err(e) => return Err(e.with_context("partition", partition).with_context("position", &original.position)),
+            }
+        }
+        records = transformed;
+    }
+
+    // 3. Write, retrying what failed temporarily.
+    let sink_started = SystemTime::now();
+    let outcome = write_with_retry(shared, &*shared.sink, records, shared.transactional, out).await?;
+    dead.extend(outcome.dead);
+    let mut marks = outcome.marks;
+    Stats::add(&shared.stats.records_out, outcome.written as u64);
+    shared.metrics.records_out.increment(outcome.written as u64);
+    if let Some(ts) = outcome.oldest_timestamp {
+        if let Ok(lat) = sink_started.duration_since(ts) {
+            shared.metrics.end_to_end.record(lat.as_secs_f64());
+        }
+    }
+
+    // 4. Dead letters.
+    if !dead.is_empty() {
+        let n = dead.len() as u64;
+        for (r, e) in &dead {
+            tracing::warn!(partition = %r.partition, position = %r.position, error = %e, "dead-lettering a record");
+        }
+        if let Some(dl) = &shared.dead_letter {
+            marks.extend(dead.iter().filter_map(|(r, _)| r.idempotency_key.clone()));
+            let letters: Vec<Record> = dead.into_iter().map(|(r, e)| dead_letter_record(r, &e)).collect();
+            let res = write_with_retry(shared, &**dl, letters, false, out).await?;
+            if let Some((_, e)) = res.dead.into_iter().next() {
+                return Err(Error::fatal("the dead-letter sink refused a record")
+                    .with_context("error", e)
+                    .with_hint("check the dead-letter destination; the record is not acknowledged"));
+            }
+        } else if shared.native_dead_letter {
+            out.rejects = dead;
+        } else {
+            let (r, e) = dead.swap_remove(0);
+            return Err(Error::fatal("a poison record needs a dead-letter destination")
+                .with_context("partition", &r.partition)
+                .with_context("position", &r.position)
+                .with_context("error", e)
+                .with_hint("configure a dead-letter sink (`Pipeline::builder(..).dead_letter(..)` or `dead_letter` in the config)"));
+        }
+        Stats::add(&shared.stats.dead_lettered, n);
+        shared.metrics.dead_letters.increment(n);
+    }
+
+    // 5. Mark after confirm (transactional sinks marked in their own transaction).
+    if let Some(marker) = &shared.marker {
+        if !marks.is_empty() {
+            let _ = shared.events.send(WorkerEvent::LaneFree { partition: partition.clone(), incarnation, lane });
+            out.lane_released = true;
+            let (tx, rx) = oneshot::channel();
+            marker
+                .send(MarkRequest { keys: marks, done: tx })
+                .map_err(|_| Error::fatal("the dedup marker stopped"))?;
+            rx.await.map_err(|_| Error::fatal("the dedup marker stopped"))??;
+        }
+    }
+    Ok(())
+}
+
+struct Written {
+    written: usize,
+    dead: Vec<(Record, Error)>,
+    /// Idempotency keys of the records written (to mark, unless the sink marked them).
+    marks: Vec<IdempotencyKey>,
+    oldest_timestamp: Option<SystemTime>,
+}
+
+async fn write_with_retry(
+    shared: &Shared,
+    sink: &dyn Sink,
+    mut pending: Vec<Record>,
+    transactional: bool,
+    out: &mut Outcome,
+) -> Result<Written, Error> {
+    let mut res = Written {
+        written: 0,
+        dead: Vec::new(),
+        marks: Vec::new(),
+        oldest_timestamp: pending.first().and_then(|r| r.timestamp),
+    };
+    let collect_marks = shared.marker.is_some() && !transactional;
+    let mut delays = backoff(&shared.retry);
+    let started = Instant::now();
+    while !pending.is_empty() {
+        let attempt = if transactional {
+            let marks: Vec<IdempotencyKey> = pending.iter().filter_map(|r| r.idempotency_key.clone()).collect();
+            let checkpoints: Vec<Checkpoint> = match shared.watermarks.lock() {
+                Ok(w) => w.values().cloned().collect(),
+                Err(p) => p.into_inner().values().cloned().collect(),
+            };
+            let tx = TxContext { pipeline: &shared.pipeline, dedup_marks: &marks, dedup_ttl: shared.dedup_ttl, checkpoints: &checkpoints };
+            sink.write_transactional(&pending, &tx).await
+        } else {
+            sink.write(&pending).await
+        };
+        let failed: Vec<(usize, Error)> = match attempt {
+            Ok(()) => Vec::new(),
+            Err(WriteError::Batch(e)) => {
+                let n = pending.len();
+                let mut v = Vec::with_capacity(n);
+                for i in 0..n.saturating_sub(1) {
+                    v.push((i, e.duplicate()));
+                }
+                v.push((n - 1, e));
+                v
+            }
+            Err(WriteError::Partial(mut errs)) => {
+                errs.sort_by_key(|(i, _)| *i);
+                errs.dedup_by_key(|(i, _)| *i);
+                errs.retain(|(i, _)| *i < pending.len());
+                errs
+            }
+        };
+        // Split pending into confirmed, dead and retry, keeping order.
+        let mut failed = failed.into_iter().peekable();
+        let mut retry = Vec::new();
+        let mut last_err: Option<Error> = None;
+        let mut throttled = false;
+        for (i, r) in std::mem::take(&mut pending).into_iter().enumerate() {
+            match failed.next_if(|(fi, _)| *fi == i) {
+                None => {
+                    res.written += 1;
+                    if collect_marks {
+                        if let Some(k) = &r.idempotency_key {
+                            res.marks.push(k.clone());
+                        }
+                    }
+                }
+                Some((_, e)) => match e.kind() {
+                    ErrorKind::Poison => res.dead.push((r, e)),
+                    ErrorKind::Transient | ErrorKind::Throttled => {
+                        throttled |= e.kind() == ErrorKind::Throttled;
+                        retry.push(r);
+                        last_err = Some(e);
+                    }
+                    _ => {
+                        return Err(e
+                            .with_context("partition", &r.partition)
+                            .with_context("position", &r.position));
+                    }
+                },
+            }
+        }
+        pending = retry;
+        let Some(err) = last_err else { break };
+        if throttled {
+            out.throttled = true;
+            Stats::add(&shared.stats.throttles, 1);
+            shared.metrics.throttles.increment(1);
+        }
+        match delays.next() {
+            Some(d) if started.elapsed() + d <= shared.retry.max_elapsed => {
+                Stats::add(&shared.stats.retries, 1);
+                shared.metrics.retries.increment(1);
+                let d = err.retry_after().map_or(d, |r| r.max(d));
+                tracing::debug!(error = %err, delay = ?d, records = pending.len(), "sink write failed, retrying");
+                tokio::time::sleep(d).await;
+            }
+            _ => {
+                let gave_up = format!("{} attempts over {:?}", shared.retry.max_attempts, started.elapsed());
+                match shared.retry.on_exhausted {
+                    ExhaustedPolicy::DeadLetter => {
+                        for r in pending.drain(..) {
+                            res.dead.push((r, err.duplicate().with_context("gave_up_after", &gave_up)));
+                        }
+                    }
+                    ExhaustedPolicy::Stop => {
+                        return Err(err
+                            .with_context("gave_up_after", gave_up)
+                            .with_hint("the sink kept failing; nothing was acknowledged, a restart retries from the checkpoint"));
+                    }
+                }
+            }
+        }
+    }
+    Ok(res)
+}
+
+/// The record sent to the dead-letter sink: the original, with the error attached as headers.
+pub fn dead_letter_record(mut r: Record, e: &Error) -> Record {
+    use flowgate_core::headers as h;
+    r.headers.set(h::ERROR, e.to_string());
+    r.headers.set(h::ERROR_KIND, e.kind().as_str());
+    r.headers.set(h::SOURCE_PARTITION, r.partition.to_string());
+    r.headers.set(h::SOURCE_POSITION, r.position.to_string());
+    r
+}

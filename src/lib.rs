@@ -1,0 +1,36 @@
+//! # flowgate
+//!
+//! Multi-broker streaming with one backpressure runtime. This facade re-exports the parts
+//! picked by Cargo features:
+//!
+//! - [`core`]: records, positions, the `Source` / `Sink` / `CheckpointStore` / `DedupStore`
+//!   traits, errors;
+//! - [`runtime`]: the pipeline builder and the in-process adapters (generator, null,
+//!   JSON-lines, fault injection);
+//! - [`checkpoint`]: the stores (in-memory; embedded redb with feature `embedded-store`).
+//!
+//! ```no_run
+//! use flowgate::runtime::adapters::{GeneratorConfig, GeneratorSource, NullSink};
+//! use flowgate::runtime::{Pipeline, RuntimeSettings, Shutdown};
+//!
+//! # async fn demo() -> Result<(), flowgate::core::Error> {
+//! let summary = Pipeline::builder("demo")
+//!     .source(GeneratorSource::new(GeneratorConfig::default())?)
+//!     .sink(NullSink::default())
+//!     .settings(RuntimeSettings::default())
+//!     .build()?
+//!     .run(Shutdown::on_signals())
+//!     .await?;
+//! println!("{summary}");
+//! # Ok(()) }
+//! ```
+
+pub use flowgate_checkpoint as checkpoint;
+pub use flowgate_core as core;
+pub use flowgate_runtime as runtime;
+
+#[cfg(feature = "testkit")]
+pub use flowgate_core::testkit;
+
+pub use flowgate_core::{Error, ErrorKind, PartitionId, Position, Record};
+pub use flowgate_runtime::{Pipeline, RuntimeSettings, Shutdown};
