@@ -20,6 +20,7 @@ pub struct MemorySource {
     assigned_sent: bool,
     commits: Arc<Mutex<Vec<Checkpoint>>>,
     end: bool,
+    rr: usize,
 }
 
 impl MemorySource {
@@ -32,7 +33,7 @@ impl MemorySource {
         for v in partitions.values_mut() {
             v.sort_by(|a, b| a.position.cmp(&b.position));
         }
-        MemorySource { partitions, pending: BTreeMap::new(), ctx: None, assigned_sent: false, commits: Default::default(), end: true }
+        MemorySource { partitions, pending: BTreeMap::new(), ctx: None, assigned_sent: false, commits: Default::default(), end: true, rr: 0 }
     }
 
     /// Keep running (no `End`) once everything was delivered.
@@ -66,9 +67,14 @@ impl Source for MemorySource {
         }
         loop {
             let changed = ctx.credits.changed();
-            for (p, q) in self.pending.iter_mut() {
+            // Serve partitions in turn, so one partition cannot starve the others.
+            let count = self.pending.len();
+            for i in 0..count {
+                let ix = (self.rr + i) % count.max(1);
+                let Some((p, q)) = self.pending.iter_mut().nth(ix) else { continue };
                 let n = ctx.credits.available(p).min(q.len()).min(512);
                 if n > 0 {
+                    self.rr = ix + 1;
                     return Ok(SourceEvent::Records(q.drain(..n).collect()));
                 }
             }

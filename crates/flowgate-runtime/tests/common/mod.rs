@@ -1,0 +1,82 @@
+//! Shared test helpers: a minimal in-memory store (the runtime does not depend on
+//! flowgate-checkpoint) that also logs every operation, for invariant checks.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use flowgate_core::{Checkpoint, CheckpointStore, DedupStore, Error, IdempotencyKey, PartitionId};
+
+/// One store operation, in the order the store applied it.
+#[derive(Clone, Debug)]
+pub enum Op {
+    Mark(Vec<IdempotencyKey>),
+    Commit(Vec<Checkpoint>),
+}
+
+#[derive(Default)]
+pub struct MemoryStore {
+    checkpoints: Mutex<HashMap<String, HashMap<PartitionId, Checkpoint>>>,
+    marks: Mutex<HashSet<(String, IdempotencyKey)>>,
+    pub ops: Mutex<Vec<Op>>,
+    pub mark_delay: Duration,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        MemoryStore::default()
+    }
+    pub fn with_mark_delay(d: Duration) -> Self {
+        MemoryStore { mark_delay: d, ..Default::default() }
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for MemoryStore {
+    fn describe(&self) -> String {
+        "test memory store".into()
+    }
+    async fn load(&self, pipeline: &str) -> Result<Vec<Checkpoint>, Error> {
+        Ok(self.checkpoints.lock().unwrap().get(pipeline).map(|m| m.values().cloned().collect()).unwrap_or_default())
+    }
+    async fn commit(&self, pipeline: &str, cps: &[Checkpoint]) -> Result<(), Error> {
+        let mut all = self.checkpoints.lock().unwrap();
+        let m = all.entry(pipeline.to_string()).or_default();
+        for c in cps {
+            if let Some(old) = m.get(&c.partition) {
+                assert!(old.position <= c.position, "checkpoint moved backwards: {old:?} -> {c:?}");
+            }
+            m.insert(c.partition.clone(), c.clone());
+        }
+        self.ops.lock().unwrap().push(Op::Commit(cps.to_vec()));
+        Ok(())
+    }
+    async fn reset(&self, pipeline: &str, _: Option<&[PartitionId]>) -> Result<(), Error> {
+        self.checkpoints.lock().unwrap().remove(pipeline);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DedupStore for MemoryStore {
+    fn describe(&self) -> String {
+        "test memory store".into()
+    }
+    async fn seen(&self, pipeline: &str, keys: &[IdempotencyKey]) -> Result<Vec<bool>, Error> {
+        let m = self.marks.lock().unwrap();
+        Ok(keys.iter().map(|k| m.contains(&(pipeline.to_string(), k.clone()))).collect())
+    }
+    async fn mark(&self, pipeline: &str, keys: &[IdempotencyKey], _ttl: Duration) -> Result<(), Error> {
+        if !self.mark_delay.is_zero() {
+            tokio::time::sleep(self.mark_delay).await;
+        }
+        let mut m = self.marks.lock().unwrap();
+        for k in keys {
+            m.insert((pipeline.to_string(), k.clone()));
+        }
+        self.ops.lock().unwrap().push(Op::Mark(keys.to_vec()));
+        Ok(())
+    }
+}
