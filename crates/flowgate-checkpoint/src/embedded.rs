@@ -153,7 +153,7 @@ impl EmbeddedStore {
         tokio::task::spawn_blocking(move || f(&me)).await.map_err(|e| storage(&self.path, "blocking task", e))?
     }
 
-    fn commit_checkpoints_in(&self, txn: &WriteTransaction, pipeline: &str, cps: &[Checkpoint], skip_backwards: bool) -> Result<(), Error> {
+    fn commit_checkpoints_in(&self, txn: &WriteTransaction, pipeline: &str, cps: &[Checkpoint]) -> Result<(), Error> {
         let mut table = txn.open_table(CHECKPOINTS).map_err(|e| storage(&self.path, "open checkpoints", e))?;
         for c in cps {
             let key = cp_key(pipeline, c.partition.as_str());
@@ -161,11 +161,7 @@ impl EmbeddedStore {
                 Some(v) => Some(self.decode_checkpoint(&c.partition, v.value())?),
                 None => None,
             };
-            let verdict = match check(stored.as_ref(), c) {
-                Err(e) if skip_backwards && e.kind() == ErrorKind::Fenced && c.fence >= stored.as_ref().and_then(|s| s.fence) => continue,
-                other => other?,
-            };
-            if verdict == Transition::Write {
+            if check(stored.as_ref(), c)? == Transition::Write {
                 let value = serde_json::to_vec(&StoredCheckpoint { position: c.position.clone(), fence: c.fence })
                     .map_err(|e| storage(&self.path, "encode checkpoint", e))?;
                 table.insert(key.as_str(), value.as_slice()).map_err(|e| storage(&self.path, "write checkpoint", e))?;
@@ -249,7 +245,7 @@ impl CheckpointStore for EmbeddedStore {
         let cps = checkpoints.to_vec();
         self.blocking(move |s| {
             let txn = s.begin_write()?;
-            s.commit_checkpoints_in(&txn, &pipeline, &cps, false)?;
+            s.commit_checkpoints_in(&txn, &pipeline, &cps)?;
             txn.commit().map_err(|e| storage(&s.path, "commit", e))
         })
         .await
@@ -326,8 +322,8 @@ impl DedupStore for EmbeddedStore {
 }
 
 /// Appends records as rows to a table of the [`EmbeddedStore`]; with
-/// [`write_transactional`](Sink::write_transactional) the rows, the dedup marks and the
-/// checkpoints are committed in one redb transaction, so a replay after a crash skips exactly
+/// [`write_transactional`](Sink::write_transactional) the rows and their dedup marks are
+/// committed in one redb transaction, so a replay after a crash skips exactly
 /// the records whose rows exist: exactly-once into this table.
 ///
 /// Rows are numbered in write order; each holds the record as JSON.
@@ -424,14 +420,12 @@ impl Sink for TableSink {
         let pipeline = tx.pipeline.to_string();
         let marks = tx.dedup_marks.to_vec();
         let ttl = tx.dedup_ttl;
-        let cps = tx.checkpoints.to_vec();
         Ok(self
             .store
             .blocking(move |s| {
                 let txn = s.begin_write()?;
                 me.append_in(&txn, &batch)?;
                 s.mark_in(&txn, &pipeline, &marks, ttl)?;
-                s.commit_checkpoints_in(&txn, &pipeline, &cps, true)?;
                 txn.commit().map_err(|e| storage(&s.path, "commit", e))
             })
             .await?)
@@ -509,7 +503,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn transactional_write_commits_rows_marks_and_checkpoints_together() {
+    async fn transactional_write_commits_rows_and_marks_together() {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open_dir(dir.path()).await.unwrap();
         let sink = store.table_sink("t");
@@ -520,16 +514,14 @@ mod tests {
             })
             .collect();
         let keys: Vec<IdempotencyKey> = recs.iter().filter_map(|r| r.idempotency_key.clone()).collect();
-        let cps = [Checkpoint::new(PartitionId::new("p"), Position::from(1))];
-        let tx = TxContext { pipeline: "pl", dedup_marks: &keys, dedup_ttl: Duration::from_secs(60), checkpoints: &cps };
+        let tx = TxContext { pipeline: "pl", dedup_marks: &keys, dedup_ttl: Duration::from_secs(60) };
         sink.write_transactional(&recs, &tx).await.unwrap();
         assert_eq!(sink.rows().await.unwrap().len(), 3);
         assert_eq!(store.seen("pl", &keys).await.unwrap(), vec![true; 3]);
-        assert_eq!(store.load("pl").await.unwrap()[0].position, Position::from(1));
-        // A stale snapshot of checkpoints in a later transaction never moves them back.
-        let older = [Checkpoint::new(PartitionId::new("p"), Position::from(0))];
-        let tx = TxContext { pipeline: "pl", dedup_marks: &[], dedup_ttl: Duration::from_secs(60), checkpoints: &older };
-        sink.write_transactional(&recs[..1], &tx).await.unwrap();
-        assert_eq!(store.load("pl").await.unwrap()[0].position, Position::from(1));
+        drop((sink, store));
+        let store = EmbeddedStore::open_dir(dir.path()).await.unwrap();
+        assert_eq!(store.table_sink("t").rows().await.unwrap().len(), 3, "rows are durable");
+        assert_eq!(store.seen("pl", &keys).await.unwrap(), vec![true; 3], "marks are durable");
+        assert_eq!(store.seen("pl", &[IdempotencyKey::new("k9")]).await.unwrap(), vec![false]);
     }
 }

@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::{Checkpoint, Error, IdempotencyKey, Record, SinkCapabilities};
+use crate::{Error, IdempotencyKey, Record, SinkCapabilities};
 
 /// Why a `write` did not fully succeed.
 #[derive(Debug)]
@@ -19,7 +19,12 @@ impl From<Error> for WriteError {
     }
 }
 
-/// What a transactional sink commits together with its output.
+/// What a transactional sink commits together with its output: the dedup marks of the records
+/// it writes. Output and marks become durable in one transaction, so a replay skips exactly
+/// the records whose output exists (exactly-once for that sink). The runtime writes the
+/// checkpoint afterwards through the [`CheckpointStore`](crate::CheckpointStore), as for any
+/// sink: a checkpoint only decides where a replay starts, and the marks make that replay
+/// skip what is already applied.
 #[derive(Debug)]
 pub struct TxContext<'a> {
     /// The pipeline's name: the namespace of the dedup marks and checkpoints.
@@ -28,8 +33,6 @@ pub struct TxContext<'a> {
     pub dedup_marks: &'a [IdempotencyKey],
     /// How long the marks must be kept.
     pub dedup_ttl: Duration,
-    /// Checkpoints already earned (confirmed earlier) to store in the same transaction.
-    pub checkpoints: &'a [Checkpoint],
 }
 
 /// A destination for records: a broker producer, a file, a table.
@@ -51,8 +54,7 @@ pub trait Sink: Send + Sync {
     /// Writes a batch and waits for it to be confirmed.
     async fn write(&self, batch: &[Record]) -> Result<(), WriteError>;
 
-    /// Writes a batch and commits it together with `tx` (dedup marks and checkpoints) in one
-    /// transaction. Only called when `capabilities().transactional`.
+    /// Writes a batch and commits it together with `tx` (its dedup marks) in one transaction. Only called when `capabilities().transactional`.
     async fn write_transactional(&self, batch: &[Record], tx: &TxContext<'_>) -> Result<(), WriteError> {
         let _ = (batch, tx);
         Err(WriteError::Batch(Error::unsupported("this sink cannot write transactionally")))

@@ -179,7 +179,6 @@ impl Pipeline {
             stats: stats.clone(),
             metrics: metrics.clone(),
             events: events_tx,
-            watermarks: Default::default(),
         });
         let credits = Credits::new();
         let max_batch_records = sink_caps.max_batch_records.map_or(settings.batch.max_records, |m| m.min(settings.batch.max_records)).max(1);
@@ -618,9 +617,6 @@ impl State {
         }
         self.order.retain(|x| x != p);
         self.committed.remove(p);
-        if let Ok(mut w) = self.shared.watermarks.lock() {
-            w.remove(p);
-        }
         self.credits.remove(p);
     }
 
@@ -898,14 +894,6 @@ impl State {
         let advanced = part.tracker.take_advanced();
         Stats::add(&self.stats.records_acked, seqs.len() as u64);
         self.uncommitted += advanced;
-        if advanced > 0 && self.shared.transactional {
-            if let Some(w) = part.tracker.watermark() {
-                let cp = Checkpoint::new(partition.clone(), w.clone()).with_fence(part.fence);
-                if let Ok(mut map) = self.shared.watermarks.lock() {
-                    map.insert(partition.clone(), cp);
-                }
-            }
-        }
         if advanced > 0 && self.caps.eager_commit {
             self.force_commit = true;
         }

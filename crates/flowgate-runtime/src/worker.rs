@@ -1,13 +1,12 @@
 //! One sink batch: dedup check → transform → write with retries → dead letters → marks.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use flowgate_core::{Checkpoint, DedupStore, Error, ErrorKind, IdempotencyKey, PartitionId, Record, Sink, TxContext, WriteError};
+use flowgate_core::{DedupStore, Error, ErrorKind, IdempotencyKey, PartitionId, Record, Sink, TxContext, WriteError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
@@ -37,8 +36,6 @@ pub(crate) struct Shared {
     pub(crate) stats: Arc<Stats>,
     pub(crate) metrics: Metrics,
     pub(crate) events: mpsc::UnboundedSender<WorkerEvent>,
-    /// Latest watermarks, handed to transactional sinks.
-    pub(crate) watermarks: Mutex<HashMap<PartitionId, Checkpoint>>,
 }
 
 /// A batch of one lane of one partition.
@@ -318,11 +315,7 @@ async fn write_with_retry(
     while !pending.is_empty() {
         let attempt = if transactional {
             let marks: Vec<IdempotencyKey> = pending.iter().filter_map(|r| r.idempotency_key.clone()).collect();
-            let checkpoints: Vec<Checkpoint> = match shared.watermarks.lock() {
-                Ok(w) => w.values().cloned().collect(),
-                Err(p) => p.into_inner().values().cloned().collect(),
-            };
-            let tx = TxContext { pipeline: &shared.pipeline, dedup_marks: &marks, dedup_ttl: shared.dedup_ttl, checkpoints: &checkpoints };
+            let tx = TxContext { pipeline: &shared.pipeline, dedup_marks: &marks, dedup_ttl: shared.dedup_ttl };
             sink.write_transactional(&pending, &tx).await
         } else {
             sink.write(&pending).await
