@@ -1,1 +1,275 @@
-fn main() {}
+//! flowgate's task runner. `cargo xtask help` lists the tasks.
+//!
+//! Few dependencies on purpose: std only.
+
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Instant;
+
+const HELP: &str = "\
+cargo xtask <task>
+
+  test              fmt check, clippy -D warnings, the whole test suite, dependency rules
+  bench runtime     generator -> null sink through a raw loop and through the runtime
+                    (records/s side by side, ratios) and instructions per record (callgrind)
+  help              this text
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let res = match args.as_slice() {
+        ["test"] => test(),
+        ["bench", "runtime", rest @ ..] => bench_runtime(rest),
+        ["help"] | [] => {
+            print!("{HELP}");
+            Ok(())
+        }
+        other => Err(format!("unknown task {other:?}\n\n{HELP}")),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(step: &str, cmd: &mut Command) -> Result<(), String> {
+    eprintln!("\n==> {step}");
+    let started = Instant::now();
+    let status = cmd
+        .status()
+        .map_err(|e| format!("{step}: cannot start: {e}"))?;
+    eprintln!(
+        "==> {step}: {} in {:.1}s",
+        if status.success() { "ok" } else { "FAILED" },
+        started.elapsed().as_secs_f64()
+    );
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{step} failed ({status})"))
+    }
+}
+
+fn output(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{cmd:?} failed ({})", out.status));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn test() -> Result<(), String> {
+    let started = Instant::now();
+    run(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )?;
+    run(
+        "cargo clippy -D warnings",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--all-features",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    dependency_rules()?;
+    run(
+        "cargo test",
+        cargo().args(["test", "--workspace", "--all-features"]),
+    )?;
+    eprintln!(
+        "\n==> all checks passed in {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// flowgate-core and flowgate-runtime depend on no broker client and on no store; adapters
+/// and stores depend on core only.
+fn dependency_rules() -> Result<(), String> {
+    eprintln!("\n==> dependency rules (cargo tree)");
+    const BROKER_CLIENTS: [&str; 6] = [
+        "rdkafka",
+        "lapin",
+        "aws-sdk-kinesis",
+        "aws-config",
+        "redb",
+        "sqlx",
+    ];
+    for krate in ["flowgate-core", "flowgate-runtime"] {
+        let tree = output(cargo().args([
+            "tree",
+            "-p",
+            krate,
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+            "--all-features",
+        ]))?;
+        let names: Vec<&str> = tree
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        for bad in BROKER_CLIENTS {
+            if names.contains(&bad) {
+                return Err(format!(
+                    "{krate} must not depend on {bad} (found in `cargo tree -p {krate}`)"
+                ));
+            }
+        }
+        for other in ["flowgate-runtime", "flowgate-checkpoint", "flowgate-cli"] {
+            if other != krate && names.contains(&other) {
+                return Err(format!(
+                    "{krate} must not depend on {other}: adapters, stores and the runtime depend on core only"
+                ));
+            }
+        }
+    }
+    let tree = output(cargo().args([
+        "tree",
+        "-p",
+        "flowgate-checkpoint",
+        "-e",
+        "normal",
+        "--prefix",
+        "none",
+        "--all-features",
+    ]))?;
+    if tree.lines().any(|l| l.starts_with("flowgate-runtime")) {
+        return Err("flowgate-checkpoint must not depend on flowgate-runtime".into());
+    }
+    eprintln!("==> dependency rules: ok");
+    Ok(())
+}
+
+const MODES: [&str; 4] = [
+    "raw",
+    "runtime",
+    "runtime-checkpoint",
+    "runtime-checkpoint-dedup",
+];
+
+fn bench_runtime(rest: &[&str]) -> Result<(), String> {
+    let records: u64 = rest
+        .iter()
+        .find_map(|a| a.strip_prefix("--records="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(4_000_000);
+    let rounds: usize = rest
+        .iter()
+        .find_map(|a| a.strip_prefix("--rounds="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(5);
+    run(
+        "build the harness",
+        cargo().args(["build", "--release", "--example", "bench_runtime"]),
+    )?;
+    let bin = "target/release/examples/bench_runtime";
+    let mut results: Vec<(String, Vec<f64>)> =
+        MODES.iter().map(|m| (m.to_string(), Vec::new())).collect();
+    eprintln!(
+        "\n==> throughput: {records} records of 100 bytes, 4 partitions, {rounds} interleaved rounds"
+    );
+    for round in 0..rounds {
+        for (mode, rates) in results.iter_mut() {
+            // Dedup writes every key to disk: fewer records keep the run short.
+            let n = if mode.ends_with("dedup") {
+                records / 8
+            } else {
+                records
+            };
+            let out = output(Command::new(bin).args([mode.as_str(), &n.to_string()]))?;
+            let rate: f64 = out
+                .split_whitespace()
+                .nth(3)
+                .and_then(|r| r.parse().ok())
+                .ok_or(format!("bad output {out:?}"))?;
+            eprintln!("    round {round} {mode:<26} {rate:>12.0} records/s");
+            rates.push(rate);
+        }
+    }
+    let median = |v: &Vec<f64>| {
+        let mut v = v.clone();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let raw = median(&results[0].1);
+    let rt = median(&results[1].1);
+    println!("\n| mode | records/s (median of {rounds}) | vs raw loop | vs runtime |");
+    println!("|---|---:|---:|---:|");
+    for (mode, rates) in &results {
+        let m = median(rates);
+        println!("| {mode} | {m:.0} | {:.3} | {:.3} |", m / raw, m / rt);
+    }
+    callgrind(bin)
+}
+
+/// Instructions per record from two callgrind runs of different sizes (start-up cancels out).
+fn callgrind(bin: &str) -> Result<(), String> {
+    if Command::new("valgrind")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        println!(
+            "\n(valgrind not installed: `apt-get install -y valgrind` for instructions per record)"
+        );
+        return Ok(());
+    }
+    let (small, large) = (100_000u64, 300_000u64);
+    println!("\n| mode | instructions per record (callgrind, {small} vs {large} records) |");
+    println!("|---|---:|");
+    let mut per: Vec<(String, f64)> = Vec::new();
+    for mode in ["raw", "runtime", "runtime-checkpoint"] {
+        let ir = |n: u64| -> Result<f64, String> {
+            let file = format!("target/callgrind.{mode}.{n}.out");
+            let out = Command::new("valgrind")
+                .args([
+                    "--tool=callgrind",
+                    &format!("--callgrind-out-file={file}"),
+                    bin,
+                    mode,
+                    &n.to_string(),
+                ])
+                .output()
+                .map_err(|e| e.to_string())?;
+            let text = String::from_utf8_lossy(&out.stderr);
+            let line = text
+                .lines()
+                .find(|l| l.contains("Collected :"))
+                .ok_or(format!("no callgrind total for {mode}"))?;
+            line.rsplit(':')
+                .next()
+                .and_then(|v| v.trim().replace(',', "").parse::<f64>().ok())
+                .ok_or("bad callgrind total".to_string())
+        };
+        let v = (ir(large)? - ir(small)?) / (large - small) as f64;
+        println!("| {mode} | {v:.0} |");
+        per.push((mode.to_string(), v));
+    }
+    println!(
+        "| runtime's own (runtime - raw) | {:.0} |",
+        per[1].1 - per[0].1
+    );
+    println!(
+        "| checkpointing's own (runtime-checkpoint - runtime) | {:.0} |",
+        per[2].1 - per[1].1
+    );
+    Ok(())
+}

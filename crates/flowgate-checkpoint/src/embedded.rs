@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 use flowgate_core::{
-    Checkpoint, CheckpointStore, DedupStore, Error, ErrorKind, IdempotencyKey, PartitionId, Position, Record, Sink,
-    SinkCapabilities, TxContext, WriteError,
+    Checkpoint, CheckpointStore, DedupStore, Error, ErrorKind, IdempotencyKey, PartitionId,
+    Position, Record, Sink, SinkCapabilities, TxContext, WriteError,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
@@ -16,13 +16,15 @@ use serde::{Deserialize, Serialize};
 use crate::rules::{Transition, check};
 
 const META: TableDefinition<'static, &str, &str> = TableDefinition::new("flowgate_meta");
-const CHECKPOINTS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("flowgate_checkpoints");
+const CHECKPOINTS: TableDefinition<'static, &str, &[u8]> =
+    TableDefinition::new("flowgate_checkpoints");
 const MARKS: TableDefinition<'static, &[u8], u64> = TableDefinition::new("flowgate_dedup");
-const EXPIRY: TableDefinition<'static, &[u8], ()> = TableDefinition::new("flowgate_dedup_expiry");
 const FORMAT_KEY: &str = "format";
 const FORMAT: &str = "flowgate-embedded-store/1";
-/// Expired marks removed per write transaction (keeps each commit short).
-const SWEEP_PER_COMMIT: usize = 10_000;
+/// Where the incremental sweep of expired marks stopped (key in `META`).
+const SWEEP_CURSOR: &str = "dedup_sweep_cursor";
+/// Marks examined by the sweep per mark written (amortised O(1) cleanup, no expiry index).
+const SWEEP_FACTOR: usize = 2;
 
 /// The embedded checkpoint and dedup store: one redb file (`flowgate.redb` in the data
 /// directory).
@@ -54,17 +56,39 @@ fn corrupt(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
 }
 
 fn storage(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
-    Error::new(ErrorKind::Transient, format!("embedded store: {what} failed"))
-        .with_context("path", path.display())
-        .with_context("cause", e)
+    Error::new(
+        ErrorKind::Transient,
+        format!("embedded store: {what} failed"),
+    )
+    .with_context("path", path.display())
+    .with_context("cause", e)
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn cp_key(pipeline: &str, partition: &str) -> String {
     format!("{pipeline}\u{0}{partition}")
+}
+
+fn hex_encode(b: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push(HEX[(x >> 4) as usize] as char);
+        s.push(HEX[(x & 15) as usize] as char);
+    }
+    s
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect()
 }
 
 fn mark_key(pipeline: &str, key: &IdempotencyKey) -> Vec<u8> {
@@ -80,7 +104,9 @@ impl EmbeddedStore {
     pub async fn open_dir(dir: impl AsRef<Path>) -> Result<Self, Error> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|e| {
-            Error::config("cannot create the data directory").with_context("path", dir.display()).with_source(e)
+            Error::config("cannot create the data directory")
+                .with_context("path", dir.display())
+                .with_source(e)
         })?;
         Self::open(dir.join("flowgate.redb")).await
     }
@@ -95,7 +121,10 @@ impl EmbeddedStore {
     }
 
     fn open_blocking(path: PathBuf) -> Result<Self, Error> {
-        let existed = path.exists() && std::fs::metadata(&path).map(|m| m.len() > 0).unwrap_or(false);
+        let existed = path.exists()
+            && std::fs::metadata(&path)
+                .map(|m| m.len() > 0)
+                .unwrap_or(false);
         let db = match Database::create(&path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
@@ -103,9 +132,18 @@ impl EmbeddedStore {
                     .with_context("path", path.display())
                     .with_hint("run one flowgate process per data directory, or use a shared store (PostgreSQL, Redis)"));
             }
-            Err(e) => return Err(corrupt(&path, "file cannot be opened as a flowgate store", e)),
+            Err(e) => {
+                return Err(corrupt(
+                    &path,
+                    "file cannot be opened as a flowgate store",
+                    e,
+                ));
+            }
         };
-        let store = EmbeddedStore { db: Arc::new(db), path };
+        let store = EmbeddedStore {
+            db: Arc::new(db),
+            path,
+        };
         store.check_identity(existed)?;
         Ok(store)
     }
@@ -113,28 +151,43 @@ impl EmbeddedStore {
     fn check_identity(&self, existed: bool) -> Result<(), Error> {
         let txn = self.begin_write()?;
         {
-            let mut meta = txn.open_table(META).map_err(|e| corrupt(&self.path, "meta table is unreadable", e))?;
-            let format = meta.get(FORMAT_KEY).map_err(|e| corrupt(&self.path, "meta table is unreadable", e))?.map(|v| v.value().to_string());
+            let mut meta = txn
+                .open_table(META)
+                .map_err(|e| corrupt(&self.path, "meta table is unreadable", e))?;
+            let format = meta
+                .get(FORMAT_KEY)
+                .map_err(|e| corrupt(&self.path, "meta table is unreadable", e))?
+                .map(|v| v.value().to_string());
             match format {
                 Some(f) if f == FORMAT => {}
-                Some(other) => return Err(corrupt(&self.path, "file has an unknown format", other)),
+                Some(other) => {
+                    return Err(corrupt(&self.path, "file has an unknown format", other));
+                }
                 None if existed => {
                     // An existing redb file without our marker: someone else's database.
                     let tables = txn.list_tables().map(|t| t.count()).unwrap_or(0);
                     if tables > 1 {
-                        return Err(corrupt(&self.path, "file is a redb database that flowgate did not create", "no format marker"));
+                        return Err(corrupt(
+                            &self.path,
+                            "file is a redb database that flowgate did not create",
+                            "no format marker",
+                        ));
                     }
-                    meta.insert(FORMAT_KEY, FORMAT).map_err(|e| storage(&self.path, "init", e))?;
+                    meta.insert(FORMAT_KEY, FORMAT)
+                        .map_err(|e| storage(&self.path, "init", e))?;
                 }
                 None => {
-                    meta.insert(FORMAT_KEY, FORMAT).map_err(|e| storage(&self.path, "init", e))?;
+                    meta.insert(FORMAT_KEY, FORMAT)
+                        .map_err(|e| storage(&self.path, "init", e))?;
                 }
             }
-            txn.open_table(CHECKPOINTS).map_err(|e| corrupt(&self.path, "checkpoint table is unreadable", e))?;
-            txn.open_table(MARKS).map_err(|e| corrupt(&self.path, "dedup table is unreadable", e))?;
-            txn.open_table(EXPIRY).map_err(|e| corrupt(&self.path, "dedup table is unreadable", e))?;
+            txn.open_table(CHECKPOINTS)
+                .map_err(|e| corrupt(&self.path, "checkpoint table is unreadable", e))?;
+            txn.open_table(MARKS)
+                .map_err(|e| corrupt(&self.path, "dedup table is unreadable", e))?;
         }
-        txn.commit().map_err(|e| storage(&self.path, "init commit", e))
+        txn.commit()
+            .map_err(|e| storage(&self.path, "init commit", e))
     }
 
     /// The file this store lives in.
@@ -143,76 +196,150 @@ impl EmbeddedStore {
     }
 
     fn begin_write(&self) -> Result<WriteTransaction, Error> {
-        let mut txn = self.db.begin_write().map_err(|e| storage(&self.path, "begin write", e))?;
-        txn.set_durability(redb::Durability::Immediate).map_err(|e| storage(&self.path, "set durability", e))?;
+        let mut txn = self
+            .db
+            .begin_write()
+            .map_err(|e| storage(&self.path, "begin write", e))?;
+        txn.set_durability(redb::Durability::Immediate)
+            .map_err(|e| storage(&self.path, "set durability", e))?;
         Ok(txn)
     }
 
-    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&EmbeddedStore) -> Result<T, Error> + Send + 'static) -> Result<T, Error> {
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&EmbeddedStore) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
         let me = self.clone();
-        tokio::task::spawn_blocking(move || f(&me)).await.map_err(|e| storage(&self.path, "blocking task", e))?
+        tokio::task::spawn_blocking(move || f(&me))
+            .await
+            .map_err(|e| storage(&self.path, "blocking task", e))?
     }
 
-    fn commit_checkpoints_in(&self, txn: &WriteTransaction, pipeline: &str, cps: &[Checkpoint]) -> Result<(), Error> {
-        let mut table = txn.open_table(CHECKPOINTS).map_err(|e| storage(&self.path, "open checkpoints", e))?;
+    fn commit_checkpoints_in(
+        &self,
+        txn: &WriteTransaction,
+        pipeline: &str,
+        cps: &[Checkpoint],
+    ) -> Result<(), Error> {
+        let mut table = txn
+            .open_table(CHECKPOINTS)
+            .map_err(|e| storage(&self.path, "open checkpoints", e))?;
         for c in cps {
             let key = cp_key(pipeline, c.partition.as_str());
-            let stored = match table.get(key.as_str()).map_err(|e| storage(&self.path, "read checkpoint", e))? {
+            let stored = match table
+                .get(key.as_str())
+                .map_err(|e| storage(&self.path, "read checkpoint", e))?
+            {
                 Some(v) => Some(self.decode_checkpoint(&c.partition, v.value())?),
                 None => None,
             };
             if check(stored.as_ref(), c)? == Transition::Write {
-                let value = serde_json::to_vec(&StoredCheckpoint { position: c.position.clone(), fence: c.fence })
-                    .map_err(|e| storage(&self.path, "encode checkpoint", e))?;
-                table.insert(key.as_str(), value.as_slice()).map_err(|e| storage(&self.path, "write checkpoint", e))?;
+                let value = serde_json::to_vec(&StoredCheckpoint {
+                    position: c.position.clone(),
+                    fence: c.fence,
+                })
+                .map_err(|e| storage(&self.path, "encode checkpoint", e))?;
+                table
+                    .insert(key.as_str(), value.as_slice())
+                    .map_err(|e| storage(&self.path, "write checkpoint", e))?;
             }
         }
         Ok(())
     }
 
-    fn decode_checkpoint(&self, partition: &PartitionId, bytes: &[u8]) -> Result<Checkpoint, Error> {
-        let s: StoredCheckpoint = serde_json::from_slice(bytes)
-            .map_err(|e| corrupt(&self.path, "holds an unreadable checkpoint", format!("partition {partition}: {e}")))?;
-        Ok(Checkpoint { partition: partition.clone(), position: s.position, fence: s.fence })
+    fn decode_checkpoint(
+        &self,
+        partition: &PartitionId,
+        bytes: &[u8],
+    ) -> Result<Checkpoint, Error> {
+        let s: StoredCheckpoint = serde_json::from_slice(bytes).map_err(|e| {
+            corrupt(
+                &self.path,
+                "holds an unreadable checkpoint",
+                format!("partition {partition}: {e}"),
+            )
+        })?;
+        Ok(Checkpoint {
+            partition: partition.clone(),
+            position: s.position,
+            fence: s.fence,
+        })
     }
 
-    fn mark_in(&self, txn: &WriteTransaction, pipeline: &str, keys: &[IdempotencyKey], ttl: Duration) -> Result<(), Error> {
+    fn mark_in(
+        &self,
+        txn: &WriteTransaction,
+        pipeline: &str,
+        keys: &[IdempotencyKey],
+        ttl: Duration,
+    ) -> Result<(), Error> {
         let now = now_ms();
         let expires = now.saturating_add(ttl.as_millis() as u64);
-        let mut marks = txn.open_table(MARKS).map_err(|e| storage(&self.path, "open dedup", e))?;
-        let mut expiry = txn.open_table(EXPIRY).map_err(|e| storage(&self.path, "open dedup expiry", e))?;
-        // Sweep a bounded number of expired marks.
+        let mut marks = txn
+            .open_table(MARKS)
+            .map_err(|e| storage(&self.path, "open dedup", e))?;
+        let mut key = Vec::with_capacity(64);
+        for k in keys {
+            key.clear();
+            key.extend_from_slice(pipeline.as_bytes());
+            key.push(0);
+            key.extend_from_slice(k.as_bytes());
+            marks
+                .insert(key.as_slice(), expires)
+                .map_err(|e| storage(&self.path, "write mark", e))?;
+        }
+        // Incremental sweep: walk SWEEP_FACTOR marks per mark written from where the last
+        // sweep stopped, removing the expired ones. Cleanup is amortised over the writes and
+        // needs no second index.
+        let mut meta = txn
+            .open_table(META)
+            .map_err(|e| storage(&self.path, "open meta", e))?;
+        let cursor: Vec<u8> = meta
+            .get(SWEEP_CURSOR)
+            .map_err(|e| storage(&self.path, "read sweep cursor", e))?
+            .and_then(|v| hex_decode(v.value()))
+            .unwrap_or_default();
+        let budget = keys.len() * SWEEP_FACTOR;
         let mut expired: Vec<Vec<u8>> = Vec::new();
+        let mut last: Option<Vec<u8>> = None;
+        let mut walked = 0;
+        for item in marks
+            .range::<&[u8]>(cursor.as_slice()..)
+            .map_err(|e| storage(&self.path, "sweep", e))?
+            .take(budget)
         {
-            let upper = (now + 1).to_be_bytes();
-            for item in expiry.range::<&[u8]>(..upper.as_slice()).map_err(|e| storage(&self.path, "sweep", e))?.take(SWEEP_PER_COMMIT) {
-                let (k, _) = item.map_err(|e| storage(&self.path, "sweep", e))?;
+            let (k, v) = item.map_err(|e| storage(&self.path, "sweep", e))?;
+            if v.value() <= now {
                 expired.push(k.value().to_vec());
             }
+            last = Some(k.value().to_vec());
+            walked += 1;
         }
-        for ek in expired {
-            expiry.remove(ek.as_slice()).map_err(|e| storage(&self.path, "sweep", e))?;
-            let mk = &ek[8..];
-            let still = marks.get(mk).map_err(|e| storage(&self.path, "sweep", e))?.map(|v| v.value());
-            if still.is_some_and(|exp| exp <= now) {
-                marks.remove(mk).map_err(|e| storage(&self.path, "sweep", e))?;
+        for k in &expired {
+            marks
+                .remove(k.as_slice())
+                .map_err(|e| storage(&self.path, "sweep", e))?;
+        }
+        // Past the end: start over from the beginning next time.
+        let next = match last {
+            Some(mut l) if walked == budget => {
+                l.push(0);
+                hex_encode(&l)
             }
-        }
-        for k in keys {
-            let mk = mark_key(pipeline, k);
-            marks.insert(mk.as_slice(), expires).map_err(|e| storage(&self.path, "write mark", e))?;
-            let mut ek = Vec::with_capacity(8 + mk.len());
-            ek.extend_from_slice(&expires.to_be_bytes());
-            ek.extend_from_slice(&mk);
-            expiry.insert(ek.as_slice(), ()).map_err(|e| storage(&self.path, "write mark expiry", e))?;
-        }
+            _ => String::new(),
+        };
+        meta.insert(SWEEP_CURSOR, next.as_str())
+            .map_err(|e| storage(&self.path, "write sweep cursor", e))?;
         Ok(())
     }
 
     /// A sink appending records as rows to table `name` of this store, transactionally with
     /// the dedup marks and checkpoints (exactly-once).
     pub fn table_sink(&self, name: &str) -> TableSink {
-        TableSink { store: self.clone(), table: format!("rows:{name}") }
+        TableSink {
+            store: self.clone(),
+            table: format!("rows:{name}"),
+        }
     }
 }
 
@@ -225,12 +352,19 @@ impl CheckpointStore for EmbeddedStore {
     async fn load(&self, pipeline: &str) -> Result<Vec<Checkpoint>, Error> {
         let pipeline = pipeline.to_string();
         self.blocking(move |s| {
-            let txn = s.db.begin_read().map_err(|e| storage(&s.path, "begin read", e))?;
-            let table = txn.open_table(CHECKPOINTS).map_err(|e| storage(&s.path, "open checkpoints", e))?;
+            let txn =
+                s.db.begin_read()
+                    .map_err(|e| storage(&s.path, "begin read", e))?;
+            let table = txn
+                .open_table(CHECKPOINTS)
+                .map_err(|e| storage(&s.path, "open checkpoints", e))?;
             let lo = format!("{pipeline}\u{0}");
             let hi = format!("{pipeline}\u{1}");
             let mut out = Vec::new();
-            for item in table.range::<&str>(lo.as_str()..hi.as_str()).map_err(|e| storage(&s.path, "scan", e))? {
+            for item in table
+                .range::<&str>(lo.as_str()..hi.as_str())
+                .map_err(|e| storage(&s.path, "scan", e))?
+            {
                 let (k, v) = item.map_err(|e| storage(&s.path, "scan", e))?;
                 let partition = PartitionId::new(&k.value()[lo.len()..]);
                 out.push(s.decode_checkpoint(&partition, v.value())?);
@@ -257,21 +391,33 @@ impl CheckpointStore for EmbeddedStore {
         self.blocking(move |s| {
             let txn = s.begin_write()?;
             {
-                let mut table = txn.open_table(CHECKPOINTS).map_err(|e| storage(&s.path, "open checkpoints", e))?;
+                let mut table = txn
+                    .open_table(CHECKPOINTS)
+                    .map_err(|e| storage(&s.path, "open checkpoints", e))?;
                 let keys: Vec<String> = match partitions {
                     Some(ps) => ps.iter().map(|p| cp_key(&pipeline, p.as_str())).collect(),
                     None => {
                         let lo = format!("{pipeline}\u{0}");
                         let hi = format!("{pipeline}\u{1}");
                         let mut ks = Vec::new();
-                        for item in table.range::<&str>(lo.as_str()..hi.as_str()).map_err(|e| storage(&s.path, "scan", e))? {
-                            ks.push(item.map_err(|e| storage(&s.path, "scan", e))?.0.value().to_string());
+                        for item in table
+                            .range::<&str>(lo.as_str()..hi.as_str())
+                            .map_err(|e| storage(&s.path, "scan", e))?
+                        {
+                            ks.push(
+                                item.map_err(|e| storage(&s.path, "scan", e))?
+                                    .0
+                                    .value()
+                                    .to_string(),
+                            );
                         }
                         ks
                     }
                 };
                 for k in keys {
-                    table.remove(k.as_str()).map_err(|e| storage(&s.path, "reset", e))?;
+                    table
+                        .remove(k.as_str())
+                        .map_err(|e| storage(&s.path, "reset", e))?;
                 }
             }
             txn.commit().map_err(|e| storage(&s.path, "commit", e))
@@ -294,19 +440,31 @@ impl DedupStore for EmbeddedStore {
         let keys = keys.to_vec();
         self.blocking(move |s| {
             let now = now_ms();
-            let txn = s.db.begin_read().map_err(|e| storage(&s.path, "begin read", e))?;
-            let marks = txn.open_table(MARKS).map_err(|e| storage(&s.path, "open dedup", e))?;
+            let txn =
+                s.db.begin_read()
+                    .map_err(|e| storage(&s.path, "begin read", e))?;
+            let marks = txn
+                .open_table(MARKS)
+                .map_err(|e| storage(&s.path, "open dedup", e))?;
             keys.iter()
                 .map(|k| {
                     let mk = mark_key(&pipeline, k);
-                    Ok(marks.get(mk.as_slice()).map_err(|e| storage(&s.path, "read mark", e))?.is_some_and(|v| v.value() > now))
+                    Ok(marks
+                        .get(mk.as_slice())
+                        .map_err(|e| storage(&s.path, "read mark", e))?
+                        .is_some_and(|v| v.value() > now))
                 })
                 .collect()
         })
         .await
     }
 
-    async fn mark(&self, pipeline: &str, keys: &[IdempotencyKey], ttl: Duration) -> Result<(), Error> {
+    async fn mark(
+        &self,
+        pipeline: &str,
+        keys: &[IdempotencyKey],
+        ttl: Duration,
+    ) -> Result<(), Error> {
         if keys.is_empty() {
             return Ok(());
         }
@@ -348,9 +506,14 @@ impl TableSink {
     fn append_in(&self, txn: &WriteTransaction, batch: &[Record]) -> Result<(), Error> {
         let s = &self.store;
         let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&self.table);
-        let mut table = txn.open_table(def).map_err(|e| storage(&s.path, "open rows", e))?;
-        let mut next = table.last().map_err(|e| storage(&s.path, "read rows", e))?.map_or(0, |(k, _)| k.value() + 1);
-        for r in batch {
+        let mut table = txn
+            .open_table(def)
+            .map_err(|e| storage(&s.path, "open rows", e))?;
+        let first = table
+            .last()
+            .map_err(|e| storage(&s.path, "read rows", e))?
+            .map_or(0, |(k, _)| k.value() + 1);
+        for (next, r) in (first..).zip(batch) {
             let row = Row {
                 partition: r.partition.to_string(),
                 position: r.position.clone(),
@@ -358,9 +521,11 @@ impl TableSink {
                 payload: r.payload.clone(),
                 idempotency_key: r.idempotency_key.as_ref().map(IdempotencyKey::to_bytes),
             };
-            let v = serde_json::to_vec(&row).map_err(|e| Error::poison("record cannot be stored").with_source(e))?;
-            table.insert(next, v.as_slice()).map_err(|e| storage(&s.path, "write row", e))?;
-            next += 1;
+            let v = serde_json::to_vec(&row)
+                .map_err(|e| Error::poison("record cannot be stored").with_source(e))?;
+            table
+                .insert(next, v.as_slice())
+                .map_err(|e| storage(&s.path, "write row", e))?;
         }
         Ok(())
     }
@@ -370,7 +535,9 @@ impl TableSink {
         let me = self.clone();
         self.store
             .blocking(move |s| {
-                let txn = s.db.begin_read().map_err(|e| storage(&s.path, "begin read", e))?;
+                let txn =
+                    s.db.begin_read()
+                        .map_err(|e| storage(&s.path, "begin read", e))?;
                 let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&me.table);
                 let table = match txn.open_table(def) {
                     Ok(t) => t,
@@ -380,8 +547,10 @@ impl TableSink {
                 let mut out = Vec::new();
                 for item in table.iter().map_err(|e| storage(&s.path, "scan rows", e))? {
                     let (_, v) = item.map_err(|e| storage(&s.path, "scan rows", e))?;
-                    let row: Row = serde_json::from_slice(v.value()).map_err(|e| corrupt(&s.path, "holds an unreadable row", e))?;
-                    let mut r = Record::new(PartitionId::new(&row.partition), row.position, row.payload);
+                    let row: Row = serde_json::from_slice(v.value())
+                        .map_err(|e| corrupt(&s.path, "holds an unreadable row", e))?;
+                    let mut r =
+                        Record::new(PartitionId::new(&row.partition), row.position, row.payload);
                     r.key = row.key;
                     r.idempotency_key = row.idempotency_key.map(IdempotencyKey::new);
                     out.push(r);
@@ -395,7 +564,9 @@ impl TableSink {
 #[async_trait]
 impl Sink for TableSink {
     fn capabilities(&self) -> SinkCapabilities {
-        SinkCapabilities::basic().with_transactional(true).with_forwards_idempotency_key(true)
+        SinkCapabilities::basic()
+            .with_transactional(true)
+            .with_forwards_idempotency_key(true)
     }
 
     async fn write(&self, batch: &[Record]) -> Result<(), WriteError> {
@@ -414,7 +585,11 @@ impl Sink for TableSink {
             .await?)
     }
 
-    async fn write_transactional(&self, batch: &[Record], tx: &TxContext<'_>) -> Result<(), WriteError> {
+    async fn write_transactional(
+        &self,
+        batch: &[Record],
+        tx: &TxContext<'_>,
+    ) -> Result<(), WriteError> {
         let me = self.clone();
         let batch = batch.to_vec();
         let pipeline = tx.pipeline.to_string();
@@ -488,17 +663,30 @@ mod tests {
     async fn garbage_file_is_refused_with_its_path() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("flowgate.redb");
-        std::fs::write(&path, b"this is not a database, it is a shopping list\n".repeat(100)).unwrap();
-        let err = EmbeddedStore::open(&path).await.err().expect("a garbage file must be refused");
+        std::fs::write(
+            &path,
+            b"this is not a database, it is a shopping list\n".repeat(100),
+        )
+        .unwrap();
+        let err = EmbeddedStore::open(&path)
+            .await
+            .err()
+            .expect("a garbage file must be refused");
         assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
-        assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
     }
 
     #[tokio::test]
     async fn second_process_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let _a = EmbeddedStore::open_dir(dir.path()).await.unwrap();
-        let err = EmbeddedStore::open_dir(dir.path()).await.err().expect("second open must fail");
+        let err = EmbeddedStore::open_dir(dir.path())
+            .await
+            .err()
+            .expect("second open must fail");
         assert_eq!(err.kind(), ErrorKind::Config, "{err}");
     }
 
@@ -513,15 +701,36 @@ mod tests {
                     .with_idempotency_key(IdempotencyKey::new(format!("k{i}")))
             })
             .collect();
-        let keys: Vec<IdempotencyKey> = recs.iter().filter_map(|r| r.idempotency_key.clone()).collect();
-        let tx = TxContext { pipeline: "pl", dedup_marks: &keys, dedup_ttl: Duration::from_secs(60) };
+        let keys: Vec<IdempotencyKey> = recs
+            .iter()
+            .filter_map(|r| r.idempotency_key.clone())
+            .collect();
+        let tx = TxContext {
+            pipeline: "pl",
+            dedup_marks: &keys,
+            dedup_ttl: Duration::from_secs(60),
+        };
         sink.write_transactional(&recs, &tx).await.unwrap();
         assert_eq!(sink.rows().await.unwrap().len(), 3);
         assert_eq!(store.seen("pl", &keys).await.unwrap(), vec![true; 3]);
         drop((sink, store));
         let store = EmbeddedStore::open_dir(dir.path()).await.unwrap();
-        assert_eq!(store.table_sink("t").rows().await.unwrap().len(), 3, "rows are durable");
-        assert_eq!(store.seen("pl", &keys).await.unwrap(), vec![true; 3], "marks are durable");
-        assert_eq!(store.seen("pl", &[IdempotencyKey::new("k9")]).await.unwrap(), vec![false]);
+        assert_eq!(
+            store.table_sink("t").rows().await.unwrap().len(),
+            3,
+            "rows are durable"
+        );
+        assert_eq!(
+            store.seen("pl", &keys).await.unwrap(),
+            vec![true; 3],
+            "marks are durable"
+        );
+        assert_eq!(
+            store
+                .seen("pl", &[IdempotencyKey::new("k9")])
+                .await
+                .unwrap(),
+            vec![false]
+        );
     }
 }

@@ -27,7 +27,9 @@ impl MemoryStore {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -38,7 +40,12 @@ impl CheckpointStore for MemoryStore {
     }
 
     async fn load(&self, pipeline: &str) -> Result<Vec<Checkpoint>, Error> {
-        Ok(self.lock().checkpoints.get(pipeline).map(|m| m.values().cloned().collect()).unwrap_or_default())
+        Ok(self
+            .lock()
+            .checkpoints
+            .get(pipeline)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default())
     }
 
     async fn commit(&self, pipeline: &str, checkpoints: &[Checkpoint]) -> Result<(), Error> {
@@ -85,11 +92,21 @@ impl DedupStore for MemoryStore {
         let now = Instant::now();
         Ok(keys
             .iter()
-            .map(|k| inner.marks.get(&(pipeline.to_string(), k.clone())).is_some_and(|exp| *exp > now))
+            .map(|k| {
+                inner
+                    .marks
+                    .get(&(pipeline.to_string(), k.clone()))
+                    .is_some_and(|exp| *exp > now)
+            })
             .collect())
     }
 
-    async fn mark(&self, pipeline: &str, keys: &[IdempotencyKey], ttl: Duration) -> Result<(), Error> {
+    async fn mark(
+        &self,
+        pipeline: &str,
+        keys: &[IdempotencyKey],
+        ttl: Duration,
+    ) -> Result<(), Error> {
         let mut inner = self.lock();
         let now = Instant::now();
         inner.marks.retain(|_, exp| *exp > now);

@@ -19,19 +19,29 @@ pub enum Transition {
 ///   moves a checkpoint back.
 /// - A missing fence counts as older than any fence.
 pub fn check(stored: Option<&Checkpoint>, new: &Checkpoint) -> Result<Transition, Error> {
-    let Some(old) = stored else { return Ok(Transition::Write) };
+    let Some(old) = stored else {
+        return Ok(Transition::Write);
+    };
     if new.fence < old.fence {
-        return Err(Error::new(ErrorKind::Fenced, "checkpoint write refused: a newer owner holds this partition")
-            .with_context("partition", &new.partition)
-            .with_context("stored_fence", fmt_fence(old.fence))
-            .with_context("write_fence", fmt_fence(new.fence)));
+        return Err(Error::new(
+            ErrorKind::Fenced,
+            "checkpoint write refused: a newer owner holds this partition",
+        )
+        .with_context("partition", &new.partition)
+        .with_context("stored_fence", fmt_fence(old.fence))
+        .with_context("write_fence", fmt_fence(new.fence)));
     }
     if new.position < old.position {
-        return Err(Error::new(ErrorKind::Fenced, "checkpoint write refused: it would move the checkpoint backwards")
-            .with_context("partition", &new.partition)
-            .with_context("stored", &old.position)
-            .with_context("write", &new.position)
-            .with_hint("use a reset (`flowgate checkpoints reset`) to move a checkpoint back on purpose"));
+        return Err(Error::new(
+            ErrorKind::Fenced,
+            "checkpoint write refused: it would move the checkpoint backwards",
+        )
+        .with_context("partition", &new.partition)
+        .with_context("stored", &old.position)
+        .with_context("write", &new.position)
+        .with_hint(
+            "use a reset (`flowgate checkpoints reset`) to move a checkpoint back on purpose",
+        ));
     }
     if new.position == old.position && new.fence == old.fence {
         return Ok(Transition::Unchanged);
@@ -55,11 +65,33 @@ mod tests {
     #[test]
     fn fences_and_positions() {
         assert_eq!(check(None, &cp(1, None)).unwrap(), Transition::Write);
-        assert_eq!(check(Some(&cp(5, Some(2))), &cp(6, Some(2))).unwrap(), Transition::Write);
-        assert_eq!(check(Some(&cp(5, Some(2))), &cp(5, Some(2))).unwrap(), Transition::Unchanged);
-        assert_eq!(check(Some(&cp(5, Some(2))), &cp(9, Some(1))).unwrap_err().kind(), ErrorKind::Fenced);
-        assert_eq!(check(Some(&cp(5, Some(2))), &cp(9, None)).unwrap_err().kind(), ErrorKind::Fenced);
-        assert_eq!(check(Some(&cp(5, None)), &cp(4, None)).unwrap_err().kind(), ErrorKind::Fenced);
-        assert_eq!(check(Some(&cp(5, Some(1))), &cp(5, Some(3))).unwrap(), Transition::Write);
+        assert_eq!(
+            check(Some(&cp(5, Some(2))), &cp(6, Some(2))).unwrap(),
+            Transition::Write
+        );
+        assert_eq!(
+            check(Some(&cp(5, Some(2))), &cp(5, Some(2))).unwrap(),
+            Transition::Unchanged
+        );
+        assert_eq!(
+            check(Some(&cp(5, Some(2))), &cp(9, Some(1)))
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Fenced
+        );
+        assert_eq!(
+            check(Some(&cp(5, Some(2))), &cp(9, None))
+                .unwrap_err()
+                .kind(),
+            ErrorKind::Fenced
+        );
+        assert_eq!(
+            check(Some(&cp(5, None)), &cp(4, None)).unwrap_err().kind(),
+            ErrorKind::Fenced
+        );
+        assert_eq!(
+            check(Some(&cp(5, Some(1))), &cp(5, Some(3))).unwrap(),
+            Transition::Write
+        );
     }
 }

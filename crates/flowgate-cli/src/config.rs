@@ -138,7 +138,9 @@ fn default_data() -> PathBuf {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig::Embedded { path: default_data() }
+        StoreConfig::Embedded {
+            path: default_data(),
+        }
     }
 }
 
@@ -163,8 +165,10 @@ impl DedupConfig {
             "key" => Ok(KeyExtractor::Key),
             other => match other.strip_prefix("header:") {
                 Some(h) if !h.is_empty() => Ok(KeyExtractor::Header(h.to_string())),
-                _ => Err(Error::config(format!("invalid `dedup.key` {other:?}: expected source_position, key or header:NAME"))
-                    .with_context("key", "dedup.key")),
+                _ => Err(Error::config(format!(
+                    "invalid `dedup.key` {other:?}: expected source_position, key or header:NAME"
+                ))
+                .with_context("key", "dedup.key")),
             },
         }
     }
@@ -182,7 +186,8 @@ pub(crate) fn missing_feature(kind: &str) -> Error {
 /// Loads a configuration file (TOML or YAML by extension) and the `FLOWGATE_` environment.
 pub(crate) fn load(path: &Path) -> Result<PipelineConfig, Error> {
     if !path.exists() {
-        return Err(Error::config("the configuration file does not exist").with_context("path", path.display()));
+        return Err(Error::config("the configuration file does not exist")
+            .with_context("path", path.display()));
     }
     let figment = match path.extension().and_then(|e| e.to_str()) {
         Some("yaml" | "yml") => Figment::from(Yaml::file(path)),
@@ -194,11 +199,21 @@ pub(crate) fn load(path: &Path) -> Result<PipelineConfig, Error> {
 /// `FLOWGATE_<SECTION>__…` variables of the pipeline's sections. Other `FLOWGATE_` variables
 /// (`FLOWGATE_LOG`, `FLOWGATE_TEST_*`) belong to other parts of flowgate and are not read here.
 fn env() -> Env {
-    const SECTIONS: [&str; 7] = ["name", "source", "sink", "dead_letter", "store", "dedup", "runtime"];
+    const SECTIONS: [&str; 7] = [
+        "name",
+        "source",
+        "sink",
+        "dead_letter",
+        "store",
+        "dedup",
+        "runtime",
+    ];
     Env::prefixed("FLOWGATE_")
         .filter(|key| {
             let k = key.as_str().to_ascii_lowercase();
-            SECTIONS.iter().any(|s| k == *s || k.starts_with(&format!("{s}__")))
+            SECTIONS
+                .iter()
+                .any(|s| k == *s || k.starts_with(&format!("{s}__")))
         })
         .split("__")
 }
@@ -206,8 +221,14 @@ fn env() -> Env {
 /// Extracts and validates a configuration.
 pub(crate) fn from_figment(figment: Figment, origin: &Path) -> Result<PipelineConfig, Error> {
     let cfg: PipelineConfig = figment.extract().map_err(|e| {
-        let keys: Vec<String> = e.clone().into_iter().map(|e| e.path.join(".")).filter(|k| !k.is_empty()).collect();
-        let mut err = Error::config(format!("invalid configuration: {e}")).with_context("file", origin.display());
+        let keys: Vec<String> = e
+            .clone()
+            .into_iter()
+            .map(|e| e.path.join("."))
+            .filter(|k| !k.is_empty())
+            .collect();
+        let mut err = Error::config(format!("invalid configuration: {e}"))
+            .with_context("file", origin.display());
         if !keys.is_empty() {
             err = err.with_context("key", keys.join(", "));
         }
@@ -223,6 +244,7 @@ mod tests {
     use figment::Jail;
 
     #[test]
+    #[allow(clippy::result_large_err)]
     fn file_and_environment_merge_and_errors_name_the_key() {
         Jail::expect_with(|jail| {
             jail.create_file(
@@ -257,8 +279,14 @@ mod tests {
             let err = load(Path::new("bad2.toml")).unwrap_err().to_string();
             assert!(err.contains("max_in_flight_per_partition"), "{err}");
 
-            jail.create_file("y.yaml", "name: y\nsource:\n  type: generator\nsink:\n  type: jsonl\n  path: out.jsonl\n")?;
-            assert!(matches!(load(Path::new("y.yaml")).map_err(|e| e.to_string())?.sink, SinkConfig::Jsonl { .. }));
+            jail.create_file(
+                "y.yaml",
+                "name: y\nsource:\n  type: generator\nsink:\n  type: jsonl\n  path: out.jsonl\n",
+            )?;
+            assert!(matches!(
+                load(Path::new("y.yaml")).map_err(|e| e.to_string())?.sink,
+                SinkConfig::Jsonl { .. }
+            ));
             Ok(())
         });
     }

@@ -10,13 +10,20 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use flowgate_checkpoint::{EmbeddedStore, MemoryStore};
 use flowgate_core::{CheckpointStore, DedupStore, Error, ErrorKind, PartitionId, Sink};
-use flowgate_runtime::adapters::{FaultConfig, FaultInjectingSink, GeneratorConfig, GeneratorSource, JsonLinesConfig, JsonLinesSink, NullSink, Spike};
+use flowgate_runtime::adapters::{
+    FaultConfig, FaultInjectingSink, GeneratorConfig, GeneratorSource, JsonLinesConfig,
+    JsonLinesSink, NullSink, Spike,
+};
 use flowgate_runtime::{Pipeline, RuntimeSettings, Shutdown, Stats};
 
 use crate::config::{PipelineConfig, SinkConfig, SourceConfig, StoreConfig};
 
 #[derive(Parser)]
-#[command(name = "flowgate", version, about = "Multi-broker streaming with bounded lag and no lost records")]
+#[command(
+    name = "flowgate",
+    version,
+    about = "Multi-broker streaming with bounded lag and no lost records"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -79,15 +86,23 @@ enum CheckpointAction {
 }
 
 fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOWGATE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FLOWGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
     let res = match cli.command {
-        Command::Run { config, status, duration } => {
+        Command::Run {
+            config,
+            status,
+            duration,
+        } => {
             init_logging("info");
             run_file(&config, status, duration).await
         }
@@ -121,31 +136,66 @@ async fn open_store(cfg: &StoreConfig) -> Result<Stores, Error> {
     Ok(match cfg {
         StoreConfig::Embedded { path } => {
             let s = EmbeddedStore::open_dir(path).await?;
-            Stores { checkpoint: Some(Arc::new(s.clone())), dedup: Some(Arc::new(s.clone())), embedded: Some(s) }
+            Stores {
+                checkpoint: Some(Arc::new(s.clone())),
+                dedup: Some(Arc::new(s.clone())),
+                embedded: Some(s),
+            }
         }
         StoreConfig::Memory => {
             let s = Arc::new(MemoryStore::new());
-            Stores { checkpoint: Some(s.clone()), dedup: Some(s), embedded: None }
+            Stores {
+                checkpoint: Some(s.clone()),
+                dedup: Some(s),
+                embedded: None,
+            }
         }
-        StoreConfig::None => Stores { checkpoint: None, dedup: None, embedded: None },
+        StoreConfig::None => Stores {
+            checkpoint: None,
+            dedup: None,
+            embedded: None,
+        },
     })
 }
 
 async fn make_sink(cfg: &SinkConfig, stores: &Stores, key: &str) -> Result<Box<dyn Sink>, Error> {
     let (sink, faults): (Box<dyn Sink>, &Option<FaultConfig>) = match cfg {
         SinkConfig::Null { faults } => (Box::new(NullSink::default()), faults),
-        SinkConfig::Jsonl { path, fsync, faults } => {
-            (Box::new(JsonLinesSink::open(JsonLinesConfig { path: path.clone(), fsync: *fsync }).await?), faults)
-        }
+        SinkConfig::Jsonl {
+            path,
+            fsync,
+            faults,
+        } => (
+            Box::new(
+                JsonLinesSink::open(JsonLinesConfig {
+                    path: path.clone(),
+                    fsync: *fsync,
+                })
+                .await?,
+            ),
+            faults,
+        ),
         SinkConfig::Table { table, faults } => {
             let store = stores.embedded.as_ref().ok_or_else(|| {
-                Error::config("a `table` sink needs the embedded store").with_context("key", format!("{key}.type")).with_hint("set store.type = \"embedded\"")
+                Error::config("a `table` sink needs the embedded store")
+                    .with_context("key", format!("{key}.type"))
+                    .with_hint("set store.type = \"embedded\"")
             })?;
             (Box::new(store.table_sink(table)), faults)
         }
-        SinkConfig::Kafka(_) => return Err(config::missing_feature("kafka").with_context("key", format!("{key}.type"))),
-        SinkConfig::Kinesis(_) => return Err(config::missing_feature("kinesis").with_context("key", format!("{key}.type"))),
-        SinkConfig::Rabbitmq(_) => return Err(config::missing_feature("rabbitmq").with_context("key", format!("{key}.type"))),
+        SinkConfig::Kafka(_) => {
+            return Err(config::missing_feature("kafka").with_context("key", format!("{key}.type")));
+        }
+        SinkConfig::Kinesis(_) => {
+            return Err(
+                config::missing_feature("kinesis").with_context("key", format!("{key}.type"))
+            );
+        }
+        SinkConfig::Rabbitmq(_) => {
+            return Err(
+                config::missing_feature("rabbitmq").with_context("key", format!("{key}.type"))
+            );
+        }
     };
     Ok(match faults {
         Some(f) => Box::new(FaultInjectingSink::new(sink, f.clone())),
@@ -156,13 +206,22 @@ async fn make_sink(cfg: &SinkConfig, stores: &Stores, key: &str) -> Result<Box<d
 async fn build(cfg: &PipelineConfig) -> Result<(Pipeline, Stores), Error> {
     let source = match &cfg.source {
         SourceConfig::Generator(g) => GeneratorSource::new(g.clone())?,
-        SourceConfig::Kafka(_) => return Err(config::missing_feature("kafka").with_context("key", "source.type")),
-        SourceConfig::Kinesis(_) => return Err(config::missing_feature("kinesis").with_context("key", "source.type")),
-        SourceConfig::Rabbitmq(_) => return Err(config::missing_feature("rabbitmq").with_context("key", "source.type")),
+        SourceConfig::Kafka(_) => {
+            return Err(config::missing_feature("kafka").with_context("key", "source.type"));
+        }
+        SourceConfig::Kinesis(_) => {
+            return Err(config::missing_feature("kinesis").with_context("key", "source.type"));
+        }
+        SourceConfig::Rabbitmq(_) => {
+            return Err(config::missing_feature("rabbitmq").with_context("key", "source.type"));
+        }
     };
     let stores = open_store(&cfg.store).await?;
     let sink = make_sink(&cfg.sink, &stores, "sink").await?;
-    let mut b = Pipeline::builder(cfg.name.clone()).source(source).sink(sink).settings(cfg.runtime.clone());
+    let mut b = Pipeline::builder(cfg.name.clone())
+        .source(source)
+        .sink(sink)
+        .settings(cfg.runtime.clone());
     if let Some(dl) = &cfg.dead_letter {
         b = b.dead_letter(make_sink(dl, &stores, "dead_letter").await?);
     }
@@ -171,14 +230,20 @@ async fn build(cfg: &PipelineConfig) -> Result<(Pipeline, Stores), Error> {
     }
     if let Some(d) = &cfg.dedup {
         let store = stores.dedup.clone().ok_or_else(|| {
-            Error::config("dedup needs a store").with_context("key", "dedup").with_hint("set store.type = \"embedded\" or \"memory\"")
+            Error::config("dedup needs a store")
+                .with_context("key", "dedup")
+                .with_hint("set store.type = \"embedded\" or \"memory\"")
         })?;
         b = b.dedup(store, d.extractor()?);
     }
     Ok((b.build()?, stores))
 }
 
-async fn run_config(cfg: PipelineConfig, status: bool, duration: Option<Duration>) -> Result<(), Error> {
+async fn run_config(
+    cfg: PipelineConfig,
+    status: bool,
+    duration: Option<Duration>,
+) -> Result<(), Error> {
     let (pipeline, _stores) = build(&cfg).await?;
     let stats = pipeline.stats();
     let printer = status.then(|| tokio::spawn(status_line(stats.clone())));
@@ -230,7 +295,11 @@ async fn status_line(stats: Arc<Stats>) {
 fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<f64>().ok())
+        })
         .map_or(0.0, |pages| pages * 4096.0 / 1_048_576.0)
 }
 
@@ -240,25 +309,52 @@ async fn quickstart(data: &Path, duration: Duration) -> Result<(), Error> {
         source: SourceConfig::Generator(GeneratorConfig {
             partitions: 4,
             rate: Some(10_000.0),
-            spikes: vec![Spike { at: Duration::from_secs(4), duration: Duration::from_secs(5), factor: 2.0 }],
+            spikes: vec![Spike {
+                at: Duration::from_secs(4),
+                duration: Duration::from_secs(5),
+                factor: 2.0,
+            }],
             ..Default::default()
         }),
-        sink: SinkConfig::Null { faults: Some(FaultConfig { capacity_per_sec: Some(14_000.0), ..Default::default() }) },
+        sink: SinkConfig::Null {
+            faults: Some(FaultConfig {
+                capacity_per_sec: Some(14_000.0),
+                ..Default::default()
+            }),
+        },
         dead_letter: None,
-        store: StoreConfig::Embedded { path: data.to_path_buf() },
-        dedup: Some(config::DedupConfig { key: "source_position".into() }),
-        runtime: RuntimeSettings { max_in_flight_per_partition: 2_000, ..Default::default() },
+        store: StoreConfig::Embedded {
+            path: data.to_path_buf(),
+        },
+        dedup: Some(config::DedupConfig {
+            key: "source_position".into(),
+        }),
+        runtime: RuntimeSettings {
+            max_in_flight_per_partition: 2_000,
+            ..Default::default()
+        },
     };
     {
         let store = EmbeddedStore::open_dir(data).await?;
         let existing = store.load("quickstart").await?;
         if existing.is_empty() {
-            println!("quickstart: generator (4 partitions, 10,000 records/s, 2x spike at 4s for 5s) -> sink limited to 14,000 records/s");
-            println!("            embedded store in {}; run again to resume from the checkpoints", data.display());
+            println!(
+                "quickstart: generator (4 partitions, 10,000 records/s, 2x spike at 4s for 5s) -> sink limited to 14,000 records/s"
+            );
+            println!(
+                "            embedded store in {}; run again to resume from the checkpoints",
+                data.display()
+            );
         } else {
-            let mut cps: Vec<String> = existing.iter().map(|c| format!("{}@{}", c.partition, c.position)).collect();
+            let mut cps: Vec<String> = existing
+                .iter()
+                .map(|c| format!("{}@{}", c.partition, c.position))
+                .collect();
             cps.sort();
-            println!("quickstart: resuming after the stored checkpoints: {}", cps.join(", "));
+            println!(
+                "quickstart: resuming after the stored checkpoints: {}",
+                cps.join(", ")
+            );
         }
     }
     run_config(cfg, true, Some(duration)).await
@@ -271,7 +367,10 @@ async fn checkpoints(action: CheckpointAction) -> Result<(), Error> {
             let mut cps = store.load(&pipeline).await?;
             cps.sort_by(|a, b| a.partition.cmp(&b.partition));
             if cps.is_empty() {
-                println!("no checkpoints for pipeline {pipeline:?} in {}", store.path().display());
+                println!(
+                    "no checkpoints for pipeline {pipeline:?} in {}",
+                    store.path().display()
+                );
             }
             for c in cps {
                 match c.fence {
@@ -281,11 +380,27 @@ async fn checkpoints(action: CheckpointAction) -> Result<(), Error> {
             }
             Ok(())
         }
-        CheckpointAction::Reset { data, pipeline, partition } => {
+        CheckpointAction::Reset {
+            data,
+            pipeline,
+            partition,
+        } => {
             let store = EmbeddedStore::open_dir(&data).await?;
             let parts: Vec<PartitionId> = partition.iter().map(PartitionId::new).collect();
-            store.reset(&pipeline, if parts.is_empty() { None } else { Some(&parts) }).await?;
-            println!("reset {} of pipeline {pipeline:?}", if parts.is_empty() { "all checkpoints".to_string() } else { format!("{} partition(s)", parts.len()) });
+            store
+                .reset(
+                    &pipeline,
+                    if parts.is_empty() { None } else { Some(&parts) },
+                )
+                .await?;
+            println!(
+                "reset {} of pipeline {pipeline:?}",
+                if parts.is_empty() {
+                    "all checkpoints".to_string()
+                } else {
+                    format!("{} partition(s)", parts.len())
+                }
+            );
             Ok(())
         }
     }

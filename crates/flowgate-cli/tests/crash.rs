@@ -3,6 +3,7 @@
 //! the duplicates may come only from the documented window (records confirmed by the sink but
 //! not yet marked when the process died); with the transactional table sink there must be
 //! exactly one copy of each record.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -64,7 +65,10 @@ fn kill_loop(dir: &Path, sink: &str, seed: u64) -> usize {
     let mut runs = 0;
     let started = Instant::now();
     while kills < KILLS {
-        assert!(started.elapsed() < Duration::from_secs(240), "kill loop took too long");
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "kill loop took too long"
+        );
         runs += 1;
         let mut child = Command::new(bin)
             .args(["run", "--config"])
@@ -86,10 +90,22 @@ fn kill_loop(dir: &Path, sink: &str, seed: u64) -> usize {
         child.wait().unwrap();
         kills += 1;
     }
-    assert!(kills >= KILLS, "only {kills} kills in {runs} runs: the pipeline finished too early for the test to mean anything");
+    assert!(
+        kills >= KILLS,
+        "only {kills} kills in {runs} runs: the pipeline finished too early for the test to mean anything"
+    );
     // Final run to completion.
-    let out = Command::new(bin).args(["run", "--config"]).arg(&cfg).env("FLOWGATE_LOG", "warn").output().unwrap();
-    assert!(out.status.success(), "final run failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(bin)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .env("FLOWGATE_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "final run failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     kills
 }
 
@@ -106,19 +122,34 @@ fn count(records: impl Iterator<Item = (String, u64)>) -> (BTreeMap<(String, u64
 fn assert_complete(m: &BTreeMap<(String, u64), usize>) {
     for p in 0..PARTITIONS {
         for i in 0..PER_PARTITION {
-            assert!(m.contains_key(&(format!("gen-{p}"), i)), "record gen-{p}@{i} was lost");
+            assert!(
+                m.contains_key(&(format!("gen-{p}"), i)),
+                "record gen-{p}@{i} was lost"
+            );
         }
     }
-    assert_eq!(m.len() as u64, PARTITIONS * PER_PARTITION, "no unexpected records");
+    assert_eq!(
+        m.len() as u64,
+        PARTITIONS * PER_PARTITION,
+        "no unexpected records"
+    );
 }
 
 #[test]
 fn sigkill_loop_with_dedup_loses_nothing_and_duplicates_stay_in_the_window() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.jsonl");
-    let kills = kill_loop(dir.path(), &format!("type = \"jsonl\"\npath = \"{}\"", out.display()), 42);
+    let kills = kill_loop(
+        dir.path(),
+        &format!("type = \"jsonl\"\npath = \"{}\"", out.display()),
+        42,
+    );
     let records = JsonLinesSink::read(&out).unwrap();
-    let (m, total) = count(records.iter().map(|r| (r.partition.to_string(), r.position.as_u64().unwrap())));
+    let (m, total) = count(
+        records
+            .iter()
+            .map(|r| (r.partition.to_string(), r.position.as_u64().unwrap())),
+    );
     assert_complete(&m);
     let duplicates = total - m.len();
     // The window: per kill, at most the batches confirmed by the sink and not yet marked, i.e.
@@ -129,20 +160,35 @@ fn sigkill_loop_with_dedup_loses_nothing_and_duplicates_stay_in_the_window() {
         m.len(),
         duplicates as f64 * 100.0 / m.len() as f64
     );
-    assert!((duplicates as u64) <= bound, "{duplicates} duplicates exceed the documented window ({bound})");
+    assert!(
+        (duplicates as u64) <= bound,
+        "{duplicates} duplicates exceed the documented window ({bound})"
+    );
 }
 
 #[test]
 fn sigkill_loop_with_the_transactional_sink_is_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let kills = kill_loop(dir.path(), "type = \"table\"\ntable = \"events\"", 7);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let rows = rt.block_on(async {
-        let store = EmbeddedStore::open_dir(dir.path().join("data")).await.unwrap();
+        let store = EmbeddedStore::open_dir(dir.path().join("data"))
+            .await
+            .unwrap();
         store.table_sink("events").rows().await.unwrap()
     });
-    let (m, total) = count(rows.iter().map(|r| (r.partition.to_string(), r.position.as_u64().unwrap())));
+    let (m, total) = count(
+        rows.iter()
+            .map(|r| (r.partition.to_string(), r.position.as_u64().unwrap())),
+    );
     assert_complete(&m);
-    eprintln!("crash/table (transactional): {kills} SIGKILLs, {} records, {} duplicates", m.len(), total - m.len());
+    eprintln!(
+        "crash/table (transactional): {kills} SIGKILLs, {} records, {} duplicates",
+        m.len(),
+        total - m.len()
+    );
     assert_eq!(total, m.len(), "exactly one row per record");
 }

@@ -21,7 +21,11 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// A checkpoint without a fencing token.
     pub fn new(partition: PartitionId, position: Position) -> Self {
-        Checkpoint { partition, position, fence: None }
+        Checkpoint {
+            partition,
+            position,
+            fence: None,
+        }
     }
 
     /// Sets the fencing token.

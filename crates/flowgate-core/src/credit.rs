@@ -2,8 +2,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 
 use crate::PartitionId;
 
@@ -35,7 +35,11 @@ struct Inner {
 
 impl Default for Inner {
     fn default() -> Self {
-        Inner { partitions: RwLock::new(HashMap::new()), open: AtomicBool::new(true), notify: Notify::new() }
+        Inner {
+            partitions: RwLock::new(HashMap::new()),
+            open: AtomicBool::new(true),
+            notify: Notify::new(),
+        }
     }
 }
 
@@ -69,12 +73,17 @@ impl Credits {
         if !self.inner.open.load(Ordering::Acquire) {
             return 0;
         }
-        self.read().get(partition).map_or(0, |c| c.load(Ordering::Acquire))
+        self.read()
+            .get(partition)
+            .map_or(0, |c| c.load(Ordering::Acquire))
     }
 
     /// A handle to read one partition's credit without a map lookup.
     pub fn grant(&self, partition: &PartitionId) -> Option<CreditGrant> {
-        self.read().get(partition).map(|cell| CreditGrant { cell: cell.clone(), credits: self.clone() })
+        self.read().get(partition).map(|cell| CreditGrant {
+            cell: cell.clone(),
+            credits: self.clone(),
+        })
     }
 
     /// A future that completes the next time credit grows anywhere.
@@ -117,7 +126,8 @@ impl Credits {
         let prev = match prev {
             Some(p) => p,
             None => {
-                self.write().insert(partition.clone(), Arc::new(AtomicUsize::new(credit)));
+                self.write()
+                    .insert(partition.clone(), Arc::new(AtomicUsize::new(credit)));
                 0
             }
         };
@@ -147,11 +157,17 @@ impl Credits {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<PartitionId, Arc<AtomicUsize>>> {
-        self.inner.partitions.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .partitions
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<PartitionId, Arc<AtomicUsize>>> {
-        self.inner.partitions.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .partitions
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -182,7 +198,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished());
         credits.set(&p, 5);
-        tokio::time::timeout(Duration::from_secs(1), waiter).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(credits.available(&p), 5);
     }
 

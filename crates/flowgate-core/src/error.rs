@@ -83,7 +83,14 @@ pub struct Error {
 impl Error {
     /// A new error of a kind.
     pub fn new(kind: ErrorKind, message: impl Into<Cow<'static, str>>) -> Self {
-        Error { kind, message: message.into(), context: Vec::new(), hint: None, retry_after: None, source: None }
+        Error {
+            kind,
+            message: message.into(),
+            context: Vec::new(),
+            hint: None,
+            retry_after: None,
+            source: None,
+        }
     }
 
     /// Shorthand for [`ErrorKind::Transient`].
@@ -210,7 +217,9 @@ impl fmt::Debug for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_ref().map(|e| e.as_ref() as &(dyn std::error::Error + 'static))
+        self.source
+            .as_ref()
+            .map(|e| e.as_ref() as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -221,10 +230,13 @@ mod tests {
     #[test]
     fn display_names_what_failed_and_how_to_fix_it() {
         let io = std::io::Error::new(std::io::ErrorKind::InvalidData, "bad magic");
-        let e = Error::new(ErrorKind::Corrupt, "checkpoint file is not a flowgate store")
-            .with_context("path", "/data/flowgate.redb")
-            .with_source(io)
-            .with_hint("move the file away or point `store.path` elsewhere");
+        let e = Error::new(
+            ErrorKind::Corrupt,
+            "checkpoint file is not a flowgate store",
+        )
+        .with_context("path", "/data/flowgate.redb")
+        .with_source(io)
+        .with_hint("move the file away or point `store.path` elsewhere");
         assert_eq!(
             e.to_string(),
             "corrupt: checkpoint file is not a flowgate store (path=/data/flowgate.redb): bad magic; \

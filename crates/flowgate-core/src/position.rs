@@ -51,7 +51,9 @@ impl Position {
     ///
     /// Leading zeros are accepted and removed, so equal numbers compare equal.
     pub fn parse_decimal(text: &str) -> Result<Self, ParsePositionError> {
-        let err = || ParsePositionError { input: text.chars().take(160).collect() };
+        let err = || ParsePositionError {
+            input: text.chars().take(160).collect(),
+        };
         if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
             return Err(err());
         }
@@ -192,7 +194,10 @@ mod tests {
         let small = Position::new(u128::MAX);
         assert!(a < b);
         assert!(small < a);
-        assert_eq!(b.to_string(), "49590338271490256608559692538361571095921575989136588899");
+        assert_eq!(
+            b.to_string(),
+            "49590338271490256608559692538361571095921575989136588899"
+        );
         assert_eq!(a.successor(), b);
     }
 
@@ -212,14 +217,14 @@ mod tests {
         let next = max.successor();
         assert!(next > max);
         assert_eq!(next.to_string(), "340282366920938463463374607431768211456");
-        assert_eq!(Position::parse_decimal("999").unwrap().successor(), Position::new(1000));
+        assert_eq!(
+            Position::parse_decimal("999").unwrap().successor(),
+            Position::new(1000)
+        );
     }
 
     fn decimal() -> impl Strategy<Value = String> {
-        prop_oneof![
-            any::<u64>().prop_map(|v| v.to_string()),
-            "[1-9][0-9]{0,60}",
-        ]
+        prop_oneof![any::<u64>().prop_map(|v| v.to_string()), "[1-9][0-9]{0,60}",]
     }
 
     proptest! {

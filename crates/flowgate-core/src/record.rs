@@ -74,8 +74,19 @@ impl IdempotencyKey {
     }
 
     /// A key derived from a record's partition and position: unique for replayable sources.
+    ///
+    /// Encoded as `partition`, `@`, then the position: 16 big-endian bytes when it fits in a
+    /// `u128`, else its decimal text. Built without formatting (this runs once per record).
     pub fn from_position(partition: &PartitionId, position: &Position) -> Self {
-        IdempotencyKey(Bytes::from(format!("{partition}@{position}")))
+        let p = partition.as_str().as_bytes();
+        let mut v = Vec::with_capacity(p.len() + 17);
+        v.extend_from_slice(p);
+        v.push(b'@');
+        match position.as_u128() {
+            Some(n) => v.extend_from_slice(&n.to_be_bytes()),
+            None => v.extend_from_slice(position.to_string().as_bytes()),
+        }
+        IdempotencyKey(Bytes::from(v))
     }
 
     /// The key's bytes.
@@ -119,7 +130,10 @@ impl Headers {
 
     /// Appends a header.
     pub fn push(&mut self, name: impl AsRef<str>, value: impl Into<Bytes>) {
-        self.0.push(Header { name: Arc::from(name.as_ref()), value: value.into() });
+        self.0.push(Header {
+            name: Arc::from(name.as_ref()),
+            value: value.into(),
+        });
     }
 
     /// Replaces every header of that name with one value.
@@ -150,13 +164,23 @@ impl Headers {
     }
 
     fn byte_size(&self) -> usize {
-        self.0.iter().map(|h| h.name.len() + h.value.len() + 16).sum()
+        self.0
+            .iter()
+            .map(|h| h.name.len() + h.value.len() + 16)
+            .sum()
     }
 }
 
 impl FromIterator<(String, Bytes)> for Headers {
     fn from_iter<T: IntoIterator<Item = (String, Bytes)>>(iter: T) -> Self {
-        Headers(iter.into_iter().map(|(n, v)| Header { name: Arc::from(n), value: v }).collect())
+        Headers(
+            iter.into_iter()
+                .map(|(n, v)| Header {
+                    name: Arc::from(n),
+                    value: v,
+                })
+                .collect(),
+        )
     }
 }
 
@@ -215,6 +239,10 @@ impl Record {
         OVERHEAD
             + self.payload.len()
             + self.key.as_ref().map_or(0, Bytes::len)
-            + if self.headers.is_empty() { 0 } else { self.headers.byte_size() }
+            + if self.headers.is_empty() {
+                0
+            } else {
+                self.headers.byte_size()
+            }
     }
 }

@@ -55,9 +55,15 @@ pub trait Sink: Send + Sync {
     async fn write(&self, batch: &[Record]) -> Result<(), WriteError>;
 
     /// Writes a batch and commits it together with `tx` (its dedup marks) in one transaction. Only called when `capabilities().transactional`.
-    async fn write_transactional(&self, batch: &[Record], tx: &TxContext<'_>) -> Result<(), WriteError> {
+    async fn write_transactional(
+        &self,
+        batch: &[Record],
+        tx: &TxContext<'_>,
+    ) -> Result<(), WriteError> {
         let _ = (batch, tx);
-        Err(WriteError::Batch(Error::unsupported("this sink cannot write transactionally")))
+        Err(WriteError::Batch(Error::unsupported(
+            "this sink cannot write transactionally",
+        )))
     }
 
     /// Flushes anything buffered. Called before the final checkpoint.
@@ -79,7 +85,11 @@ impl<S: Sink + ?Sized> Sink for std::sync::Arc<S> {
     async fn write(&self, batch: &[Record]) -> Result<(), WriteError> {
         (**self).write(batch).await
     }
-    async fn write_transactional(&self, batch: &[Record], tx: &TxContext<'_>) -> Result<(), WriteError> {
+    async fn write_transactional(
+        &self,
+        batch: &[Record],
+        tx: &TxContext<'_>,
+    ) -> Result<(), WriteError> {
         (**self).write_transactional(batch, tx).await
     }
     async fn flush(&self) -> Result<(), Error> {
@@ -98,7 +108,11 @@ impl<S: Sink + ?Sized> Sink for Box<S> {
     async fn write(&self, batch: &[Record]) -> Result<(), WriteError> {
         (**self).write(batch).await
     }
-    async fn write_transactional(&self, batch: &[Record], tx: &TxContext<'_>) -> Result<(), WriteError> {
+    async fn write_transactional(
+        &self,
+        batch: &[Record],
+        tx: &TxContext<'_>,
+    ) -> Result<(), WriteError> {
         (**self).write_transactional(batch, tx).await
     }
     async fn flush(&self) -> Result<(), Error> {

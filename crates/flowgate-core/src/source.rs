@@ -3,7 +3,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::oneshot;
 
-use crate::{Checkpoint, Credits, Error, LagUnit, PartitionId, Position, Record, SourceCapabilities};
+use crate::{
+    Checkpoint, Credits, Error, LagUnit, PartitionId, Position, Record, SourceCapabilities,
+};
 
 /// What the runtime hands a source when it opens it.
 #[derive(Clone, Debug)]
@@ -30,7 +32,11 @@ pub struct Assignment {
 impl Assignment {
     /// An assignment without fence or broker position.
     pub fn new(partition: PartitionId) -> Self {
-        Assignment { partition, fence: None, broker_position: None }
+        Assignment {
+            partition,
+            fence: None,
+            broker_position: None,
+        }
     }
 }
 
@@ -83,7 +89,14 @@ impl Revocation {
     /// A revocation and the waiter the source keeps.
     pub fn new(partitions: Vec<PartitionId>, lost: bool) -> (Revocation, RevocationWaiter) {
         let (tx, rx) = oneshot::channel();
-        (Revocation { partitions, lost, done: Some(tx) }, RevocationWaiter { rx })
+        (
+            Revocation {
+                partitions,
+                lost,
+                done: Some(tx),
+            },
+            RevocationWaiter { rx },
+        )
     }
 
     /// Reports the drain as finished, with the final checkpoints to commit.
@@ -177,7 +190,9 @@ pub trait Source: Send {
     /// dead-letter exchange). Only called when `capabilities().native_dead_letter`.
     async fn reject(&mut self, record: &Record, error: &Error) -> Result<(), Error> {
         let _ = (record, error);
-        Err(Error::unsupported("this source cannot dead-letter records on the broker"))
+        Err(Error::unsupported(
+            "this source cannot dead-letter records on the broker",
+        ))
     }
 
     /// Stops fetching and releases the broker session. MUST return within a bounded time.

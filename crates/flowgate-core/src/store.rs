@@ -42,5 +42,10 @@ pub trait DedupStore: Send + Sync {
     async fn seen(&self, pipeline: &str, keys: &[IdempotencyKey]) -> Result<Vec<bool>, Error>;
 
     /// Marks keys as applied, for at least `ttl`.
-    async fn mark(&self, pipeline: &str, keys: &[IdempotencyKey], ttl: Duration) -> Result<(), Error>;
+    async fn mark(
+        &self,
+        pipeline: &str,
+        keys: &[IdempotencyKey],
+        ttl: Duration,
+    ) -> Result<(), Error>;
 }

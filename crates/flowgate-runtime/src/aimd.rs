@@ -47,7 +47,9 @@ impl Concurrency {
             return;
         }
         if throttled || latency > self.target {
-            let recently = self.last_decrease.is_some_and(|t| now.duration_since(t) < self.target);
+            let recently = self
+                .last_decrease
+                .is_some_and(|t| now.duration_since(t) < self.target);
             if !recently {
                 self.limit = (self.limit * self.factor).max(self.min);
                 self.last_decrease = Some(now);
@@ -64,7 +66,13 @@ mod tests {
     use proptest::prelude::*;
 
     fn settings(initial: usize, min: usize, max: usize) -> ConcurrencySettings {
-        ConcurrencySettings { initial, min, max, latency_target: Duration::from_millis(100), ..Default::default() }
+        ConcurrencySettings {
+            initial,
+            min,
+            max,
+            latency_target: Duration::from_millis(100),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -73,12 +81,24 @@ mod tests {
         let mut c = Concurrency::new(&settings(32, 1, 64));
         c.on_batch(Duration::from_millis(1), true, t0);
         assert_eq!(c.limit(), 16);
-        c.on_batch(Duration::from_millis(1), true, t0 + Duration::from_millis(10));
+        c.on_batch(
+            Duration::from_millis(1),
+            true,
+            t0 + Duration::from_millis(10),
+        );
         assert_eq!(c.limit(), 16, "one burst decreases once");
-        c.on_batch(Duration::from_millis(1), true, t0 + Duration::from_millis(200));
+        c.on_batch(
+            Duration::from_millis(1),
+            true,
+            t0 + Duration::from_millis(200),
+        );
         assert_eq!(c.limit(), 8);
         for i in 0..200 {
-            c.on_batch(Duration::from_millis(1), false, t0 + Duration::from_millis(300 + i));
+            c.on_batch(
+                Duration::from_millis(1),
+                false,
+                t0 + Duration::from_millis(300 + i),
+            );
         }
         assert!(c.limit() > 8);
     }

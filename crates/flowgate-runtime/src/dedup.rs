@@ -5,6 +5,9 @@ use std::sync::Arc;
 
 use flowgate_core::{IdempotencyKey, Record};
 
+/// A function computing a record's idempotency key.
+pub type KeyFn = Arc<dyn Fn(&Record) -> Option<IdempotencyKey> + Send + Sync>;
+
 /// Where a record's idempotency key comes from, when the source did not set one.
 #[derive(Clone)]
 pub enum KeyExtractor {
@@ -15,7 +18,7 @@ pub enum KeyExtractor {
     /// Partition and position: unique for replayable sources (Kafka, Kinesis, streams).
     SourcePosition,
     /// Your own function.
-    Custom(Arc<dyn Fn(&Record) -> Option<IdempotencyKey> + Send + Sync>),
+    Custom(KeyFn),
 }
 
 impl KeyExtractor {
@@ -26,9 +29,13 @@ impl KeyExtractor {
             return Some(k.clone());
         }
         match self {
-            KeyExtractor::Header(name) => r.headers.get(name).map(|v| IdempotencyKey::new(v.clone())),
+            KeyExtractor::Header(name) => {
+                r.headers.get(name).map(|v| IdempotencyKey::new(v.clone()))
+            }
             KeyExtractor::Key => r.key.clone().map(IdempotencyKey::new),
-            KeyExtractor::SourcePosition => Some(IdempotencyKey::from_position(&r.partition, &r.position)),
+            KeyExtractor::SourcePosition => {
+                Some(IdempotencyKey::from_position(&r.partition, &r.position))
+            }
             KeyExtractor::Custom(f) => f(r),
         }
     }

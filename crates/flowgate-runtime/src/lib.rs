@@ -19,8 +19,8 @@
 //!
 //! Start with [`Pipeline::builder`].
 
-mod aimd;
 pub mod adapters;
+mod aimd;
 mod dedup;
 mod metrics;
 mod pipeline;
@@ -30,12 +30,12 @@ mod stats;
 mod tracker;
 mod worker;
 
-pub use dedup::KeyExtractor;
+pub use dedup::{KeyExtractor, KeyFn};
 pub use metrics::names as metric_names;
 pub use pipeline::{Pipeline, PipelineBuilder, resume_after};
 pub use settings::{
-    BatchSettings, CommitSettings, ConcurrencyMode, ConcurrencySettings, ExhaustedPolicy, HealthSettings, Ordering,
-    OverflowPolicy, RetrySettings, RuntimeSettings,
+    BatchSettings, CommitSettings, ConcurrencyMode, ConcurrencySettings, ExhaustedPolicy,
+    HealthSettings, Ordering, OverflowPolicy, RetrySettings, RuntimeSettings,
 };
 pub use shutdown::{Shutdown, ShutdownTrigger};
 pub use stats::{Health, RunSummary, Stats, StatsSnapshot};

@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flowgate_core::{
-    Assignment, Checkpoint, CheckpointStore, Credits, DedupStore, Error, LagSample, LagUnit, PartitionId, Position,
-    Record, Revocation, Sink, Source, SourceCapabilities, SourceContext, SourceEvent, StartPosition,
+    Assignment, Checkpoint, CheckpointStore, Credits, DedupStore, Error, LagSample, LagUnit,
+    PartitionId, Position, Record, Revocation, Sink, Source, SourceCapabilities, SourceContext,
+    SourceEvent, StartPosition,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -92,10 +93,16 @@ impl PipelineBuilder {
     pub fn build(self) -> Result<Pipeline, Error> {
         self.settings.validate()?;
         if self.name.is_empty() {
-            return Err(Error::config("the pipeline needs a non-empty name").with_context("key", "name"));
+            return Err(
+                Error::config("the pipeline needs a non-empty name").with_context("key", "name")
+            );
         }
-        let source = self.source.ok_or_else(|| Error::config("the pipeline has no source").with_context("key", "source"))?;
-        let sink = self.sink.ok_or_else(|| Error::config("the pipeline has no sink").with_context("key", "sink"))?;
+        let source = self.source.ok_or_else(|| {
+            Error::config("the pipeline has no source").with_context("key", "source")
+        })?;
+        let sink = self
+            .sink
+            .ok_or_else(|| Error::config("the pipeline has no sink").with_context("key", "sink"))?;
         Ok(Pipeline {
             name: self.name,
             source,
@@ -147,7 +154,17 @@ impl Pipeline {
     /// (bounded by `drain_timeout`) and writes the final checkpoint before returning.
     pub async fn run(self, shutdown: Shutdown) -> Result<RunSummary, Error> {
         let started = Instant::now();
-        let Pipeline { name, mut source, sink, dead_letter, store, dedup, transform, settings, stats } = self;
+        let Pipeline {
+            name,
+            mut source,
+            sink,
+            dead_letter,
+            store,
+            dedup,
+            transform,
+            settings,
+            stats,
+        } = self;
         let caps = source.capabilities();
         let sink_caps = sink.capabilities();
         let metrics = Metrics::new(&name);
@@ -158,7 +175,13 @@ impl Pipeline {
         };
         let marker = dedup_store.as_ref().map(|store| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(worker::marker_task(store.clone(), name.clone(), settings.dedup_ttl, settings.retry.clone(), rx));
+            tokio::spawn(worker::marker_task(
+                store.clone(),
+                name.clone(),
+                settings.dedup_ttl,
+                settings.retry.clone(),
+                rx,
+            ));
             tx
         });
         let transactional = sink_caps.transactional && dedup_store.is_some();
@@ -181,8 +204,18 @@ impl Pipeline {
             events: events_tx,
         });
         let credits = Credits::new();
-        let max_batch_records = sink_caps.max_batch_records.map_or(settings.batch.max_records, |m| m.min(settings.batch.max_records)).max(1);
-        let max_batch_bytes = sink_caps.max_batch_bytes.map_or(settings.batch.max_bytes, |m| m.min(settings.batch.max_bytes)).max(1);
+        let max_batch_records = sink_caps
+            .max_batch_records
+            .map_or(settings.batch.max_records, |m| {
+                m.min(settings.batch.max_records)
+            })
+            .max(1);
+        let max_batch_bytes = sink_caps
+            .max_batch_bytes
+            .map_or(settings.batch.max_bytes, |m| {
+                m.min(settings.batch.max_bytes)
+            })
+            .max(1);
         let mut st = State {
             concurrency: Concurrency::new(&settings.concurrency),
             name: name.clone(),
@@ -213,18 +246,27 @@ impl Pipeline {
             committed: HashMap::new(),
         };
         stats.set_health(Health::Starting);
-        stats.concurrency.store(st.concurrency.limit() as u64, std::sync::atomic::Ordering::Relaxed);
+        stats.concurrency.store(
+            st.concurrency.limit() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
 
         // Open the source, retrying transient failures.
         let retry = st.settings.retry.clone();
-        let ctx = SourceContext { pipeline: name.clone(), credits };
+        let ctx = SourceContext {
+            pipeline: name.clone(),
+            credits,
+        };
         let mut attempts = 0usize;
         loop {
             match source.open(ctx.clone()).await {
                 Ok(()) => break,
                 Err(e) if e.is_temporary() && attempts + 1 < retry.max_attempts => {
                     attempts += 1;
-                    let delay = retry.initial_backoff.saturating_mul(1 << attempts.min(16)).min(retry.max_backoff);
+                    let delay = retry
+                        .initial_backoff
+                        .saturating_mul(1 << attempts.min(16))
+                        .min(retry.max_backoff);
                     tracing::warn!(pipeline = %name, error = %e, ?delay, attempt = attempts, "cannot open the source, retrying");
                     tokio::time::sleep(delay).await;
                 }
@@ -299,13 +341,20 @@ impl Pipeline {
         if let Err(e) = flush {
             st.fail(e);
         }
-        if let Err(e) = st.commit_now(&mut source, st.partitions.keys().cloned().collect()).await {
+        if let Err(e) = st
+            .commit_now(&mut source, st.partitions.keys().cloned().collect())
+            .await
+        {
             st.fail(e);
         }
         let close_timeout = Duration::from_secs(30);
         match tokio::time::timeout(close_timeout, source.close()).await {
-            Ok(Err(e)) => tracing::warn!(pipeline = %st.name, error = %e, "closing the source failed"),
-            Err(_) => tracing::warn!(pipeline = %st.name, "closing the source took longer than {close_timeout:?}; abandoned"),
+            Ok(Err(e)) => {
+                tracing::warn!(pipeline = %st.name, error = %e, "closing the source failed")
+            }
+            Err(_) => {
+                tracing::warn!(pipeline = %st.name, "closing the source took longer than {close_timeout:?}; abandoned")
+            }
             Ok(Ok(())) => {}
         }
         for s in std::iter::once(&sink).chain(dead_letter.as_ref()) {
@@ -317,7 +366,13 @@ impl Pipeline {
         let drained = st.partitions.values().all(|p| p.tracker.pending() == 0);
         let mut checkpoints: Vec<Checkpoint> = st.committed.values().cloned().collect();
         checkpoints.sort_by(|a, b| a.partition.cmp(&b.partition));
-        let summary = RunSummary { pipeline: st.name.clone(), elapsed: started.elapsed(), stats: stats.snapshot(), checkpoints, drained };
+        let summary = RunSummary {
+            pipeline: st.name.clone(),
+            elapsed: started.elapsed(),
+            stats: stats.snapshot(),
+            checkpoints,
+            drained,
+        };
         tracing::info!(pipeline = %st.name, "{summary}");
         match st.fatal.take() {
             Some(e) => Err(e),
@@ -372,7 +427,11 @@ struct HealthTracker {
 
 impl HealthTracker {
     fn new() -> Self {
-        HealthTracker { last_acked: 0, last_progress_at: Instant::now(), lag_at_progress: 0 }
+        HealthTracker {
+            last_acked: 0,
+            last_progress_at: Instant::now(),
+            lag_at_progress: 0,
+        }
     }
 }
 
@@ -423,9 +482,14 @@ impl State {
     }
 
     fn drain_complete(&self, now: Instant) -> bool {
-        let Some(deadline) = self.drain_deadline else { return false };
+        let Some(deadline) = self.drain_deadline else {
+            return false;
+        };
         if self.batches_in_flight == 0 {
-            let queued = self.partitions.values().any(|p| p.lanes.iter().any(|l| !l.queue.is_empty()));
+            let queued = self
+                .partitions
+                .values()
+                .any(|p| p.lanes.iter().any(|l| !l.queue.is_empty()));
             if self.fatal.is_some() || !queued {
                 return true;
             }
@@ -481,17 +545,25 @@ impl State {
         }
     }
 
-    async fn assign(&mut self, assignments: Vec<Assignment>, source: &mut Box<dyn Source>) -> Result<(), Error> {
-        self.stats.rebalances.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    async fn assign(
+        &mut self,
+        assignments: Vec<Assignment>,
+        source: &mut Box<dyn Source>,
+    ) -> Result<(), Error> {
+        self.stats
+            .rebalances
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.metrics.rebalances.increment(1);
         let stored: HashMap<PartitionId, Checkpoint> = match &self.store {
             Some(store) => {
                 let pipeline = self.name.clone();
-                worker::retry_temporary(&self.settings.retry, "checkpoint load", || store.load(&pipeline))
-                    .await?
-                    .into_iter()
-                    .map(|c| (c.partition.clone(), c))
-                    .collect()
+                worker::retry_temporary(&self.settings.retry, "checkpoint load", || {
+                    store.load(&pipeline)
+                })
+                .await?
+                .into_iter()
+                .map(|c| (c.partition.clone(), c))
+                .collect()
             }
             None => HashMap::new(),
         };
@@ -528,30 +600,49 @@ impl State {
             let mut tracker = AckTracker::new(0);
             tracker.set_initial(after.clone());
             if let Some(pos) = &after {
-                self.committed.insert(a.partition.clone(), Checkpoint::new(a.partition.clone(), pos.clone()).with_fence(a.fence));
+                self.committed.insert(
+                    a.partition.clone(),
+                    Checkpoint::new(a.partition.clone(), pos.clone()).with_fence(a.fence),
+                );
             }
             let part = Part {
                 incarnation: self.next_incarnation,
                 fence: a.fence,
-                lanes: (0..lanes).map(|_| Lane { queue: VecDeque::new(), queued_bytes: 0, busy: 0, first_at: None }).collect(),
+                lanes: (0..lanes)
+                    .map(|_| Lane {
+                        queue: VecDeque::new(),
+                        queued_bytes: 0,
+                        busy: 0,
+                        first_at: None,
+                    })
+                    .collect(),
                 tracker,
                 revoking: false,
                 lag: None,
                 lag_rate: 0.0,
-                metrics: Some(PartitionMetrics::new(&self.name, a.partition.as_str(), unit)),
+                metrics: Some(PartitionMetrics::new(
+                    &self.name,
+                    a.partition.as_str(),
+                    unit,
+                )),
             };
             self.next_incarnation += 1;
             if self.partitions.insert(a.partition.clone(), part).is_none() {
                 self.order.push(a.partition.clone());
             }
             self.update_credit(&a.partition);
-            starts.push(StartPosition { partition: a.partition, after });
+            starts.push(StartPosition {
+                partition: a.partition,
+                after,
+            });
         }
         source.start(starts).await
     }
 
     fn revoke(&mut self, rev: Revocation) {
-        self.stats.rebalances.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats
+            .rebalances
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.metrics.rebalances.increment(1);
         for p in &rev.partitions {
             self.credits.remove(p);
@@ -575,16 +666,28 @@ impl State {
             rev.complete(Vec::new());
         } else {
             let deadline = Instant::now() + self.settings.revoke_timeout;
-            self.revokes.push(PendingRevoke { revocation: rev, deadline });
+            self.revokes.push(PendingRevoke {
+                revocation: rev,
+                deadline,
+            });
         }
     }
 
     /// Completes revocations whose partitions have drained (or whose deadline passed).
     /// Returns true if it did something (the loop re-evaluates).
-    async fn finish_revokes(&mut self, now: Instant, commit_task: &mut Option<JoinHandle<CommitOutput>>, source: &mut Box<dyn Source>) -> bool {
+    async fn finish_revokes(
+        &mut self,
+        now: Instant,
+        commit_task: &mut Option<JoinHandle<CommitOutput>>,
+        source: &mut Box<dyn Source>,
+    ) -> bool {
         let Some(idx) = self.revokes.iter().position(|r| {
             now >= r.deadline
-                || r.revocation.partitions.iter().all(|p| self.partitions.get(p).is_none_or(|part| part.batches_in_flight() == 0))
+                || r.revocation.partitions.iter().all(|p| {
+                    self.partitions
+                        .get(p)
+                        .is_none_or(|part| part.batches_in_flight() == 0)
+                })
         }) else {
             return false;
         };
@@ -598,7 +701,10 @@ impl State {
             self.fail(e);
         }
         // The source commits the final positions of revoked partitions itself.
-        let finals: Vec<Checkpoint> = partitions.iter().filter_map(|p| self.committed.get(p).cloned()).collect();
+        let finals: Vec<Checkpoint> = partitions
+            .iter()
+            .filter_map(|p| self.committed.get(p).cloned())
+            .collect();
         for p in &partitions {
             self.remove_partition(p);
         }
@@ -610,7 +716,14 @@ impl State {
     fn remove_partition(&mut self, p: &PartitionId) {
         if let Some(part) = self.partitions.remove(p) {
             let pending = part.tracker.pending() as u64;
-            self.stats.in_flight.fetch_sub(pending.min(self.stats.in_flight.load(std::sync::atomic::Ordering::Relaxed)), std::sync::atomic::Ordering::Relaxed);
+            self.stats.in_flight.fetch_sub(
+                pending.min(
+                    self.stats
+                        .in_flight
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                ),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             for lane in &part.lanes {
                 self.bytes -= lane.queued_bytes;
             }
@@ -640,10 +753,18 @@ impl State {
                 }
             }
         }
-        let total: u64 = self.partitions.values().filter_map(|p| p.lag.map(|l| l.0)).sum();
+        let total: u64 = self
+            .partitions
+            .values()
+            .filter_map(|p| p.lag.map(|l| l.0))
+            .sum();
         let rate: f64 = self.partitions.values().map(|p| p.lag_rate).sum();
-        self.stats.lag.store(total, std::sync::atomic::Ordering::Relaxed);
-        self.stats.lag_rate_milli.store((rate * 1000.0) as i64, std::sync::atomic::Ordering::Relaxed);
+        self.stats
+            .lag
+            .store(total, std::sync::atomic::Ordering::Relaxed);
+        self.stats
+            .lag_rate_milli
+            .store((rate * 1000.0) as i64, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn ingest(&mut self, records: Vec<Record>) {
@@ -667,7 +788,9 @@ impl State {
                 current = Some(r.partition.clone());
                 touched.push(r.partition.clone());
             }
-            let Some(part) = self.partitions.get_mut(&r.partition) else { continue };
+            let Some(part) = self.partitions.get_mut(&r.partition) else {
+                continue;
+            };
             if part.revoking {
                 continue;
             }
@@ -677,7 +800,9 @@ impl State {
                 }
             }
             let size = r.byte_size();
-            if policy != OverflowPolicy::Block && (part.tracker.pending() >= limit || self.bytes + size > budget) {
+            if policy != OverflowPolicy::Block
+                && (part.tracker.pending() >= limit || self.bytes + size > budget)
+            {
                 match policy {
                     OverflowPolicy::ShedNewest => {
                         let seq = part.tracker.push(r.position.clone());
@@ -735,7 +860,11 @@ impl State {
             if lane.queue.is_empty() {
                 lane.first_at = Some(now);
             }
-            lane.queue.push_back(Queued { seq, record: r, size });
+            lane.queue.push_back(Queued {
+                seq,
+                record: r,
+                size,
+            });
             lane.queued_bytes += size;
             self.bytes += size;
         }
@@ -757,7 +886,9 @@ impl State {
     }
 
     fn update_credit(&mut self, p: &PartitionId) {
-        let Some(part) = self.partitions.get(p) else { return };
+        let Some(part) = self.partitions.get(p) else {
+            return;
+        };
         let limit = self.settings.max_in_flight_per_partition;
         let credit = match self.settings.overflow {
             OverflowPolicy::Block => limit.saturating_sub(part.tracker.pending()),
@@ -768,12 +899,17 @@ impl State {
 
     fn publish_gauges(&mut self) {
         let in_flight: usize = self.partitions.values().map(|p| p.tracker.pending()).sum();
-        self.stats.in_flight.store(in_flight as u64, std::sync::atomic::Ordering::Relaxed);
-        self.stats.buffer_bytes.store(self.bytes as u64, std::sync::atomic::Ordering::Relaxed);
+        self.stats
+            .in_flight
+            .store(in_flight as u64, std::sync::atomic::Ordering::Relaxed);
+        self.stats
+            .buffer_bytes
+            .store(self.bytes as u64, std::sync::atomic::Ordering::Relaxed);
         Stats::peak(&self.stats.peak_buffer_bytes, self.bytes as u64);
         self.metrics.in_flight.set(in_flight as f64);
         self.metrics.buffer_bytes.set(self.bytes as f64);
-        let open = self.settings.overflow != OverflowPolicy::Block || self.bytes < self.settings.max_buffer_bytes;
+        let open = self.settings.overflow != OverflowPolicy::Block
+            || self.bytes < self.settings.max_buffer_bytes;
         self.credits.set_open(open);
     }
 
@@ -798,50 +934,82 @@ impl State {
                 break;
             }
             let pid = self.order[(start + i) % n].clone();
-            let Some(part) = self.partitions.get_mut(&pid) else { continue };
+            let Some(part) = self.partitions.get_mut(&pid) else {
+                continue;
+            };
             if part.revoking {
                 continue;
             }
             for li in 0..part.lanes.len() {
                 loop {
                     let lane = &mut part.lanes[li];
-                    if lane.queue.is_empty() || (lane.busy > 0 && !unordered) || self.batches_in_flight >= limit {
+                    if lane.queue.is_empty()
+                        || (lane.busy > 0 && !unordered)
+                        || self.batches_in_flight >= limit
+                    {
                         break;
                     }
-                    let full = lane.queue.len() >= self.max_batch_records || lane.queued_bytes >= self.max_batch_bytes;
-                    let expired = lane.first_at.is_some_and(|t| now.duration_since(t) >= linger);
+                    let full = lane.queue.len() >= self.max_batch_records
+                        || lane.queued_bytes >= self.max_batch_bytes;
+                    let expired = lane
+                        .first_at
+                        .is_some_and(|t| now.duration_since(t) >= linger);
                     if !(full || expired || force) {
                         break;
                     }
-                    let mut records = Vec::with_capacity(lane.queue.len().min(self.max_batch_records));
+                    let mut records =
+                        Vec::with_capacity(lane.queue.len().min(self.max_batch_records));
                     let mut seqs = Vec::with_capacity(records.capacity());
                     let mut bytes = 0;
                     while let Some(q) = lane.queue.front() {
-                        if !records.is_empty() && (records.len() >= self.max_batch_records || bytes + q.size > self.max_batch_bytes) {
+                        if !records.is_empty()
+                            && (records.len() >= self.max_batch_records
+                                || bytes + q.size > self.max_batch_bytes)
+                        {
                             break;
                         }
-                        let Some(q) = lane.queue.pop_front() else { break };
+                        let Some(q) = lane.queue.pop_front() else {
+                            break;
+                        };
                         bytes += q.size;
                         seqs.push(q.seq);
                         records.push(q.record);
                     }
                     lane.queued_bytes -= bytes;
-                    lane.first_at = if lane.queue.is_empty() { None } else { Some(now) };
+                    lane.first_at = if lane.queue.is_empty() {
+                        None
+                    } else {
+                        Some(now)
+                    };
                     lane.busy += 1;
                     self.batches_in_flight += 1;
-                    let batch = Batch { partition: pid.clone(), incarnation: part.incarnation, lane: li, seqs, records, bytes };
+                    let batch = Batch {
+                        partition: pid.clone(),
+                        incarnation: part.incarnation,
+                        lane: li,
+                        seqs,
+                        records,
+                        bytes,
+                    };
                     tokio::spawn(worker::run(self.shared.clone(), batch));
                 }
             }
         }
-        Stats::peak(&self.stats.peak_batches_in_flight, self.batches_in_flight as u64);
+        Stats::peak(
+            &self.stats.peak_batches_in_flight,
+            self.batches_in_flight as u64,
+        );
     }
 
     // ---- completions -----------------------------------------------------------------
 
     async fn on_worker_event(&mut self, ev: WorkerEvent, source: &mut Box<dyn Source>) {
         match ev {
-            WorkerEvent::LaneFree { partition, incarnation, lane } => {
+            WorkerEvent::LaneFree {
+                partition,
+                incarnation,
+                lane,
+            } => {
                 if let Some(part) = self.partitions.get_mut(&partition) {
                     if part.incarnation == incarnation {
                         if let Some(l) = part.lanes.get_mut(lane) {
@@ -855,12 +1023,26 @@ impl State {
     }
 
     async fn on_completion(&mut self, c: Completion, source: &mut Box<dyn Source>) {
-        let Completion { partition, incarnation, lane, lane_released, seqs, bytes, latency, throttled, rejects, result } = c;
+        let Completion {
+            partition,
+            incarnation,
+            lane,
+            lane_released,
+            seqs,
+            bytes,
+            latency,
+            throttled,
+            rejects,
+            result,
+        } = c;
         self.batches_in_flight -= 1;
         self.bytes -= bytes;
-        self.concurrency.on_batch(latency, throttled, Instant::now());
+        self.concurrency
+            .on_batch(latency, throttled, Instant::now());
         let limit = self.concurrency.limit() as u64;
-        self.stats.concurrency.store(limit, std::sync::atomic::Ordering::Relaxed);
+        self.stats
+            .concurrency
+            .store(limit, std::sync::atomic::Ordering::Relaxed);
         self.metrics.concurrency.set(limit as f64);
         if let Err(e) = result {
             self.fail(e.with_context("partition", &partition));
@@ -869,7 +1051,10 @@ impl State {
         }
         for (r, e) in &rejects {
             if let Err(err) = source.reject(r, e).await {
-                self.fail(err.with_context("partition", &r.partition).with_context("position", &r.position));
+                self.fail(
+                    err.with_context("partition", &r.partition)
+                        .with_context("position", &r.position),
+                );
                 self.publish_gauges();
                 return;
             }
@@ -903,7 +1088,10 @@ impl State {
 
     // ---- commits ---------------------------------------------------------------------
 
-    fn pending_checkpoints(&self, partitions: impl Iterator<Item = PartitionId>) -> Vec<Checkpoint> {
+    fn pending_checkpoints(
+        &self,
+        partitions: impl Iterator<Item = PartitionId>,
+    ) -> Vec<Checkpoint> {
         partitions
             .filter_map(|p| {
                 let part = self.partitions.get(&p)?;
@@ -916,10 +1104,15 @@ impl State {
             .collect()
     }
 
-    async fn maybe_start_commit(&mut self, now: Instant, source: &mut Box<dyn Source>) -> Option<JoinHandle<CommitOutput>> {
+    async fn maybe_start_commit(
+        &mut self,
+        now: Instant,
+        source: &mut Box<dyn Source>,
+    ) -> Option<JoinHandle<CommitOutput>> {
         let due = self.force_commit
             || self.uncommitted >= self.settings.commit.every_records
-            || (self.uncommitted > 0 && now.duration_since(self.last_commit_at) >= self.settings.commit.every);
+            || (self.uncommitted > 0
+                && now.duration_since(self.last_commit_at) >= self.settings.commit.every);
         if !due {
             return None;
         }
@@ -937,7 +1130,10 @@ impl State {
                 let retry = self.settings.retry.clone();
                 Some(tokio::spawn(async move {
                     let started = Instant::now();
-                    let res = worker::retry_temporary(&retry, "checkpoint commit", || store.commit(&pipeline, &cps)).await;
+                    let res = worker::retry_temporary(&retry, "checkpoint commit", || {
+                        store.commit(&pipeline, &cps)
+                    })
+                    .await;
                     (cps, res, started)
                 }))
             }
@@ -952,17 +1148,32 @@ impl State {
     async fn on_commit_done(&mut self, res: CommitResult, source: &mut Box<dyn Source>) {
         match res {
             Ok((cps, res, started)) => self.after_store_commit(cps, res, started, source).await,
-            Err(join) => self.fail(Error::fatal("the checkpoint task panicked").with_context("cause", join)),
+            Err(join) => {
+                self.fail(Error::fatal("the checkpoint task panicked").with_context("cause", join))
+            }
         }
     }
 
-    async fn after_store_commit(&mut self, cps: Vec<Checkpoint>, res: Result<(), Error>, started: Instant, source: &mut Box<dyn Source>) {
+    async fn after_store_commit(
+        &mut self,
+        cps: Vec<Checkpoint>,
+        res: Result<(), Error>,
+        started: Instant,
+        source: &mut Box<dyn Source>,
+    ) {
         if let Err(e) = res {
             self.fail(e.with_context("while", "writing checkpoints"));
             return;
         }
         // Only partitions still owned are committed to the broker.
-        let owned: Vec<Checkpoint> = cps.into_iter().filter(|c| self.partitions.get(&c.partition).is_some_and(|p| p.fence == c.fence)).collect();
+        let owned: Vec<Checkpoint> = cps
+            .into_iter()
+            .filter(|c| {
+                self.partitions
+                    .get(&c.partition)
+                    .is_some_and(|p| p.fence == c.fence)
+            })
+            .collect();
         if owned.is_empty() {
             return;
         }
@@ -974,7 +1185,9 @@ impl State {
                 return;
             }
         }
-        self.metrics.commit_latency.record(started.elapsed().as_secs_f64());
+        self.metrics
+            .commit_latency
+            .record(started.elapsed().as_secs_f64());
         self.metrics.commits.increment(1);
         Stats::add(&self.stats.commits, 1);
         for c in owned {
@@ -983,14 +1196,20 @@ impl State {
     }
 
     /// Writes the checkpoints of `partitions` to the store now (revoke); returns what was written.
-    async fn write_checkpoints(&mut self, partitions: Vec<PartitionId>) -> Result<Vec<Checkpoint>, Error> {
+    async fn write_checkpoints(
+        &mut self,
+        partitions: Vec<PartitionId>,
+    ) -> Result<Vec<Checkpoint>, Error> {
         let cps = self.pending_checkpoints(partitions.into_iter());
         if cps.is_empty() {
             return Ok(cps);
         }
         if let Some(store) = &self.store {
             let pipeline = self.name.clone();
-            worker::retry_temporary(&self.settings.retry, "checkpoint commit", || store.commit(&pipeline, &cps)).await?;
+            worker::retry_temporary(&self.settings.retry, "checkpoint commit", || {
+                store.commit(&pipeline, &cps)
+            })
+            .await?;
             Stats::add(&self.stats.commits, 1);
         }
         for c in &cps {
@@ -1000,7 +1219,11 @@ impl State {
     }
 
     /// Final checkpoint: store, then broker.
-    async fn commit_now(&mut self, source: &mut Box<dyn Source>, partitions: Vec<PartitionId>) -> Result<(), Error> {
+    async fn commit_now(
+        &mut self,
+        source: &mut Box<dyn Source>,
+        partitions: Vec<PartitionId>,
+    ) -> Result<(), Error> {
         let started = Instant::now();
         let cps = self.pending_checkpoints(partitions.into_iter());
         if cps.is_empty() {
@@ -1009,7 +1232,10 @@ impl State {
         let res = match &self.store {
             Some(store) => {
                 let pipeline = self.name.clone();
-                worker::retry_temporary(&self.settings.retry, "final checkpoint", || store.commit(&pipeline, &cps)).await
+                worker::retry_temporary(&self.settings.retry, "final checkpoint", || {
+                    store.commit(&pipeline, &cps)
+                })
+                .await
             }
             None => Ok(()),
         };
@@ -1020,25 +1246,42 @@ impl State {
     // ---- health ----------------------------------------------------------------------
 
     fn on_tick(&mut self, now: Instant) {
-        let acked = self.stats.records_acked.load(std::sync::atomic::Ordering::Relaxed);
-        let in_flight = self.stats.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+        let acked = self
+            .stats
+            .records_acked
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let in_flight = self
+            .stats
+            .in_flight
+            .load(std::sync::atomic::Ordering::Relaxed);
         let lag = self.stats.lag.load(std::sync::atomic::Ordering::Relaxed) + in_flight;
         if acked != self.health.last_acked || lag == 0 {
             self.health.last_acked = acked;
             self.health.last_progress_at = now;
             self.health.lag_at_progress = lag;
         }
-        let stalled = now.duration_since(self.health.last_progress_at) >= self.settings.health.stall_window;
+        let stalled =
+            now.duration_since(self.health.last_progress_at) >= self.settings.health.stall_window;
         let growing = lag > self.health.lag_at_progress || in_flight > 0;
-        let health = if stalled && growing { Health::Unhealthy } else { Health::Healthy };
+        let health = if stalled && growing {
+            Health::Unhealthy
+        } else {
+            Health::Healthy
+        };
         if health != self.stats.health() && self.stats.health() != Health::Stopped {
             match health {
-                Health::Unhealthy => tracing::warn!(pipeline = %self.name, lag, stalled_for = ?now.duration_since(self.health.last_progress_at), "unhealthy: lag grows and nothing is acknowledged"),
-                _ => tracing::info!(pipeline = %self.name, "healthy again: records are being acknowledged"),
+                Health::Unhealthy => {
+                    tracing::warn!(pipeline = %self.name, lag, stalled_for = ?now.duration_since(self.health.last_progress_at), "unhealthy: lag grows and nothing is acknowledged")
+                }
+                _ => {
+                    tracing::info!(pipeline = %self.name, "healthy again: records are being acknowledged")
+                }
             }
             self.stats.set_health(health);
         }
-        self.metrics.healthy.set(if health == Health::Healthy { 1.0 } else { 0.0 });
+        self.metrics
+            .healthy
+            .set(if health == Health::Healthy { 1.0 } else { 0.0 });
     }
 }
 

@@ -68,7 +68,8 @@ impl RuntimeSettings {
     /// Checks the values; the error names the offending key.
     pub fn validate(&self) -> Result<(), flowgate_core::Error> {
         fn bad(key: &str, why: &str) -> flowgate_core::Error {
-            flowgate_core::Error::config(format!("invalid runtime setting `{key}`: {why}")).with_context("key", key)
+            flowgate_core::Error::config(format!("invalid runtime setting `{key}`: {why}"))
+                .with_context("key", key)
         }
         if self.max_in_flight_per_partition == 0 {
             return Err(bad("max_in_flight_per_partition", "must be at least 1"));
@@ -96,7 +97,10 @@ impl RuntimeSettings {
             return Err(bad("commit.every_records", "must be at least 1"));
         }
         if self.retry.max_attempts == 0 {
-            return Err(bad("retry.max_attempts", "must be at least 1 (1 = no retry)"));
+            return Err(bad(
+                "retry.max_attempts",
+                "must be at least 1 (1 = no retry)",
+            ));
         }
         Ok(())
     }
@@ -131,7 +135,11 @@ pub struct BatchSettings {
 
 impl Default for BatchSettings {
     fn default() -> Self {
-        BatchSettings { max_records: 500, max_bytes: 1024 * 1024, linger: Duration::from_millis(5) }
+        BatchSettings {
+            max_records: 500,
+            max_bytes: 1024 * 1024,
+            linger: Duration::from_millis(5),
+        }
     }
 }
 
@@ -252,7 +260,10 @@ pub struct CommitSettings {
 
 impl Default for CommitSettings {
     fn default() -> Self {
-        CommitSettings { every_records: 1000, every: Duration::from_secs(5) }
+        CommitSettings {
+            every_records: 1000,
+            every: Duration::from_secs(5),
+        }
     }
 }
 
@@ -268,7 +279,9 @@ pub struct HealthSettings {
 
 impl Default for HealthSettings {
     fn default() -> Self {
-        HealthSettings { stall_window: Duration::from_secs(30) }
+        HealthSettings {
+            stall_window: Duration::from_secs(30),
+        }
     }
 }
 

@@ -31,7 +31,10 @@ impl Shutdown {
             #[cfg(unix)]
             {
                 use tokio::signal::unix::{SignalKind, signal};
-                match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+                match (
+                    signal(SignalKind::interrupt()),
+                    signal(SignalKind::terminate()),
+                ) {
                     (Ok(mut int), Ok(mut term)) => {
                         tokio::select! {
                             _ = int.recv() => tracing::info!("SIGINT received: draining"),

@@ -4,13 +4,14 @@
 //! [`Stats`] is the in-process view used by the status line, the CLI and tests.
 
 use std::fmt;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Health of a pipeline: *progress*, not mere liveness.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Health {
     /// Not running yet.
+    #[default]
     Starting,
     /// Acknowledging records, or nothing to do.
     Healthy,
@@ -118,12 +119,6 @@ pub struct StatsSnapshot {
     pub health: Health,
 }
 
-impl Default for Health {
-    fn default() -> Self {
-        Health::Starting
-    }
-}
-
 impl Stats {
     /// Current values.
     pub fn snapshot(&self) -> StatsSnapshot {
@@ -190,7 +185,17 @@ impl fmt::Display for RunSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = &self.stats;
         let secs = self.elapsed.as_secs_f64().max(1e-9);
-        writeln!(f, "pipeline {} ran {:.1}s{}", self.pipeline, secs, if self.drained { "" } else { " (drain timed out)" })?;
+        writeln!(
+            f,
+            "pipeline {} ran {:.1}s{}",
+            self.pipeline,
+            secs,
+            if self.drained {
+                ""
+            } else {
+                " (drain timed out)"
+            }
+        )?;
         writeln!(
             f,
             "  in {} ({:.0}/s), out {} ({:.0}/s), dead-lettered {}, shed {}, dedup hits {}",
@@ -212,8 +217,20 @@ impl fmt::Display for RunSummary {
             s.peak_buffer_bytes / 1024,
             s.peak_partition_in_flight
         )?;
-        let mut cps: Vec<_> = self.checkpoints.iter().map(|c| format!("{}@{}", c.partition, c.position)).collect();
+        let mut cps: Vec<_> = self
+            .checkpoints
+            .iter()
+            .map(|c| format!("{}@{}", c.partition, c.position))
+            .collect();
         cps.sort();
-        write!(f, "  checkpoints: {}", if cps.is_empty() { "none".to_string() } else { cps.join(", ") })
+        write!(
+            f,
+            "  checkpoints: {}",
+            if cps.is_empty() {
+                "none".to_string()
+            } else {
+                cps.join(", ")
+            }
+        )
     }
 }

@@ -32,20 +32,28 @@ struct Slot {
 impl AckTracker {
     /// A tracker whose first record will get `seq == first_seq`.
     pub(crate) fn new(first_seq: u64) -> Self {
-        AckTracker { base: first_seq, ..Default::default() }
+        AckTracker {
+            base: first_seq,
+            ..Default::default()
+        }
     }
 
     /// Registers the next delivered record; returns its seq.
     pub(crate) fn push(&mut self, position: Position) -> u64 {
         let seq = self.base + self.slots.len() as u64;
-        self.slots.push_back(Slot { position, acked: false });
+        self.slots.push_back(Slot {
+            position,
+            acked: false,
+        });
         seq
     }
 
     /// Acknowledges one record. Unknown or already settled seqs are ignored (a late ack from a
     /// previous incarnation never moves the watermark).
     pub(crate) fn ack(&mut self, seq: u64) {
-        let Some(idx) = seq.checked_sub(self.base) else { return };
+        let Some(idx) = seq.checked_sub(self.base) else {
+            return;
+        };
         if let Some(slot) = self.slots.get_mut(idx as usize) {
             slot.acked = true;
         }

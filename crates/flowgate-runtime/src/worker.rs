@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use flowgate_core::{DedupStore, Error, ErrorKind, IdempotencyKey, PartitionId, Record, Sink, TxContext, WriteError};
+use flowgate_core::{
+    DedupStore, Error, ErrorKind, IdempotencyKey, PartitionId, Record, Sink, TxContext, WriteError,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
@@ -19,7 +21,8 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// An async record transform: `Ok(Some(r))` passes `r` on, `Ok(None)` filters the record out
 /// (it is acknowledged), `Err` with kind `Poison` dead-letters it, temporary errors are
 /// retried, other errors stop the pipeline.
-pub type TransformFn = Arc<dyn Fn(Record) -> BoxFuture<Result<Option<Record>, Error>> + Send + Sync>;
+pub type TransformFn =
+    Arc<dyn Fn(Record) -> BoxFuture<Result<Option<Record>, Error>> + Send + Sync>;
 
 /// What every worker shares.
 pub(crate) struct Shared {
@@ -52,7 +55,11 @@ pub(crate) struct Batch {
 pub(crate) enum WorkerEvent {
     /// The sink confirmed the batch; the lane may send its next batch (the batch itself is
     /// acknowledged later, once its dedup marks are durable).
-    LaneFree { partition: PartitionId, incarnation: u64, lane: usize },
+    LaneFree {
+        partition: PartitionId,
+        incarnation: u64,
+        lane: usize,
+    },
     /// The batch is settled (or failed fatally).
     Done(Completion),
 }
@@ -94,13 +101,19 @@ pub(crate) async fn marker_task(
         let keys: Vec<IdempotencyKey> = reqs.iter().flat_map(|r| r.keys.iter().cloned()).collect();
         let res = retry_temporary(&retry, "dedup mark", || store.mark(&pipeline, &keys, ttl)).await;
         for r in reqs {
-            let _ = r.done.send(res.as_ref().map(|_| ()).map_err(Error::duplicate));
+            let _ = r
+                .done
+                .send(res.as_ref().map(|_| ()).map_err(Error::duplicate));
         }
     }
 }
 
 /// Retries an operation while it fails with a temporary error, with the runtime's backoff.
-pub(crate) async fn retry_temporary<T, F, Fut>(retry: &RetrySettings, what: &'static str, mut op: F) -> Result<T, Error>
+pub(crate) async fn retry_temporary<T, F, Fut>(
+    retry: &RetrySettings,
+    what: &'static str,
+    mut op: F,
+) -> Result<T, Error>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Error>>,
@@ -115,7 +128,9 @@ where
                     tracing::warn!(error = %e, delay = ?d, "{what} failed, retrying");
                     tokio::time::sleep(e.retry_after().map_or(d, |r| r.max(d))).await;
                 }
-                _ => return Err(e.with_context("gave_up_after", format!("{:?}", started.elapsed()))),
+                _ => {
+                    return Err(e.with_context("gave_up_after", format!("{:?}", started.elapsed())));
+                }
             },
             Err(e) => return Err(e),
         }
@@ -150,7 +165,9 @@ impl Drop for Guard {
                 latency: Duration::ZERO,
                 throttled: false,
                 rejects: Vec::new(),
-                result: Err(Error::fatal("a sink worker panicked; see the log for the panic message")),
+                result: Err(Error::fatal(
+                    "a sink worker panicked; see the log for the panic message",
+                )),
             }));
         }
     }
@@ -158,8 +175,18 @@ impl Drop for Guard {
 
 /// Runs one batch to completion and reports it.
 pub(crate) async fn run(shared: Arc<Shared>, batch: Batch) {
-    let Batch { partition, incarnation, lane, seqs, records, bytes } = batch;
-    let mut guard = Guard { shared: shared.clone(), info: Some((partition.clone(), incarnation, lane, Vec::new(), bytes)) };
+    let Batch {
+        partition,
+        incarnation,
+        lane,
+        seqs,
+        records,
+        bytes,
+    } = batch;
+    let mut guard = Guard {
+        shared: shared.clone(),
+        info: Some((partition.clone(), incarnation, lane, Vec::new(), bytes)),
+    };
     let started = Instant::now();
     let mut out = Outcome::default();
     let result = process(&shared, &partition, incarnation, lane, records, &mut out).await;
@@ -195,12 +222,23 @@ async fn process(
 ) -> Result<(), Error> {
     // 1. Check before sink: skip records already applied.
     if let Some(store) = &shared.dedup {
-        let keyed: Vec<(usize, IdempotencyKey)> =
-            records.iter().enumerate().filter_map(|(i, r)| r.idempotency_key.clone().map(|k| (i, k))).collect();
+        let keyed: Vec<(usize, IdempotencyKey)> = records
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.idempotency_key.clone().map(|k| (i, k)))
+            .collect();
         if !keyed.is_empty() {
             let keys: Vec<IdempotencyKey> = keyed.iter().map(|(_, k)| k.clone()).collect();
-            let seen = retry_temporary(&shared.retry, "dedup check", || store.seen(&shared.pipeline, &keys)).await?;
-            let skip: Vec<usize> = keyed.iter().zip(seen).filter(|(_, s)| *s).map(|((i, _), _)| *i).collect();
+            let seen = retry_temporary(&shared.retry, "dedup check", || {
+                store.seen(&shared.pipeline, &keys)
+            })
+            .await?;
+            let skip: Vec<usize> = keyed
+                .iter()
+                .zip(seen)
+                .filter(|(_, s)| *s)
+                .map(|((i, _), _)| *i)
+                .collect();
             if !skip.is_empty() {
                 Stats::add(&shared.stats.dedup_hits, skip.len() as u64);
                 shared.metrics.dedup_hits.increment(skip.len() as u64);
@@ -225,7 +263,11 @@ async fn process(
                 Ok(Some(r)) => transformed.push(r),
                 Ok(None) => {}
                 Err(e) if e.kind() == ErrorKind::Poison => dead.push((original, e)),
-                Err(e) => return Err(e.with_context("partition", partition).with_context("position", &original.position)),
+                Err(e) => {
+                    return Err(e
+                        .with_context("partition", partition)
+                        .with_context("position", &original.position));
+                }
             }
         }
         records = transformed;
@@ -233,7 +275,8 @@ async fn process(
 
     // 3. Write, retrying what failed temporarily.
     let sink_started = SystemTime::now();
-    let outcome = write_with_retry(shared, &*shared.sink, records, shared.transactional, out).await?;
+    let outcome =
+        write_with_retry(shared, &*shared.sink, records, shared.transactional, out).await?;
     dead.extend(outcome.dead);
     let mut marks = outcome.marks;
     Stats::add(&shared.stats.records_out, outcome.written as u64);
@@ -252,12 +295,17 @@ async fn process(
         }
         if let Some(dl) = &shared.dead_letter {
             marks.extend(dead.iter().filter_map(|(r, _)| r.idempotency_key.clone()));
-            let letters: Vec<Record> = dead.into_iter().map(|(r, e)| dead_letter_record(r, &e)).collect();
+            let letters: Vec<Record> = dead
+                .into_iter()
+                .map(|(r, e)| dead_letter_record(r, &e))
+                .collect();
             let res = write_with_retry(shared, &**dl, letters, false, out).await?;
             if let Some((_, e)) = res.dead.into_iter().next() {
                 return Err(Error::fatal("the dead-letter sink refused a record")
                     .with_context("error", e)
-                    .with_hint("check the dead-letter destination; the record is not acknowledged"));
+                    .with_hint(
+                        "check the dead-letter destination; the record is not acknowledged",
+                    ));
             }
         } else if shared.native_dead_letter {
             out.rejects = dead;
@@ -276,13 +324,21 @@ async fn process(
     // 5. Mark after confirm (transactional sinks marked in their own transaction).
     if let Some(marker) = &shared.marker {
         if !marks.is_empty() {
-            let _ = shared.events.send(WorkerEvent::LaneFree { partition: partition.clone(), incarnation, lane });
+            let _ = shared.events.send(WorkerEvent::LaneFree {
+                partition: partition.clone(),
+                incarnation,
+                lane,
+            });
             out.lane_released = true;
             let (tx, rx) = oneshot::channel();
             marker
-                .send(MarkRequest { keys: marks, done: tx })
+                .send(MarkRequest {
+                    keys: marks,
+                    done: tx,
+                })
                 .map_err(|_| Error::fatal("the dedup marker stopped"))?;
-            rx.await.map_err(|_| Error::fatal("the dedup marker stopped"))??;
+            rx.await
+                .map_err(|_| Error::fatal("the dedup marker stopped"))??;
         }
     }
     Ok(())
@@ -314,8 +370,15 @@ async fn write_with_retry(
     let started = Instant::now();
     while !pending.is_empty() {
         let attempt = if transactional {
-            let marks: Vec<IdempotencyKey> = pending.iter().filter_map(|r| r.idempotency_key.clone()).collect();
-            let tx = TxContext { pipeline: &shared.pipeline, dedup_marks: &marks, dedup_ttl: shared.dedup_ttl };
+            let marks: Vec<IdempotencyKey> = pending
+                .iter()
+                .filter_map(|r| r.idempotency_key.clone())
+                .collect();
+            let tx = TxContext {
+                pipeline: &shared.pipeline,
+                dedup_marks: &marks,
+                dedup_ttl: shared.dedup_ttl,
+            };
             sink.write_transactional(&pending, &tx).await
         } else {
             sink.write(&pending).await
@@ -384,11 +447,16 @@ async fn write_with_retry(
                 tokio::time::sleep(d).await;
             }
             _ => {
-                let gave_up = format!("{} attempts over {:?}", shared.retry.max_attempts, started.elapsed());
+                let gave_up = format!(
+                    "{} attempts over {:?}",
+                    shared.retry.max_attempts,
+                    started.elapsed()
+                );
                 match shared.retry.on_exhausted {
                     ExhaustedPolicy::DeadLetter => {
                         for r in pending.drain(..) {
-                            res.dead.push((r, err.duplicate().with_context("gave_up_after", &gave_up)));
+                            res.dead
+                                .push((r, err.duplicate().with_context("gave_up_after", &gave_up)));
                         }
                     }
                     ExhaustedPolicy::Stop => {

@@ -1,4 +1,5 @@
 //! The in-process adapters pass the core conformance suite.
+#![allow(clippy::unwrap_used)]
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -6,7 +7,9 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use flowgate_core::testkit::{sink::SinkHarness, source::SourceHarness};
 use flowgate_core::{Error, PartitionId, Position, Record};
-use flowgate_runtime::adapters::{GeneratorConfig, GeneratorSource, JsonLinesConfig, JsonLinesSink, MemorySink, MemorySource};
+use flowgate_runtime::adapters::{
+    GeneratorConfig, GeneratorSource, JsonLinesConfig, JsonLinesSink, MemorySink, MemorySource,
+};
 
 struct GenHarness(Mutex<u64>);
 
@@ -19,7 +22,11 @@ impl SourceHarness for GenHarness {
     }
     async fn open_source(&self) -> Result<GeneratorSource, Error> {
         let n = *self.0.lock().unwrap();
-        GeneratorSource::new(GeneratorConfig { partitions: 3, records_per_partition: Some(n), ..Default::default() })
+        GeneratorSource::new(GeneratorConfig {
+            partitions: 3,
+            records_per_partition: Some(n),
+            ..Default::default()
+        })
     }
 }
 
@@ -39,7 +46,11 @@ impl SourceHarness for MemHarness {
         for p in &parts {
             for i in 0..per_partition as u64 {
                 // Sparse positions, like Kinesis sequence numbers.
-                records.push(Record::new(p.clone(), Position::from(1000 + i * 7), format!("{p}-{i}")));
+                records.push(Record::new(
+                    p.clone(),
+                    Position::from(1000 + i * 7),
+                    format!("{p}-{i}"),
+                ));
             }
         }
         *self.0.lock().unwrap() = records;
@@ -85,7 +96,11 @@ impl JsonlHarness {
 impl SinkHarness for JsonlHarness {
     type Sink = JsonLinesSink;
     async fn open_sink(&self) -> Result<JsonLinesSink, Error> {
-        JsonLinesSink::open(JsonLinesConfig { path: self.path(), fsync: false }).await
+        JsonLinesSink::open(JsonLinesConfig {
+            path: self.path(),
+            fsync: false,
+        })
+        .await
     }
     async fn read_back(&self) -> Result<Vec<Record>, Error> {
         JsonLinesSink::read(&self.path())

@@ -1,36 +1,75 @@
 //! Dedup: check before sink, mark after confirm, marks always before the checkpoint.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use flowgate_core::{IdempotencyKey, PartitionId, Position};
-use flowgate_runtime::adapters::{FaultConfig, FaultInjectingSink, GeneratorConfig, GeneratorSource, MemorySink};
-use flowgate_runtime::{BatchSettings, CommitSettings, ConcurrencySettings, KeyExtractor, Ordering, Pipeline, RuntimeSettings, Shutdown};
+use flowgate_runtime::adapters::{
+    FaultConfig, FaultInjectingSink, GeneratorConfig, GeneratorSource, MemorySink,
+};
+use flowgate_runtime::{
+    BatchSettings, CommitSettings, ConcurrencySettings, KeyExtractor, Ordering, Pipeline,
+    RuntimeSettings, Shutdown,
+};
 use proptest::prelude::*;
 
 mod common;
 use common::{MemoryStore, Op};
 
-fn run_pipeline(seed: u64, latency_ms: u64, mark_delay_ms: u64, ordering: Ordering, commit_every: u64) -> Arc<MemoryStore> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+fn run_pipeline(
+    seed: u64,
+    latency_ms: u64,
+    mark_delay_ms: u64,
+    ordering: Ordering,
+    commit_every: u64,
+) -> Arc<MemoryStore> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async move {
-        let store = Arc::new(MemoryStore::with_mark_delay(Duration::from_millis(mark_delay_ms)));
+        let store = Arc::new(MemoryStore::with_mark_delay(Duration::from_millis(
+            mark_delay_ms,
+        )));
         let sink = FaultInjectingSink::new(
             MemorySink::new(),
-            FaultConfig { latency: Duration::from_millis(latency_ms), transient_failure_rate: 0.1, seed, ..Default::default() },
+            FaultConfig {
+                latency: Duration::from_millis(latency_ms),
+                transient_failure_rate: 0.1,
+                seed,
+                ..Default::default()
+            },
         );
         let mut settings = RuntimeSettings {
             ordering,
-            batch: BatchSettings { max_records: 1 + (seed % 40) as usize, ..Default::default() },
-            concurrency: ConcurrencySettings { initial: 1 + (seed % 8) as usize, ..Default::default() },
-            commit: CommitSettings { every_records: commit_every, every: Duration::from_millis(20) },
+            batch: BatchSettings {
+                max_records: 1 + (seed % 40) as usize,
+                ..Default::default()
+            },
+            concurrency: ConcurrencySettings {
+                initial: 1 + (seed % 8) as usize,
+                ..Default::default()
+            },
+            commit: CommitSettings {
+                every_records: commit_every,
+                every: Duration::from_millis(20),
+            },
             ..Default::default()
         };
         settings.retry.initial_backoff = Duration::from_millis(1);
         settings.retry.max_backoff = Duration::from_millis(5);
         Pipeline::builder("dedup-order")
-            .source(GeneratorSource::new(GeneratorConfig { partitions: 3, records_per_partition: Some(400), ..Default::default() }).expect("gen"))
+            .source(
+                GeneratorSource::new(GeneratorConfig {
+                    partitions: 3,
+                    records_per_partition: Some(400),
+                    ..Default::default()
+                })
+                .expect("gen"),
+            )
             .sink(sink)
             .checkpoint_store(store.clone())
             .dedup(store.clone(), KeyExtractor::SourcePosition)
@@ -93,7 +132,14 @@ async fn replay_skips_records_already_applied() {
     let sink = MemorySink::new();
     for run in 0..2 {
         let summary = Pipeline::builder("replay")
-            .source(GeneratorSource::new(GeneratorConfig { partitions: 2, records_per_partition: Some(1_000), ..Default::default() }).unwrap())
+            .source(
+                GeneratorSource::new(GeneratorConfig {
+                    partitions: 2,
+                    records_per_partition: Some(1_000),
+                    ..Default::default()
+                })
+                .unwrap(),
+            )
             .sink(sink.clone())
             .dedup(store.clone(), KeyExtractor::SourcePosition)
             .build()
@@ -102,7 +148,10 @@ async fn replay_skips_records_already_applied() {
             .await
             .unwrap();
         if run == 1 {
-            assert_eq!(summary.stats.dedup_hits, 2_000, "the replay is entirely skipped");
+            assert_eq!(
+                summary.stats.dedup_hits, 2_000,
+                "the replay is entirely skipped"
+            );
             assert_eq!(summary.stats.records_out, 0);
         }
     }

@@ -1,5 +1,6 @@
 //! Runtime behaviour: backpressure, overflow policies, dead letters, retries, throttling,
 //! shutdown, health, ordering and revocation.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -8,26 +9,38 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use flowgate_core::{
-    Assignment, Checkpoint, CheckpointStore, Credits, Error, ErrorKind, PartitionId, Position, Record, Revocation,
-    RevocationWaiter, Source, SourceCapabilities, SourceContext, SourceEvent, StartPosition, headers,
+    Assignment, Checkpoint, CheckpointStore, Credits, Error, ErrorKind, PartitionId, Position,
+    Record, Revocation, RevocationWaiter, Source, SourceCapabilities, SourceContext, SourceEvent,
+    StartPosition, headers,
 };
-use flowgate_runtime::adapters::{FaultConfig, FaultInjectingSink, GeneratorConfig, GeneratorSource, MemorySink, MemorySource, NullSink};
+use flowgate_runtime::adapters::{
+    FaultConfig, FaultInjectingSink, GeneratorConfig, GeneratorSource, MemorySink, MemorySource,
+    NullSink,
+};
 use flowgate_runtime::{
-    BatchSettings, ConcurrencySettings, Health, Ordering, OverflowPolicy, Pipeline, RuntimeSettings, Shutdown,
+    BatchSettings, ConcurrencySettings, Health, Ordering, OverflowPolicy, Pipeline,
+    RuntimeSettings, Shutdown,
 };
 
 mod common;
 use common::MemoryStore;
 
 fn generator(partitions: u32, per_partition: u64, rate: Option<f64>) -> GeneratorSource {
-    GeneratorSource::new(GeneratorConfig { partitions, records_per_partition: Some(per_partition), rate, ..Default::default() })
-        .expect("valid generator")
+    GeneratorSource::new(GeneratorConfig {
+        partitions,
+        records_per_partition: Some(per_partition),
+        rate,
+        ..Default::default()
+    })
+    .expect("valid generator")
 }
 
 fn by_partition(records: &[Record]) -> BTreeMap<PartitionId, Vec<u64>> {
     let mut m: BTreeMap<PartitionId, Vec<u64>> = BTreeMap::new();
     for r in records {
-        m.entry(r.partition.clone()).or_default().push(r.position.as_u64().expect("u64"));
+        m.entry(r.partition.clone())
+            .or_default()
+            .push(r.position.as_u64().expect("u64"));
     }
     m
 }
@@ -40,11 +53,20 @@ async fn slow_sink_is_bounded_by_credit_and_byte_budget() {
     let budget = 64 * 1024;
     let sink = MemorySink::new();
     // Sink: 2,000 records/s whatever the concurrency; generator: 20,000 records/s.
-    let slow = FaultInjectingSink::new(sink.clone(), FaultConfig { capacity_per_sec: Some(2_000.0), ..Default::default() });
+    let slow = FaultInjectingSink::new(
+        sink.clone(),
+        FaultConfig {
+            capacity_per_sec: Some(2_000.0),
+            ..Default::default()
+        },
+    );
     let settings = RuntimeSettings {
         max_in_flight_per_partition: limit,
         max_buffer_bytes: budget,
-        batch: BatchSettings { max_records: 50, ..Default::default() },
+        batch: BatchSettings {
+            max_records: 50,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let per_partition = 1_500;
@@ -58,8 +80,14 @@ async fn slow_sink_is_bounded_by_credit_and_byte_budget() {
     let summary = pipeline.run(Shutdown::never()).await.unwrap();
     let s = stats.snapshot();
     assert_eq!(s.records_out, 2 * per_partition, "no record lost");
-    assert!(s.peak_partition_in_flight <= limit as u64, "credit exceeded: {} > {limit}", s.peak_partition_in_flight);
-    let record_size = Record::new(PartitionId::new("gen-0"), Position::ZERO, vec![0u8; 100]).with_key("key-000000").byte_size() as u64;
+    assert!(
+        s.peak_partition_in_flight <= limit as u64,
+        "credit exceeded: {} > {limit}",
+        s.peak_partition_in_flight
+    );
+    let record_size = Record::new(PartitionId::new("gen-0"), Position::ZERO, vec![0u8; 100])
+        .with_key("key-000000")
+        .byte_size() as u64;
     assert!(
         s.peak_buffer_bytes <= budget as u64 + 1024 * record_size,
         "byte budget exceeded by more than one source batch: {} > {budget}",
@@ -68,17 +96,32 @@ async fn slow_sink_is_bounded_by_credit_and_byte_budget() {
     assert!(s.lag > 0 || summary.stats.records_in > 0);
     let got = by_partition(&sink.records());
     for (p, positions) in got {
-        assert_eq!(positions, (0..per_partition).collect::<Vec<_>>(), "partition {p} in order, complete");
+        assert_eq!(
+            positions,
+            (0..per_partition).collect::<Vec<_>>(),
+            "partition {p} in order, complete"
+        );
     }
 }
 
-async fn run_with_policy(policy: OverflowPolicy) -> (Result<flowgate_runtime::RunSummary, Error>, MemorySink) {
+async fn run_with_policy(
+    policy: OverflowPolicy,
+) -> (Result<flowgate_runtime::RunSummary, Error>, MemorySink) {
     let sink = MemorySink::new();
-    let slow = FaultInjectingSink::new(sink.clone(), FaultConfig { capacity_per_sec: Some(5_000.0), ..Default::default() });
+    let slow = FaultInjectingSink::new(
+        sink.clone(),
+        FaultConfig {
+            capacity_per_sec: Some(5_000.0),
+            ..Default::default()
+        },
+    );
     let settings = RuntimeSettings {
         max_in_flight_per_partition: 100,
         overflow: policy,
-        batch: BatchSettings { max_records: 20, ..Default::default() },
+        batch: BatchSettings {
+            max_records: 20,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let res = Pipeline::builder(format!("overflow-{policy:?}"))
@@ -100,15 +143,29 @@ async fn shed_policies_count_exactly_what_they_shed() {
         let (res, sink) = run_with_policy(policy).await;
         let summary = res.unwrap();
         let written = sink.len() as u64;
-        assert!(summary.stats.shed > 0, "{policy:?}: the sink is slower than the source, something must be shed");
+        assert!(
+            summary.stats.shed > 0,
+            "{policy:?}: the sink is slower than the source, something must be shed"
+        );
         assert_eq!(summary.stats.records_out, written);
-        assert_eq!(written + summary.stats.shed, 4_000, "{policy:?}: written + shed = generated");
+        assert_eq!(
+            written + summary.stats.shed,
+            4_000,
+            "{policy:?}: written + shed = generated"
+        );
         for c in &summary.checkpoints {
-            assert_eq!(c.position, Position::from(1_999), "{policy:?}: shed records are acknowledged");
+            assert_eq!(
+                c.position,
+                Position::from(1_999),
+                "{policy:?}: shed records are acknowledged"
+            );
         }
         // Positions written are unique and ordered per partition.
         for (p, pos) in by_partition(&sink.records()) {
-            assert!(pos.windows(2).all(|w| w[0] < w[1]), "{policy:?} {p}: order kept");
+            assert!(
+                pos.windows(2).all(|w| w[0] < w[1]),
+                "{policy:?} {p}: order kept"
+            );
         }
         if policy == OverflowPolicy::ShedNewest {
             // Newest are dropped: the first records of each partition were written.
@@ -131,8 +188,16 @@ fn records_with_poison(partitions: usize, per_partition: u64, poison_at: u64) ->
     let mut v = Vec::new();
     for p in 0..partitions {
         for i in 0..per_partition {
-            let payload = if i == poison_at && p == 0 { "POISON: not json".to_string() } else { format!("{{\"n\":{i}}}") };
-            v.push(Record::new(PartitionId::new(format!("q-{p}")), Position::from(i), payload));
+            let payload = if i == poison_at && p == 0 {
+                "POISON: not json".to_string()
+            } else {
+                format!("{{\"n\":{i}}}")
+            };
+            v.push(Record::new(
+                PartitionId::new(format!("q-{p}")),
+                Position::from(i),
+                payload,
+            ));
         }
     }
     v
@@ -145,7 +210,13 @@ async fn poison_record_is_dead_lettered_and_the_partition_keeps_flowing() {
     let sink = MemorySink::new();
     let dlq = MemorySink::new();
     let store = Arc::new(MemoryStore::new());
-    let faulty = FaultInjectingSink::new(sink.clone(), FaultConfig { poison_prefix: Some("POISON".into()), ..Default::default() });
+    let faulty = FaultInjectingSink::new(
+        sink.clone(),
+        FaultConfig {
+            poison_prefix: Some("POISON".into()),
+            ..Default::default()
+        },
+    );
     let summary = Pipeline::builder("poison")
         .source(MemorySource::new(records_with_poison(2, 1_000, 500)))
         .sink(faulty)
@@ -162,11 +233,22 @@ async fn poison_record_is_dead_lettered_and_the_partition_keeps_flowing() {
     assert_eq!(letters.len(), 1);
     let l = &letters[0];
     assert_eq!(l.position, Position::from(500));
-    assert_eq!(l.headers.get(headers::ERROR_KIND).map(|b| &b[..]), Some(&b"poison"[..]));
-    assert!(String::from_utf8_lossy(l.headers.get(headers::ERROR).unwrap()).contains("injected poison"));
-    assert_eq!(l.headers.get(headers::SOURCE_PARTITION).map(|b| &b[..]), Some(&b"q-0"[..]));
+    assert_eq!(
+        l.headers.get(headers::ERROR_KIND).map(|b| &b[..]),
+        Some(&b"poison"[..])
+    );
+    assert!(
+        String::from_utf8_lossy(l.headers.get(headers::ERROR).unwrap()).contains("injected poison")
+    );
+    assert_eq!(
+        l.headers.get(headers::SOURCE_PARTITION).map(|b| &b[..]),
+        Some(&b"q-0"[..])
+    );
     let cps = store.load("poison").await.unwrap();
-    assert!(cps.iter().all(|c| c.position == Position::from(999)), "{cps:?}");
+    assert!(
+        cps.iter().all(|c| c.position == Position::from(999)),
+        "{cps:?}"
+    );
 }
 
 /// Without a dead-letter destination a poison record stops the pipeline with an error that
@@ -174,7 +256,13 @@ async fn poison_record_is_dead_lettered_and_the_partition_keeps_flowing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_without_dead_letter_destination_is_a_clear_error() {
     let store = Arc::new(MemoryStore::new());
-    let faulty = FaultInjectingSink::new(MemorySink::new(), FaultConfig { poison_prefix: Some("POISON".into()), ..Default::default() });
+    let faulty = FaultInjectingSink::new(
+        MemorySink::new(),
+        FaultConfig {
+            poison_prefix: Some("POISON".into()),
+            ..Default::default()
+        },
+    );
     let err = Pipeline::builder("poison-nodlq")
         .source(MemorySource::new(records_with_poison(1, 1_000, 500)))
         .sink(faulty)
@@ -186,14 +274,24 @@ async fn poison_without_dead_letter_destination_is_a_clear_error() {
         .expect_err("must stop");
     assert!(err.to_string().contains("dead-letter"), "{err}");
     let cps = store.load("poison-nodlq").await.unwrap();
-    assert!(cps.iter().all(|c| c.position < Position::from(500)), "poison position never committed: {cps:?}");
+    assert!(
+        cps.iter().all(|c| c.position < Position::from(500)),
+        "poison position never committed: {cps:?}"
+    );
 }
 
 /// Transient failures are retried (counted, bounded) and nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_failures_are_retried() {
     let sink = MemorySink::new();
-    let faulty = FaultInjectingSink::new(sink.clone(), FaultConfig { transient_failure_rate: 0.3, seed: 7, ..Default::default() });
+    let faulty = FaultInjectingSink::new(
+        sink.clone(),
+        FaultConfig {
+            transient_failure_rate: 0.3,
+            seed: 7,
+            ..Default::default()
+        },
+    );
     let mut settings = RuntimeSettings::default();
     settings.retry.initial_backoff = Duration::from_millis(1);
     settings.retry.max_backoff = Duration::from_millis(20);
@@ -217,7 +315,13 @@ async fn transient_failures_are_retried() {
 /// budget, naming the cause, with nothing committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_budget_is_bounded() {
-    let faulty = FaultInjectingSink::new(MemorySink::new(), FaultConfig { transient_failure_rate: 1.0, ..Default::default() });
+    let faulty = FaultInjectingSink::new(
+        MemorySink::new(),
+        FaultConfig {
+            transient_failure_rate: 1.0,
+            ..Default::default()
+        },
+    );
     let mut settings = RuntimeSettings::default();
     settings.retry.initial_backoff = Duration::from_millis(1);
     settings.retry.max_backoff = Duration::from_millis(5);
@@ -231,9 +335,18 @@ async fn retry_budget_is_bounded() {
         .build()
         .unwrap();
     let stats = pipeline.stats();
-    let err = pipeline.run(Shutdown::never()).await.expect_err("must give up");
-    assert!(err.to_string().contains("injected transient failure"), "{err}");
-    assert!(err.to_string().contains("gave_up_after=5 attempts"), "{err}");
+    let err = pipeline
+        .run(Shutdown::never())
+        .await
+        .expect_err("must give up");
+    assert!(
+        err.to_string().contains("injected transient failure"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("gave_up_after=5 attempts"),
+        "{err}"
+    );
     assert_eq!(stats.snapshot().retries, 4, "5 attempts = 4 retries");
     assert!(store.load("always-fails").await.unwrap().is_empty());
 }
@@ -244,25 +357,49 @@ async fn throttling_lowers_concurrency_and_is_counted() {
     let sink = MemorySink::new();
     let faulty = FaultInjectingSink::new(
         sink.clone(),
-        FaultConfig { throttle_above_per_sec: Some(4_000.0), latency: Duration::from_millis(2), ..Default::default() },
+        FaultConfig {
+            throttle_above_per_sec: Some(4_000.0),
+            latency: Duration::from_millis(2),
+            ..Default::default()
+        },
     );
     let settings = RuntimeSettings {
-        concurrency: ConcurrencySettings { initial: 16, max: 32, ..Default::default() },
-        batch: BatchSettings { max_records: 100, ..Default::default() },
+        concurrency: ConcurrencySettings {
+            initial: 16,
+            max: 32,
+            ..Default::default()
+        },
+        batch: BatchSettings {
+            max_records: 100,
+            ..Default::default()
+        },
         ..Default::default()
     };
-    let pipeline = Pipeline::builder("throttled").source(generator(4, 2_000, None)).sink(faulty).settings(settings).build().unwrap();
+    let pipeline = Pipeline::builder("throttled")
+        .source(generator(4, 2_000, None))
+        .sink(faulty)
+        .settings(settings)
+        .build()
+        .unwrap();
     let stats = pipeline.stats();
     let started = Instant::now();
     let summary = pipeline.run(Shutdown::never()).await.unwrap();
     let s = summary.stats;
     assert_eq!(sink.len(), 8_000);
     assert!(s.throttles > 0, "throttles must be counted");
-    assert!(stats.snapshot().concurrency < 16, "concurrency must drop under throttling: {}", s.concurrency);
+    assert!(
+        stats.snapshot().concurrency < 16,
+        "concurrency must drop under throttling: {}",
+        s.concurrency
+    );
     // No busy loop: retries are paced by the broker's retry-after, so their number stays
     // within a small multiple of the throttle-limited run time in batches.
     let secs = started.elapsed().as_secs_f64();
-    assert!((s.retries as f64) < secs * 200.0, "{} retries in {secs:.1}s looks like a busy loop", s.retries);
+    assert!(
+        (s.retries as f64) < secs * 200.0,
+        "{} retries in {secs:.1}s looks like a busy loop",
+        s.retries
+    );
 }
 
 /// Shutdown drains in-flight records and writes the final checkpoint: the checkpoint of each
@@ -270,11 +407,24 @@ async fn throttling_lowers_concurrency_and_is_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_and_commits() {
     let sink = MemorySink::new();
-    let slowish = FaultInjectingSink::new(sink.clone(), FaultConfig { latency: Duration::from_millis(5), ..Default::default() });
+    let slowish = FaultInjectingSink::new(
+        sink.clone(),
+        FaultConfig {
+            latency: Duration::from_millis(5),
+            ..Default::default()
+        },
+    );
     let store = Arc::new(MemoryStore::new());
     let (trigger, shutdown) = Shutdown::manual();
     let pipeline = Pipeline::builder("drain")
-        .source(GeneratorSource::new(GeneratorConfig { partitions: 3, rate: Some(30_000.0), ..Default::default() }).unwrap())
+        .source(
+            GeneratorSource::new(GeneratorConfig {
+                partitions: 3,
+                rate: Some(30_000.0),
+                ..Default::default()
+            })
+            .unwrap(),
+        )
         .sink(slowish)
         .checkpoint_store(store.clone())
         .build()
@@ -285,9 +435,19 @@ async fn shutdown_drains_and_commits() {
     let summary = handle.await.unwrap().unwrap();
     assert!(summary.drained);
     assert!(sink.len() > 1_000);
-    let stored: HashMap<PartitionId, Position> = store.load("drain").await.unwrap().into_iter().map(|c| (c.partition, c.position)).collect();
+    let stored: HashMap<PartitionId, Position> = store
+        .load("drain")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.partition, c.position))
+        .collect();
     for (p, pos) in by_partition(&sink.records()) {
-        assert_eq!(stored.get(&p), Some(&Position::from(*pos.last().unwrap())), "{p}: final checkpoint = last written");
+        assert_eq!(
+            stored.get(&p),
+            Some(&Position::from(*pos.last().unwrap())),
+            "{p}: final checkpoint = last written"
+        );
     }
     assert_eq!(summary.stats.in_flight, 0);
 }
@@ -299,12 +459,23 @@ async fn health_reflects_progress() {
     let sink = MemorySink::new();
     let stalling = FaultInjectingSink::new(
         sink.clone(),
-        FaultConfig { stall_after: Some(Duration::from_millis(300)), stall_for: Duration::from_secs(3), ..Default::default() },
+        FaultConfig {
+            stall_after: Some(Duration::from_millis(300)),
+            stall_for: Duration::from_secs(3),
+            ..Default::default()
+        },
     );
     let mut settings = RuntimeSettings::default();
     settings.health.stall_window = Duration::from_millis(800);
     let pipeline = Pipeline::builder("health")
-        .source(GeneratorSource::new(GeneratorConfig { partitions: 2, rate: Some(2_000.0), ..Default::default() }).unwrap())
+        .source(
+            GeneratorSource::new(GeneratorConfig {
+                partitions: 2,
+                rate: Some(2_000.0),
+                ..Default::default()
+            })
+            .unwrap(),
+        )
         .sink(stalling)
         .settings(settings)
         .build()
@@ -324,9 +495,15 @@ async fn health_reflects_progress() {
     trigger.trigger();
     handle.await.unwrap().unwrap();
     assert_eq!(stats.health(), Health::Stopped);
-    let i = seen.iter().position(|h| *h == Health::Unhealthy).unwrap_or_else(|| panic!("never unhealthy: {seen:?}"));
+    let i = seen
+        .iter()
+        .position(|h| *h == Health::Unhealthy)
+        .unwrap_or_else(|| panic!("never unhealthy: {seen:?}"));
     assert!(seen[..i].contains(&Health::Healthy), "{seen:?}");
-    assert!(seen[i..].contains(&Health::Healthy), "healthy again after the stall: {seen:?}");
+    assert!(
+        seen[i..].contains(&Health::Healthy),
+        "healthy again after the stall: {seen:?}"
+    );
 }
 
 /// With unordered processing and random sink latency, acks arrive out of order; the final
@@ -348,8 +525,14 @@ async fn unordered_processing_keeps_the_watermark_contiguous() {
     let store = Arc::new(MemoryStore::new());
     let settings = RuntimeSettings {
         ordering: Ordering::Unordered,
-        batch: BatchSettings { max_records: 10, ..Default::default() },
-        concurrency: ConcurrencySettings { initial: 16, ..Default::default() },
+        batch: BatchSettings {
+            max_records: 10,
+            ..Default::default()
+        },
+        concurrency: ConcurrencySettings {
+            initial: 16,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let summary = Pipeline::builder("unordered")
@@ -362,7 +545,10 @@ async fn unordered_processing_keeps_the_watermark_contiguous() {
         .run(Shutdown::never())
         .await
         .unwrap();
-    assert!(summary.stats.peak_batches_in_flight > 2, "batches of one partition ran concurrently");
+    assert!(
+        summary.stats.peak_batches_in_flight > 2,
+        "batches of one partition ran concurrently"
+    );
     let mut all = by_partition(&sink.records());
     let mut reordered = false;
     for pos in all.values_mut() {
@@ -370,24 +556,54 @@ async fn unordered_processing_keeps_the_watermark_contiguous() {
         pos.sort();
         assert_eq!(*pos, (0..2_000).collect::<Vec<_>>());
     }
-    assert!(reordered, "the test should actually exercise out-of-order acks");
-    assert!(store.load("unordered").await.unwrap().iter().all(|c| c.position == Position::from(1_999)));
+    assert!(
+        reordered,
+        "the test should actually exercise out-of-order acks"
+    );
+    assert!(
+        store
+            .load("unordered")
+            .await
+            .unwrap()
+            .iter()
+            .all(|c| c.position == Position::from(1_999))
+    );
 }
 
 /// Key ordering: records of one key stay in order while keys of one partition run in parallel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_ordering_keeps_each_key_in_order() {
     let sink = MemorySink::new();
-    let jitter = FaultInjectingSink::new(sink.clone(), FaultConfig { latency: Duration::from_millis(1), ..Default::default() });
+    let jitter = FaultInjectingSink::new(
+        sink.clone(),
+        FaultConfig {
+            latency: Duration::from_millis(1),
+            ..Default::default()
+        },
+    );
     let settings = RuntimeSettings {
         ordering: Ordering::Key,
         key_lanes: 8,
-        batch: BatchSettings { max_records: 16, ..Default::default() },
-        concurrency: ConcurrencySettings { initial: 16, ..Default::default() },
+        batch: BatchSettings {
+            max_records: 16,
+            ..Default::default()
+        },
+        concurrency: ConcurrencySettings {
+            initial: 16,
+            ..Default::default()
+        },
         ..Default::default()
     };
     Pipeline::builder("keyed")
-        .source(GeneratorSource::new(GeneratorConfig { partitions: 1, records_per_partition: Some(3_000), key_cardinality: 50, ..Default::default() }).unwrap())
+        .source(
+            GeneratorSource::new(GeneratorConfig {
+                partitions: 1,
+                records_per_partition: Some(3_000),
+                key_cardinality: 50,
+                ..Default::default()
+            })
+            .unwrap(),
+        )
         .sink(jitter)
         .settings(settings)
         .build()
@@ -397,11 +613,17 @@ async fn key_ordering_keeps_each_key_in_order() {
         .unwrap();
     let mut per_key: HashMap<Bytes, Vec<u64>> = HashMap::new();
     for r in sink.records() {
-        per_key.entry(r.key.clone().unwrap()).or_default().push(r.position.as_u64().unwrap());
+        per_key
+            .entry(r.key.clone().unwrap())
+            .or_default()
+            .push(r.position.as_u64().unwrap());
     }
     assert_eq!(per_key.values().map(Vec::len).sum::<usize>(), 3_000);
     for (k, pos) in per_key {
-        assert!(pos.windows(2).all(|w| w[0] < w[1]), "key {k:?} out of order");
+        assert!(
+            pos.windows(2).all(|w| w[0] < w[1]),
+            "key {k:?} out of order"
+        );
     }
 }
 
@@ -443,7 +665,11 @@ impl Source for RevokingSource {
             self.r0_delivered += rs.iter().filter(|r| r.partition.as_str() == "r-0").count();
             if self.revoked {
                 // The revoked partition's records must no longer be delivered by a real source.
-                let kept: Vec<Record> = rs.iter().filter(|r| r.partition.as_str() != "r-1").cloned().collect();
+                let kept: Vec<Record> = rs
+                    .iter()
+                    .filter(|r| r.partition.as_str() != "r-1")
+                    .cloned()
+                    .collect();
                 return Ok(SourceEvent::Records(kept));
             }
         }
@@ -463,19 +689,42 @@ impl Source for RevokingSource {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_drains_in_flight_and_returns_the_final_checkpoint() {
     let records: Vec<Record> = (0..2)
-        .flat_map(|p| (0..2_000u64).map(move |i| Record::new(PartitionId::new(format!("r-{p}")), Position::from(i), "x")))
+        .flat_map(|p| {
+            (0..2_000u64).map(move |i| {
+                Record::new(PartitionId::new(format!("r-{p}")), Position::from(i), "x")
+            })
+        })
         .collect();
     let sink = MemorySink::new();
-    let slow = FaultInjectingSink::new(sink.clone(), FaultConfig { latency: Duration::from_millis(3), ..Default::default() });
+    let slow = FaultInjectingSink::new(
+        sink.clone(),
+        FaultConfig {
+            latency: Duration::from_millis(3),
+            ..Default::default()
+        },
+    );
     let store = Arc::new(MemoryStore::new());
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let source = RevokingSource { inner: MemorySource::new(records), delivered: 0, revoke_after: 600, waiter: Some(tx), revoked: false, r0_delivered: 0 };
+    let source = RevokingSource {
+        inner: MemorySource::new(records),
+        delivered: 0,
+        revoke_after: 600,
+        waiter: Some(tx),
+        revoked: false,
+        r0_delivered: 0,
+    };
     let commits = source.inner.commits();
     let pipeline = Pipeline::builder("revoke")
         .source(source)
         .sink(slow)
         .checkpoint_store(store.clone())
-        .settings(RuntimeSettings { batch: BatchSettings { max_records: 50, ..Default::default() }, ..Default::default() })
+        .settings(RuntimeSettings {
+            batch: BatchSettings {
+                max_records: 50,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
         .build()
         .unwrap();
     let stats = pipeline.stats();
@@ -483,20 +732,47 @@ async fn revocation_drains_in_flight_and_returns_the_final_checkpoint() {
     let waiter = rx.await.unwrap();
     let finals = waiter.wait(Duration::from_secs(10)).await;
     let summary = run.await.unwrap().unwrap();
-    assert_eq!(finals.len(), 1, "the revoked partition's final checkpoint is handed back");
+    assert_eq!(
+        finals.len(),
+        1,
+        "the revoked partition's final checkpoint is handed back"
+    );
     let fin = &finals[0];
     assert_eq!(fin.partition.as_str(), "r-1");
     // Everything written for r-1 is covered by the final checkpoint, nothing beyond it.
-    let written_r1: Vec<u64> = by_partition(&sink.records()).remove(&PartitionId::new("r-1")).unwrap_or_default();
-    assert_eq!(Position::from(*written_r1.last().unwrap()), fin.position, "final checkpoint = last record written");
+    let written_r1: Vec<u64> = by_partition(&sink.records())
+        .remove(&PartitionId::new("r-1"))
+        .unwrap_or_default();
+    assert_eq!(
+        Position::from(*written_r1.last().unwrap()),
+        fin.position,
+        "final checkpoint = last record written"
+    );
     let stored = store.load("revoke").await.unwrap();
-    let r1 = stored.iter().find(|c| c.partition.as_str() == "r-1").unwrap();
-    assert_eq!(r1.position, fin.position, "written to the store before release");
+    let r1 = stored
+        .iter()
+        .find(|c| c.partition.as_str() == "r-1")
+        .unwrap();
+    assert_eq!(
+        r1.position, fin.position,
+        "written to the store before release"
+    );
     // No broker commit for r-1 after the revocation (the source commits it itself).
-    let after: Vec<Checkpoint> = commits.lock().unwrap().iter().filter(|c| c.partition.as_str() == "r-1" && c.position > fin.position).cloned().collect();
+    let after: Vec<Checkpoint> = commits
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.partition.as_str() == "r-1" && c.position > fin.position)
+        .cloned()
+        .collect();
     assert!(after.is_empty(), "{after:?}");
     assert_eq!(stats.snapshot().rebalances, 2);
-    assert!(summary.checkpoints.iter().any(|c| c.partition.as_str() == "r-0" && c.position == Position::from(1_999)));
+    assert!(
+        summary
+            .checkpoints
+            .iter()
+            .any(|c| c.partition.as_str() == "r-0" && c.position == Position::from(1_999))
+    );
 }
 
 /// The runtime refuses a source that delivers without credit? No: it accepts overshoot and
@@ -532,7 +808,9 @@ async fn credit_seen_by_the_source_tracks_in_flight_records() {
             let c = credits.available(&p);
             self.seen.lock().unwrap().push(c);
             let take = c.min(7) as u64;
-            let rs = (self.n..self.n + take).map(|i| Record::new(p.clone(), Position::from(i), "x")).collect();
+            let rs = (self.n..self.n + take)
+                .map(|i| Record::new(p.clone(), Position::from(i), "x"))
+                .collect();
             self.n += take;
             Ok(SourceEvent::Records(rs))
         }
@@ -547,13 +825,38 @@ async fn credit_seen_by_the_source_tracks_in_flight_records() {
         }
     }
     let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let probe = Probe { credits: None, seen: seen.clone(), n: 0, started: false };
-    let sink = FaultInjectingSink::new(NullSink::default(), FaultConfig { latency: Duration::from_millis(2), ..Default::default() });
-    let settings = RuntimeSettings { max_in_flight_per_partition: 20, ..Default::default() };
-    let summary = Pipeline::builder("credit").source(probe).sink(sink).settings(settings).build().unwrap().run(Shutdown::never()).await.unwrap();
+    let probe = Probe {
+        credits: None,
+        seen: seen.clone(),
+        n: 0,
+        started: false,
+    };
+    let sink = FaultInjectingSink::new(
+        NullSink::default(),
+        FaultConfig {
+            latency: Duration::from_millis(2),
+            ..Default::default()
+        },
+    );
+    let settings = RuntimeSettings {
+        max_in_flight_per_partition: 20,
+        ..Default::default()
+    };
+    let summary = Pipeline::builder("credit")
+        .source(probe)
+        .sink(sink)
+        .settings(settings)
+        .build()
+        .unwrap()
+        .run(Shutdown::never())
+        .await
+        .unwrap();
     assert_eq!(summary.stats.records_out, 500);
     let seen = seen.lock().unwrap();
     assert!(seen.iter().all(|c| *c <= 20 && *c > 0), "{seen:?}");
-    assert!(seen.iter().any(|c| *c < 20), "credit must shrink while records are in flight: {seen:?}");
+    assert!(
+        seen.iter().any(|c| *c < 20),
+        "credit must shrink while records are in flight: {seen:?}"
+    );
     assert!(summary.stats.peak_partition_in_flight <= 20);
 }

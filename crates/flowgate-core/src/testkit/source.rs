@@ -5,7 +5,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use crate::{Checkpoint, Credits, Error, PartitionId, Position, Record, Source, SourceContext, SourceEvent, StartPosition};
+use crate::{
+    Checkpoint, Credits, Error, PartitionId, Position, Record, Source, SourceContext, SourceEvent,
+    StartPosition,
+};
 
 /// Prepares data for a source under test and opens sources over it.
 #[async_trait]
@@ -44,10 +47,19 @@ impl<S: Source> Driver<S> {
     pub async fn open(mut source: S, credit: usize) -> Self {
         let credits = Credits::new();
         source
-            .open(SourceContext { pipeline: "conformance".into(), credits: credits.clone() })
+            .open(SourceContext {
+                pipeline: "conformance".into(),
+                credits: credits.clone(),
+            })
             .await
             .expect("Source::open must succeed against a reachable broker");
-        Driver { source, credits, assigned: Vec::new(), starts: BTreeMap::new(), credit_per_partition: credit }
+        Driver {
+            source,
+            credits,
+            assigned: Vec::new(),
+            starts: BTreeMap::new(),
+            credit_per_partition: credit,
+        }
     }
 
     /// Polls the source once (bounded by `wait`), handling non-record events. Returns the
@@ -78,9 +90,15 @@ impl<S: Source> Driver<S> {
                     self.credits.set(&a.partition, self.credit_per_partition);
                     self.assigned.push(a.partition.clone());
                     let after = self.starts.get(&a.partition).cloned();
-                    starts.push(StartPosition { partition: a.partition, after });
+                    starts.push(StartPosition {
+                        partition: a.partition,
+                        after,
+                    });
                 }
-                self.source.start(starts).await.expect("Source::start must accept assigned partitions");
+                self.source
+                    .start(starts)
+                    .await
+                    .expect("Source::start must accept assigned partitions");
                 Some(Vec::new())
             }
             SourceEvent::Revoked(rev) => {
@@ -106,14 +124,21 @@ impl<S: Source> Driver<S> {
 
     /// Reads until `want` records per partition arrived (or `End`), failing after
     /// [`STEP_TIMEOUT`].
-    pub async fn read_until(&mut self, partitions: &[PartitionId], want: usize) -> BTreeMap<PartitionId, Vec<Record>> {
+    pub async fn read_until(
+        &mut self,
+        partitions: &[PartitionId],
+        want: usize,
+    ) -> BTreeMap<PartitionId, Vec<Record>> {
         let deadline = Instant::now() + STEP_TIMEOUT;
-        let mut got: BTreeMap<PartitionId, Vec<Record>> = partitions.iter().map(|p| (p.clone(), Vec::new())).collect();
+        let mut got: BTreeMap<PartitionId, Vec<Record>> =
+            partitions.iter().map(|p| (p.clone(), Vec::new())).collect();
         while got.values().any(|v| v.len() < want) {
             assert!(
                 Instant::now() < deadline,
                 "contract: the source delivered {:?} records per partition within {STEP_TIMEOUT:?}, expected {want}",
-                got.iter().map(|(p, v)| (p.to_string(), v.len())).collect::<Vec<_>>()
+                got.iter()
+                    .map(|(p, v)| (p.to_string(), v.len()))
+                    .collect::<Vec<_>>()
             );
             match self.poll(Duration::from_millis(500)).await {
                 Some(records) => {
@@ -146,7 +171,11 @@ pub async fn delivers_everything_in_order<H: SourceHarness>(h: &H) {
     let mut d = Driver::open(source, n * 2).await;
     let got = d.read_until(&partitions, n).await;
     for (p, records) in &got {
-        assert_eq!(records.len(), n, "partition {p}: every prepared record must be delivered once");
+        assert_eq!(
+            records.len(),
+            n,
+            "partition {p}: every prepared record must be delivered once"
+        );
         let mut positions: Vec<_> = records.iter().map(|r| r.position.clone()).collect();
         if ordered {
             assert!(
@@ -156,7 +185,11 @@ pub async fn delivers_everything_in_order<H: SourceHarness>(h: &H) {
         }
         positions.sort();
         positions.dedup();
-        assert_eq!(positions.len(), n, "partition {p}: positions must be unique");
+        assert_eq!(
+            positions.len(),
+            n,
+            "partition {p}: positions must be unique"
+        );
         assert!(records.iter().all(|r| &r.partition == p));
     }
     d.close().await;
@@ -181,15 +214,29 @@ pub async fn respects_credit<H: SourceHarness>(h: &H) {
         }
     }
     for (p, records) in &got {
-        assert_eq!(records.len(), k, "partition {p}: with credit {k} the source must deliver exactly {k}");
+        assert_eq!(
+            records.len(),
+            k,
+            "partition {p}: with credit {k} the source must deliver exactly {k}"
+        );
     }
-    assert_eq!(extra, 0, "contract: a source MUST stop delivering when credit is exhausted");
+    assert_eq!(
+        extra, 0,
+        "contract: a source MUST stop delivering when credit is exhausted"
+    );
     d.grant_all(k);
     let more = d.read_until(&partitions, k).await;
     for (p, records) in &more {
-        assert_eq!(records.len(), k, "partition {p}: granting credit must resume delivery");
+        assert_eq!(
+            records.len(),
+            k,
+            "partition {p}: granting credit must resume delivery"
+        );
         let last_before = got[p].last().map(|r| r.position.clone());
-        assert!(records[0].position > last_before.unwrap_or(Position::ZERO), "resumed where it stopped");
+        assert!(
+            records[0].position > last_before.unwrap_or(Position::ZERO),
+            "resumed where it stopped"
+        );
     }
     d.close().await;
 }
@@ -210,12 +257,18 @@ pub async fn resumes_after_position<H: SourceHarness>(h: &H) {
         .iter()
         .map(|(p, rs)| Checkpoint::new(p.clone(), rs[cut - 1].position.clone()))
         .collect();
-    d.source.commit(&commits).await.expect("Source::commit must accept delivered positions");
+    d.source
+        .commit(&commits)
+        .await
+        .expect("Source::commit must accept delivered positions");
     d.close().await;
 
     let source = h.open_source().await.expect("open_source");
     let mut d = Driver::open(source, n * 2).await;
-    d.starts = commits.iter().map(|c| (c.partition.clone(), c.position.clone())).collect();
+    d.starts = commits
+        .iter()
+        .map(|c| (c.partition.clone(), c.position.clone()))
+        .collect();
     let second = d.read_until(&partitions, n - cut).await;
     for (p, rs) in &second {
         assert_eq!(

@@ -78,20 +78,31 @@ impl<S: Sink> FaultInjectingSink<S> {
             tokio::time::sleep(self.cfg.latency).await;
         }
         if let Some(rate) = self.cfg.throttle_above_per_sec {
-            let mut b = self.bucket.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut b = self
+                .bucket
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let now = Instant::now();
             b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * rate).min(rate.max(n as f64));
             b.1 = now;
             if b.0 < n as f64 {
                 let wait = Duration::from_secs_f64((n as f64 - b.0) / rate);
-                return Err(WriteError::Batch(Error::throttled("injected rate limit").with_retry_after(wait)));
+                return Err(WriteError::Batch(
+                    Error::throttled("injected rate limit").with_retry_after(wait),
+                ));
             }
             b.0 -= n as f64;
         }
         if self.cfg.transient_failure_rate > 0.0 {
-            let roll = self.rng.lock().unwrap_or_else(std::sync::PoisonError::into_inner).f64();
+            let roll = self
+                .rng
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .f64();
             if roll < self.cfg.transient_failure_rate {
-                return Err(WriteError::Batch(Error::transient("injected transient failure")));
+                return Err(WriteError::Batch(Error::transient(
+                    "injected transient failure",
+                )));
             }
         }
         if let Some(cap) = self.cfg.capacity_per_sec {
@@ -101,13 +112,18 @@ impl<S: Sink> FaultInjectingSink<S> {
         Ok(())
     }
 
-    fn split_poison<'a>(&self, batch: &'a [Record]) -> (Vec<Record>, Vec<(usize, Error)>) {
-        let Some(prefix) = &self.poison else { return (batch.to_vec(), Vec::new()) };
+    fn split_poison(&self, batch: &[Record]) -> (Vec<Record>, Vec<(usize, Error)>) {
+        let Some(prefix) = &self.poison else {
+            return (batch.to_vec(), Vec::new());
+        };
         let mut good = Vec::with_capacity(batch.len());
         let mut bad = Vec::new();
         for (i, r) in batch.iter().enumerate() {
             if r.payload.starts_with(prefix) {
-                bad.push((i, Error::poison("injected poison record: payload cannot be decoded")));
+                bad.push((
+                    i,
+                    Error::poison("injected poison record: payload cannot be decoded"),
+                ));
             } else {
                 good.push(r.clone());
             }
@@ -132,7 +148,11 @@ impl<S: Sink> Sink for FaultInjectingSink<S> {
         Err(WriteError::Partial(bad))
     }
 
-    async fn write_transactional(&self, batch: &[Record], tx: &TxContext<'_>) -> Result<(), WriteError> {
+    async fn write_transactional(
+        &self,
+        batch: &[Record],
+        tx: &TxContext<'_>,
+    ) -> Result<(), WriteError> {
         self.before(batch.len()).await?;
         let (_, bad) = self.split_poison(batch);
         if !bad.is_empty() {

@@ -3,8 +3,8 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 use flowgate_core::{
-    Assignment, Checkpoint, CreditGrant, Error, LagSample, LagUnit, PartitionId, Position, Record, Source,
-    SourceCapabilities, SourceContext, SourceEvent, StartPosition,
+    Assignment, Checkpoint, CreditGrant, Error, LagSample, LagUnit, PartitionId, Position, Record,
+    Source, SourceCapabilities, SourceContext, SourceEvent, StartPosition,
 };
 use serde::{Deserialize, Serialize};
 
@@ -86,7 +86,9 @@ pub struct GeneratorSource {
 impl GeneratorSource {
     /// A generator; the error names the invalid setting.
     pub fn new(cfg: GeneratorConfig) -> Result<Self, Error> {
-        let bad = |k: &str, why: &str| Error::config(format!("invalid generator setting `{k}`: {why}")).with_context("key", k);
+        let bad = |k: &str, why: &str| {
+            Error::config(format!("invalid generator setting `{k}`: {why}")).with_context("key", k)
+        };
         if cfg.partitions == 0 {
             return Err(bad("partitions", "must be at least 1"));
         }
@@ -95,16 +97,31 @@ impl GeneratorSource {
         }
         if let Some(r) = cfg.rate {
             if !(r > 0.0 && r.is_finite()) {
-                return Err(bad("rate", "must be a positive number of records per second"));
+                return Err(bad(
+                    "rate",
+                    "must be a positive number of records per second",
+                ));
             }
         }
-        if cfg.spikes.iter().any(|s| !(s.factor >= 0.0 && s.factor.is_finite())) {
+        if cfg
+            .spikes
+            .iter()
+            .any(|s| !(s.factor >= 0.0 && s.factor.is_finite()))
+        {
             return Err(bad("spikes.factor", "must be a non-negative number"));
         }
         let n = cfg.partitions as usize;
-        let ids = (0..n).map(|i| PartitionId::new(format!("{}-{i}", cfg.prefix))).collect();
-        let keys = (0..cfg.key_cardinality).map(|k| Bytes::from(format!("key-{k:06}"))).collect();
-        let payload = Bytes::from((0..cfg.payload_size).map(|i| b'a' + (i % 26) as u8).collect::<Vec<u8>>());
+        let ids = (0..n)
+            .map(|i| PartitionId::new(format!("{}-{i}", cfg.prefix)))
+            .collect();
+        let keys = (0..cfg.key_cardinality)
+            .map(|k| Bytes::from(format!("key-{k:06}")))
+            .collect();
+        let payload = Bytes::from(
+            (0..cfg.payload_size)
+                .map(|i| b'a' + (i % 26) as u8)
+                .collect::<Vec<u8>>(),
+        );
         Ok(GeneratorSource {
             ids,
             keys,
@@ -141,19 +158,28 @@ impl GeneratorSource {
     }
 
     fn remaining(&self, p: usize) -> u64 {
-        self.cfg.records_per_partition.map_or(u64::MAX, |total| total.saturating_sub(self.next[p]))
+        self.cfg
+            .records_per_partition
+            .map_or(u64::MAX, |total| total.saturating_sub(self.next[p]))
     }
 
     fn lag_samples(&self, now: Instant) -> Vec<LagSample> {
-        let due = self.time_base.and_then(|t| self.due_per_partition(now.duration_since(t)));
+        let due = self
+            .time_base
+            .and_then(|t| self.due_per_partition(now.duration_since(t)));
         (0..self.ids.len())
             .filter(|p| self.grants[*p].is_some())
             .map(|p| {
                 let lag = match due {
-                    Some(d) => ((d as u64).saturating_sub(self.emitted_since_start[p])).min(self.remaining(p)),
+                    Some(d) => ((d as u64).saturating_sub(self.emitted_since_start[p]))
+                        .min(self.remaining(p)),
                     None => self.remaining(p).min(u64::MAX / 2),
                 };
-                LagSample { partition: self.ids[p].clone(), lag: if lag == u64::MAX / 2 { 0 } else { lag }, unit: LagUnit::Records }
+                LagSample {
+                    partition: self.ids[p].clone(),
+                    lag: if lag == u64::MAX / 2 { 0 } else { lag },
+                    unit: LagUnit::Records,
+                }
             })
             .collect()
     }
@@ -184,11 +210,18 @@ impl Source for GeneratorSource {
         };
         if !self.assigned_sent {
             self.assigned_sent = true;
-            return Ok(SourceEvent::Assigned(self.ids.iter().cloned().map(Assignment::new).collect()));
+            return Ok(SourceEvent::Assigned(
+                self.ids.iter().cloned().map(Assignment::new).collect(),
+            ));
         }
         loop {
-            let started: Vec<usize> = (0..self.ids.len()).filter(|p| self.grants[*p].is_some()).collect();
-            if !started.is_empty() && started.len() == self.ids.len() && started.iter().all(|p| self.remaining(*p) == 0) {
+            let started: Vec<usize> = (0..self.ids.len())
+                .filter(|p| self.grants[*p].is_some())
+                .collect();
+            if !started.is_empty()
+                && started.len() == self.ids.len()
+                && started.iter().all(|p| self.remaining(*p) == 0)
+            {
                 return Ok(SourceEvent::End);
             }
             let now = Instant::now();
@@ -196,11 +229,15 @@ impl Source for GeneratorSource {
                 self.last_lag = now;
                 return Ok(SourceEvent::Lag(self.lag_samples(now)));
             }
-            let due = self.time_base.and_then(|t| self.due_per_partition(now.duration_since(t)));
+            let due = self
+                .time_base
+                .and_then(|t| self.due_per_partition(now.duration_since(t)));
             let n_parts = self.ids.len();
             for i in 0..n_parts {
                 let p = (self.rr + i) % n_parts;
-                let Some(grant) = &self.grants[p] else { continue };
+                let Some(grant) = &self.grants[p] else {
+                    continue;
+                };
                 let mut n = grant.available().min(self.cfg.max_batch) as u64;
                 n = n.min(self.remaining(p));
                 if let Some(d) = due {
@@ -230,7 +267,10 @@ impl Source for GeneratorSource {
                 return Ok(SourceEvent::Records(records));
             }
             // Nothing to emit: wait for credit, the next due record, or the next lag sample.
-            let mut wait = self.cfg.lag_interval.saturating_sub(now.duration_since(self.last_lag));
+            let mut wait = self
+                .cfg
+                .lag_interval
+                .saturating_sub(now.duration_since(self.last_lag));
             if let (Some(rate), true) = (self.cfg.rate, due.is_some()) {
                 let per_record = Duration::from_secs_f64(f64::from(self.cfg.partitions) / rate);
                 wait = wait.min(per_record.max(Duration::from_millis(1)));
@@ -252,18 +292,23 @@ impl Source for GeneratorSource {
         };
         for s in starts {
             let Some(p) = self.ids.iter().position(|id| *id == s.partition) else {
-                return Err(Error::fatal("start for a partition the generator does not have").with_context("partition", &s.partition));
+                return Err(
+                    Error::fatal("start for a partition the generator does not have")
+                        .with_context("partition", &s.partition),
+                );
             };
             self.next[p] = match &s.after {
-                Some(pos) => pos
-                    .successor()
-                    .as_u64()
-                    .ok_or_else(|| Error::config("generator positions are u64").with_context("position", pos))?,
+                Some(pos) => pos.successor().as_u64().ok_or_else(|| {
+                    Error::config("generator positions are u64").with_context("position", pos)
+                })?,
                 None => 0,
             };
             self.grants[p] = ctx.credits.grant(&s.partition);
             if self.grants[p].is_none() {
-                return Err(Error::fatal("the runtime started a partition without registering its credit").with_context("partition", &s.partition));
+                return Err(Error::fatal(
+                    "the runtime started a partition without registering its credit",
+                )
+                .with_context("partition", &s.partition));
             }
         }
         if self.time_base.is_none() {

@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use flowgate_core::{Error, IdempotencyKey, PartitionId, Position, Record, Sink, SinkCapabilities, WriteError};
+use flowgate_core::{
+    Error, IdempotencyKey, PartitionId, Position, Record, Sink, SinkCapabilities, WriteError,
+};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Mutex;
@@ -53,7 +55,10 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect()
 }
 
 fn text_or_hex(b: &[u8]) -> (Option<Cow<'_, str>>, Option<String>) {
@@ -67,7 +72,9 @@ impl JsonLinesSink {
     /// Opens (creating) the file for appending.
     pub async fn open(cfg: JsonLinesConfig) -> Result<Self, Error> {
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(dir).await.map_err(|e| io_err("cannot create the directory of", &cfg.path, e))?;
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| io_err("cannot create the directory of", &cfg.path, e))?;
         }
         let file = tokio::fs::OpenOptions::new()
             .create(true)
@@ -75,7 +82,14 @@ impl JsonLinesSink {
             .open(&cfg.path)
             .await
             .map_err(|e| io_err("cannot open", &cfg.path, e))?;
-        Ok(JsonLinesSink { cfg, file: Mutex::new(file) })
+        let path = cfg.path.clone();
+        tokio::task::spawn_blocking(move || repair_torn_tail(&path))
+            .await
+            .map_err(|e| Error::fatal("JSON-lines repair task failed").with_source(e))??;
+        Ok(JsonLinesSink {
+            cfg,
+            file: Mutex::new(file),
+        })
     }
 
     /// Reads a file written by this sink. A torn last line (the process died mid-write) is
@@ -91,14 +105,20 @@ impl JsonLinesSink {
                 Ok(l) => l,
                 Err(_) if i + 1 == lines.len() && !complete => break,
                 Err(e) => {
-                    return Err(Error::new(flowgate_core::ErrorKind::Corrupt, "unreadable JSON line")
-                        .with_context("path", path.display())
-                        .with_context("line", i + 1)
-                        .with_source(e));
+                    return Err(Error::new(
+                        flowgate_core::ErrorKind::Corrupt,
+                        "unreadable JSON line",
+                    )
+                    .with_context("path", path.display())
+                    .with_context("line", i + 1)
+                    .with_source(e));
                 }
             };
-            let position = Position::parse_decimal(&l.position)
-                .map_err(|e| Error::new(flowgate_core::ErrorKind::Corrupt, "bad position").with_context("line", i + 1).with_source(e))?;
+            let position = Position::parse_decimal(&l.position).map_err(|e| {
+                Error::new(flowgate_core::ErrorKind::Corrupt, "bad position")
+                    .with_context("line", i + 1)
+                    .with_source(e)
+            })?;
             let payload = match (l.payload, l.payload_hex) {
                 (Some(p), _) => Bytes::from(p.into_owned()),
                 (None, Some(h)) => Bytes::from(unhex(&h).unwrap_or_default()),
@@ -110,7 +130,9 @@ impl JsonLinesSink {
                 (None, Some(h)) => unhex(&h).map(Bytes::from),
                 _ => None,
             };
-            r.idempotency_key = l.idempotency_key.map(|k| IdempotencyKey::new(k.into_owned()));
+            r.idempotency_key = l
+                .idempotency_key
+                .map(|k| IdempotencyKey::new(k.into_owned()));
             for (k, v) in l.headers {
                 r.headers.push(k, v);
             }
@@ -131,22 +153,83 @@ impl JsonLinesSink {
                 key_hex,
                 payload,
                 payload_hex,
-                idempotency_key: r.idempotency_key.as_ref().map(|k| String::from_utf8_lossy(k.as_bytes())),
-                headers: r.headers.iter().map(|h| (h.name.to_string(), String::from_utf8_lossy(&h.value).into_owned())).collect(),
+                idempotency_key: r
+                    .idempotency_key
+                    .as_ref()
+                    .map(|k| String::from_utf8_lossy(k.as_bytes())),
+                headers: r
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_string(),
+                            String::from_utf8_lossy(&h.value).into_owned(),
+                        )
+                    })
+                    .collect(),
             };
-            serde_json::to_writer(&mut buf, &line).map_err(|e| Error::poison("record cannot be encoded as JSON").with_source(e))?;
+            serde_json::to_writer(&mut buf, &line)
+                .map_err(|e| Error::poison("record cannot be encoded as JSON").with_source(e))?;
             buf.push(b'\n');
         }
         Ok(buf)
     }
 }
 
+/// A process killed in the middle of a write leaves a torn last line. Those records were
+/// never confirmed (the runtime will deliver them again), so the fragment is cut off before
+/// appending; otherwise the next line would be glued to it.
+fn repair_torn_tail(path: &Path) -> Result<(), Error> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| io_err("cannot open", path, e))?;
+    let len = f
+        .metadata()
+        .map_err(|e| io_err("cannot stat", path, e))?
+        .len();
+    if len == 0 {
+        return Ok(());
+    }
+    let mut end = len;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let start = end.saturating_sub(buf.len() as u64);
+        let n = (end - start) as usize;
+        f.seek(SeekFrom::Start(start))
+            .map_err(|e| io_err("cannot read", path, e))?;
+        f.read_exact(&mut buf[..n])
+            .map_err(|e| io_err("cannot read", path, e))?;
+        if end == len && buf[n - 1] == b'\n' {
+            return Ok(());
+        }
+        if let Some(i) = buf[..n].iter().rposition(|b| *b == b'\n') {
+            let keep = start + i as u64 + 1;
+            tracing::warn!(path = %path.display(), dropped_bytes = len - keep, "cut a torn last line (a previous run died mid-write; those records were not confirmed)");
+            return f
+                .set_len(keep)
+                .map_err(|e| io_err("cannot truncate", path, e));
+        }
+        if start == 0 {
+            tracing::warn!(path = %path.display(), dropped_bytes = len, "the file holds only a torn line; cut it");
+            return f.set_len(0).map_err(|e| io_err("cannot truncate", path, e));
+        }
+        end = start;
+    }
+}
+
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
     let kind = match e.kind() {
-        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::NotFound => flowgate_core::ErrorKind::Config,
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::NotFound => {
+            flowgate_core::ErrorKind::Config
+        }
         _ => flowgate_core::ErrorKind::Transient,
     };
-    Error::new(kind, format!("{what} the JSON-lines file")).with_context("path", path.display()).with_source(e)
+    Error::new(kind, format!("{what} the JSON-lines file"))
+        .with_context("path", path.display())
+        .with_source(e)
 }
 
 #[async_trait]
@@ -161,16 +244,77 @@ impl Sink for JsonLinesSink {
         }
         let buf = Self::encode(batch)?;
         let mut f = self.file.lock().await;
-        f.write_all(&buf).await.map_err(|e| io_err("cannot write", &self.cfg.path, e))?;
-        f.flush().await.map_err(|e| io_err("cannot flush", &self.cfg.path, e))?;
+        f.write_all(&buf)
+            .await
+            .map_err(|e| io_err("cannot write", &self.cfg.path, e))?;
+        f.flush()
+            .await
+            .map_err(|e| io_err("cannot flush", &self.cfg.path, e))?;
         if self.cfg.fsync {
-            f.sync_data().await.map_err(|e| io_err("cannot sync", &self.cfg.path, e))?;
+            f.sync_data()
+                .await
+                .map_err(|e| io_err("cannot sync", &self.cfg.path, e))?;
         }
         Ok(())
     }
 
     async fn flush(&self) -> Result<(), Error> {
         let f = self.file.lock().await;
-        f.sync_data().await.map_err(|e| io_err("cannot sync", &self.cfg.path, e))
+        f.sync_data()
+            .await
+            .map_err(|e| io_err("cannot sync", &self.cfg.path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_torn_tail_from_a_crash_is_cut_before_appending() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let first = JsonLinesSink::encode(&[Record::new(
+            PartitionId::new("p"),
+            Position::from(1u64),
+            "one",
+        )])
+        .unwrap();
+        let mut content = first.clone();
+        content.extend_from_slice(br#"{"partition":"p","posit"#);
+        std::fs::write(&path, &content).unwrap();
+        let sink = JsonLinesSink::open(JsonLinesConfig {
+            path: path.clone(),
+            fsync: false,
+        })
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), first, "the fragment is cut");
+        sink.write(&[Record::new(
+            PartitionId::new("p"),
+            Position::from(2u64),
+            "two",
+        )])
+        .await
+        .unwrap();
+        let back = JsonLinesSink::read(&path).unwrap();
+        assert_eq!(
+            back.iter()
+                .map(|r| r.position.as_u64().unwrap())
+                .collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+
+        // A file holding only a fragment is emptied.
+        std::fs::write(&path, b"{\"partial").unwrap();
+        drop(
+            JsonLinesSink::open(JsonLinesConfig {
+                path: path.clone(),
+                fsync: false,
+            })
+            .await
+            .unwrap(),
+        );
+        assert!(std::fs::read(&path).unwrap().is_empty());
     }
 }

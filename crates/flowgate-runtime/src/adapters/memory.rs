@@ -3,8 +3,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use flowgate_core::{
-    Assignment, Checkpoint, Error, PartitionId, Record, Sink, SinkCapabilities, Source, SourceCapabilities,
-    SourceContext, SourceEvent, StartPosition, WriteError,
+    Assignment, Checkpoint, Error, PartitionId, Record, Sink, SinkCapabilities, Source,
+    SourceCapabilities, SourceContext, SourceEvent, StartPosition, WriteError,
 };
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -33,7 +33,15 @@ impl MemorySource {
         for v in partitions.values_mut() {
             v.sort_by(|a, b| a.position.cmp(&b.position));
         }
-        MemorySource { partitions, pending: BTreeMap::new(), ctx: None, assigned_sent: false, commits: Default::default(), end: true, rr: 0 }
+        MemorySource {
+            partitions,
+            pending: BTreeMap::new(),
+            ctx: None,
+            assigned_sent: false,
+            commits: Default::default(),
+            end: true,
+            rr: 0,
+        }
     }
 
     /// Keep running (no `End`) once everything was delivered.
@@ -60,10 +68,18 @@ impl Source for MemorySource {
     }
 
     async fn next(&mut self) -> Result<SourceEvent, Error> {
-        let Some(ctx) = self.ctx.clone() else { return Err(Error::fatal("MemorySource::next before open")) };
+        let Some(ctx) = self.ctx.clone() else {
+            return Err(Error::fatal("MemorySource::next before open"));
+        };
         if !self.assigned_sent {
             self.assigned_sent = true;
-            return Ok(SourceEvent::Assigned(self.partitions.keys().cloned().map(Assignment::new).collect()));
+            return Ok(SourceEvent::Assigned(
+                self.partitions
+                    .keys()
+                    .cloned()
+                    .map(Assignment::new)
+                    .collect(),
+            ));
         }
         loop {
             let changed = ctx.credits.changed();
@@ -71,7 +87,9 @@ impl Source for MemorySource {
             let count = self.pending.len();
             for i in 0..count {
                 let ix = (self.rr + i) % count.max(1);
-                let Some((p, q)) = self.pending.iter_mut().nth(ix) else { continue };
+                let Some((p, q)) = self.pending.iter_mut().nth(ix) else {
+                    continue;
+                };
                 let n = ctx.credits.available(p).min(q.len()).min(512);
                 if n > 0 {
                     self.rr = ix + 1;
@@ -88,8 +106,15 @@ impl Source for MemorySource {
 
     async fn start(&mut self, starts: Vec<StartPosition>) -> Result<(), Error> {
         for s in starts {
-            let records = self.partitions.get(&s.partition).cloned().unwrap_or_default();
-            let q = records.into_iter().filter(|r| s.after.as_ref().is_none_or(|a| r.position > *a)).collect();
+            let records = self
+                .partitions
+                .get(&s.partition)
+                .cloned()
+                .unwrap_or_default();
+            let q = records
+                .into_iter()
+                .filter(|r| s.after.as_ref().is_none_or(|a| r.position > *a))
+                .collect();
             self.pending.insert(s.partition, q);
         }
         Ok(())

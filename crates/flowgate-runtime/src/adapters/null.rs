@@ -30,8 +30,12 @@ impl Sink for NullSink {
     }
 
     async fn write(&self, batch: &[Record]) -> Result<(), WriteError> {
-        self.records.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        self.bytes.fetch_add(batch.iter().map(|r| r.payload.len() as u64).sum(), Ordering::Relaxed);
+        self.records
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(
+            batch.iter().map(|r| r.payload.len() as u64).sum(),
+            Ordering::Relaxed,
+        );
         Ok(())
     }
 }

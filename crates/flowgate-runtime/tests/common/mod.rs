@@ -1,6 +1,6 @@
 //! Shared test helpers: a minimal in-memory store (the runtime does not depend on
 //! flowgate-checkpoint) that also logs every operation, for invariant checks.
-#![allow(dead_code, unreachable_pub)]
+#![allow(clippy::unwrap_used, dead_code, unreachable_pub)]
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -29,7 +29,10 @@ impl MemoryStore {
         MemoryStore::default()
     }
     pub fn with_mark_delay(d: Duration) -> Self {
-        MemoryStore { mark_delay: d, ..Default::default() }
+        MemoryStore {
+            mark_delay: d,
+            ..Default::default()
+        }
     }
 }
 
@@ -39,14 +42,23 @@ impl CheckpointStore for MemoryStore {
         "test memory store".into()
     }
     async fn load(&self, pipeline: &str) -> Result<Vec<Checkpoint>, Error> {
-        Ok(self.checkpoints.lock().unwrap().get(pipeline).map(|m| m.values().cloned().collect()).unwrap_or_default())
+        Ok(self
+            .checkpoints
+            .lock()
+            .unwrap()
+            .get(pipeline)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default())
     }
     async fn commit(&self, pipeline: &str, cps: &[Checkpoint]) -> Result<(), Error> {
         let mut all = self.checkpoints.lock().unwrap();
         let m = all.entry(pipeline.to_string()).or_default();
         for c in cps {
             if let Some(old) = m.get(&c.partition) {
-                assert!(old.position <= c.position, "checkpoint moved backwards: {old:?} -> {c:?}");
+                assert!(
+                    old.position <= c.position,
+                    "checkpoint moved backwards: {old:?} -> {c:?}"
+                );
             }
             m.insert(c.partition.clone(), c.clone());
         }
@@ -66,9 +78,17 @@ impl DedupStore for MemoryStore {
     }
     async fn seen(&self, pipeline: &str, keys: &[IdempotencyKey]) -> Result<Vec<bool>, Error> {
         let m = self.marks.lock().unwrap();
-        Ok(keys.iter().map(|k| m.contains(&(pipeline.to_string(), k.clone()))).collect())
+        Ok(keys
+            .iter()
+            .map(|k| m.contains(&(pipeline.to_string(), k.clone())))
+            .collect())
     }
-    async fn mark(&self, pipeline: &str, keys: &[IdempotencyKey], _ttl: Duration) -> Result<(), Error> {
+    async fn mark(
+        &self,
+        pipeline: &str,
+        keys: &[IdempotencyKey],
+        _ttl: Duration,
+    ) -> Result<(), Error> {
         if !self.mark_delay.is_zero() {
             tokio::time::sleep(self.mark_delay).await;
         }
