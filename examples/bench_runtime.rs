@@ -5,15 +5,20 @@
 //! ```text
 //! cargo run --release --example bench_runtime -- MODE RECORDS
 //! MODE: raw | runtime | runtime-checkpoint | runtime-checkpoint-dedup
+//!       | runtime-checkpoint-dedup-keys   (one durable key per record instead of ranges)
+//!       | sink-1ms | sink-1ms-checkpoint-dedup   (a sink answering each batch after 1 ms,
+//!         like a broker round trip on a LAN)
 //! ```
 //! Prints one line: `mode records seconds records_per_second`.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use flowgate::checkpoint::EmbeddedStore;
-use flowgate::core::{Credits, Source, SourceContext, SourceEvent, StartPosition};
-use flowgate::runtime::adapters::{GeneratorConfig, GeneratorSource, NullSink};
+use flowgate::core::{Credits, IdempotencyKey, Source, SourceContext, SourceEvent, StartPosition};
+use flowgate::runtime::adapters::{
+    FaultConfig, FaultInjectingSink, GeneratorConfig, GeneratorSource, NullSink,
+};
 use flowgate::runtime::{KeyExtractor, Pipeline, RuntimeSettings, Shutdown};
 
 fn generator(records: u64) -> GeneratorSource {
@@ -66,20 +71,34 @@ async fn raw(records: u64) -> u64 {
     sink.records()
 }
 
-async fn runtime(records: u64, checkpoint: bool, dedup: bool) -> u64 {
+async fn runtime(
+    records: u64,
+    checkpoint: bool,
+    dedup: Option<KeyExtractor>,
+    sink_latency: Option<Duration>,
+) -> u64 {
     let sink = NullSink::default();
-    let mut b = Pipeline::builder("bench")
+    let b = Pipeline::builder("bench")
         .source(generator(records))
-        .sink(sink.clone())
         .settings(RuntimeSettings::default());
+    let mut b = match sink_latency {
+        Some(latency) => b.sink(FaultInjectingSink::new(
+            sink.clone(),
+            FaultConfig {
+                latency,
+                ..Default::default()
+            },
+        )),
+        None => b.sink(sink.clone()),
+    };
     let dir = tempfile::tempdir().expect("tempdir");
-    if checkpoint || dedup {
+    if checkpoint || dedup.is_some() {
         let store = Arc::new(EmbeddedStore::open_dir(dir.path()).await.expect("store"));
         if checkpoint {
             b = b.checkpoint_store(store.clone());
         }
-        if dedup {
-            b = b.dedup(store, KeyExtractor::SourcePosition);
+        if let Some(extractor) = dedup {
+            b = b.dedup(store, extractor);
         }
     }
     b.build()
@@ -106,9 +125,28 @@ fn main() {
     let done = rt.block_on(async {
         match mode.as_str() {
             "raw" => raw(records).await,
-            "runtime" => runtime(records, false, false).await,
-            "runtime-checkpoint" => runtime(records, true, false).await,
-            "runtime-checkpoint-dedup" => runtime(records, true, true).await,
+            "runtime" => runtime(records, false, None, None).await,
+            "runtime-checkpoint" => runtime(records, true, None, None).await,
+            "runtime-checkpoint-dedup" => {
+                runtime(records, true, Some(KeyExtractor::SourcePosition), None).await
+            }
+            "runtime-checkpoint-dedup-keys" => {
+                // The same keys, but through the per-key path (a custom extractor).
+                let per_key = KeyExtractor::Custom(Arc::new(|r: &flowgate::Record| {
+                    Some(IdempotencyKey::from_position(&r.partition, &r.position))
+                }));
+                runtime(records, true, Some(per_key), None).await
+            }
+            "sink-1ms" => runtime(records, false, None, Some(Duration::from_millis(1))).await,
+            "sink-1ms-checkpoint-dedup" => {
+                runtime(
+                    records,
+                    true,
+                    Some(KeyExtractor::SourcePosition),
+                    Some(Duration::from_millis(1)),
+                )
+                .await
+            }
             other => panic!("unknown mode {other}"),
         }
     });

@@ -157,11 +157,14 @@ fn dependency_rules() -> Result<(), String> {
     Ok(())
 }
 
-const MODES: [&str; 4] = [
+const MODES: [&str; 7] = [
     "raw",
     "runtime",
     "runtime-checkpoint",
     "runtime-checkpoint-dedup",
+    "runtime-checkpoint-dedup-keys",
+    "sink-1ms",
+    "sink-1ms-checkpoint-dedup",
 ];
 
 fn bench_runtime(rest: &[&str]) -> Result<(), String> {
@@ -187,8 +190,8 @@ fn bench_runtime(rest: &[&str]) -> Result<(), String> {
     );
     for round in 0..rounds {
         for (mode, rates) in results.iter_mut() {
-            // Dedup writes every key to disk: fewer records keep the run short.
-            let n = if mode.ends_with("dedup") {
+            // One durable key per record, or a 1 ms sink: fewer records keep the run short.
+            let n = if mode.ends_with("keys") || mode.starts_with("sink") {
                 records / 8
             } else {
                 records
@@ -210,11 +213,19 @@ fn bench_runtime(rest: &[&str]) -> Result<(), String> {
     };
     let raw = median(&results[0].1);
     let rt = median(&results[1].1);
-    println!("\n| mode | records/s (median of {rounds}) | vs raw loop | vs runtime |");
-    println!("|---|---:|---:|---:|");
+    let sink_1ms = median(&results[5].1);
+    println!(
+        "\n| mode | records/s (median of {rounds}) | vs raw loop | vs runtime | vs sink-1ms |"
+    );
+    println!("|---|---:|---:|---:|---:|");
     for (mode, rates) in &results {
         let m = median(rates);
-        println!("| {mode} | {m:.0} | {:.3} | {:.3} |", m / raw, m / rt);
+        println!(
+            "| {mode} | {m:.0} | {:.3} | {:.3} | {:.3} |",
+            m / raw,
+            m / rt,
+            m / sink_1ms
+        );
     }
     callgrind(bin)
 }
@@ -236,7 +247,12 @@ fn callgrind(bin: &str) -> Result<(), String> {
     println!("\n| mode | instructions per record (callgrind, {small} vs {large} records) |");
     println!("|---|---:|");
     let mut per: Vec<(String, f64)> = Vec::new();
-    for mode in ["raw", "runtime", "runtime-checkpoint"] {
+    for mode in [
+        "raw",
+        "runtime",
+        "runtime-checkpoint",
+        "runtime-checkpoint-dedup",
+    ] {
         let ir = |n: u64| -> Result<f64, String> {
             let file = format!("target/callgrind.{mode}.{n}.out");
             let out = Command::new("valgrind")
@@ -270,6 +286,10 @@ fn callgrind(bin: &str) -> Result<(), String> {
     println!(
         "| checkpointing's own (runtime-checkpoint - runtime) | {:.0} |",
         per[2].1 - per[1].1
+    );
+    println!(
+        "| positional dedup's own (runtime-checkpoint-dedup - runtime-checkpoint) | {:.0} |",
+        per[3].1 - per[2].1
     );
     Ok(())
 }

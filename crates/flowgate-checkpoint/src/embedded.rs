@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use flowgate_core::{
     Checkpoint, CheckpointStore, DedupStore, Error, ErrorKind, IdempotencyKey, PartitionId,
-    Position, Record, Sink, SinkCapabilities, TxContext, WriteError,
+    Position, PositionRange, Record, Sink, SinkCapabilities, TxContext, WriteError,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
@@ -18,11 +18,19 @@ use crate::rules::{Transition, check};
 const META: TableDefinition<'static, &str, &str> = TableDefinition::new("flowgate_meta");
 const CHECKPOINTS: TableDefinition<'static, &str, &[u8]> =
     TableDefinition::new("flowgate_checkpoints");
-const MARKS: TableDefinition<'static, &[u8], u64> = TableDefinition::new("flowgate_dedup");
+/// `pipeline \0 key` → expiry (8 bytes, big-endian ms since the epoch).
+const MARKS: TableDefinition<'static, &[u8], &[u8]> = TableDefinition::new("flowgate_dedup");
+/// `pipeline \0 partition \0 first` → expiry (8 bytes) ++ last; positions in ordered bytes.
+const RANGES: TableDefinition<'static, &[u8], &[u8]> =
+    TableDefinition::new("flowgate_dedup_ranges");
 const FORMAT_KEY: &str = "format";
 const FORMAT: &str = "flowgate-embedded-store/1";
+/// redb's page cache. Its default (1 GiB) lets the process grow with the store's history;
+/// checkpoints and recent marks are a small working set.
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
 /// Where the incremental sweep of expired marks stopped (key in `META`).
 const SWEEP_CURSOR: &str = "dedup_sweep_cursor";
+const RANGE_SWEEP_CURSOR: &str = "dedup_range_sweep_cursor";
 /// Marks examined by the sweep per mark written (amortised O(1) cleanup, no expiry index).
 const SWEEP_FACTOR: usize = 2;
 
@@ -91,6 +99,22 @@ fn hex_decode(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+fn expiry_of(value: &[u8]) -> u64 {
+    value
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+fn range_prefix(pipeline: &str, partition: &PartitionId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(pipeline.len() + partition.as_str().len() + 20);
+    k.extend_from_slice(pipeline.as_bytes());
+    k.push(0);
+    k.extend_from_slice(partition.as_str().as_bytes());
+    k.push(0);
+    k
+}
+
 fn mark_key(pipeline: &str, key: &IdempotencyKey) -> Vec<u8> {
     let mut k = Vec::with_capacity(pipeline.len() + 1 + key.as_bytes().len());
     k.extend_from_slice(pipeline.as_bytes());
@@ -125,7 +149,10 @@ impl EmbeddedStore {
             && std::fs::metadata(&path)
                 .map(|m| m.len() > 0)
                 .unwrap_or(false);
-        let db = match Database::create(&path) {
+        let db = match Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+        {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(Error::config("the embedded store is already open in another process")
@@ -185,6 +212,8 @@ impl EmbeddedStore {
                 .map_err(|e| corrupt(&self.path, "checkpoint table is unreadable", e))?;
             txn.open_table(MARKS)
                 .map_err(|e| corrupt(&self.path, "dedup table is unreadable", e))?;
+            txn.open_table(RANGES)
+                .map_err(|e| corrupt(&self.path, "dedup range table is unreadable", e))?;
         }
         txn.commit()
             .map_err(|e| storage(&self.path, "init commit", e))
@@ -274,7 +303,7 @@ impl EmbeddedStore {
         ttl: Duration,
     ) -> Result<(), Error> {
         let now = now_ms();
-        let expires = now.saturating_add(ttl.as_millis() as u64);
+        let expires = now.saturating_add(ttl.as_millis() as u64).to_be_bytes();
         let mut marks = txn
             .open_table(MARKS)
             .map_err(|e| storage(&self.path, "open dedup", e))?;
@@ -285,38 +314,153 @@ impl EmbeddedStore {
             key.push(0);
             key.extend_from_slice(k.as_bytes());
             marks
-                .insert(key.as_slice(), expires)
+                .insert(key.as_slice(), expires.as_slice())
                 .map_err(|e| storage(&self.path, "write mark", e))?;
         }
-        // Incremental sweep: walk SWEEP_FACTOR marks per mark written from where the last
-        // sweep stopped, removing the expired ones. Cleanup is amortised over the writes and
-        // needs no second index.
+        self.sweep(
+            txn,
+            &mut marks,
+            SWEEP_CURSOR,
+            keys.len() * SWEEP_FACTOR,
+            now,
+        )
+    }
+
+    fn mark_ranges_in(
+        &self,
+        txn: &WriteTransaction,
+        pipeline: &str,
+        ranges: &[PositionRange],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        let now = now_ms();
+        let expires = now.saturating_add(ttl.as_millis() as u64);
+        let mut table = txn
+            .open_table(RANGES)
+            .map_err(|e| storage(&self.path, "open dedup ranges", e))?;
+        for r in ranges {
+            // Ranges of a partition never overlap: a new range is merged with the one it
+            // overlaps (and swallows the ones it covers), so a lookup only ever needs the
+            // last range starting at or before a position.
+            let prefix = range_prefix(pipeline, &r.partition);
+            let key_of = |p: &Position| {
+                let mut k = prefix.clone();
+                k.extend_from_slice(&p.to_ordered_bytes());
+                k
+            };
+            let (mut first, mut last, mut exp) = (r.first.clone(), r.last.clone(), expires);
+            let mut remove: Vec<Vec<u8>> = Vec::new();
+            let start = key_of(&first);
+            let pred: Option<(Vec<u8>, Vec<u8>)> = match table
+                .range::<&[u8]>(prefix.as_slice()..=start.as_slice())
+                .map_err(|e| storage(&self.path, "scan dedup ranges", e))?
+                .next_back()
+            {
+                Some(item) => {
+                    let (k, v) = item.map_err(|e| storage(&self.path, "scan dedup ranges", e))?;
+                    Some((k.value().to_vec(), v.value().to_vec()))
+                }
+                None => None,
+            };
+            if let Some((pk, pv)) = pred {
+                let (pexp, plast) = self.decode_range_value(&pv)?;
+                if plast >= first {
+                    first = Position::from_ordered_bytes(&pk[prefix.len()..]).ok_or_else(|| {
+                        corrupt(&self.path, "holds an unreadable dedup range", "bad key")
+                    })?;
+                    if plast > last {
+                        last = plast;
+                    }
+                    exp = exp.max(pexp);
+                    remove.push(pk);
+                }
+            }
+            let end = key_of(&last);
+            let mut swallowed: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+            for item in table
+                .range::<&[u8]>(start.as_slice()..=end.as_slice())
+                .map_err(|e| storage(&self.path, "scan dedup ranges", e))?
+            {
+                let (k, v) = item.map_err(|e| storage(&self.path, "scan dedup ranges", e))?;
+                swallowed.push((k.value().to_vec(), v.value().to_vec()));
+            }
+            for (k, v) in swallowed {
+                let (sexp, slast) = self.decode_range_value(&v)?;
+                if slast > last {
+                    last = slast;
+                }
+                exp = exp.max(sexp);
+                remove.push(k);
+            }
+            for k in remove {
+                table
+                    .remove(k.as_slice())
+                    .map_err(|e| storage(&self.path, "merge dedup ranges", e))?;
+            }
+            let mut value = exp.to_be_bytes().to_vec();
+            value.extend_from_slice(&last.to_ordered_bytes());
+            table
+                .insert(key_of(&first).as_slice(), value.as_slice())
+                .map_err(|e| storage(&self.path, "write dedup range", e))?;
+        }
+        self.sweep(
+            txn,
+            &mut table,
+            RANGE_SWEEP_CURSOR,
+            ranges.len() * SWEEP_FACTOR,
+            now,
+        )
+    }
+
+    fn decode_range_value(&self, v: &[u8]) -> Result<(u64, Position), Error> {
+        let bad = || {
+            corrupt(
+                &self.path,
+                "holds an unreadable dedup range",
+                "bad encoding",
+            )
+        };
+        let (exp, last) = v.split_at_checked(8).ok_or_else(bad)?;
+        let exp = u64::from_be_bytes(exp.try_into().map_err(|_| bad())?);
+        Ok((exp, Position::from_ordered_bytes(last).ok_or_else(bad)?))
+    }
+
+    /// Incremental sweep: walks `budget` entries from where the last sweep stopped and removes
+    /// the expired ones (values start with their 8-byte expiry). Cleanup is amortised over the
+    /// writes and needs no expiry index.
+    fn sweep(
+        &self,
+        txn: &WriteTransaction,
+        table: &mut redb::Table<'_, &[u8], &[u8]>,
+        cursor_key: &str,
+        budget: usize,
+        now: u64,
+    ) -> Result<(), Error> {
         let mut meta = txn
             .open_table(META)
             .map_err(|e| storage(&self.path, "open meta", e))?;
         let cursor: Vec<u8> = meta
-            .get(SWEEP_CURSOR)
+            .get(cursor_key)
             .map_err(|e| storage(&self.path, "read sweep cursor", e))?
             .and_then(|v| hex_decode(v.value()))
             .unwrap_or_default();
-        let budget = keys.len() * SWEEP_FACTOR;
         let mut expired: Vec<Vec<u8>> = Vec::new();
         let mut last: Option<Vec<u8>> = None;
         let mut walked = 0;
-        for item in marks
+        for item in table
             .range::<&[u8]>(cursor.as_slice()..)
             .map_err(|e| storage(&self.path, "sweep", e))?
             .take(budget)
         {
             let (k, v) = item.map_err(|e| storage(&self.path, "sweep", e))?;
-            if v.value() <= now {
+            if expiry_of(v.value()) <= now {
                 expired.push(k.value().to_vec());
             }
             last = Some(k.value().to_vec());
             walked += 1;
         }
         for k in &expired {
-            marks
+            table
                 .remove(k.as_slice())
                 .map_err(|e| storage(&self.path, "sweep", e))?;
         }
@@ -328,7 +472,7 @@ impl EmbeddedStore {
             }
             _ => String::new(),
         };
-        meta.insert(SWEEP_CURSOR, next.as_str())
+        meta.insert(cursor_key, next.as_str())
             .map_err(|e| storage(&self.path, "write sweep cursor", e))?;
         Ok(())
     }
@@ -452,7 +596,7 @@ impl DedupStore for EmbeddedStore {
                     Ok(marks
                         .get(mk.as_slice())
                         .map_err(|e| storage(&s.path, "read mark", e))?
-                        .is_some_and(|v| v.value() > now))
+                        .is_some_and(|v| expiry_of(v.value()) > now))
                 })
                 .collect()
         })
@@ -473,6 +617,102 @@ impl DedupStore for EmbeddedStore {
         self.blocking(move |s| {
             let txn = s.begin_write()?;
             s.mark_in(&txn, &pipeline, &keys, ttl)?;
+            txn.commit().map_err(|e| storage(&s.path, "commit", e))
+        })
+        .await
+    }
+
+    fn supports_position_ranges(&self) -> bool {
+        true
+    }
+
+    async fn seen_positions(
+        &self,
+        pipeline: &str,
+        partition: &PartitionId,
+        positions: &[Position],
+    ) -> Result<Vec<bool>, Error> {
+        if positions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let prefix = range_prefix(pipeline, partition);
+        let positions = positions.to_vec();
+        self.blocking(move |s| {
+            let now = now_ms();
+            let txn =
+                s.db.begin_read()
+                    .map_err(|e| storage(&s.path, "begin read", e))?;
+            let table = txn
+                .open_table(RANGES)
+                .map_err(|e| storage(&s.path, "open dedup ranges", e))?;
+            // One scan per call, not one search per position: visit positions in order and
+            // the ranges starting at or before each, keeping the furthest live `last`.
+            let mut order: Vec<usize> = (0..positions.len()).collect();
+            if !positions.windows(2).all(|w| w[0] <= w[1]) {
+                order.sort_by(|a, b| positions[*a].cmp(&positions[*b]));
+            }
+            let key_of = |p: &Position| {
+                let mut k = prefix.clone();
+                k.extend_from_slice(&p.to_ordered_bytes());
+                k
+            };
+            let lo = key_of(&positions[order[0]]);
+            let hi = key_of(&positions[order[order.len() - 1]]);
+            let mut ranges: Vec<(Position, Position)> = Vec::new();
+            // Ranges never overlap (see `mark_ranges_in`): the last one starting before the
+            // first probe, then those starting among the probes.
+            let before = table
+                .range::<&[u8]>(prefix.as_slice()..lo.as_slice())
+                .map_err(|e| storage(&s.path, "scan dedup ranges", e))?
+                .next_back();
+            let inside = table
+                .range::<&[u8]>(lo.as_slice()..=hi.as_slice())
+                .map_err(|e| storage(&s.path, "scan dedup ranges", e))?;
+            for item in before.into_iter().chain(inside) {
+                let (k, v) = item.map_err(|e| storage(&s.path, "scan dedup ranges", e))?;
+                let (exp, last) = s.decode_range_value(v.value())?;
+                if exp <= now {
+                    continue;
+                }
+                let first =
+                    Position::from_ordered_bytes(&k.value()[prefix.len()..]).ok_or_else(|| {
+                        corrupt(&s.path, "holds an unreadable dedup range", "bad key")
+                    })?;
+                ranges.push((first, last));
+            }
+            ranges.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut out = vec![false; positions.len()];
+            let mut furthest: Option<&Position> = None;
+            let mut next = 0;
+            for ix in order {
+                let p = &positions[ix];
+                while next < ranges.len() && ranges[next].0 <= *p {
+                    if furthest.is_none_or(|f| ranges[next].1 > *f) {
+                        furthest = Some(&ranges[next].1);
+                    }
+                    next += 1;
+                }
+                out[ix] = furthest.is_some_and(|f| f >= p);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn mark_ranges(
+        &self,
+        pipeline: &str,
+        ranges: &[PositionRange],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        let pipeline = pipeline.to_string();
+        let ranges = ranges.to_vec();
+        self.blocking(move |s| {
+            let txn = s.begin_write()?;
+            s.mark_ranges_in(&txn, &pipeline, &ranges, ttl)?;
             txn.commit().map_err(|e| storage(&s.path, "commit", e))
         })
         .await

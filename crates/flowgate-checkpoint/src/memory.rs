@@ -1,9 +1,12 @@
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use flowgate_core::{Checkpoint, CheckpointStore, DedupStore, Error, IdempotencyKey, PartitionId};
+use flowgate_core::{
+    Checkpoint, CheckpointStore, DedupStore, Error, IdempotencyKey, PartitionId, Position,
+    PositionRange,
+};
 
 use crate::rules::{Transition, check};
 
@@ -18,6 +21,8 @@ pub struct MemoryStore {
 struct Inner {
     checkpoints: HashMap<String, HashMap<PartitionId, Checkpoint>>,
     marks: HashMap<(String, IdempotencyKey), Instant>,
+    /// first → (last, expiry) per pipeline and partition.
+    ranges: HashMap<(String, PartitionId), BTreeMap<Position, (Position, Instant)>>,
 }
 
 impl MemoryStore {
@@ -113,6 +118,56 @@ impl DedupStore for MemoryStore {
         let exp = now + ttl;
         for k in keys {
             inner.marks.insert((pipeline.to_string(), k.clone()), exp);
+        }
+        Ok(())
+    }
+
+    fn supports_position_ranges(&self) -> bool {
+        true
+    }
+
+    async fn seen_positions(
+        &self,
+        pipeline: &str,
+        partition: &PartitionId,
+        positions: &[Position],
+    ) -> Result<Vec<bool>, Error> {
+        let inner = self.lock();
+        let now = Instant::now();
+        let Some(map) = inner.ranges.get(&(pipeline.to_string(), partition.clone())) else {
+            return Ok(vec![false; positions.len()]);
+        };
+        Ok(positions
+            .iter()
+            .map(|p| {
+                map.range(..=p.clone())
+                    .any(|(_, (last, exp))| last >= p && *exp > now)
+            })
+            .collect())
+    }
+
+    async fn mark_ranges(
+        &self,
+        pipeline: &str,
+        ranges: &[PositionRange],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let exp = now + ttl;
+        for map in inner.ranges.values_mut() {
+            map.retain(|_, (_, e)| *e > now);
+        }
+        for r in ranges {
+            let map = inner
+                .ranges
+                .entry((pipeline.to_string(), r.partition.clone()))
+                .or_default();
+            let entry = map.entry(r.first.clone()).or_insert((r.last.clone(), exp));
+            if entry.0 < r.last {
+                entry.0 = r.last.clone();
+            }
+            entry.1 = entry.1.max(exp);
         }
         Ok(())
     }

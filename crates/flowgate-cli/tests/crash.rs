@@ -28,7 +28,7 @@ name = "crash"
 type = "generator"
 partitions = {PARTITIONS}
 records_per_partition = {PER_PARTITION}
-rate = 25000
+rate = 12000
 
 [sink]
 {sink}

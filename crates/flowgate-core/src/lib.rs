@@ -38,7 +38,7 @@ pub use source::{
     Assignment, LagSample, Revocation, RevocationWaiter, Source, SourceContext, SourceEvent,
     StartPosition,
 };
-pub use store::{CheckpointStore, DedupStore};
+pub use store::{CheckpointStore, DedupStore, PositionRange};
 
 /// Header names flowgate itself writes (dead letters, idempotency keys).
 pub mod headers {

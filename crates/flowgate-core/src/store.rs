@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::{Checkpoint, Error, IdempotencyKey, PartitionId};
+use crate::{Checkpoint, Error, IdempotencyKey, PartitionId, Position};
 
 /// Durable checkpoints: the last processed position of each partition, per pipeline.
 ///
@@ -27,6 +27,19 @@ pub trait CheckpointStore: Send + Sync {
     async fn reset(&self, pipeline: &str, partitions: Option<&[PartitionId]>) -> Result<(), Error>;
 }
 
+/// Consecutive deliveries of one partition, from `first` to `last` inclusive, marked as
+/// applied in one entry. Only records delivered one after the other form a range, so a range
+/// never covers a record that was not applied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PositionRange {
+    /// The partition.
+    pub partition: PartitionId,
+    /// First position of the run.
+    pub first: Position,
+    /// Last position of the run.
+    pub last: Position,
+}
+
 /// Durable idempotency marks: which records were already applied by the sink.
 ///
 /// Contract (tested by `testkit::store`):
@@ -48,4 +61,37 @@ pub trait DedupStore: Send + Sync {
         keys: &[IdempotencyKey],
         ttl: Duration,
     ) -> Result<(), Error>;
+
+    /// Whether the store keeps *positional* marks ([`mark_ranges`](Self::mark_ranges)): when
+    /// the idempotency key is the record's partition and position, a batch of consecutive
+    /// records is one range instead of one key per record.
+    fn supports_position_ranges(&self) -> bool {
+        false
+    }
+
+    /// For each position of `partition`, in order, whether a live range covers it.
+    async fn seen_positions(
+        &self,
+        pipeline: &str,
+        partition: &PartitionId,
+        positions: &[Position],
+    ) -> Result<Vec<bool>, Error> {
+        let _ = (pipeline, partition, positions);
+        Err(Error::unsupported(
+            "this dedup store keeps no positional marks",
+        ))
+    }
+
+    /// Marks ranges of consecutive deliveries as applied, for at least `ttl`.
+    async fn mark_ranges(
+        &self,
+        pipeline: &str,
+        ranges: &[PositionRange],
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        let _ = (pipeline, ranges, ttl);
+        Err(Error::unsupported(
+            "this dedup store keeps no positional marks",
+        ))
+    }
 }

@@ -185,6 +185,17 @@ impl Pipeline {
             tx
         });
         let transactional = sink_caps.transactional && dedup_store.is_some();
+        let positional = matches!(extractor, Some(KeyExtractor::SourcePosition))
+            && dedup_store
+                .as_ref()
+                .is_some_and(|s| s.supports_position_ranges())
+            && !transactional;
+        // With positional marks the key is only materialised for sinks that forward it.
+        let extractor = if positional && !sink_caps.forwards_idempotency_key {
+            None
+        } else {
+            extractor
+        };
         if sink_caps.transactional && dedup_store.is_none() {
             tracing::warn!(pipeline = %name, "the sink is transactional but no dedup store is configured: writes are at-least-once");
         }
@@ -195,6 +206,7 @@ impl Pipeline {
             dead_letter: dead_letter.clone(),
             native_dead_letter: caps.native_dead_letter,
             dedup: dedup_store,
+            positional,
             marker,
             transform,
             retry: settings.retry.clone(),

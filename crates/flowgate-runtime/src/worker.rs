@@ -7,7 +7,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use flowgate_core::{
-    DedupStore, Error, ErrorKind, IdempotencyKey, PartitionId, Record, Sink, TxContext, WriteError,
+    DedupStore, Error, ErrorKind, IdempotencyKey, PartitionId, Position, PositionRange, Record,
+    Sink, TxContext, WriteError,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -32,6 +33,9 @@ pub(crate) struct Shared {
     pub(crate) dead_letter: Option<Arc<dyn Sink>>,
     pub(crate) native_dead_letter: bool,
     pub(crate) dedup: Option<Arc<dyn DedupStore>>,
+    /// Dedup by position ranges (`KeyExtractor::SourcePosition` with a store that keeps them,
+    /// and a sink that is not transactional) instead of one key per record.
+    pub(crate) positional: bool,
     pub(crate) marker: Option<mpsc::UnboundedSender<MarkRequest>>,
     pub(crate) transform: Option<TransformFn>,
     pub(crate) retry: RetrySettings,
@@ -81,6 +85,7 @@ pub(crate) struct Completion {
 /// A group-commit request for dedup marks.
 pub(crate) struct MarkRequest {
     keys: Vec<IdempotencyKey>,
+    ranges: Vec<PositionRange>,
     done: oneshot::Sender<Result<(), Error>>,
 }
 
@@ -99,7 +104,18 @@ pub(crate) async fn marker_task(
             reqs.push(r);
         }
         let keys: Vec<IdempotencyKey> = reqs.iter().flat_map(|r| r.keys.iter().cloned()).collect();
-        let res = retry_temporary(&retry, "dedup mark", || store.mark(&pipeline, &keys, ttl)).await;
+        let ranges: Vec<PositionRange> =
+            reqs.iter().flat_map(|r| r.ranges.iter().cloned()).collect();
+        let mut res = Ok(());
+        if !keys.is_empty() {
+            res = retry_temporary(&retry, "dedup mark", || store.mark(&pipeline, &keys, ttl)).await;
+        }
+        if res.is_ok() && !ranges.is_empty() {
+            res = retry_temporary(&retry, "dedup mark", || {
+                store.mark_ranges(&pipeline, &ranges, ttl)
+            })
+            .await;
+        }
         for r in reqs {
             let _ = r
                 .done
@@ -189,7 +205,16 @@ pub(crate) async fn run(shared: Arc<Shared>, batch: Batch) {
     };
     let started = Instant::now();
     let mut out = Outcome::default();
-    let result = process(&shared, &partition, incarnation, lane, records, &mut out).await;
+    let result = process(
+        &shared,
+        &partition,
+        incarnation,
+        lane,
+        &seqs,
+        records,
+        &mut out,
+    )
+    .await;
     guard.info = None;
     let _ = shared.events.send(WorkerEvent::Done(Completion {
         partition,
@@ -217,11 +242,29 @@ async fn process(
     partition: &PartitionId,
     incarnation: u64,
     lane: usize,
+    seqs: &[u64],
     mut records: Vec<Record>,
     out: &mut Outcome,
 ) -> Result<(), Error> {
     // 1. Check before sink: skip records already applied.
-    if let Some(store) = &shared.dedup {
+    let mut ranges = Vec::new();
+    if let (Some(store), true) = (&shared.dedup, shared.positional) {
+        // Positional marks: the whole batch settles together, so its runs of consecutive
+        // deliveries are marked as ranges (skipped, filtered and dead-lettered records too).
+        ranges = runs(partition, seqs, &records);
+        let positions: Vec<Position> = records.iter().map(|r| r.position.clone()).collect();
+        let seen = retry_temporary(&shared.retry, "dedup check", || {
+            store.seen_positions(&shared.pipeline, partition, &positions)
+        })
+        .await?;
+        if seen.iter().any(|s| *s) {
+            let hits = seen.iter().filter(|s| **s).count() as u64;
+            Stats::add(&shared.stats.dedup_hits, hits);
+            shared.metrics.dedup_hits.increment(hits);
+            let mut it = seen.into_iter();
+            records.retain(|_| !it.next().unwrap_or(false));
+        }
+    } else if let Some(store) = &shared.dedup {
         let keyed: Vec<(usize, IdempotencyKey)> = records
             .iter()
             .enumerate()
@@ -294,7 +337,9 @@ async fn process(
             tracing::warn!(partition = %r.partition, position = %r.position, error = %e, "dead-lettering a record");
         }
         if let Some(dl) = &shared.dead_letter {
-            marks.extend(dead.iter().filter_map(|(r, _)| r.idempotency_key.clone()));
+            if !shared.positional {
+                marks.extend(dead.iter().filter_map(|(r, _)| r.idempotency_key.clone()));
+            }
             let letters: Vec<Record> = dead
                 .into_iter()
                 .map(|(r, e)| dead_letter_record(r, &e))
@@ -323,7 +368,7 @@ async fn process(
 
     // 5. Mark after confirm (transactional sinks marked in their own transaction).
     if let Some(marker) = &shared.marker {
-        if !marks.is_empty() {
+        if !marks.is_empty() || !ranges.is_empty() {
             let _ = shared.events.send(WorkerEvent::LaneFree {
                 partition: partition.clone(),
                 incarnation,
@@ -334,6 +379,7 @@ async fn process(
             marker
                 .send(MarkRequest {
                     keys: marks,
+                    ranges,
                     done: tx,
                 })
                 .map_err(|_| Error::fatal("the dedup marker stopped"))?;
@@ -342,6 +388,26 @@ async fn process(
         }
     }
     Ok(())
+}
+
+/// Runs of consecutive deliveries (consecutive seqs) of a batch, as position ranges.
+fn runs(partition: &PartitionId, seqs: &[u64], records: &[Record]) -> Vec<PositionRange> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..=records.len() {
+        let breaks = i == records.len() || seqs.get(i) != seqs.get(i - 1).map(|s| s + 1).as_ref();
+        if breaks {
+            if let (Some(first), Some(last)) = (records.get(start), records.get(i - 1)) {
+                out.push(PositionRange {
+                    partition: partition.clone(),
+                    first: first.position.clone(),
+                    last: last.position.clone(),
+                });
+            }
+            start = i;
+        }
+    }
+    out
 }
 
 struct Written {
@@ -365,7 +431,7 @@ async fn write_with_retry(
         marks: Vec::new(),
         oldest_timestamp: pending.first().and_then(|r| r.timestamp),
     };
-    let collect_marks = shared.marker.is_some() && !transactional;
+    let collect_marks = shared.marker.is_some() && !transactional && !shared.positional;
     let mut delays = backoff(&shared.retry);
     let started = Instant::now();
     while !pending.is_empty() {

@@ -19,6 +19,7 @@ mod common;
 use common::{MemoryStore, Op};
 
 fn run_pipeline(
+    positional: bool,
     seed: u64,
     latency_ms: u64,
     mark_delay_ms: u64,
@@ -31,9 +32,10 @@ fn run_pipeline(
         .build()
         .expect("runtime");
     rt.block_on(async move {
-        let store = Arc::new(MemoryStore::with_mark_delay(Duration::from_millis(
-            mark_delay_ms,
-        )));
+        let store = Arc::new(
+            MemoryStore::with_mark_delay(Duration::from_millis(mark_delay_ms))
+                .positional(positional),
+        );
         let sink = FaultInjectingSink::new(
             MemorySink::new(),
             FaultConfig {
@@ -96,16 +98,28 @@ proptest! {
         mark_delay in 0u64..4,
         unordered in any::<bool>(),
         commit_every in 1u64..200,
+        positional in any::<bool>(),
     ) {
         let ordering = if unordered { Ordering::Unordered } else { Ordering::Partition };
-        let store = run_pipeline(seed, latency, mark_delay, ordering, commit_every);
+        let store = run_pipeline(positional, seed, latency, mark_delay, ordering, commit_every);
         let ops = store.ops.lock().unwrap().clone();
         let mut marked: HashSet<IdempotencyKey> = HashSet::new();
         let mut checkpoints: HashMap<PartitionId, Position> = HashMap::new();
         let mut commits = 0;
         for op in ops {
             match op {
-                Op::Mark(keys) => marked.extend(keys),
+                Op::Mark(keys) => {
+                    prop_assert!(!positional, "positional dedup must not write per-record keys");
+                    marked.extend(keys)
+                }
+                Op::MarkRanges(ranges) => {
+                    prop_assert!(positional);
+                    for r in ranges {
+                        for pos in r.first.as_u64().unwrap()..=r.last.as_u64().unwrap() {
+                            marked.insert(IdempotencyKey::from_position(&r.partition, &Position::from(pos)));
+                        }
+                    }
+                }
                 Op::Commit(cps) => {
                     commits += 1;
                     for c in cps {
@@ -124,36 +138,49 @@ proptest! {
     }
 }
 
-/// A replay after a restart skips everything already applied: run, reset nothing, rerun the
-/// same finite generator from scratch (no checkpoint store) — every record is a dedup hit.
+/// A replay after a restart skips everything already applied: run, then rerun the same finite
+/// generator from scratch (no checkpoint store) — every record is a dedup hit. Both with
+/// per-record keys and with positional ranges.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_skips_records_already_applied() {
-    let store = Arc::new(MemoryStore::new());
-    let sink = MemorySink::new();
-    for run in 0..2 {
-        let summary = Pipeline::builder("replay")
-            .source(
-                GeneratorSource::new(GeneratorConfig {
-                    partitions: 2,
-                    records_per_partition: Some(1_000),
-                    ..Default::default()
-                })
-                .unwrap(),
-            )
-            .sink(sink.clone())
-            .dedup(store.clone(), KeyExtractor::SourcePosition)
-            .build()
-            .unwrap()
-            .run(Shutdown::never())
-            .await
-            .unwrap();
-        if run == 1 {
-            assert_eq!(
-                summary.stats.dedup_hits, 2_000,
-                "the replay is entirely skipped"
-            );
-            assert_eq!(summary.stats.records_out, 0);
+    for positional in [false, true] {
+        let store = Arc::new(MemoryStore::new().positional(positional));
+        let sink = MemorySink::new();
+        for run in 0..2 {
+            let summary = Pipeline::builder("replay")
+                .source(
+                    GeneratorSource::new(GeneratorConfig {
+                        partitions: 2,
+                        records_per_partition: Some(1_000),
+                        ..Default::default()
+                    })
+                    .unwrap(),
+                )
+                .sink(sink.clone())
+                .dedup(store.clone(), KeyExtractor::SourcePosition)
+                .build()
+                .unwrap()
+                .run(Shutdown::never())
+                .await
+                .unwrap();
+            if run == 1 {
+                assert_eq!(
+                    summary.stats.dedup_hits, 2_000,
+                    "positional={positional}: the replay is entirely skipped"
+                );
+                assert_eq!(summary.stats.records_out, 0);
+            }
         }
+        assert_eq!(
+            sink.len(),
+            2_000,
+            "positional={positional}: each record reached the sink once"
+        );
+        let ops = store.ops.lock().unwrap();
+        assert_eq!(
+            ops.iter().any(|op| matches!(op, Op::MarkRanges(_))),
+            positional,
+            "the store's capability decides the kind of marks"
+        );
     }
-    assert_eq!(sink.len(), 2_000, "each record reached the sink once");
 }

@@ -7,12 +7,16 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use flowgate_core::{Checkpoint, CheckpointStore, DedupStore, Error, IdempotencyKey, PartitionId};
+use flowgate_core::{
+    Checkpoint, CheckpointStore, DedupStore, Error, IdempotencyKey, PartitionId, Position,
+    PositionRange,
+};
 
 /// One store operation, in the order the store applied it.
 #[derive(Clone, Debug)]
 pub enum Op {
     Mark(Vec<IdempotencyKey>),
+    MarkRanges(Vec<PositionRange>),
     Commit(Vec<Checkpoint>),
 }
 
@@ -20,8 +24,11 @@ pub enum Op {
 pub struct MemoryStore {
     checkpoints: Mutex<HashMap<String, HashMap<PartitionId, Checkpoint>>>,
     marks: Mutex<HashSet<(String, IdempotencyKey)>>,
+    ranges: Mutex<Vec<PositionRange>>,
     pub ops: Mutex<Vec<Op>>,
     pub mark_delay: Duration,
+    /// Keep positional marks (ranges) instead of only keys.
+    pub positional: bool,
 }
 
 impl MemoryStore {
@@ -33,6 +40,10 @@ impl MemoryStore {
             mark_delay: d,
             ..Default::default()
         }
+    }
+    pub fn positional(mut self, on: bool) -> Self {
+        self.positional = on;
+        self
     }
 }
 
@@ -97,6 +108,41 @@ impl DedupStore for MemoryStore {
             m.insert((pipeline.to_string(), k.clone()));
         }
         self.ops.lock().unwrap().push(Op::Mark(keys.to_vec()));
+        Ok(())
+    }
+    fn supports_position_ranges(&self) -> bool {
+        self.positional
+    }
+    async fn seen_positions(
+        &self,
+        _pipeline: &str,
+        partition: &PartitionId,
+        positions: &[Position],
+    ) -> Result<Vec<bool>, Error> {
+        let ranges = self.ranges.lock().unwrap();
+        Ok(positions
+            .iter()
+            .map(|p| {
+                ranges
+                    .iter()
+                    .any(|r| &r.partition == partition && r.first <= *p && *p <= r.last)
+            })
+            .collect())
+    }
+    async fn mark_ranges(
+        &self,
+        _pipeline: &str,
+        ranges: &[PositionRange],
+        _ttl: Duration,
+    ) -> Result<(), Error> {
+        if !self.mark_delay.is_zero() {
+            tokio::time::sleep(self.mark_delay).await;
+        }
+        self.ranges.lock().unwrap().extend_from_slice(ranges);
+        self.ops
+            .lock()
+            .unwrap()
+            .push(Op::MarkRanges(ranges.to_vec()));
         Ok(())
     }
 }
