@@ -2,16 +2,31 @@
 //!
 //! Few dependencies on purpose: std only.
 
+mod rig;
+
 use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
+
+use rig::{Broker, Engine, Rig};
 
 const HELP: &str = "\
 cargo xtask <task>
 
-  test              fmt check, clippy -D warnings, the whole test suite, dependency rules
-  bench runtime     generator -> null sink through a raw loop and through the runtime
-                    (records/s side by side, ratios) and instructions per record (callgrind)
-  help              this text
+  test                     fmt check, clippy -D warnings, dependency rules, unit and
+                           in-process tests, then the real-broker tests against
+                           `brokers up` (always followed by `brokers down`)
+  brokers up [--only a,b] [--engine native|docker]
+                           start Kafka, RabbitMQ, Kinesis (kinesis-mock), PostgreSQL, Redis
+                           on 127.0.0.1, wait until each answers, print FLOWGATE_TEST_* vars
+  brokers down|status      stop what `up` started (by PID file) / show what runs
+  brokers logs NAME        the last lines of a broker's logs
+  brokers env              print the FLOWGATE_TEST_* variables
+  kafka TOOL [ARGS..]      run a Kafka command-line tool from the rig's jars: consumer-groups,
+                           topics, console-producer, console-consumer, producer-perf-test,
+                           consumer-perf-test, broker-api-versions
+  bench runtime            generator -> null sink through a raw loop and through the runtime
+                           (records/s side by side, ratios) and instructions per record
+  help                     this text
 ";
 
 fn main() -> ExitCode {
@@ -19,6 +34,8 @@ fn main() -> ExitCode {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let res = match args.as_slice() {
         ["test"] => test(),
+        ["brokers", rest @ ..] => brokers(rest),
+        ["kafka", tool, rest @ ..] => kafka_tool(tool, rest),
         ["bench", "runtime", rest @ ..] => bench_runtime(rest),
         ["help"] | [] => {
             print!("{HELP}");
@@ -88,14 +105,128 @@ fn test() -> Result<(), String> {
     )?;
     dependency_rules()?;
     run(
-        "cargo test",
-        cargo().args(["test", "--workspace", "--all-features"]),
+        "cargo test (unit, conformance, runtime, crash)",
+        cargo().args(["test", "--workspace"]),
     )?;
+    let rig = Rig::new()?;
+    eprintln!("\n==> brokers up");
+    let up_started = Instant::now();
+    let res = rig.up(&rig::ALL, Engine::Native).and_then(|()| {
+        eprintln!(
+            "==> brokers up: ok in {:.1}s",
+            up_started.elapsed().as_secs_f64()
+        );
+        let mut cmd = cargo();
+        cmd.args([
+            "test",
+            "-p",
+            "flowgate-rig-tests",
+            "--features",
+            "brokers",
+            "--",
+            "--test-threads",
+            "2",
+        ]);
+        for (k, v) in rig.env_all(&rig::ALL) {
+            cmd.env(k, v);
+        }
+        run("cargo test (real brokers)", &mut cmd)
+    });
+    eprintln!("\n==> brokers down");
+    let down = rig.down(&rig::ALL);
+    res?;
+    down?;
     eprintln!(
         "\n==> all checks passed in {:.0}s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+fn brokers(args: &[&str]) -> Result<(), String> {
+    let rig = Rig::new()?;
+    let mut only: Vec<Broker> = rig::ALL.to_vec();
+    let mut engine = None;
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        match *a {
+            "--only" => {
+                let list = it
+                    .next()
+                    .ok_or("--only needs a list, e.g. --only kafka,redis")?;
+                only = list
+                    .split(',')
+                    .map(Broker::parse)
+                    .collect::<Result<_, _>>()?;
+            }
+            "--engine" => {
+                engine = Some(match it.next().copied() {
+                    Some("native") => Engine::Native,
+                    Some("docker") => Engine::Docker,
+                    other => return Err(format!("--engine native|docker, not {other:?}")),
+                });
+            }
+            other if args.first() == Some(&"logs") => {
+                return rig.logs(Broker::parse(other)?);
+            }
+            other => return Err(format!("unknown argument {other:?}\n\n{HELP}")),
+        }
+    }
+    match args.first().copied() {
+        Some("up") => {
+            let engine = engine.unwrap_or_else(Rig::default_engine);
+            let started = Instant::now();
+            eprintln!(
+                "==> brokers up ({engine:?} engine): {}",
+                only.iter().map(|b| b.name()).collect::<Vec<_>>().join(", ")
+            );
+            rig.up(&only, engine)?;
+            eprintln!("==> all ready in {:.1}s", started.elapsed().as_secs_f64());
+            for (k, v) in rig.env_all(&only) {
+                println!("export {k}={v}");
+            }
+            Ok(())
+        }
+        Some("down") => rig.down(&only),
+        Some("status") => rig.status(),
+        Some("env") => {
+            for (k, v) in rig.env_all(&only) {
+                println!("export {k}={v}");
+            }
+            Ok(())
+        }
+        Some("logs") => {
+            Err("brokers logs NAME: which broker? kafka, rabbitmq, kinesis, postgres, redis".into())
+        }
+        _ => Err(format!(
+            "brokers: up, down, status, logs NAME or env\n\n{HELP}"
+        )),
+    }
+}
+
+fn kafka_tool(tool: &str, args: &[&str]) -> Result<(), String> {
+    let class = match tool {
+        "consumer-groups" => "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
+        "topics" => "org.apache.kafka.tools.TopicCommand",
+        "console-producer" => "org.apache.kafka.tools.ConsoleProducer",
+        "console-consumer" => "org.apache.kafka.tools.consumer.ConsoleConsumer",
+        "producer-perf-test" => "org.apache.kafka.tools.ProducerPerformance",
+        "consumer-perf-test" => "org.apache.kafka.tools.ConsumerPerformance",
+        "broker-api-versions" => "org.apache.kafka.tools.BrokerApiVersionsCommand",
+        other => return Err(format!("unknown Kafka tool {other:?}\n\n{HELP}")),
+    };
+    let rig = Rig::new()?;
+    let status = rig
+        .kafka_java(&rig.state_dir(Broker::Kafka))
+        .arg(class)
+        .args(args)
+        .status()
+        .map_err(|e| format!("cannot run java: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{tool} failed ({status})"))
+    }
 }
 
 /// flowgate-core and flowgate-runtime depend on no broker client and on no store; adapters
