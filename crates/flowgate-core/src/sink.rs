@@ -77,48 +77,34 @@ pub trait Sink: Send + Sync {
     }
 }
 
-#[async_trait]
-impl<S: Sink + ?Sized> Sink for std::sync::Arc<S> {
-    fn capabilities(&self) -> SinkCapabilities {
-        (**self).capabilities()
-    }
-    async fn write(&self, batch: &[Record]) -> Result<(), WriteError> {
-        (**self).write(batch).await
-    }
-    async fn write_transactional(
-        &self,
-        batch: &[Record],
-        tx: &TxContext<'_>,
-    ) -> Result<(), WriteError> {
-        (**self).write_transactional(batch, tx).await
-    }
-    async fn flush(&self) -> Result<(), Error> {
-        (**self).flush().await
-    }
-    async fn close(&self) -> Result<(), Error> {
-        (**self).close().await
-    }
+/// `Sink` for smart pointers to a sink (`Arc<dyn Sink>`, `Box<dyn Sink>`): every method
+/// forwards to the pointee, so an override a sink makes is never lost.
+macro_rules! forward_sink {
+    ($($ptr:ident)::+) => {
+        #[async_trait]
+        impl<S: Sink + ?Sized> Sink for $($ptr)::+<S> {
+            fn capabilities(&self) -> SinkCapabilities {
+                (**self).capabilities()
+            }
+            async fn write(&self, batch: &[Record]) -> Result<(), WriteError> {
+                (**self).write(batch).await
+            }
+            async fn write_transactional(
+                &self,
+                batch: &[Record],
+                tx: &TxContext<'_>,
+            ) -> Result<(), WriteError> {
+                (**self).write_transactional(batch, tx).await
+            }
+            async fn flush(&self) -> Result<(), Error> {
+                (**self).flush().await
+            }
+            async fn close(&self) -> Result<(), Error> {
+                (**self).close().await
+            }
+        }
+    };
 }
 
-#[async_trait]
-impl<S: Sink + ?Sized> Sink for Box<S> {
-    fn capabilities(&self) -> SinkCapabilities {
-        (**self).capabilities()
-    }
-    async fn write(&self, batch: &[Record]) -> Result<(), WriteError> {
-        (**self).write(batch).await
-    }
-    async fn write_transactional(
-        &self,
-        batch: &[Record],
-        tx: &TxContext<'_>,
-    ) -> Result<(), WriteError> {
-        (**self).write_transactional(batch, tx).await
-    }
-    async fn flush(&self) -> Result<(), Error> {
-        (**self).flush().await
-    }
-    async fn close(&self) -> Result<(), Error> {
-        (**self).close().await
-    }
-}
+forward_sink!(std::sync::Arc);
+forward_sink!(Box);
