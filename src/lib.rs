@@ -7,7 +7,8 @@
 //!   traits, errors;
 //! - [`runtime`]: the pipeline builder and the in-process adapters (generator, null,
 //!   JSON-lines, fault injection);
-//! - [`checkpoint`]: the stores (in-memory; embedded redb with feature `embedded-store`).
+//! - [`checkpoint`]: the stores (in-memory; embedded redb with feature `embedded-store`);
+//! - `kafka` (feature `kafka`): the Apache Kafka source and sink.
 //!
 //! ```no_run
 //! use flowgate::runtime::adapters::{GeneratorConfig, GeneratorSource, NullSink};
@@ -31,6 +32,10 @@ pub use flowgate_runtime as runtime;
 
 #[cfg(feature = "testkit")]
 pub use flowgate_core::testkit;
+
+/// Apache Kafka source and sink (feature `kafka`).
+#[cfg(feature = "kafka")]
+pub use flowgate_kafka as kafka;
 
 pub use flowgate_core::{Error, ErrorKind, PartitionId, Position, Record};
 pub use flowgate_runtime::{Pipeline, RuntimeSettings, Shutdown};

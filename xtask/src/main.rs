@@ -121,8 +121,10 @@ fn test() -> Result<(), String> {
             "test",
             "-p",
             "flowgate-rig-tests",
+            "-p",
+            "flowgate-kafka",
             "--features",
-            "brokers",
+            "flowgate-rig-tests/brokers,flowgate-kafka/broker-tests",
             "--",
             "--test-threads",
             "2",
@@ -271,18 +273,44 @@ fn dependency_rules() -> Result<(), String> {
             }
         }
     }
-    let tree = output(cargo().args([
-        "tree",
-        "-p",
-        "flowgate-checkpoint",
-        "-e",
-        "normal",
-        "--prefix",
-        "none",
-        "--all-features",
-    ]))?;
-    if tree.lines().any(|l| l.starts_with("flowgate-runtime")) {
-        return Err("flowgate-checkpoint must not depend on flowgate-runtime".into());
+    // Adapters and stores depend on core only, and each broker client lives in its adapter.
+    for (krate, allowed) in [
+        ("flowgate-checkpoint", "redb"),
+        ("flowgate-kafka", "rdkafka"),
+    ] {
+        let tree = output(cargo().args([
+            "tree",
+            "-p",
+            krate,
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+            "--all-features",
+        ]))?;
+        let names: Vec<&str> = tree
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        for other in [
+            "flowgate-runtime",
+            "flowgate-checkpoint",
+            "flowgate-kafka",
+            "flowgate-cli",
+        ] {
+            if other != krate && names.contains(&other) {
+                return Err(format!(
+                    "{krate} must depend on flowgate-core only, not on {other}"
+                ));
+            }
+        }
+        for client in BROKER_CLIENTS {
+            if client != allowed && names.contains(&client) {
+                return Err(format!(
+                    "{krate} must not depend on {client}: broker clients live in their own adapter"
+                ));
+            }
+        }
     }
     eprintln!("==> dependency rules: ok");
     Ok(())

@@ -65,7 +65,11 @@ pub(crate) struct PipelineConfig {
 pub(crate) enum SourceConfig {
     /// The in-process generator.
     Generator(GeneratorConfig),
-    /// Apache Kafka (feature `kafka`).
+    /// Apache Kafka.
+    #[cfg(feature = "kafka")]
+    Kafka(flowgate_kafka::KafkaSourceConfig),
+    /// Apache Kafka (feature `kafka`, not compiled in).
+    #[cfg(not(feature = "kafka"))]
     Kafka(NotCompiled),
     /// AWS Kinesis Data Streams (feature `kinesis`).
     Kinesis(NotCompiled),
@@ -108,7 +112,11 @@ pub(crate) enum SinkConfig {
         #[serde(default)]
         faults: Option<FaultConfig>,
     },
-    /// Apache Kafka (feature `kafka`).
+    /// Apache Kafka.
+    #[cfg(feature = "kafka")]
+    Kafka(flowgate_kafka::KafkaSinkConfig),
+    /// Apache Kafka (feature `kafka`, not compiled in).
+    #[cfg(not(feature = "kafka"))]
     Kafka(NotCompiled),
     /// AWS Kinesis Data Streams (feature `kinesis`).
     Kinesis(NotCompiled),
@@ -174,13 +182,18 @@ impl DedupConfig {
     }
 }
 
-/// Which broker adapters this binary was built with.
+/// The error for an adapter this binary was built without.
 pub(crate) fn missing_feature(kind: &str) -> Error {
-    Error::config(format!("this flowgate binary was built without the `{kind}` adapter"))
-        .with_context("key", "type")
-        .with_hint(format!(
-            "build with `--features {kind}`; note: the {kind} adapter is not part of this release yet (see README, status table)"
-        ))
+    let hint = if kind == "kafka" {
+        "build the flowgate CLI with `--features kafka` (on by default)".to_string()
+    } else {
+        format!("the {kind} adapter is not part of this release yet (see README, status table)")
+    };
+    Error::config(format!(
+        "this flowgate binary was built without the `{kind}` adapter"
+    ))
+    .with_context("key", "type")
+    .with_hint(hint)
 }
 
 /// Loads a configuration file (TOML or YAML by extension) and the `FLOWGATE_` environment.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use flowgate_checkpoint::{EmbeddedStore, MemoryStore};
-use flowgate_core::{CheckpointStore, DedupStore, Error, ErrorKind, PartitionId, Sink};
+use flowgate_core::{CheckpointStore, DedupStore, Error, ErrorKind, PartitionId, Sink, Source};
 use flowgate_runtime::adapters::{
     FaultConfig, FaultInjectingSink, GeneratorConfig, GeneratorSource, JsonLinesConfig,
     JsonLinesSink, NullSink, Spike,
@@ -183,6 +183,9 @@ async fn make_sink(cfg: &SinkConfig, stores: &Stores, key: &str) -> Result<Box<d
             })?;
             (Box::new(store.table_sink(table)), faults)
         }
+        #[cfg(feature = "kafka")]
+        SinkConfig::Kafka(k) => (Box::new(flowgate_kafka::KafkaSink::new(k.clone())?), &None),
+        #[cfg(not(feature = "kafka"))]
         SinkConfig::Kafka(_) => {
             return Err(config::missing_feature("kafka").with_context("key", format!("{key}.type")));
         }
@@ -204,8 +207,11 @@ async fn make_sink(cfg: &SinkConfig, stores: &Stores, key: &str) -> Result<Box<d
 }
 
 async fn build(cfg: &PipelineConfig) -> Result<(Pipeline, Stores), Error> {
-    let source = match &cfg.source {
-        SourceConfig::Generator(g) => GeneratorSource::new(g.clone())?,
+    let source: Box<dyn Source> = match &cfg.source {
+        SourceConfig::Generator(g) => Box::new(GeneratorSource::new(g.clone())?),
+        #[cfg(feature = "kafka")]
+        SourceConfig::Kafka(k) => Box::new(flowgate_kafka::KafkaSource::new(k.clone())?),
+        #[cfg(not(feature = "kafka"))]
         SourceConfig::Kafka(_) => {
             return Err(config::missing_feature("kafka").with_context("key", "source.type"));
         }

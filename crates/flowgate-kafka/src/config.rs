@@ -1,0 +1,197 @@
+//! Source and sink settings, with defaults; any librdkafka property can be passed through.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Partition assignment strategy of the consumer group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AssignmentStrategy {
+    /// Incremental cooperative rebalancing (`cooperative-sticky`): only moved partitions
+    /// stop. The default.
+    Cooperative,
+    /// Eager rebalancing (`range`): every partition is revoked and reassigned.
+    Eager,
+}
+
+/// Settings of the [`KafkaSource`](crate::KafkaSource).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSourceConfig {
+    /// `bootstrap.servers`. Default `127.0.0.1:9092`.
+    pub bootstrap_servers: String,
+    /// Topics to subscribe to (required).
+    pub topics: Vec<String>,
+    /// Consumer group; default: the pipeline's name.
+    pub group_id: Option<String>,
+    /// Static membership (`group.instance.id`): a restart within the session timeout keeps
+    /// the assignment without a rebalance.
+    pub group_instance_id: Option<String>,
+    /// Default `cooperative`.
+    pub assignment: AssignmentStrategy,
+    /// Where a partition without checkpoint or committed offset starts: `earliest` (default)
+    /// or `latest`.
+    pub auto_offset_reset: String,
+    /// `session.timeout.ms`. Default 45 s.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// `max.poll.interval.ms`. Default 300 s. flowgate keeps polling while partitions are
+    /// paused, so a slow sink never exceeds it.
+    #[serde(with = "humantime_serde")]
+    pub max_poll_interval: Duration,
+    /// `queued.max.messages.kbytes`: librdkafka's own prefetch per partition, bounded so a
+    /// paused consumer does not hold the backlog in memory. Default 4096 (4 MiB).
+    pub queued_max_messages_kbytes: u64,
+    /// `fetch.max.bytes`. Default 8 MiB.
+    pub fetch_max_bytes: u64,
+    /// How long a rebalance callback waits for the runtime to drain revoked partitions, and
+    /// for start positions of assigned ones. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub rebalance_timeout: Duration,
+    /// Records handed to the runtime per event, at most. Default 1000.
+    pub max_batch: usize,
+    /// Any other librdkafka property (SASL/SSL included), passed through as is. Values of
+    /// keys that look secret never appear in logs or `Debug`.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaSourceConfig {
+    fn default() -> Self {
+        KafkaSourceConfig {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            topics: Vec::new(),
+            group_id: None,
+            group_instance_id: None,
+            assignment: AssignmentStrategy::Cooperative,
+            auto_offset_reset: "earliest".into(),
+            session_timeout: Duration::from_secs(45),
+            max_poll_interval: Duration::from_secs(300),
+            queued_max_messages_kbytes: 4096,
+            fetch_max_bytes: 8 * 1024 * 1024,
+            rebalance_timeout: Duration::from_secs(30),
+            max_batch: 1000,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// Settings of the [`KafkaSink`](crate::KafkaSink).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// `bootstrap.servers`. Default `127.0.0.1:9092`.
+    pub bootstrap_servers: String,
+    /// Topic written to (required unless every record names one in `topic_header`).
+    pub topic: Option<String>,
+    /// A header naming the topic per record (routing), checked before `topic`.
+    pub topic_header: Option<String>,
+    /// `message.timeout.ms`: how long librdkafka retries a delivery before reporting it
+    /// failed. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub delivery_timeout: Duration,
+    /// Largest record; a larger one is poison. Default 1,000,000 bytes (the broker's default
+    /// `message.max.bytes`).
+    pub max_record_bytes: usize,
+    /// `linger.ms`. Default 5 ms.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// Any other librdkafka property, passed through (secrets hidden in `Debug`).
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaSinkConfig {
+    fn default() -> Self {
+        KafkaSinkConfig {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            topic: None,
+            topic_header: None,
+            delivery_timeout: Duration::from_secs(30),
+            max_record_bytes: 1_000_000,
+            linger: Duration::from_millis(5),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// Whether a librdkafka property holds a secret (its value is never printed).
+pub(crate) fn is_secret(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "password", "secret", "jaas", "token", "key.pem", "keystore", "private",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
+pub(crate) struct Redacted<'a>(pub(crate) &'a BTreeMap<String, String>);
+
+impl fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut m = f.debug_map();
+        for (k, v) in self.0 {
+            if is_secret(k) {
+                m.entry(k, &"<redacted>");
+            } else {
+                m.entry(k, v);
+            }
+        }
+        m.finish()
+    }
+}
+
+impl fmt::Debug for KafkaSourceConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaSourceConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("topics", &self.topics)
+            .field("group_id", &self.group_id)
+            .field("group_instance_id", &self.group_instance_id)
+            .field("assignment", &self.assignment)
+            .field("auto_offset_reset", &self.auto_offset_reset)
+            .field("session_timeout", &self.session_timeout)
+            .field("max_poll_interval", &self.max_poll_interval)
+            .field(
+                "queued_max_messages_kbytes",
+                &self.queued_max_messages_kbytes,
+            )
+            .field("fetch_max_bytes", &self.fetch_max_bytes)
+            .field("rebalance_timeout", &self.rebalance_timeout)
+            .field("max_batch", &self.max_batch)
+            .field("properties", &Redacted(&self.properties))
+            .finish()
+    }
+}
+
+impl fmt::Debug for KafkaSinkConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaSinkConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("topic", &self.topic)
+            .field("topic_header", &self.topic_header)
+            .field("delivery_timeout", &self.delivery_timeout)
+            .field("max_record_bytes", &self.max_record_bytes)
+            .field("linger", &self.linger)
+            .field("properties", &Redacted(&self.properties))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_appear_in_debug() {
+        let mut cfg = KafkaSourceConfig::default();
+        cfg.properties
+            .insert("sasl.password".into(), "hunter2".into());
+        cfg.properties
+            .insert("sasl.username".into(), "alice".into());
+        let text = format!("{cfg:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("alice"));
+    }
+}

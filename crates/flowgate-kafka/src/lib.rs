@@ -1,0 +1,22 @@
+//! # flowgate-kafka
+//!
+//! Apache Kafka for flowgate, on rdkafka (librdkafka, built and linked statically):
+//!
+//! - [`KafkaSource`]: a consumer group member whose partitions are paused when the runtime
+//!   has no credit for them (it keeps polling: never kicked out of the group), offsets stored
+//!   and committed only after the sink confirmed and the checkpoint store recorded them,
+//!   rebalances that drain and commit before releasing partitions, cooperative-sticky by
+//!   default, static membership optional.
+//! - [`KafkaSink`]: an idempotent producer (`acks=all`); records are confirmed by their
+//!   delivery reports; the idempotency key travels as a header.
+#![doc = include_str!("docs.md")]
+
+mod config;
+mod error;
+mod lag;
+mod sink;
+mod source;
+
+pub use config::{AssignmentStrategy, KafkaSinkConfig, KafkaSourceConfig};
+pub use sink::KafkaSink;
+pub use source::{KafkaSource, partition_id};

@@ -1,0 +1,378 @@
+//! The Kafka adapter against the real broker of `cargo xtask brokers up`: the core
+//! conformance suite for the source and the sink, and the slow-sink scenario.
+#![cfg(feature = "broker-tests")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use flowgate_core::testkit::{sink::SinkHarness, source::SourceHarness};
+use flowgate_core::{Error, IdempotencyKey, PartitionId, Position, Record, headers};
+use flowgate_kafka::{KafkaSink, KafkaSinkConfig, KafkaSource, KafkaSourceConfig, partition_id};
+use rdkafka::Message;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers as _;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+fn bootstrap() -> String {
+    std::env::var("FLOWGATE_TEST_KAFKA_BOOTSTRAP").unwrap_or_else(|_| {
+        panic!("FLOWGATE_TEST_KAFKA_BOOTSTRAP is not set: run `cargo xtask brokers up` and export what it prints (or `cargo xtask test`)")
+    })
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
+async fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    let res = admin
+        .create_topics(
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create_topics");
+    for r in res {
+        r.expect("topic created");
+    }
+}
+
+async fn produce(topic: &str, partitions: i32, per_partition: usize) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let mut futs = Vec::new();
+    for p in 0..partitions {
+        for i in 0..per_partition {
+            let producer = producer.clone();
+            let topic = topic.to_string();
+            futs.push(async move {
+                let payload = format!("p{p}-{i}");
+                producer
+                    .send(
+                        FutureRecord::to(&topic)
+                            .partition(p)
+                            .key("k")
+                            .payload(&payload),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .map_err(|(e, _)| e)
+            });
+        }
+    }
+    for r in futures_util::future::join_all(futs).await {
+        r.expect("delivered");
+    }
+}
+
+fn source_config(topic: &str, group: &str) -> KafkaSourceConfig {
+    KafkaSourceConfig {
+        bootstrap_servers: bootstrap(),
+        topics: vec![topic.to_string()],
+        group_id: Some(group.to_string()),
+        session_timeout: Duration::from_secs(6),
+        max_poll_interval: Duration::from_secs(10),
+        rebalance_timeout: Duration::from_secs(10),
+        ..Default::default()
+    }
+}
+
+struct SourceH {
+    topic: Mutex<String>,
+    group: Mutex<String>,
+}
+
+#[async_trait]
+impl SourceHarness for SourceH {
+    type Source = KafkaSource;
+    async fn prepare(&self, per_partition: usize) -> Result<Vec<PartitionId>, Error> {
+        let topic = unique("conf-src");
+        create_topic(&topic, 2).await;
+        produce(&topic, 2, per_partition).await;
+        *self.topic.lock().unwrap() = topic.clone();
+        *self.group.lock().unwrap() = unique("conf-group");
+        Ok((0..2).map(|p| partition_id(&topic, p)).collect())
+    }
+    async fn open_source(&self) -> Result<KafkaSource, Error> {
+        KafkaSource::new(source_config(
+            &self.topic.lock().unwrap(),
+            &self.group.lock().unwrap(),
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_source_conforms() {
+    let h = SourceH {
+        topic: Mutex::new(String::new()),
+        group: Mutex::new(String::new()),
+    };
+    flowgate_core::testkit::source::run_all(&h).await;
+}
+
+struct SinkH {
+    topic: String,
+}
+
+#[async_trait]
+impl SinkHarness for SinkH {
+    type Sink = KafkaSink;
+    async fn open_sink(&self) -> Result<KafkaSink, Error> {
+        KafkaSink::new(KafkaSinkConfig {
+            bootstrap_servers: bootstrap(),
+            topic: Some(self.topic.clone()),
+            ..Default::default()
+        })
+    }
+    async fn read_back(&self) -> Result<Vec<Record>, Error> {
+        let topic = self.topic.clone();
+        Ok(tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", bootstrap())
+                .set("group.id", unique("conf-read"))
+                .set("enable.auto.commit", "false")
+                .create()
+                .unwrap();
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition_offset(&topic, 0, Offset::Beginning)
+                .unwrap();
+            consumer.assign(&tpl).unwrap();
+            let mut out = Vec::new();
+            let mut idle_since = Instant::now();
+            while idle_since.elapsed() < Duration::from_secs(3) {
+                if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+                    let m = m.unwrap();
+                    let mut r = Record::new(
+                        PartitionId::new("read"),
+                        Position::from(m.offset() as u64),
+                        Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+                    );
+                    r.key = m.key().map(Bytes::copy_from_slice);
+                    if let Some(hs) = m.headers() {
+                        for h in hs.iter() {
+                            if h.key == headers::IDEMPOTENCY_KEY {
+                                r.idempotency_key = h
+                                    .value
+                                    .map(|v| IdempotencyKey::new(Bytes::copy_from_slice(v)));
+                            }
+                        }
+                    }
+                    out.push(r);
+                    idle_since = Instant::now();
+                }
+            }
+            out
+        })
+        .await
+        .unwrap())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_sink_conforms() {
+    let topic = unique("conf-sink");
+    create_topic(&topic, 1).await;
+    flowgate_core::testkit::sink::run_all(&SinkH { topic }).await;
+}
+
+/// A sink 10× slower than the producer for longer than twice `max.poll.interval.ms`: the
+/// member is never kicked out (the only rebalance is the initial assignment), memory stays
+/// within the runtime's budget, and the lag is reported growing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_sink_never_gets_the_member_kicked_out() {
+    use flowgate_runtime::adapters::{FaultConfig, FaultInjectingSink, NullSink};
+    use flowgate_runtime::{Pipeline, RuntimeSettings, Shutdown};
+
+    let topic = unique("slow-sink");
+    create_topic(&topic, 4).await;
+    // Producer: 2,000 records/s for the whole test.
+    let producer_topic = topic.clone();
+    let producing = tokio::spawn(async move {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap())
+            .set("linger.ms", "20")
+            .create()
+            .unwrap();
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while started.elapsed() < Duration::from_secs(26) {
+            let due = (started.elapsed().as_secs_f64() * 2_000.0) as u64;
+            let mut futs = Vec::new();
+            while sent < due {
+                let key = format!("k{}", sent % 64);
+                let payload = vec![b'x'; 100];
+                futs.push(
+                    producer
+                        .send_result(
+                            FutureRecord::to(&producer_topic)
+                                .key(&key)
+                                .payload(&payload),
+                        )
+                        .expect("enqueue"),
+                );
+                sent += 1;
+            }
+            for f in futs {
+                f.await.unwrap().map_err(|(e, _)| e).expect("delivered");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sent
+    });
+    // Sink: 200 records/s, whatever the concurrency.
+    let sink = FaultInjectingSink::new(
+        NullSink::default(),
+        FaultConfig {
+            capacity_per_sec: Some(200.0),
+            ..Default::default()
+        },
+    );
+    let budget = 1024 * 1024;
+    let settings = RuntimeSettings {
+        max_in_flight_per_partition: 200,
+        max_buffer_bytes: budget,
+        ..Default::default()
+    };
+    let pipeline = Pipeline::builder(unique("slow-group"))
+        .source(KafkaSource::new(source_config(&topic, &unique("slow-group"))).unwrap())
+        .sink(sink)
+        .settings(settings)
+        .build()
+        .unwrap();
+    let stats = pipeline.stats();
+    let run = tokio::spawn(pipeline.run(Shutdown::after(Duration::from_secs(25))));
+    let mut lag_samples = Vec::new();
+    for _ in 0..24 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        lag_samples.push(stats.snapshot().lag);
+    }
+    let summary = run.await.unwrap().unwrap();
+    let sent = producing.await.unwrap();
+    let s = summary.stats;
+    assert_eq!(
+        s.rebalances, 1,
+        "only the initial assignment: the slow member was never kicked out of its group"
+    );
+    assert!(
+        s.records_out > 1_000 && s.records_out < sent / 3,
+        "the sink was slow: {} of {sent}",
+        s.records_out
+    );
+    assert!(
+        s.peak_partition_in_flight <= 200,
+        "credit exceeded: {}",
+        s.peak_partition_in_flight
+    );
+    assert!(
+        s.peak_buffer_bytes <= budget as u64 + 200 * 1024,
+        "byte budget exceeded: {}",
+        s.peak_buffer_bytes
+    );
+    let (first, last) = (lag_samples[4], *lag_samples.last().unwrap());
+    assert!(
+        last > first + 10_000,
+        "lag must be reported growing: {lag_samples:?}"
+    );
+    eprintln!(
+        "kafka/slow-sink: sent {sent}, written {}, rebalances {}, peak buffer {} KiB, lag {first} -> {last}",
+        s.records_out,
+        s.rebalances,
+        s.peak_buffer_bytes / 1024
+    );
+}
+
+/// A poison record goes to the dead-letter topic with the error and its origin as headers;
+/// the partition keeps flowing and the committed offsets reach the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_record_goes_to_the_dead_letter_topic() {
+    use flowgate_runtime::adapters::{FaultConfig, FaultInjectingSink, MemorySink};
+    use flowgate_runtime::{Pipeline, Shutdown};
+
+    let topic = unique("poison");
+    let dlq = unique("poison-dlq");
+    create_topic(&topic, 1).await;
+    create_topic(&dlq, 1).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    for i in 0..500 {
+        let payload = if i == 250 {
+            "POISON: not decodable".to_string()
+        } else {
+            format!("{{\"n\":{i}}}")
+        };
+        producer
+            .send(
+                FutureRecord::to(&topic).key("k").payload(&payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    let out = MemorySink::new();
+    let sink = FaultInjectingSink::new(
+        out.clone(),
+        FaultConfig {
+            poison_prefix: Some("POISON".into()),
+            ..Default::default()
+        },
+    );
+    let dead_letter = KafkaSink::new(KafkaSinkConfig {
+        bootstrap_servers: bootstrap(),
+        topic: Some(dlq.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let pipeline = Pipeline::builder(unique("poison-group"))
+        .source(KafkaSource::new(source_config(&topic, &unique("poison-group"))).unwrap())
+        .sink(sink)
+        .dead_letter(dead_letter)
+        .build()
+        .unwrap();
+    let stats = pipeline.stats();
+    let (trigger, shutdown) = Shutdown::manual();
+    let run = tokio::spawn(pipeline.run(shutdown));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while stats.snapshot().records_acked < 500 {
+        assert!(
+            Instant::now() < deadline,
+            "the partition stalled: {:?}",
+            stats.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    trigger.trigger();
+    let summary = run.await.unwrap().unwrap();
+    assert_eq!(out.len(), 499, "every other record reached the sink");
+    assert_eq!(summary.stats.dead_lettered, 1);
+    assert_eq!(
+        summary
+            .checkpoints
+            .iter()
+            .map(|c| c.position.clone())
+            .collect::<Vec<_>>(),
+        vec![Position::from(499u64)]
+    );
+    let letters = SinkH { topic: dlq }.read_back().await.unwrap();
+    assert_eq!(letters.len(), 1);
+    assert!(letters[0].payload.starts_with(b"POISON"));
+}
