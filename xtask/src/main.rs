@@ -129,10 +129,22 @@ fn test() -> Result<(), String> {
             "--test-threads",
             "2",
         ]);
-        for (k, v) in rig.env_all(&rig::ALL) {
-            cmd.env(k, v);
-        }
-        run("cargo test (real brokers)", &mut cmd)
+        let env = rig.env_all(&rig::ALL);
+        cmd.envs(env.iter().cloned());
+        run("cargo test (real brokers)", &mut cmd)?;
+        // Scenarios that drive the `flowgate` binary against the brokers (SIGKILL loops).
+        let mut cli = cargo();
+        cli.args([
+            "test",
+            "-p",
+            "flowgate-cli",
+            "--features",
+            "broker-tests",
+            "--test",
+            "kafka_crash",
+        ]);
+        cli.envs(env);
+        run("cargo test (CLI against real brokers)", &mut cli)
     });
     eprintln!("\n==> brokers down");
     let down = rig.down(&rig::ALL);
