@@ -480,3 +480,122 @@ async fn cooperative_join_and_leave_lose_nothing_and_commit_nothing_stale() {
     let cps = store.load(&group).await.unwrap();
     assert_eq!(cps.len(), 4);
 }
+
+/// Three members of one group, one of them very slow: nobody is kicked out (no rebalance once
+/// all three have joined, although the slow one holds its records far longer than
+/// `max.poll.interval.ms`), and the two others keep their partitions and keep progressing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_slow_member_of_three_does_not_stall_the_others() {
+    use flowgate_runtime::adapters::{FaultConfig, FaultInjectingSink, NullSink};
+    use flowgate_runtime::{Pipeline, RuntimeSettings, Shutdown};
+
+    let topic = unique("three");
+    create_topic(&topic, 6).await;
+    let producer_topic = topic.clone();
+    let producing = tokio::spawn(async move {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap())
+            .set("linger.ms", "20")
+            .create()
+            .unwrap();
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while started.elapsed() < Duration::from_secs(40) {
+            let due = (started.elapsed().as_secs_f64() * 1_500.0) as u64;
+            let mut futs = Vec::new();
+            while sent < due {
+                let key = format!("k{sent}");
+                futs.push(
+                    producer
+                        .send_result(FutureRecord::to(&producer_topic).key(&key).payload("x"))
+                        .expect("enqueue"),
+                );
+                sent += 1;
+            }
+            for f in futs {
+                f.await.unwrap().map_err(|(e, _)| e).expect("delivered");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let group = unique("three-group");
+    let mut runs = Vec::new();
+    let mut stats = Vec::new();
+    let mut triggers = Vec::new();
+    for capacity in [5_000.0, 5_000.0, 10.0] {
+        let p = Pipeline::builder(group.clone())
+            .source(KafkaSource::new(source_config(&topic, &group)).unwrap())
+            .sink(FaultInjectingSink::new(
+                NullSink::default(),
+                FaultConfig {
+                    capacity_per_sec: Some(capacity),
+                    ..Default::default()
+                },
+            ))
+            .settings(RuntimeSettings {
+                max_in_flight_per_partition: 100,
+                ..Default::default()
+            })
+            .build()
+            .unwrap();
+        stats.push(p.stats());
+        let (t, s) = Shutdown::manual();
+        triggers.push(t);
+        runs.push(tokio::spawn(p.run(s)));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Let the group settle (cooperative rebalancing takes two rounds per join): the rebalance
+    // counts unchanged for 3 s and every member writing. Then watch for twice
+    // max.poll.interval.ms.
+    let counts = || {
+        stats
+            .iter()
+            .map(|s| s.snapshot().rebalances)
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = counts();
+    let mut stable_since = Instant::now();
+    while stable_since.elapsed() < Duration::from_secs(3)
+        || stats.iter().any(|s| s.snapshot().records_out == 0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the group did not settle: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = counts();
+        if now != last {
+            last = now;
+            stable_since = Instant::now();
+        }
+    }
+    let settled: Vec<_> = stats.iter().map(|s| s.snapshot()).collect();
+    tokio::time::sleep(Duration::from_secs(21)).await;
+    let end: Vec<_> = stats.iter().map(|s| s.snapshot()).collect();
+    for t in &triggers {
+        t.trigger();
+    }
+    for r in runs {
+        r.await.unwrap().expect("member ran");
+    }
+    producing.abort();
+    for i in 0..3 {
+        eprintln!(
+            "kafka/three: member {i}: rebalances {} -> {}, written {} -> {}",
+            settled[i].rebalances, end[i].rebalances, settled[i].records_out, end[i].records_out
+        );
+    }
+    for i in 0..3 {
+        assert_eq!(
+            settled[i].rebalances, end[i].rebalances,
+            "member {i}: no rebalance after the group settled"
+        );
+    }
+    for i in 0..2 {
+        assert!(
+            end[i].records_out > settled[i].records_out + 5_000,
+            "member {i} kept progressing"
+        );
+    }
+}
