@@ -26,6 +26,8 @@ cargo xtask <task>
                            consumer-perf-test, broker-api-versions
   bench runtime            generator -> null sink through a raw loop and through the runtime
                            (records/s side by side, ratios) and instructions per record
+  bench kafka              a pre-filled 4-partition topic read by a raw rdkafka loop and by the
+                           flowgate Kafka source (with and without dedup), side by side
   help                     this text
 ";
 
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
         ["brokers", rest @ ..] => brokers(rest),
         ["kafka", tool, rest @ ..] => kafka_tool(tool, rest),
         ["bench", "runtime", rest @ ..] => bench_runtime(rest),
+        ["bench", "kafka", rest @ ..] => bench_kafka(rest),
         ["help"] | [] => {
             print!("{HELP}");
             Ok(())
@@ -399,6 +402,80 @@ fn bench_runtime(rest: &[&str]) -> Result<(), String> {
         );
     }
     callgrind(bin)
+}
+
+fn bench_kafka(rest: &[&str]) -> Result<(), String> {
+    let records: u64 = rest
+        .iter()
+        .find_map(|a| a.strip_prefix("--records="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1_000_000);
+    let rounds: usize = rest
+        .iter()
+        .find_map(|a| a.strip_prefix("--rounds="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(3);
+    let rig = Rig::new()?;
+    rig.up(&[Broker::Kafka], Engine::Native)?;
+    let env = rig.env_all(&[Broker::Kafka]);
+    run(
+        "build the harness",
+        cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "flowgate-kafka",
+            "--example",
+            "bench_kafka",
+        ]),
+    )?;
+    let bin = "target/release/examples/bench_kafka";
+    let topic = format!(
+        "bench-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default()
+    );
+    let n = records.to_string();
+    output(
+        Command::new(bin)
+            .args(["fill", &topic, &n])
+            .envs(env.iter().cloned()),
+    )?;
+    let modes = ["raw", "flowgate", "flowgate-dedup"];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    for round in 0..rounds {
+        for (i, mode) in modes.iter().enumerate() {
+            let out = output(
+                Command::new(bin)
+                    .args([*mode, topic.as_str(), n.as_str()])
+                    .envs(env.iter().cloned()),
+            )?;
+            let rate: f64 = out
+                .split_whitespace()
+                .nth(3)
+                .and_then(|r| r.parse().ok())
+                .ok_or(format!("bad output {out:?}"))?;
+            eprintln!("    round {round} {mode:<16} {rate:>12.0} records/s");
+            rates[i].push(rate);
+        }
+    }
+    let median = |v: &Vec<f64>| {
+        let mut v = v.clone();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let raw = median(&rates[0]);
+    println!(
+        "\n| mode ({records} records of 100 bytes, 4 partitions) | records/s (median of {rounds}) | vs raw loop |"
+    );
+    println!("|---|---:|---:|");
+    for (i, mode) in modes.iter().enumerate() {
+        let m = median(&rates[i]);
+        println!("| {mode} | {m:.0} | {:.3} |", m / raw);
+    }
+    Ok(())
 }
 
 /// Instructions per record from two callgrind runs of different sizes (start-up cancels out).
