@@ -12,7 +12,8 @@
 //! Knobs for investigating (environment): `BENCH_PROPS=k=v,…` librdkafka properties of the
 //! flowgate source, `BENCH_RAW_PROPS=k=v,…` of the raw loop, `BENCH_QKB` the source's
 //! `queued_max_messages_kbytes`, `BENCH_COMMIT_EVERY` the runtime's commit cadence,
-//! `BENCH_TRACE=1` a stats line per second. Mode `flowgate-nostore` runs without a store.
+//! `BENCH_TRACE=1` a stats line per second. Mode `flowgate-nostore` runs without a store;
+//! mode `source-only` drives `KafkaSource::next` alone with unlimited credit (no runtime).
 #![allow(clippy::expect_used)]
 
 use std::sync::Arc;
@@ -111,9 +112,10 @@ fn raw(topic: &str, records: u64) -> u64 {
             n += 1;
         }
     }
-    consumer
-        .commit_consumer_state(CommitMode::Sync)
-        .expect("commit");
+    // With `enable.auto.offset.store=false` in BENCH_RAW_PROPS nothing is stored to commit.
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        eprintln!("raw: final commit: {e}");
+    }
     n
 }
 
@@ -186,6 +188,50 @@ async fn flowgate(topic: &str, records: u64, dedup: bool, store_on: bool) -> u64
     sink.records()
 }
 
+/// The source alone, driven like the runtime would with unlimited credit.
+async fn source_only(topic: &str, records: u64) -> u64 {
+    use flowgate_core::{Credits, Source, SourceContext, SourceEvent, StartPosition};
+    let mut source = KafkaSource::new(KafkaSourceConfig {
+        bootstrap_servers: bootstrap(),
+        topics: vec![topic.to_string()],
+        ..Default::default()
+    })
+    .expect("source");
+    let credits = Credits::new();
+    source
+        .open(SourceContext {
+            pipeline: group("source-only"),
+            credits: credits.clone(),
+        })
+        .await
+        .expect("open");
+    let mut n = 0;
+    while n < records {
+        match source.next().await.expect("next") {
+            SourceEvent::Assigned(a) => {
+                for x in &a {
+                    credits.set(&x.partition, usize::MAX / 2);
+                }
+                source
+                    .start(
+                        a.into_iter()
+                            .map(|x| StartPosition {
+                                partition: x.partition,
+                                after: None,
+                            })
+                            .collect(),
+                    )
+                    .await
+                    .expect("start");
+            }
+            SourceEvent::Records(rs) => n += rs.len() as u64,
+            _ => {}
+        }
+    }
+    source.close().await.expect("close");
+    n
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (mode, topic, records) = match args.as_slice() {
@@ -208,6 +254,7 @@ fn main() {
             "flowgate" => flowgate(topic, records, false, true).await,
             "flowgate-dedup" => flowgate(topic, records, true, true).await,
             "flowgate-nostore" => flowgate(topic, records, false, false).await,
+            "source-only" => source_only(topic, records).await,
             other => panic!("unknown mode {other}"),
         }
     });
