@@ -539,7 +539,14 @@ fn poll_loop(
                 tracing::warn!(error = %e, "kafka: resume failed");
             }
         }
-        // Poll (also serves rebalance callbacks and heartbeats).
+        // Poll (also serves rebalance callbacks and heartbeats). Records of one burst are
+        // converted without the shared lock and handed over under one lock.
+        let mut ids: HashMap<Key, PartitionId> = lock(shared)
+            .queues
+            .iter()
+            .map(|(k, q)| (k.clone(), q.id.clone()))
+            .collect();
+        let mut burst: Vec<(Key, Record)> = Vec::new();
         let mut got = 0;
         while got < 1000 {
             let timeout = if got == 0 {
@@ -551,10 +558,16 @@ fn poll_loop(
                 Some(Ok(m)) => {
                     got += 1;
                     let key = (m.topic().to_string(), m.partition());
-                    let mut sh = lock(shared);
-                    let Some(q) = sh.queues.get_mut(&key) else {
-                        continue;
-                    };
+                    if !ids.contains_key(&key) {
+                        // Assigned by a rebalance callback during this burst.
+                        match lock(shared).queues.get(&key) {
+                            Some(q) => {
+                                ids.insert(key.clone(), q.id.clone());
+                            }
+                            None => continue,
+                        }
+                    }
+                    let Some(id) = ids.get(&key) else { continue };
                     let Some(position) = Position::from_offset(m.offset()) else {
                         continue;
                     };
@@ -570,22 +583,34 @@ fn poll_loop(
                         .to_millis()
                         .filter(|ms| *ms >= 0)
                         .map(|ms| UNIX_EPOCH + Duration::from_millis(ms as u64));
-                    q.records.push_back(Record {
-                        partition: q.id.clone(),
-                        position,
-                        key: m.key().map(Bytes::copy_from_slice),
-                        payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
-                        headers,
-                        timestamp: timestamp.or_else(|| Some(SystemTime::now())),
-                        idempotency_key: None,
-                        redelivered: false,
-                    });
+                    burst.push((
+                        key,
+                        Record {
+                            partition: id.clone(),
+                            position,
+                            key: m.key().map(Bytes::copy_from_slice),
+                            payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+                            headers,
+                            timestamp: timestamp.or_else(|| Some(SystemTime::now())),
+                            idempotency_key: None,
+                            redelivered: false,
+                        },
+                    ));
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "kafka: consumer error");
                     break;
                 }
                 None => break,
+            }
+        }
+        if !burst.is_empty() {
+            let mut sh = lock(shared);
+            for (key, record) in burst {
+                // Dropped if the partition was revoked meanwhile: its next owner reads it again.
+                if let Some(q) = sh.queues.get_mut(&key) {
+                    q.records.push_back(record);
+                }
             }
         }
         if got > 0 {
