@@ -247,7 +247,7 @@ fn kafka_tool(tool: &str, args: &[&str]) -> Result<(), String> {
 }
 
 /// flowgate-core and flowgate-runtime depend on no broker client and on no store; adapters
-/// and stores depend on core only.
+/// and stores depend on core only, and each broker client lives in its own adapter.
 fn dependency_rules() -> Result<(), String> {
     eprintln!("\n==> dependency rules (cargo tree)");
     const BROKER_CLIENTS: [&str; 6] = [
@@ -258,7 +258,20 @@ fn dependency_rules() -> Result<(), String> {
         "redb",
         "sqlx",
     ];
-    for krate in ["flowgate-core", "flowgate-runtime"] {
+    const FLOWGATE: [&str; 4] = [
+        "flowgate-runtime",
+        "flowgate-checkpoint",
+        "flowgate-kafka",
+        "flowgate-cli",
+    ];
+    // (crate, the one broker client or store engine it may use)
+    let rules = [
+        ("flowgate-core", None),
+        ("flowgate-runtime", None),
+        ("flowgate-checkpoint", Some("redb")),
+        ("flowgate-kafka", Some("rdkafka")),
+    ];
+    for (krate, allowed) in rules {
         let tree = output(cargo().args([
             "tree",
             "-p",
@@ -273,46 +286,7 @@ fn dependency_rules() -> Result<(), String> {
             .lines()
             .filter_map(|l| l.split_whitespace().next())
             .collect();
-        for bad in BROKER_CLIENTS {
-            if names.contains(&bad) {
-                return Err(format!(
-                    "{krate} must not depend on {bad} (found in `cargo tree -p {krate}`)"
-                ));
-            }
-        }
-        for other in ["flowgate-runtime", "flowgate-checkpoint", "flowgate-cli"] {
-            if other != krate && names.contains(&other) {
-                return Err(format!(
-                    "{krate} must not depend on {other}: adapters, stores and the runtime depend on core only"
-                ));
-            }
-        }
-    }
-    // Adapters and stores depend on core only, and each broker client lives in its adapter.
-    for (krate, allowed) in [
-        ("flowgate-checkpoint", "redb"),
-        ("flowgate-kafka", "rdkafka"),
-    ] {
-        let tree = output(cargo().args([
-            "tree",
-            "-p",
-            krate,
-            "-e",
-            "normal",
-            "--prefix",
-            "none",
-            "--all-features",
-        ]))?;
-        let names: Vec<&str> = tree
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .collect();
-        for other in [
-            "flowgate-runtime",
-            "flowgate-checkpoint",
-            "flowgate-kafka",
-            "flowgate-cli",
-        ] {
+        for other in FLOWGATE {
             if other != krate && names.contains(&other) {
                 return Err(format!(
                     "{krate} must depend on flowgate-core only, not on {other}"
@@ -320,9 +294,9 @@ fn dependency_rules() -> Result<(), String> {
             }
         }
         for client in BROKER_CLIENTS {
-            if client != allowed && names.contains(&client) {
+            if Some(client) != allowed && names.contains(&client) {
                 return Err(format!(
-                    "{krate} must not depend on {client}: broker clients live in their own adapter"
+                    "{krate} must not depend on {client} (found in `cargo tree -p {krate}`): broker clients live in their own adapter"
                 ));
             }
         }

@@ -82,6 +82,44 @@ async fn produce(topic: &str, partitions: i32, per_partition: usize) {
     }
 }
 
+/// Produces `per_sec` records a second for `duration` in the background; keys cycle over
+/// `key_modulo` values (or are all distinct). Returns how many were sent.
+fn produce_paced(
+    topic: String,
+    per_sec: f64,
+    duration: Duration,
+    key_modulo: Option<u64>,
+    payload: Vec<u8>,
+) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap())
+            .set("linger.ms", "20")
+            .create()
+            .unwrap();
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while started.elapsed() < duration {
+            let due = (started.elapsed().as_secs_f64() * per_sec) as u64;
+            let mut futs = Vec::new();
+            while sent < due {
+                let key = format!("k{}", key_modulo.map_or(sent, |m| sent % m));
+                futs.push(
+                    producer
+                        .send_result(FutureRecord::to(&topic).key(&key).payload(&payload))
+                        .expect("enqueue"),
+                );
+                sent += 1;
+            }
+            for f in futs {
+                f.await.unwrap().map_err(|(e, _)| e).expect("delivered");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sent
+    })
+}
+
 fn source_config(topic: &str, group: &str) -> KafkaSourceConfig {
     KafkaSourceConfig {
         bootstrap_servers: bootstrap(),
@@ -203,39 +241,13 @@ async fn slow_sink_never_gets_the_member_kicked_out() {
     let topic = unique("slow-sink");
     create_topic(&topic, 4).await;
     // Producer: 2,000 records/s for the whole test.
-    let producer_topic = topic.clone();
-    let producing = tokio::spawn(async move {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap())
-            .set("linger.ms", "20")
-            .create()
-            .unwrap();
-        let started = Instant::now();
-        let mut sent = 0u64;
-        while started.elapsed() < Duration::from_secs(26) {
-            let due = (started.elapsed().as_secs_f64() * 2_000.0) as u64;
-            let mut futs = Vec::new();
-            while sent < due {
-                let key = format!("k{}", sent % 64);
-                let payload = vec![b'x'; 100];
-                futs.push(
-                    producer
-                        .send_result(
-                            FutureRecord::to(&producer_topic)
-                                .key(&key)
-                                .payload(&payload),
-                        )
-                        .expect("enqueue"),
-                );
-                sent += 1;
-            }
-            for f in futs {
-                f.await.unwrap().map_err(|(e, _)| e).expect("delivered");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        sent
-    });
+    let producing = produce_paced(
+        topic.clone(),
+        2_000.0,
+        Duration::from_secs(26),
+        Some(64),
+        vec![b'x'; 100],
+    );
     // Sink: 200 records/s, whatever the concurrency.
     let sink = FaultInjectingSink::new(
         NullSink::default(),
@@ -491,33 +503,13 @@ async fn one_slow_member_of_three_does_not_stall_the_others() {
 
     let topic = unique("three");
     create_topic(&topic, 6).await;
-    let producer_topic = topic.clone();
-    let producing = tokio::spawn(async move {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap())
-            .set("linger.ms", "20")
-            .create()
-            .unwrap();
-        let started = Instant::now();
-        let mut sent = 0u64;
-        while started.elapsed() < Duration::from_secs(40) {
-            let due = (started.elapsed().as_secs_f64() * 1_500.0) as u64;
-            let mut futs = Vec::new();
-            while sent < due {
-                let key = format!("k{sent}");
-                futs.push(
-                    producer
-                        .send_result(FutureRecord::to(&producer_topic).key(&key).payload("x"))
-                        .expect("enqueue"),
-                );
-                sent += 1;
-            }
-            for f in futs {
-                f.await.unwrap().map_err(|(e, _)| e).expect("delivered");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    });
+    let producing = produce_paced(
+        topic.clone(),
+        1_500.0,
+        Duration::from_secs(40),
+        None,
+        b"x".to_vec(),
+    );
     let group = unique("three-group");
     let mut runs = Vec::new();
     let mut stats = Vec::new();
