@@ -7,7 +7,8 @@
 //! bench_kafka flowgate TOPIC RECORDS        KafkaSource -> null sink, checkpoints every 1000
 //! bench_kafka flowgate-dedup TOPIC RECORDS  the same with dedup by source position
 //! ```
-//! Prints `mode records seconds records_per_second`. Bootstrap: FLOWGATE_TEST_KAFKA_BOOTSTRAP.
+//! Prints `mode records seconds records_per_second`, seconds from the client's creation to the last
+//! record (group join included, close excluded). Bootstrap: FLOWGATE_TEST_KAFKA_BOOTSTRAP.
 //!
 //! Knobs for investigating (environment): `BENCH_PROPS=k=v,…` librdkafka properties of the
 //! flowgate source, `BENCH_RAW_PROPS=k=v,…` of the raw loop, `BENCH_QKB` the source's
@@ -90,7 +91,7 @@ async fn fill(topic: &str, records: u64) {
     producer.flush(Duration::from_secs(30)).expect("flush");
 }
 
-fn raw(topic: &str, records: u64) -> u64 {
+fn raw(started: Instant, topic: &str, records: u64) -> (u64, Duration) {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", bootstrap())
         .set("group.id", group("raw"))
@@ -112,36 +113,45 @@ fn raw(topic: &str, records: u64) -> u64 {
             n += 1;
         }
     }
+    let done = started.elapsed();
     // With `enable.auto.offset.store=false` in BENCH_RAW_PROPS nothing is stored to commit.
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         eprintln!("raw: final commit: {e}");
     }
-    n
+    (n, done)
 }
 
-async fn flowgate(topic: &str, records: u64, dedup: bool, store_on: bool) -> u64 {
+/// The source's configuration, with the investigation knobs applied.
+fn source_config(topic: &str) -> KafkaSourceConfig {
+    let mut cfg = KafkaSourceConfig {
+        bootstrap_servers: bootstrap(),
+        topics: vec![topic.to_string()],
+        properties: std::env::var("BENCH_PROPS")
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    };
+    if let Some(kb) = std::env::var("BENCH_QKB").ok().and_then(|v| v.parse().ok()) {
+        cfg.queued_max_messages_kbytes = kb;
+    }
+    cfg
+}
+
+async fn flowgate(
+    started: Instant,
+    topic: &str,
+    records: u64,
+    dedup: bool,
+    store_on: bool,
+) -> (u64, Duration) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(EmbeddedStore::open_dir(dir.path()).await.expect("store"));
     let sink = NullSink::default();
     let mut b = Pipeline::builder(group("flowgate"))
-        .source(
-            KafkaSource::new(KafkaSourceConfig {
-                bootstrap_servers: bootstrap(),
-                topics: vec![topic.to_string()],
-                queued_max_messages_kbytes: std::env::var("BENCH_QKB")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(4096),
-                properties: std::env::var("BENCH_PROPS")
-                    .unwrap_or_default()
-                    .split(',')
-                    .filter_map(|kv| kv.split_once('='))
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                ..Default::default()
-            })
-            .expect("source"),
-        )
+        .source(KafkaSource::new(source_config(topic)).expect("source"))
         .sink(sink.clone())
         .settings(flowgate_runtime::RuntimeSettings {
             commit: flowgate_runtime::CommitSettings {
@@ -181,22 +191,20 @@ async fn flowgate(topic: &str, records: u64, dedup: bool, store_on: bool) -> u64
         });
     }
     while sink.records() < records {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    let done = started.elapsed();
+    let t0 = Instant::now();
     trigger.trigger();
     run.await.expect("join").expect("run");
-    sink.records()
+    eprintln!("shutdown took {:?}", t0.elapsed());
+    (sink.records(), done)
 }
 
 /// The source alone, driven like the runtime would with unlimited credit.
-async fn source_only(topic: &str, records: u64) -> u64 {
+async fn source_only(started: Instant, topic: &str, records: u64) -> (u64, Duration) {
     use flowgate_core::{Credits, Source, SourceContext, SourceEvent, StartPosition};
-    let mut source = KafkaSource::new(KafkaSourceConfig {
-        bootstrap_servers: bootstrap(),
-        topics: vec![topic.to_string()],
-        ..Default::default()
-    })
-    .expect("source");
+    let mut source = KafkaSource::new(source_config(topic)).expect("source");
     let credits = Credits::new();
     source
         .open(SourceContext {
@@ -228,11 +236,19 @@ async fn source_only(topic: &str, records: u64) -> u64 {
             _ => {}
         }
     }
+    let done = started.elapsed();
     source.close().await.expect("close");
-    n
+    (n, done)
 }
 
 fn main() {
+    // RUST_LOG=… shows the source's and librdkafka's logs (with `debug=…` in BENCH_PROPS).
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (mode, topic, records) = match args.as_slice() {
         [m, t, n] => (m.as_str(), t.as_str(), n.parse::<u64>().expect("RECORDS")),
@@ -243,21 +259,23 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    // From the client's creation to the last record (group join included, close excluded:
+    // the same for every mode).
     let started = Instant::now();
-    let n = rt.block_on(async {
+    let (n, took) = rt.block_on(async {
         match mode {
             "fill" => {
                 fill(topic, records).await;
-                records
+                (records, started.elapsed())
             }
-            "raw" => raw(topic, records),
-            "flowgate" => flowgate(topic, records, false, true).await,
-            "flowgate-dedup" => flowgate(topic, records, true, true).await,
-            "flowgate-nostore" => flowgate(topic, records, false, false).await,
-            "source-only" => source_only(topic, records).await,
+            "raw" => raw(started, topic, records),
+            "flowgate" => flowgate(started, topic, records, false, true).await,
+            "flowgate-dedup" => flowgate(started, topic, records, true, true).await,
+            "flowgate-nostore" => flowgate(started, topic, records, false, false).await,
+            "source-only" => source_only(started, topic, records).await,
             other => panic!("unknown mode {other}"),
         }
     });
-    let secs = started.elapsed().as_secs_f64();
+    let secs = took.as_secs_f64();
     println!("{mode} {n} {secs:.3} {:.0}", n as f64 / secs);
 }

@@ -2,8 +2,9 @@
 //!
 //! Apache Kafka for flowgate, on rdkafka (librdkafka, built and linked statically):
 //!
-//! - [`KafkaSource`]: a consumer group member whose partitions are paused when the runtime
-//!   has no credit for them (it keeps polling: never kicked out of the group), offsets stored
+//! - [`KafkaSource`]: a consumer group member that reads each partition only up to the
+//!   runtime's credit for it and pauses partitions starved of credit (it keeps polling: never
+//!   kicked out of the group), offsets stored
 //!   and committed only after the sink confirmed and the checkpoint store recorded them,
 //!   rebalances that drain and commit before releasing partitions, cooperative-sticky by
 //!   default, static membership optional.
@@ -14,6 +15,7 @@
 mod config;
 mod error;
 mod lag;
+mod queue;
 mod sink;
 mod source;
 

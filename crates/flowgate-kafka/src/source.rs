@@ -1,23 +1,27 @@
-//! The Kafka source: a `BaseConsumer` polled by a thread of its own.
+//! The Kafka source: a `BaseConsumer` whose partitions each get a librdkafka queue of their own.
 //!
-//! - The thread polls continuously, so the member never exceeds `max.poll.interval.ms`, and
-//!   keeps each partition's fetched records in a small queue. A partition without credit, or
-//!   whose queue is full, is **paused** (librdkafka stops fetching it, the member stays in the
-//!   group); it is resumed when credit returns.
-//! - `next()` hands the runtime at most the credit of each partition, so the source never
-//!   delivers more than the runtime can hold.
+//! - A poll thread serves the consumer's main queue continuously (rebalance callbacks, commits,
+//!   errors), so the member never exceeds `max.poll.interval.ms` however slow the sink is.
+//! - Every assigned partition's messages go to its own librdkafka queue (split before the
+//!   partition is assigned). `next()` reads a partition's queue only up to that partition's
+//!   credit, so the runtime never receives more than it can hold, and librdkafka's prefetch
+//!   (`queued.max.messages.kbytes` per partition) is the only buffer: no second copy.
+//! - A partition whose credit stays at zero for `pause_after` is **paused** (librdkafka stops
+//!   fetching it and frees its prefetch, the member stays in the group) and resumed when credit
+//!   returns. Short dips in credit do not pause: a pause throws the prefetch away and a resume
+//!   waits for the broker's next fetch round, which would cost more than it saves.
 //! - Rebalances run inside rdkafka's callback on the poll thread: an assignment waits for the
 //!   runtime's start positions (checkpoint store first, then the group's committed offset) and
-//!   assigns with those offsets; a revocation drops the revoked partitions' queued records,
-//!   waits (bounded) for the runtime to drain their in-flight records, and commits the final
-//!   positions before the partitions are released.
+//!   assigns with those offsets; a revocation drops the revoked partitions' queues (their
+//!   prefetched records were never handed out), waits (bounded) for the runtime to drain their
+//!   in-flight records, and commits the final positions before the partitions are released.
 //! - Offsets are committed only through `Source::commit`: `enable.auto.commit=false`,
 //!   `enable.auto.offset.store=false`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -32,18 +36,16 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, DefaultConsumerContext,
 };
-use rdkafka::message::Headers as _;
+use rdkafka::message::{BorrowedMessage, Headers as _};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use tokio::sync::Notify;
 
 use crate::config::{AssignmentStrategy, KafkaSourceConfig, is_secret};
 use crate::error::map;
+use crate::queue::PartitionFeed;
 
 type Key = (String, i32);
-
-/// Records kept per partition before it is paused.
-const QUEUE_CAP: usize = 2000;
 
 /// `topic/partition`, the partition id the Kafka adapter uses.
 pub fn partition_id(topic: &str, partition: i32) -> PartitionId {
@@ -60,20 +62,34 @@ enum Command {
     Commit(Vec<Checkpoint>),
 }
 
-struct PartQueue {
+/// An assigned partition.
+struct Part {
+    key: Key,
     id: PartitionId,
-    records: VecDeque<Record>,
+    /// The partition's own librdkafka queue; `None` if it could not be split off (its
+    /// messages then arrive on the main queue and wait in `stray`).
+    queue: Option<PartitionFeed<Ctx>>,
+    /// Messages of this partition that arrived on the main queue.
+    stray: VecDeque<Record>,
     paused: bool,
+    /// Since when the partition has had no credit.
+    starved_since: Option<Instant>,
     /// Next offset to be handed to the runtime (for lag).
     next_offset: i64,
 }
 
 #[derive(Default)]
 struct Shared {
-    queues: HashMap<Key, PartQueue>,
+    parts: Vec<Part>,
     events: VecDeque<SourceEvent>,
     error: Option<Error>,
     rr: usize,
+}
+
+impl Shared {
+    fn part_mut(&mut self, key: &Key) -> Option<&mut Part> {
+        self.parts.iter_mut().find(|p| &p.key == key)
+    }
 }
 
 struct Ctx {
@@ -81,10 +97,25 @@ struct Ctx {
     notify: Arc<Notify>,
     commands: Mutex<std_mpsc::Receiver<Command>>,
     closing: Arc<AtomicBool>,
-    helper: Mutex<Option<BaseConsumer>>,
+    helper: Arc<Mutex<Option<BaseConsumer>>>,
+    commits: Mutex<Commits>,
+    /// The consumer itself, to split partition queues off inside the rebalance callback.
+    me: Mutex<Weak<BaseConsumer<Ctx>>>,
     strategy: AssignmentStrategy,
     rebalance_timeout: Duration,
 }
+
+/// Broker commits, coalesced: the newest offset per partition waits while one asynchronous
+/// commit is in flight (the broker takes milliseconds per commit; firing one per runtime
+/// checkpoint builds a backlog that delays every later commit and the consumer's close).
+#[derive(Default)]
+struct Commits {
+    pending: HashMap<Key, i64>,
+    in_flight_since: Option<Instant>,
+}
+
+/// An asynchronous commit without an answer for this long no longer holds the next one back.
+const COMMIT_STALL: Duration = Duration::from_secs(5);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -93,6 +124,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, _: &TopicPartitionList) {
+        lock(&self.commits).in_flight_since = None;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "kafka: offset commit failed; the next commit covers it");
+        }
+    }
+
     fn rebalance(
         &self,
         consumer: &BaseConsumer<Self>,
@@ -108,6 +146,56 @@ impl ConsumerContext for Ctx {
 }
 
 impl Ctx {
+    /// Takes the runtime's commit requests into the pending offsets.
+    fn absorb(&self, checkpoints: &[Checkpoint]) {
+        let mut c = lock(&self.commits);
+        for cp in checkpoints {
+            let (Some(key), Some(next)) = (
+                parse_partition_id(&cp.partition),
+                cp.position.successor().as_offset(),
+            ) else {
+                continue;
+            };
+            let e = c.pending.entry(key).or_insert(next);
+            *e = (*e).max(next);
+        }
+    }
+
+    /// Commits the pending offsets: asynchronously unless one is still in flight, or
+    /// synchronously (on close).
+    fn flush_commits(&self, consumer: &BaseConsumer<Self>, mode: CommitMode) {
+        let pending = {
+            let mut c = lock(&self.commits);
+            if c.pending.is_empty() {
+                return;
+            }
+            if matches!(mode, CommitMode::Async) {
+                if c.in_flight_since
+                    .is_some_and(|t| t.elapsed() < COMMIT_STALL)
+                {
+                    return;
+                }
+                c.in_flight_since = Some(Instant::now());
+            }
+            std::mem::take(&mut c.pending)
+        };
+        commit(consumer, pending, mode);
+    }
+
+    /// Drains the command channel (outside the assignment wait): commits are absorbed.
+    fn drain_commands(&self) {
+        loop {
+            let cmd = lock(&self.commands).try_recv();
+            match cmd {
+                Ok(Command::Commit(cps)) => self.absorb(&cps),
+                Ok(Command::Start(_)) => {
+                    tracing::warn!("kafka: start positions arrived after the assignment timed out")
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
     fn push_event(&self, ev: SourceEvent) {
         lock(&self.shared).events.push_back(ev);
         self.notify.notify_one();
@@ -181,15 +269,19 @@ impl Ctx {
                 Offset::Offset(o) => o,
                 _ => 0,
             };
-            lock(&self.shared).queues.insert(
-                (t.clone(), *p),
-                PartQueue {
-                    id,
-                    records: VecDeque::new(),
-                    paused: false,
-                    next_offset,
-                },
-            );
+            let queue = self.split(t, *p);
+            let key = (t.clone(), *p);
+            let mut sh = lock(&self.shared);
+            sh.parts.retain(|x| x.key != key);
+            sh.parts.push(Part {
+                key,
+                id,
+                queue,
+                stray: VecDeque::new(),
+                paused: false,
+                starved_since: None,
+                next_offset,
+            });
         }
         let res = match self.strategy {
             AssignmentStrategy::Cooperative => consumer.incremental_assign(&assign),
@@ -201,13 +293,31 @@ impl Ctx {
         }
     }
 
+    /// The partition's own queue, waking `next()` when it turns non-empty.
+    fn split(&self, topic: &str, partition: i32) -> Option<PartitionFeed<Ctx>> {
+        let me = lock(&self.me).upgrade()?;
+        let notify = self.notify.clone();
+        let feed = PartitionFeed::split(&me, topic, partition, move || notify.notify_one());
+        if feed.is_none() {
+            tracing::warn!(
+                topic,
+                partition,
+                "kafka: cannot give the partition a queue of its own; its records go through the main queue"
+            );
+        }
+        feed
+    }
+
     fn wait_for_start(&self, consumer: &BaseConsumer<Self>) -> Option<Vec<StartPosition>> {
         let deadline = Instant::now() + self.rebalance_timeout;
         let rx = lock(&self.commands);
         while Instant::now() < deadline && !self.closing.load(Ordering::Acquire) {
             match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(Command::Start(s)) => return Some(s),
-                Ok(Command::Commit(cps)) => commit(consumer, &cps, CommitMode::Async),
+                Ok(Command::Commit(cps)) => {
+                    self.absorb(&cps);
+                    self.flush_commits(consumer, CommitMode::Async);
+                }
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {}
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => return None,
             }
@@ -226,22 +336,41 @@ impl Ctx {
             .collect();
         let lost = consumer.assignment_lost();
         // Queued records of revoked partitions were never handed out: the next owner reads them.
-        let ids: Vec<PartitionId> = {
+        let removed: Vec<Part> = {
             let mut sh = lock(&self.shared);
-            keys.iter()
-                .filter_map(|k| sh.queues.remove(k).map(|q| q.id))
-                .collect()
+            let (gone, kept) = std::mem::take(&mut sh.parts)
+                .into_iter()
+                .partition(|p| keys.contains(&p.key));
+            sh.parts = kept;
+            gone
         };
+        let ids: Vec<PartitionId> = removed.iter().map(|p| p.id.clone()).collect();
+        // Dropping the queues before the unassign returns their prefetch to librdkafka.
+        drop(removed);
+        // No commit for a partition once it is revoked: a stale one would move the next
+        // owner's committed offset back. The final positions below are the last word.
+        self.drain_commands();
+        lock(&self.commits).pending.retain(|k, _| !keys.contains(k));
         if !self.closing.load(Ordering::Acquire) && !ids.is_empty() {
             let (rev, waiter) = Revocation::new(ids, lost);
             self.push_event(SourceEvent::Revoked(rev));
             if !lost {
                 // The runtime finishes in-flight records, writes the checkpoints, hands back
                 // the final positions; commit them before the partitions are released.
-                let finals = waiter.wait_blocking(self.rebalance_timeout);
-                if !finals.is_empty() {
-                    commit(consumer, &finals, CommitMode::Sync);
-                }
+                let finals: HashMap<Key, i64> = waiter
+                    .wait_blocking(self.rebalance_timeout)
+                    .iter()
+                    .filter_map(|c| {
+                        Some((
+                            parse_partition_id(&c.partition)?,
+                            c.position.successor().as_offset()?,
+                        ))
+                    })
+                    .filter(|(k, _)| keys.contains(k))
+                    .collect();
+                self.drain_commands();
+                lock(&self.commits).pending.retain(|k, _| !keys.contains(k));
+                commit(consumer, finals, CommitMode::Sync);
             }
         }
         tracing::info!(partitions = ?keys, lost, "kafka: partitions revoked");
@@ -255,15 +384,13 @@ impl Ctx {
     }
 }
 
-fn commit<C: ConsumerContext>(consumer: &BaseConsumer<C>, cps: &[Checkpoint], mode: CommitMode) {
+fn commit<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    offsets: HashMap<Key, i64>,
+    mode: CommitMode,
+) {
     let mut tpl = TopicPartitionList::new();
-    for c in cps {
-        let Some((t, p)) = parse_partition_id(&c.partition) else {
-            continue;
-        };
-        let Some(next) = c.position.successor().as_offset() else {
-            continue;
-        };
+    for ((t, p), next) in offsets {
         if tpl
             .add_partition_offset(&t, p, Offset::Offset(next))
             .is_err()
@@ -333,6 +460,9 @@ impl KafkaSource {
                 c.queued_max_messages_kbytes.to_string(),
             )
             .set("fetch.max.bytes", c.fetch_max_bytes.to_string())
+            // librdkafka waits this long before fetching again for a partition whose prefetch
+            // is full; its default (1 s) leaves a consumer that just caught up idle.
+            .set("fetch.queue.backoff.ms", "10")
             .set(
                 "partition.assignment.strategy",
                 match c.assignment {
@@ -370,35 +500,58 @@ impl Source for KafkaSource {
             .client_config(&group)
             .create()
             .map_err(|e| map(e, "creating the offsets reader"))?;
+        let helper = Arc::new(Mutex::new(Some(helper)));
         let kctx = Ctx {
             shared: self.shared.clone(),
             notify: self.notify.clone(),
             commands: Mutex::new(cmd_rx),
             closing: self.closing.clone(),
-            helper: Mutex::new(Some(helper)),
+            helper: helper.clone(),
+            commits: Mutex::default(),
+            me: Mutex::new(Weak::new()),
             strategy: self.cfg.assignment,
             rebalance_timeout: self.cfg.rebalance_timeout,
         };
-        let consumer: BaseConsumer<Ctx> = self
-            .client_config(&group)
-            .create_with_context(kctx)
-            .map_err(|e| map(e, "creating the consumer"))?;
+        let consumer: Arc<BaseConsumer<Ctx>> = Arc::new(
+            self.client_config(&group)
+                .create_with_context(kctx)
+                .map_err(|e| map(e, "creating the consumer"))?,
+        );
+        *lock(&consumer.context().me) = Arc::downgrade(&consumer);
         let topics: Vec<&str> = self.cfg.topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&topics)
             .map_err(|e| map(e, "subscribing").with_context("topics", self.cfg.topics.join(",")))?;
         let (done_tx, done_rx) = std_mpsc::channel();
-        let credits = ctx.credits.clone();
+        let poller = Poller {
+            credits: ctx.credits.clone(),
+            shared: self.shared.clone(),
+            notify: self.notify.clone(),
+            pause_after: self.cfg.pause_after,
+        };
+        let lag = LagReader {
+            helper,
+            shared: self.shared.clone(),
+            notify: self.notify.clone(),
+            closing: self.closing.clone(),
+        };
+        std::thread::Builder::new()
+            .name("flowgate-kafka-lag".into())
+            .spawn(move || lag.run())
+            .map_err(|e| Error::fatal("cannot start the Kafka lag thread").with_source(e))?;
         let closing = self.closing.clone();
-        let shared = self.shared.clone();
-        let notify = self.notify.clone();
         std::thread::Builder::new()
             .name("flowgate-kafka-poll".into())
             .spawn(move || {
-                poll_loop(&consumer, &credits, &closing, &shared, &notify);
-                // Leave the group; drop closes the consumer.
+                poller.run(&consumer, &closing);
+                // The last commits the runtime asked for, then leave the group and drop every
+                // handle on the consumer so it closes here.
+                let ctx = consumer.context();
+                ctx.drain_commands();
+                ctx.flush_commits(&consumer, CommitMode::Sync);
                 consumer.unsubscribe();
-                if let Some(h) = lock(&consumer.context().helper).take() {
+                lock(&poller.shared).parts.clear();
+                if let Some(h) = lock(&ctx.helper).take() {
                     drop(h);
                 }
                 drop(consumer);
@@ -427,24 +580,14 @@ impl Source for KafkaSource {
                 if let Some(ev) = sh.events.pop_front() {
                     return Ok(ev);
                 }
-                let n = sh.queues.len();
+                let n = sh.parts.len();
                 let start = sh.rr;
-                let mut keys: Vec<Key> = sh.queues.keys().cloned().collect();
-                keys.sort();
                 for i in 0..n {
-                    let k = &keys[(start + i) % n];
-                    let Some(q) = sh.queues.get_mut(k) else {
-                        continue;
-                    };
-                    let take = credits
-                        .available(&q.id)
-                        .min(q.records.len())
-                        .min(self.cfg.max_batch);
-                    if take > 0 {
-                        let batch: Vec<Record> = q.records.drain(..take).collect();
-                        if let Some(last) = batch.last().and_then(|r| r.position.as_offset()) {
-                            q.next_offset = last + 1;
-                        }
+                    let part = &mut sh.parts[(start + i) % n];
+                    let take = credits.available(&part.id).min(self.cfg.max_batch);
+                    let batch = part.take(take);
+                    if let Some(last) = batch.last().and_then(|r| r.position.as_offset()) {
+                        part.next_offset = last + 1;
                         sh.rr = (start + i + 1) % n;
                         return Ok(SourceEvent::Records(batch));
                     }
@@ -493,43 +636,131 @@ impl Source for KafkaSource {
     }
 }
 
-fn poll_loop(
-    consumer: &BaseConsumer<Ctx>,
-    credits: &Credits,
-    closing: &AtomicBool,
-    shared: &Mutex<Shared>,
-    notify: &Notify,
-) {
-    let mut last_lag = Instant::now();
-    while !closing.load(Ordering::Acquire) {
-        // Commits the runtime asked for.
-        loop {
-            let cmd = lock(&consumer.context().commands).try_recv();
-            match cmd {
-                Ok(Command::Commit(cps)) => commit(consumer, &cps, CommitMode::Async),
-                Ok(Command::Start(_)) => {
-                    tracing::warn!("kafka: start positions arrived after the assignment timed out")
+impl Part {
+    /// Up to `max` records: first those that came through the main queue, then the
+    /// partition's own queue, without waiting.
+    fn take(&mut self, max: usize) -> Vec<Record> {
+        let mut batch = Vec::new();
+        while batch.len() < max {
+            let Some(r) = self.stray.pop_front() else {
+                break;
+            };
+            batch.push(r);
+        }
+        if let Some(feed) = &self.queue {
+            let room = max - batch.len();
+            feed.take(&self.id, room, &mut batch);
+        }
+        batch
+    }
+}
+
+/// A flowgate record from the parts of a Kafka message.
+pub(crate) fn record(
+    id: &PartitionId,
+    offset: i64,
+    key: Option<Bytes>,
+    payload: Bytes,
+    headers: Headers,
+    timestamp_ms: Option<i64>,
+) -> Option<Record> {
+    let timestamp = timestamp_ms.map(|ms| UNIX_EPOCH + Duration::from_millis(ms as u64));
+    Some(Record {
+        partition: id.clone(),
+        position: Position::from_offset(offset)?,
+        key,
+        payload,
+        headers,
+        timestamp: timestamp.or_else(|| Some(SystemTime::now())),
+        idempotency_key: None,
+        redelivered: false,
+    })
+}
+
+/// A flowgate record from a message of the main queue (payload, key and headers copied).
+fn to_record(m: &BorrowedMessage<'_>, id: &PartitionId) -> Option<Record> {
+    let mut headers = Headers::new();
+    if let Some(hs) = m.headers() {
+        for h in hs.iter() {
+            headers.push(h.key, Bytes::copy_from_slice(h.value.unwrap_or_default()));
+        }
+    }
+    record(
+        id,
+        m.offset(),
+        m.key().map(Bytes::copy_from_slice),
+        Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+        headers,
+        m.timestamp().to_millis().filter(|ms| *ms >= 0),
+    )
+}
+
+/// The poll thread: main queue, commits, pause/resume, lag.
+struct Poller {
+    credits: Credits,
+    shared: Arc<Mutex<Shared>>,
+    notify: Arc<Notify>,
+    pause_after: Duration,
+}
+
+impl Poller {
+    fn run(&self, consumer: &BaseConsumer<Ctx>, closing: &AtomicBool) {
+        while !closing.load(Ordering::Acquire) {
+            consumer.context().drain_commands();
+            consumer
+                .context()
+                .flush_commits(consumer, CommitMode::Async);
+            self.pause_resume(consumer);
+            // Serves rebalance callbacks, commit results and errors; messages only arrive
+            // here for a partition whose queue could not be split off.
+            match consumer.poll(Duration::from_millis(20)) {
+                Some(Ok(m)) => {
+                    let key = (m.topic().to_string(), m.partition());
+                    let mut sh = lock(&self.shared);
+                    // Dropped if the partition is no longer assigned: its owner reads it again.
+                    if let Some(part) = sh.part_mut(&key) {
+                        if let Some(r) = to_record(&m, &part.id) {
+                            part.stray.push_back(r);
+                        }
+                    }
+                    drop(sh);
+                    self.notify.notify_one();
                 }
-                Err(_) => break,
+                Some(Err(e)) => tracing::warn!(error = %e, "kafka: consumer error"),
+                None => {}
             }
         }
-        // Credit → pause/resume.
+    }
+
+    /// Pauses partitions starved of credit for `pause_after`, resumes them when it returns.
+    fn pause_resume(&self, consumer: &BaseConsumer<Ctx>) {
         let mut pause = TopicPartitionList::new();
         let mut resume = TopicPartitionList::new();
+        let now = Instant::now();
         {
-            let mut sh = lock(shared);
-            for ((t, p), q) in sh.queues.iter_mut() {
-                let blocked = credits.available(&q.id) == 0 || q.records.len() >= QUEUE_CAP;
-                if blocked && !q.paused {
-                    let _ = pause.add_partition(t, *p);
-                    q.paused = true;
-                } else if !blocked && q.paused {
-                    let _ = resume.add_partition(t, *p);
-                    q.paused = false;
+            let mut sh = lock(&self.shared);
+            for part in sh.parts.iter_mut() {
+                let (t, p) = &part.key;
+                if self.credits.available(&part.id) == 0 {
+                    let since = *part.starved_since.get_or_insert(now);
+                    if !part.paused && now.duration_since(since) >= self.pause_after {
+                        let _ = pause.add_partition(t, *p);
+                        part.paused = true;
+                    }
+                } else {
+                    part.starved_since = None;
+                    if part.paused {
+                        let _ = resume.add_partition(t, *p);
+                        part.paused = false;
+                    }
                 }
             }
         }
         if pause.count() > 0 {
+            tracing::debug!(
+                partitions = pause.count(),
+                "kafka: pausing partitions without credit"
+            );
             if let Err(e) = consumer.pause(&pause) {
                 tracing::warn!(error = %e, "kafka: pause failed");
             }
@@ -539,105 +770,56 @@ fn poll_loop(
                 tracing::warn!(error = %e, "kafka: resume failed");
             }
         }
-        // Poll (also serves rebalance callbacks and heartbeats). Records of one burst are
-        // converted without the shared lock and handed over under one lock.
-        let mut ids: HashMap<Key, PartitionId> = lock(shared)
-            .queues
+    }
+}
+
+/// Samples lag once a second on a thread of its own, through the unsubscribed helper
+/// client, so a slow `ListOffsets` answer never holds up the poll thread.
+struct LagReader {
+    helper: Arc<Mutex<Option<BaseConsumer>>>,
+    shared: Arc<Mutex<Shared>>,
+    notify: Arc<Notify>,
+    closing: Arc<AtomicBool>,
+}
+
+impl LagReader {
+    fn run(&self) {
+        let mut last = Instant::now();
+        while !self.closing.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(50));
+            if last.elapsed() >= Duration::from_secs(1) {
+                last = Instant::now();
+                self.sample();
+            }
+        }
+    }
+
+    /// Records behind the high watermark, per partition.
+    fn sample(&self) {
+        let parts: Vec<(Key, PartitionId, i64)> = lock(&self.shared)
+            .parts
             .iter()
-            .map(|(k, q)| (k.clone(), q.id.clone()))
+            .map(|p| (p.key.clone(), p.id.clone(), p.next_offset))
             .collect();
-        let mut burst: Vec<(Key, Record)> = Vec::new();
-        let mut got = 0;
-        while got < 1000 {
-            let timeout = if got == 0 {
-                Duration::from_millis(50)
-            } else {
-                Duration::ZERO
+        let mut samples = Vec::new();
+        for ((t, p), id, next) in parts {
+            let watermarks = match lock(&self.helper).as_ref() {
+                Some(h) => h.fetch_watermarks(&t, p, Duration::from_secs(1)),
+                None => return,
             };
-            match consumer.poll(timeout) {
-                Some(Ok(m)) => {
-                    got += 1;
-                    let key = (m.topic().to_string(), m.partition());
-                    if !ids.contains_key(&key) {
-                        // Assigned by a rebalance callback during this burst.
-                        match lock(shared).queues.get(&key) {
-                            Some(q) => {
-                                ids.insert(key.clone(), q.id.clone());
-                            }
-                            None => continue,
-                        }
-                    }
-                    let Some(id) = ids.get(&key) else { continue };
-                    let Some(position) = Position::from_offset(m.offset()) else {
-                        continue;
-                    };
-                    let mut headers = Headers::new();
-                    if let Some(hs) = m.headers() {
-                        for h in hs.iter() {
-                            headers
-                                .push(h.key, Bytes::copy_from_slice(h.value.unwrap_or_default()));
-                        }
-                    }
-                    let timestamp = m
-                        .timestamp()
-                        .to_millis()
-                        .filter(|ms| *ms >= 0)
-                        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms as u64));
-                    burst.push((
-                        key,
-                        Record {
-                            partition: id.clone(),
-                            position,
-                            key: m.key().map(Bytes::copy_from_slice),
-                            payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
-                            headers,
-                            timestamp: timestamp.or_else(|| Some(SystemTime::now())),
-                            idempotency_key: None,
-                            redelivered: false,
-                        },
-                    ));
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "kafka: consumer error");
-                    break;
-                }
-                None => break,
+            if let Ok((_, high)) = watermarks {
+                samples.push(LagSample {
+                    partition: id,
+                    lag: crate::lag::records_behind(high, next),
+                    unit: LagUnit::Records,
+                });
             }
         }
-        if !burst.is_empty() {
-            let mut sh = lock(shared);
-            for (key, record) in burst {
-                // Dropped if the partition was revoked meanwhile: its next owner reads it again.
-                if let Some(q) = sh.queues.get_mut(&key) {
-                    q.records.push_back(record);
-                }
-            }
-        }
-        if got > 0 {
-            notify.notify_one();
-        }
-        if last_lag.elapsed() >= Duration::from_secs(1) {
-            last_lag = Instant::now();
-            let parts: Vec<(Key, PartitionId, i64)> = lock(shared)
-                .queues
-                .iter()
-                .map(|(k, q)| (k.clone(), q.id.clone(), q.next_offset))
-                .collect();
-            let mut samples = Vec::new();
-            for ((t, p), id, next) in parts {
-                if let Ok((_, high)) = consumer.fetch_watermarks(&t, p, Duration::from_millis(500))
-                {
-                    samples.push(LagSample {
-                        partition: id,
-                        lag: crate::lag::records_behind(high, next),
-                        unit: LagUnit::Records,
-                    });
-                }
-            }
-            if !samples.is_empty() {
-                lock(shared).events.push_back(SourceEvent::Lag(samples));
-                notify.notify_one();
-            }
+        if !samples.is_empty() {
+            lock(&self.shared)
+                .events
+                .push_back(SourceEvent::Lag(samples));
+            self.notify.notify_one();
         }
     }
 }

@@ -1,0 +1,181 @@
+//! A partition's own librdkafka queue, read in batches.
+//!
+//! rust-rdkafka's `PartitionQueue::poll` takes one message per call, each call locking the
+//! queue and reading the clock twice; at hundreds of thousands of records a second that is
+//! a large share of the consumer's time. `rd_kafka_consume_batch_queue` takes up to a whole
+//! batch under one lock. rust-rdkafka does not wrap it, hence this small unsafe module: every
+//! pointer it touches is owned here (the queue handle) or lent by librdkafka for the duration
+//! of one call (the messages, destroyed before `take` returns).
+#![allow(unsafe_code)]
+
+use std::ffi::{CStr, CString, c_void};
+use std::ptr::{self, NonNull};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use flowgate_core::{Headers, PartitionId, Record};
+use rdkafka::bindings as rd;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+
+/// Called by librdkafka (from any of its threads) when the queue turns non-empty.
+type Wake = Box<dyn Fn() + Send + Sync>;
+
+/// The fetch queue of one assigned partition, split off the consumer's main queue.
+pub(crate) struct PartitionFeed<C: ConsumerContext + 'static> {
+    queue: NonNull<rd::rd_kafka_queue_t>,
+    /// Double box: librdkafka keeps a thin pointer to the (fat) closure pointer.
+    wake: Option<Box<Wake>>,
+    /// Keeps the client alive as long as the queue handle.
+    _consumer: Arc<BaseConsumer<C>>,
+}
+
+// SAFETY: librdkafka queue handles may be used from any thread (every operation on them takes
+// the queue's own lock); the wake closure is `Send + Sync`.
+unsafe impl<C: ConsumerContext + 'static> Send for PartitionFeed<C> {}
+// SAFETY: as above; `take` only calls thread-safe librdkafka functions.
+unsafe impl<C: ConsumerContext + 'static> Sync for PartitionFeed<C> {}
+
+unsafe extern "C" fn on_nonempty(_: *mut rd::rd_kafka_t, opaque: *mut c_void) {
+    // SAFETY: `opaque` is the `Box<Wake>` stored in the feed, alive until the callback is
+    // disabled in `drop`.
+    let wake = unsafe { &*(opaque as *const Wake) };
+    wake();
+}
+
+impl<C: ConsumerContext + 'static> PartitionFeed<C> {
+    /// Splits the partition's messages off the consumer's main queue; `wake` is called when
+    /// the queue turns non-empty. `None` if librdkafka does not know the partition.
+    pub(crate) fn split(
+        consumer: &Arc<BaseConsumer<C>>,
+        topic: &str,
+        partition: i32,
+        wake: impl Fn() + Send + Sync + 'static,
+    ) -> Option<Self> {
+        let topic = CString::new(topic).ok()?;
+        let rk = consumer.client().native_ptr();
+        // SAFETY: `rk` is a live client (we hold an `Arc` on its consumer); the returned
+        // handle is ours to destroy.
+        let queue = NonNull::new(unsafe {
+            rd::rd_kafka_queue_get_partition(rk, topic.as_ptr(), partition)
+        })?;
+        // SAFETY: `queue` is a valid handle; forwarding to null stops the forwarding to the
+        // consumer's main queue.
+        unsafe { rd::rd_kafka_queue_forward(queue.as_ptr(), ptr::null_mut()) };
+        let wake: Box<Wake> = Box::new(Box::new(wake));
+        // SAFETY: the opaque pointer stays valid until `drop` disables the callback.
+        unsafe {
+            rd::rd_kafka_queue_cb_event_enable(
+                queue.as_ptr(),
+                Some(on_nonempty),
+                &*wake as *const Wake as *mut c_void,
+            )
+        };
+        Some(PartitionFeed {
+            queue,
+            wake: Some(wake),
+            _consumer: consumer.clone(),
+        })
+    }
+
+    /// Appends up to `max` records of the partition to `out` without waiting; returns how
+    /// many. Messages carrying an error are logged and skipped.
+    pub(crate) fn take(&self, id: &PartitionId, max: usize, out: &mut Vec<Record>) -> usize {
+        if max == 0 {
+            return 0;
+        }
+        let mut msgs: Vec<*mut rd::rd_kafka_message_t> = vec![ptr::null_mut(); max.min(1024)];
+        // SAFETY: `msgs` has room for `msgs.len()` pointers; librdkafka fills the first `n`.
+        let n = unsafe {
+            rd::rd_kafka_consume_batch_queue(self.queue.as_ptr(), 0, msgs.as_mut_ptr(), msgs.len())
+        };
+        let n = usize::try_from(n).unwrap_or(0);
+        let before = out.len();
+        for &m in &msgs[..n] {
+            // SAFETY: librdkafka handed us `n` valid messages; each is destroyed exactly once,
+            // after its contents were copied.
+            unsafe {
+                if let Some(r) = to_record(m, id) {
+                    out.push(r);
+                }
+                rd::rd_kafka_message_destroy(m);
+            }
+        }
+        out.len() - before
+    }
+}
+
+impl<C: ConsumerContext + 'static> Drop for PartitionFeed<C> {
+    fn drop(&mut self) {
+        // SAFETY: the handle is valid; the callback is disabled before its closure is freed,
+        // and the handle is destroyed once.
+        unsafe {
+            rd::rd_kafka_queue_cb_event_enable(self.queue.as_ptr(), None, ptr::null_mut());
+            rd::rd_kafka_queue_destroy(self.queue.as_ptr());
+        }
+        self.wake = None;
+    }
+}
+
+/// Copies one message into a record.
+///
+/// # Safety
+/// `m` must point to a valid message not yet destroyed.
+unsafe fn to_record(m: *mut rd::rd_kafka_message_t, id: &PartitionId) -> Option<Record> {
+    // SAFETY: the caller guarantees `m` is valid.
+    let msg = unsafe { &*m };
+    if msg.err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        if msg.err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF {
+            tracing::warn!(partition = %id, error = ?msg.err, "kafka: consumer error");
+        }
+        return None;
+    }
+    // SAFETY: payload/key point to `len`/`key_len` bytes owned by the message (or are null).
+    let payload = unsafe { bytes_of(msg.payload, msg.len) };
+    let key = unsafe { bytes_of(msg.key, msg.key_len) }.map(Bytes::copy_from_slice);
+    let mut headers = Headers::new();
+    let mut hdrs: *mut rd::rd_kafka_headers_t = ptr::null_mut();
+    // SAFETY: `hdrs` is only read when librdkafka reports headers; it belongs to the message.
+    if unsafe { rd::rd_kafka_message_headers(m, &mut hdrs) }
+        == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+    {
+        let mut idx = 0;
+        loop {
+            let mut name: *const std::ffi::c_char = ptr::null();
+            let mut value: *const c_void = ptr::null();
+            let mut size = 0usize;
+            // SAFETY: valid headers; out-pointers point to locals.
+            let err =
+                unsafe { rd::rd_kafka_header_get_all(hdrs, idx, &mut name, &mut value, &mut size) };
+            if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+                break;
+            }
+            // SAFETY: header names are NUL-terminated; values are `size` bytes or null.
+            let name = unsafe { CStr::from_ptr(name) }.to_string_lossy();
+            let value = unsafe { bytes_of(value.cast_mut(), size) }.unwrap_or_default();
+            headers.push(&name, Bytes::copy_from_slice(value));
+            idx += 1;
+        }
+    }
+    let mut ts_type = rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE;
+    // SAFETY: valid message; the out-pointer points to a local.
+    let ts = unsafe { rd::rd_kafka_message_timestamp(m, &mut ts_type) };
+    crate::source::record(
+        id,
+        msg.offset,
+        key,
+        Bytes::copy_from_slice(payload.unwrap_or_default()),
+        headers,
+        (ts >= 0).then_some(ts),
+    )
+}
+
+/// # Safety
+/// `p` must be null or point to `len` readable bytes that outlive the returned slice's use.
+unsafe fn bytes_of<'a>(p: *mut c_void, len: usize) -> Option<&'a [u8]> {
+    if p.is_null() {
+        None
+    } else {
+        // SAFETY: guaranteed by the caller.
+        Some(unsafe { std::slice::from_raw_parts(p as *const u8, len) })
+    }
+}
