@@ -27,7 +27,10 @@ cargo xtask <task>
   bench runtime            generator -> null sink through a raw loop and through the runtime
                            (records/s side by side, ratios) and instructions per record
   bench kafka              a pre-filled 4-partition topic read by a raw rdkafka loop and by the
-                           flowgate Kafka source (with and without dedup), side by side
+                           flowgate Kafka source (with and without dedup), side by side; then
+                           the consumer's RSS behind a 10x slower sink while the backlog grows,
+                           and end-to-end latency at fixed rates. --records=N --rounds=N
+                           --rss-records=N --throughput-only
   help                     this text
 ";
 
@@ -388,7 +391,7 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
         .iter()
         .find_map(|a| a.strip_prefix("--rounds="))
         .and_then(|n| n.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(5);
     let rig = Rig::new()?;
     rig.up(&[Broker::Kafka], Engine::Native)?;
     let env = rig.env_all(&[Broker::Kafka]);
@@ -448,6 +451,55 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
     for (i, mode) in modes.iter().enumerate() {
         let m = median(&rates[i]);
         println!("| {mode} | {m:.0} | {:.3} |", m / raw);
+    }
+    if rest.contains(&"--throughput-only") {
+        return Ok(());
+    }
+    // Memory: a producer at 400,000 records/s outruns a sink at 40,000 records/s until the
+    // backlog holds `rss_records`; the consumer's RSS is sampled every 100 ms.
+    let rss_records: u64 = rest
+        .iter()
+        .find_map(|a| a.strip_prefix("--rss-records="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000_000);
+    println!("\n| slow sink (producer 400,000/s, sink 40,000/s) | result |");
+    println!("|---|---|");
+    for (label, inflight) in [
+        ("runtime defaults", "10000"),
+        ("max_in_flight_per_partition = 2000", "2000"),
+    ] {
+        let out = output(
+            Command::new(bin)
+                .args([
+                    "slow-rss",
+                    &format!("{topic}-rss-{inflight}"),
+                    &rss_records.to_string(),
+                    "400000",
+                ])
+                .env("BENCH_INFLIGHT", inflight)
+                .envs(env.iter().cloned()),
+        )?;
+        println!("| {label} | {} |", out.trim());
+    }
+    // Latency: producer send -> sink write, with a stamped payload, at fixed rates. The
+    // producer shares the 2 cores with the broker and the pipeline.
+    println!("\n| end-to-end latency | result |");
+    println!("|---|---|");
+    for rate in ["100000", "250000"] {
+        for linger_us in ["5000", "1000"] {
+            let out = output(
+                Command::new(bin)
+                    .args([
+                        "latency",
+                        &format!("{topic}-lat-{rate}-{linger_us}"),
+                        rate,
+                        "10",
+                    ])
+                    .env("BENCH_LINGER_US", linger_us)
+                    .envs(env.iter().cloned()),
+            )?;
+            println!("| {rate}/s, batch linger {linger_us} µs | {} |", out.trim());
+        }
     }
     Ok(())
 }

@@ -6,6 +6,10 @@
 //! bench_kafka raw TOPIC RECORDS             BaseConsumer loop: count, commit at the end
 //! bench_kafka flowgate TOPIC RECORDS        KafkaSource -> null sink, checkpoints every 1000
 //! bench_kafka flowgate-dedup TOPIC RECORDS  the same with dedup by source position
+//! bench_kafka produce TOPIC RECORDS RATE [stamp]  paced producer (stamp: send time in payload)
+//! bench_kafka slow-rss TOPIC RECORDS RATE   peak RSS while a producer at RATE outruns a sink
+//!                                           at RATE/10 (backlog grows to RECORDS)
+//! bench_kafka latency TOPIC RATE SECONDS    end-to-end latency at RATE records/s
 //! ```
 //! Prints `mode records seconds records_per_second`, seconds from the client's creation to the last
 //! record (group join included, close excluded). Bootstrap: FLOWGATE_TEST_KAFKA_BOOTSTRAP.
@@ -42,7 +46,7 @@ fn group(mode: &str) -> String {
     format!("bench-{mode}-{nanos}")
 }
 
-async fn fill(topic: &str, records: u64) {
+async fn create_topic(topic: &str) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
         .create()
@@ -57,6 +61,10 @@ async fn fill(topic: &str, records: u64) {
     {
         r.expect("topic created");
     }
+}
+
+async fn fill(topic: &str, records: u64) {
+    create_topic(topic).await;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
         .set("linger.ms", "50")
@@ -241,6 +249,250 @@ async fn source_only(started: Instant, topic: &str, records: u64) -> (u64, Durat
     (n, done)
 }
 
+fn now_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default()
+}
+
+/// A producer paced at `rate` records/s (100-byte payloads; with `stamp`, the first 8 bytes
+/// are the send time in nanoseconds). Prints the rate it achieved.
+fn produce(topic: &str, records: u64, rate: f64, stamp: bool) {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("linger.ms", if stamp { "1" } else { "20" })
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("producer");
+    let started = Instant::now();
+    let mut payload = vec![b'x'; 100];
+    let mut sent = 0u64;
+    while sent < records {
+        let due = ((started.elapsed().as_secs_f64() * rate) as u64).min(records);
+        if sent >= due {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        while sent < due {
+            if stamp {
+                payload[..8].copy_from_slice(&now_nanos().to_le_bytes());
+            }
+            let key = format!("k{}", sent % 1024);
+            match producer.send(BaseRecord::to(topic).key(&key).payload(&payload)) {
+                Ok(()) => sent += 1,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    std::thread::sleep(Duration::from_millis(1));
+                    break;
+                }
+                Err((e, _)) => panic!("produce: {e}"),
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60)).expect("flush");
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "producer: {sent} records in {secs:.1} s ({:.0}/s)",
+        sent as f64 / secs
+    );
+}
+
+/// This harness again, as a separate producer process (its memory is not the consumer's).
+fn spawn_producer(topic: &str, records: u64, rate: f64, stamp: bool) -> std::process::Child {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["produce", topic, &records.to_string(), &rate.to_string()]);
+    if stamp {
+        cmd.arg("stamp");
+    }
+    cmd.spawn().expect("spawn the producer")
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Peak RSS of source -> (sink at rate/10) while a producer at `rate` builds a backlog.
+async fn slow_rss(topic: &str, records: u64, rate: f64) {
+    use flowgate_runtime::adapters::{FaultConfig, FaultInjectingSink};
+    create_topic(topic).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(EmbeddedStore::open_dir(dir.path()).await.expect("store"));
+    let sink = FaultInjectingSink::new(
+        NullSink::default(),
+        FaultConfig {
+            capacity_per_sec: Some(rate / 10.0),
+            ..Default::default()
+        },
+    );
+    let pipeline = Pipeline::builder(group("slow-rss"))
+        .source(KafkaSource::new(source_config(topic)).expect("source"))
+        .sink(sink)
+        .checkpoint_store(store)
+        .settings(flowgate_runtime::RuntimeSettings {
+            max_in_flight_per_partition: std::env::var("BENCH_INFLIGHT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(10_000),
+            ..Default::default()
+        })
+        .build()
+        .expect("pipeline");
+    let (trigger, shutdown) = Shutdown::manual();
+    let stats = pipeline.stats();
+    let run = tokio::spawn(pipeline.run(shutdown));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    eprintln!(
+        "slow-rss: RSS before the producer starts {:.1} MiB",
+        rss_mib()
+    );
+    let mut child = spawn_producer(topic, records, rate, false);
+    let started = Instant::now();
+    let mut samples: Vec<(f64, f64)> = Vec::new();
+    while child.try_wait().expect("producer").is_none() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        samples.push((started.elapsed().as_secs_f64(), rss_mib()));
+    }
+    // One more lag sample after the producer finished.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = stats.snapshot();
+    let peak = samples.iter().map(|x| x.1).fold(0.0, f64::max);
+    let quarter = |q: usize| {
+        samples
+            .get((samples.len() * q / 4).min(samples.len().saturating_sub(1)))
+            .map_or(0.0, |x| x.1)
+    };
+    println!(
+        "slow-rss produced={records} seconds={:.1} consumed={} lag={} peak_rss_mib={peak:.1} rss_mib_at_25_50_75_100={:.1},{:.1},{:.1},{:.1} peak_buffer_kib={}",
+        started.elapsed().as_secs_f64(),
+        s.records_out,
+        s.lag,
+        quarter(1),
+        quarter(2),
+        quarter(3),
+        quarter(4),
+        s.peak_buffer_bytes / 1024,
+    );
+    trigger.trigger();
+    let _ = run.await;
+}
+
+/// Records how long each record took from the producer's send to the sink's write.
+#[derive(Default)]
+struct LatencySink {
+    micros: std::sync::Mutex<Vec<u32>>,
+    records: std::sync::atomic::AtomicU64,
+    /// Records sent before this (nanoseconds) are warm-up, not sampled.
+    from: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl flowgate_core::Sink for LatencySink {
+    fn capabilities(&self) -> flowgate_core::SinkCapabilities {
+        flowgate_core::SinkCapabilities::basic()
+    }
+
+    async fn write(
+        &self,
+        batch: &[flowgate_core::Record],
+    ) -> Result<(), flowgate_core::WriteError> {
+        let now = now_nanos();
+        let from = self.from.load(std::sync::atomic::Ordering::Relaxed);
+        let mut micros = self.micros.lock().expect("lock");
+        for r in batch {
+            if let Some(ts) = r.payload.get(..8) {
+                let ts = u64::from_le_bytes(ts.try_into().expect("8 bytes"));
+                if ts >= from {
+                    micros.push((now.saturating_sub(ts) / 1000) as u32);
+                }
+            }
+        }
+        self.records
+            .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// End-to-end latency (producer send -> sink write) at `rate` records/s for `seconds`, the
+/// first second excluded as warm-up.
+async fn latency(topic: &str, rate: f64, seconds: f64) {
+    create_topic(topic).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(EmbeddedStore::open_dir(dir.path()).await.expect("store"));
+    let sink = Arc::new(LatencySink::default());
+    let pipeline = Pipeline::builder(group("latency"))
+        .source(
+            KafkaSource::new(KafkaSourceConfig {
+                auto_offset_reset: "latest".into(),
+                ..source_config(topic)
+            })
+            .expect("source"),
+        )
+        .sink(sink.clone())
+        .checkpoint_store(store)
+        .settings(flowgate_runtime::RuntimeSettings {
+            batch: flowgate_runtime::BatchSettings {
+                linger: Duration::from_micros(
+                    std::env::var("BENCH_LINGER_US")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(5000),
+                ),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .build()
+        .expect("pipeline");
+    let (trigger, shutdown) = Shutdown::manual();
+    let stats = pipeline.stats();
+    let run = tokio::spawn(pipeline.run(shutdown));
+    // Joined and assigned before the producer starts.
+    let joined = Instant::now();
+    while stats.snapshot().rebalances == 0 && joined.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sink.from.store(
+        now_nanos() + 1_000_000_000,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let records = (rate * seconds) as u64;
+    let mut child = spawn_producer(topic, records, rate, true);
+    tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("producer");
+    let waited = Instant::now();
+    while sink.records.load(std::sync::atomic::Ordering::Relaxed) < records
+        && waited.elapsed() < Duration::from_secs(30)
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    trigger.trigger();
+    let _ = run.await;
+    let mut v = std::mem::take(&mut *sink.micros.lock().expect("lock"));
+    v.sort_unstable();
+    let pct = |p: f64| v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)));
+    println!(
+        "latency rate={rate:.0} sampled={} p50_us={} p99_us={} p999_us={} max_us={}",
+        v.len(),
+        pct(0.50).copied().unwrap_or_default(),
+        pct(0.99).copied().unwrap_or_default(),
+        pct(0.999).copied().unwrap_or_default(),
+        v.last().copied().unwrap_or_default(),
+    );
+}
+
 fn main() {
     // RUST_LOG=… shows the source's and librdkafka's logs (with `debug=…` in BENCH_PROPS).
     if std::env::var_os("RUST_LOG").is_some() {
@@ -250,15 +502,29 @@ fn main() {
             .init();
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (mode, topic, records) = match args.as_slice() {
-        [m, t, n] => (m.as_str(), t.as_str(), n.parse::<u64>().expect("RECORDS")),
-        _ => panic!("usage: bench_kafka fill|raw|flowgate|flowgate-dedup TOPIC RECORDS"),
-    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
+    let num = |s: &str| s.parse::<f64>().expect("a number");
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["produce", t, n, rate, rest @ ..] => {
+            return produce(t, num(n) as u64, num(rate), rest.first() == Some(&"stamp"));
+        }
+        ["slow-rss", t, n, rate] => return rt.block_on(slow_rss(t, num(n) as u64, num(rate))),
+        ["latency", t, rate, secs] => return rt.block_on(latency(t, num(rate), num(secs))),
+        _ => {}
+    }
+    let (mode, topic, records) = match args.as_slice() {
+        [m, t, n] => (m.as_str(), t.as_str(), n.parse::<u64>().expect("RECORDS")),
+        _ => panic!("usage: see the module documentation of bench_kafka"),
+    };
     // From the client's creation to the last record (group join included, close excluded:
     // the same for every mode).
     let started = Instant::now();

@@ -42,9 +42,15 @@ pub struct KafkaSourceConfig {
     /// paused, so a slow sink never exceeds it.
     #[serde(with = "humantime_serde")]
     pub max_poll_interval: Duration,
-    /// `queued.max.messages.kbytes`: librdkafka's own prefetch per partition, bounded so a
-    /// paused consumer does not hold the backlog in memory. Default 4096 (4 MiB).
+    /// `queued.max.messages.kbytes`: librdkafka's own prefetch per partition in payload
+    /// bytes, so a consumer behind a slow sink does not hold the backlog in memory. Default
+    /// 4096 (4 MiB).
     pub queued_max_messages_kbytes: u64,
+    /// `queued.min.messages`: librdkafka's prefetch per partition in records; it stops
+    /// fetching a partition at this many or at `queued_max_messages_kbytes`, whichever comes
+    /// first. For small records this is the bound that matters: librdkafka keeps a few
+    /// hundred bytes of its own per prefetched record. Default 10,000 (librdkafka's: 100,000).
+    pub prefetch_records: u64,
     /// `fetch.max.bytes`. Default 8 MiB.
     pub fetch_max_bytes: u64,
     /// How long a rebalance callback waits for the runtime to drain revoked partitions, and
@@ -75,6 +81,7 @@ impl Default for KafkaSourceConfig {
             session_timeout: Duration::from_secs(45),
             max_poll_interval: Duration::from_secs(300),
             queued_max_messages_kbytes: 4096,
+            prefetch_records: 10_000,
             fetch_max_bytes: 8 * 1024 * 1024,
             rebalance_timeout: Duration::from_secs(30),
             max_batch: 1000,
@@ -163,6 +170,7 @@ impl fmt::Debug for KafkaSourceConfig {
                 "queued_max_messages_kbytes",
                 &self.queued_max_messages_kbytes,
             )
+            .field("prefetch_records", &self.prefetch_records)
             .field("fetch_max_bytes", &self.fetch_max_bytes)
             .field("rebalance_timeout", &self.rebalance_timeout)
             .field("max_batch", &self.max_batch)

@@ -424,6 +424,12 @@ impl KafkaSource {
             return Err(Error::config("kafka source: no topics to subscribe to")
                 .with_context("key", "source.topics"));
         }
+        if !(1..=10_000_000).contains(&cfg.prefetch_records) {
+            return Err(
+                Error::config("kafka source: prefetch_records must be 1 to 10,000,000")
+                    .with_context("key", "source.prefetch_records"),
+            );
+        }
         if cfg.max_batch == 0 {
             return Err(Error::config("kafka source: max_batch must be at least 1")
                 .with_context("key", "source.max_batch"));
@@ -459,6 +465,7 @@ impl KafkaSource {
                 "queued.max.messages.kbytes",
                 c.queued_max_messages_kbytes.to_string(),
             )
+            .set("queued.min.messages", c.prefetch_records.to_string())
             .set("fetch.max.bytes", c.fetch_max_bytes.to_string())
             // librdkafka waits this long before fetching again for a partition whose prefetch
             // is full; its default (1 s) leaves a consumer that just caught up idle.
