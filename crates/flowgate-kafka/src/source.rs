@@ -643,6 +643,14 @@ impl Source for KafkaSource {
     }
 }
 
+impl Drop for KafkaSource {
+    /// A source dropped without `close` (its pipeline aborted) still stops its threads, which
+    /// leave the group.
+    fn drop(&mut self) {
+        self.closing.store(true, Ordering::Release);
+    }
+}
+
 impl Part {
     /// Up to `max` records: first those that came through the main queue, then the
     /// partition's own queue, without waiting.

@@ -12,75 +12,14 @@ use flowgate_core::testkit::{sink::SinkHarness, source::SourceHarness};
 use flowgate_core::{Error, IdempotencyKey, PartitionId, Position, Record, headers};
 use flowgate_kafka::{KafkaSink, KafkaSinkConfig, KafkaSource, KafkaSourceConfig, partition_id};
 use rdkafka::Message;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-fn bootstrap() -> String {
-    std::env::var("FLOWGATE_TEST_KAFKA_BOOTSTRAP").unwrap_or_else(|_| {
-        panic!("FLOWGATE_TEST_KAFKA_BOOTSTRAP is not set: run `cargo xtask brokers up` and export what it prints (or `cargo xtask test`)")
-    })
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{prefix}-{}-{nanos}", std::process::id())
-}
-
-async fn create_topic(name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .create()
-        .unwrap();
-    let res = admin
-        .create_topics(
-            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .expect("create_topics");
-    for r in res {
-        r.expect("topic created");
-    }
-}
-
-async fn produce(topic: &str, partitions: i32, per_partition: usize) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
-    let mut futs = Vec::new();
-    for p in 0..partitions {
-        for i in 0..per_partition {
-            let producer = producer.clone();
-            let topic = topic.to_string();
-            futs.push(async move {
-                let payload = format!("p{p}-{i}");
-                producer
-                    .send(
-                        FutureRecord::to(&topic)
-                            .partition(p)
-                            .key("k")
-                            .payload(&payload),
-                        Duration::from_secs(30),
-                    )
-                    .await
-                    .map_err(|(e, _)| e)
-            });
-        }
-    }
-    for r in futures_util::future::join_all(futs).await {
-        r.expect("delivered");
-    }
-}
+mod common;
+use common::{bootstrap, create_topic, produce, unique};
 
 /// Produces `per_sec` records a second for `duration` in the background; keys cycle over
 /// `key_modulo` values (or are all distinct). Returns how many were sent.
