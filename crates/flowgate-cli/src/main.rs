@@ -207,10 +207,24 @@ async fn make_sink(cfg: &SinkConfig, stores: &Stores, key: &str) -> Result<Box<d
 }
 
 async fn build(cfg: &PipelineConfig) -> Result<(Pipeline, Stores), Error> {
+    // Kafka -> transactional Kafka sink: the consumed offsets commit inside the sink's
+    // transactions (exactly-once).
+    #[cfg(feature = "kafka")]
+    let mut bridge: Option<Box<dyn Sink>> = None;
     let source: Box<dyn Source> = match &cfg.source {
         SourceConfig::Generator(g) => Box::new(GeneratorSource::new(g.clone())?),
         #[cfg(feature = "kafka")]
-        SourceConfig::Kafka(k) => Box::new(flowgate_kafka::KafkaSource::new(k.clone())?),
+        SourceConfig::Kafka(k) => {
+            let source = flowgate_kafka::KafkaSource::new(k.clone())?;
+            if let SinkConfig::Kafka(sk) = &cfg.sink {
+                if sk.transactional_id.is_some() {
+                    let sink = flowgate_kafka::KafkaSink::new(sk.clone())?
+                        .with_offsets_of(source.offsets_link())?;
+                    bridge = Some(Box::new(sink));
+                }
+            }
+            Box::new(source)
+        }
         #[cfg(not(feature = "kafka"))]
         SourceConfig::Kafka(_) => {
             return Err(config::missing_feature("kafka").with_context("key", "source.type"));
@@ -223,6 +237,12 @@ async fn build(cfg: &PipelineConfig) -> Result<(Pipeline, Stores), Error> {
         }
     };
     let stores = open_store(&cfg.store).await?;
+    #[cfg(feature = "kafka")]
+    let sink = match bridge {
+        Some(sink) => sink,
+        None => make_sink(&cfg.sink, &stores, "sink").await?,
+    };
+    #[cfg(not(feature = "kafka"))]
     let sink = make_sink(&cfg.sink, &stores, "sink").await?;
     let mut b = Pipeline::builder(cfg.name.clone())
         .source(source)

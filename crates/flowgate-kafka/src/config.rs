@@ -111,6 +111,16 @@ pub struct KafkaSinkConfig {
     /// `linger.ms`. Default 5 ms.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
+    /// `transactional.id`: every batch is written in one Kafka transaction (read it with
+    /// `isolation.level=read_committed`). Unique per running sink and stable across its
+    /// restarts: a restarted sink fences its predecessor and aborts its open transaction.
+    /// With a source's [`OffsetsLink`](crate::OffsetsLink), the consumed offsets commit in
+    /// the same transaction (Kafka→Kafka exactly-once). Default: none (not transactional).
+    pub transactional_id: Option<String>,
+    /// `transaction.timeout.ms`: how long the broker waits before aborting a transaction
+    /// its producer abandoned. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub transaction_timeout: Duration,
     /// Any other librdkafka property, passed through (secrets hidden in `Debug`).
     pub properties: BTreeMap<String, String>,
 }
@@ -124,6 +134,8 @@ impl Default for KafkaSinkConfig {
             delivery_timeout: Duration::from_secs(30),
             max_record_bytes: 1_000_000,
             linger: Duration::from_millis(5),
+            transactional_id: None,
+            transaction_timeout: Duration::from_secs(60),
             properties: BTreeMap::new(),
         }
     }
@@ -189,6 +201,8 @@ impl fmt::Debug for KafkaSinkConfig {
             .field("delivery_timeout", &self.delivery_timeout)
             .field("max_record_bytes", &self.max_record_bytes)
             .field("linger", &self.linger)
+            .field("transactional_id", &self.transactional_id)
+            .field("transaction_timeout", &self.transaction_timeout)
             .field("properties", &Redacted(&self.properties))
             .finish()
     }

@@ -21,4 +21,4 @@ mod source;
 
 pub use config::{AssignmentStrategy, KafkaSinkConfig, KafkaSourceConfig};
 pub use sink::KafkaSink;
-pub use source::{KafkaSource, partition_id};
+pub use source::{KafkaSource, OffsetsLink, partition_id};

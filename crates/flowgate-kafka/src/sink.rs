@@ -1,5 +1,8 @@
 //! The Kafka sink: an idempotent producer; a record is confirmed by its delivery report.
+//! Optionally transactional: one transaction per batch, with the consumed offsets of a linked
+//! Kafka source committed inside it.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -7,11 +10,13 @@ use flowgate_core::{Error, ErrorKind, Record, Sink, SinkCapabilities, WriteError
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::util::Timeout;
 
 use crate::config::KafkaSinkConfig;
 use crate::error::map;
+use crate::source::OffsetsLink;
 
 /// Apache Kafka sink: `enable.idempotence=true`, `acks=all`; `write` returns once every
 /// record's delivery report arrived. The idempotency key travels as the
@@ -20,6 +25,9 @@ use crate::error::map;
 pub struct KafkaSink {
     cfg: KafkaSinkConfig,
     producer: FutureProducer,
+    /// Transactional mode: one transaction at a time; `true` once `init_transactions` ran.
+    tx: Option<tokio::sync::Mutex<bool>>,
+    link: Option<OffsetsLink>,
 }
 
 impl KafkaSink {
@@ -44,32 +52,45 @@ impl KafkaSink {
                 "message.max.bytes",
                 (cfg.max_record_bytes + 1024).to_string(),
             );
+        if let Some(id) = &cfg.transactional_id {
+            cc.set("transactional.id", id).set(
+                "transaction.timeout.ms",
+                cfg.transaction_timeout.as_millis().to_string(),
+            );
+        }
         for (k, v) in &cfg.properties {
             cc.set(k, v);
         }
         let producer: FutureProducer = cc.create().map_err(|e| map(e, "creating the producer"))?;
-        Ok(KafkaSink { cfg, producer })
+        let tx = cfg
+            .transactional_id
+            .as_ref()
+            .map(|_| tokio::sync::Mutex::new(false));
+        Ok(KafkaSink {
+            cfg,
+            producer,
+            tx,
+            link: None,
+        })
     }
 
-    fn topic_of<'a>(&'a self, r: &'a Record) -> Option<&'a str> {
-        if let Some(h) = &self.cfg.topic_header {
-            if let Some(v) = r.headers.get(h).and_then(|v| std::str::from_utf8(v).ok()) {
-                return Some(v);
-            }
+    /// Commits the consumed offsets of a Kafka source inside each transaction: the bridge's
+    /// output and its input position move together or not at all (Kafka→Kafka
+    /// exactly-once). Needs `transactional_id`.
+    pub fn with_offsets_of(mut self, link: OffsetsLink) -> Result<Self, Error> {
+        if self.tx.is_none() {
+            return Err(Error::config(
+                "kafka sink: committing a source's offsets needs `transactional_id`",
+            )
+            .with_context("key", "sink.transactional_id"));
         }
-        self.cfg.topic.as_deref()
-    }
-}
-
-#[async_trait]
-impl Sink for KafkaSink {
-    fn capabilities(&self) -> SinkCapabilities {
-        SinkCapabilities::basic()
-            .with_forwards_idempotency_key(true)
-            .with_max_record_bytes(Some(self.cfg.max_record_bytes))
+        self.link = Some(link);
+        Ok(self)
     }
 
-    async fn write(&self, batch: &[Record]) -> Result<(), WriteError> {
+    /// Enqueues the batch without waiting for room (a full local queue is throttling):
+    /// the delivery futures, and the records refused up front (poison, no topic).
+    fn enqueue(&self, batch: &[Record]) -> (Vec<(usize, DeliveryFuture)>, Vec<(usize, Error)>) {
         let mut failed: Vec<(usize, Error)> = Vec::new();
         let mut pending = Vec::with_capacity(batch.len());
         for (i, r) in batch.iter().enumerate() {
@@ -113,28 +134,165 @@ impl Sink for KafkaSink {
             {
                 rec = rec.timestamp(ms.as_millis() as i64);
             }
-            // Enqueue without waiting for room: a full local queue is throttling.
             match self.producer.send_result(rec) {
                 Ok(fut) => pending.push((i, fut)),
                 Err((e, _)) => failed.push((i, map(e, "enqueueing a record"))),
             }
         }
-        for (i, fut) in pending {
-            match fut.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => failed.push((i, delivery_error(e))),
-                Err(_) => failed.push((
-                    i,
-                    Error::transient("kafka: delivery report lost (producer closed)"),
-                )),
+        (pending, failed)
+    }
+
+    /// One transaction: the batch's records (poison ones left out and reported), then the
+    /// linked source's offsets, then the commit. Any failure aborts it all: the batch is
+    /// retried as a whole (read_committed readers never see the aborted records).
+    async fn write_in_transaction(&self, batch: &[Record]) -> Result<(), WriteError> {
+        let Some(tx) = &self.tx else {
+            return Err(WriteError::Batch(Error::fatal(
+                "kafka sink: not transactional",
+            )));
+        };
+        let mut ready = tx.lock().await;
+        let timeout = self.cfg.transaction_timeout;
+        if !*ready {
+            self.blocking(
+                move |p| p.init_transactions(timeout),
+                "initializing transactions",
+            )
+            .await?;
+            *ready = true;
+        }
+        self.producer
+            .begin_transaction()
+            .map_err(|e| tx_error(e, "beginning a transaction"))?;
+        let (pending, poison) = self.enqueue(batch);
+        let written: Vec<usize> = pending.iter().map(|(i, _)| *i).collect();
+        // Only poison may be left out: a record refused for another reason (a full queue)
+        // must not be skipped by the offsets this transaction commits.
+        let mut failure = poison
+            .iter()
+            .find(|(_, e)| e.kind() != ErrorKind::Poison)
+            .map(|(_, e)| Error::new(e.kind(), e.to_string()));
+        for (_, fut) in pending {
+            if let Err(e) = delivered(fut).await {
+                failure.get_or_insert(e);
             }
         }
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            failed.sort_by_key(|(i, _)| *i);
-            Err(WriteError::Partial(failed))
+        if failure.is_none() {
+            if let Some(link) = &self.link {
+                failure = self.send_offsets(link, batch, &written).await.err();
+            }
         }
+        if failure.is_none() {
+            failure = self
+                .blocking(
+                    move |p| p.commit_transaction(timeout),
+                    "committing a transaction",
+                )
+                .await
+                .err();
+        }
+        if let Some(e) = failure {
+            if e.kind() != ErrorKind::Fenced && e.kind() != ErrorKind::Fatal {
+                if let Err(abort) = self
+                    .blocking(
+                        move |p| p.abort_transaction(timeout),
+                        "aborting a transaction",
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %abort, "kafka sink: abort failed");
+                }
+            }
+            return Err(WriteError::Batch(e));
+        }
+        partial(poison)
+    }
+
+    /// The next offset of every source partition in the batch, committed in the transaction.
+    async fn send_offsets(
+        &self,
+        link: &OffsetsLink,
+        batch: &[Record],
+        written: &[usize],
+    ) -> Result<(), Error> {
+        let mut next: HashMap<(String, i32), i64> = HashMap::new();
+        for &i in written {
+            let r = &batch[i];
+            let (Some((topic, part)), Some(o)) = (
+                r.partition.as_str().rsplit_once('/'),
+                r.position.as_offset(),
+            ) else {
+                continue;
+            };
+            let Ok(part) = part.parse::<i32>() else {
+                continue;
+            };
+            let e = next.entry((topic.to_string(), part)).or_insert(o + 1);
+            *e = (*e).max(o + 1);
+        }
+        if next.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((t, p), o) in next {
+            tpl.add_partition_offset(&t, p, Offset::Offset(o))
+                .map_err(|e| map(e, "listing the consumed offsets"))?;
+        }
+        let Some(cgm) = link.group_metadata() else {
+            return Err(Error::transient(
+                "kafka sink: the linked source is not in its group (yet); offsets cannot be committed",
+            ));
+        };
+        let timeout = self.cfg.transaction_timeout;
+        self.blocking(
+            move |p| p.send_offsets_to_transaction(&tpl, &cgm, timeout),
+            "committing the consumed offsets in the transaction",
+        )
+        .await
+    }
+
+    /// A blocking producer call (transactions wait for the broker) off the async threads.
+    async fn blocking(
+        &self,
+        f: impl FnOnce(&FutureProducer) -> Result<(), KafkaError> + Send + 'static,
+        what: &'static str,
+    ) -> Result<(), Error> {
+        let p = self.producer.clone();
+        tokio::task::spawn_blocking(move || f(&p))
+            .await
+            .map_err(|e| Error::fatal("kafka producer task failed").with_source(e))?
+            .map_err(|e| tx_error(e, what))
+    }
+
+    fn topic_of<'a>(&'a self, r: &'a Record) -> Option<&'a str> {
+        if let Some(h) = &self.cfg.topic_header {
+            if let Some(v) = r.headers.get(h).and_then(|v| std::str::from_utf8(v).ok()) {
+                return Some(v);
+            }
+        }
+        self.cfg.topic.as_deref()
+    }
+}
+
+#[async_trait]
+impl Sink for KafkaSink {
+    fn capabilities(&self) -> SinkCapabilities {
+        SinkCapabilities::basic()
+            .with_forwards_idempotency_key(true)
+            .with_max_record_bytes(Some(self.cfg.max_record_bytes))
+    }
+
+    async fn write(&self, batch: &[Record]) -> Result<(), WriteError> {
+        if self.tx.is_some() {
+            return self.write_in_transaction(batch).await;
+        }
+        let (pending, mut failed) = self.enqueue(batch);
+        for (i, fut) in pending {
+            if let Err(e) = delivered(fut).await {
+                failed.push((i, e));
+            }
+        }
+        partial(failed)
     }
 
     async fn flush(&self) -> Result<(), Error> {
@@ -148,6 +306,40 @@ impl Sink for KafkaSink {
     async fn close(&self) -> Result<(), Error> {
         self.flush().await
     }
+}
+
+async fn delivered(fut: DeliveryFuture) -> Result<(), Error> {
+    match fut.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(delivery_error(e)),
+        Err(_) => Err(Error::transient(
+            "kafka: delivery report lost (producer closed)",
+        )),
+    }
+}
+
+fn partial(mut failed: Vec<(usize, Error)>) -> Result<(), WriteError> {
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        failed.sort_by_key(|(i, _)| *i);
+        Err(WriteError::Partial(failed))
+    }
+}
+
+/// A transaction error: fatal ones (a newer producer with the same `transactional.id`
+/// fenced this one) stop the pipeline; the rest abort and retry.
+fn tx_error(e: KafkaError, what: &'static str) -> Error {
+    let fatal = match &e {
+        KafkaError::Transaction(r) => r.is_fatal(),
+        _ => false,
+    };
+    let err = map(e, what);
+    if fatal && err.kind() != ErrorKind::Fenced {
+        return Error::new(ErrorKind::Fatal, err.to_string())
+            .with_hint("another producer with the same transactional_id took over");
+    }
+    err
 }
 
 fn delivery_error(e: KafkaError) -> Error {

@@ -101,6 +101,9 @@ struct Ctx {
     commits: Mutex<Commits>,
     /// The consumer itself, to split partition queues off inside the rebalance callback.
     me: Mutex<Weak<BaseConsumer<Ctx>>>,
+    /// Offsets are committed inside a transactional sink's transactions (see
+    /// [`OffsetsLink`]): the consumer commits nothing itself and starts where they left off.
+    transactional: Arc<AtomicBool>,
     strategy: AssignmentStrategy,
     rebalance_timeout: Duration,
 }
@@ -148,6 +151,10 @@ impl ConsumerContext for Ctx {
 impl Ctx {
     /// Takes the runtime's commit requests into the pending offsets.
     fn absorb(&self, checkpoints: &[Checkpoint]) {
+        if self.transactional.load(Ordering::Acquire) {
+            // A commit outside the transactions could move the group's offset backwards.
+            return;
+        }
         let mut c = lock(&self.commits);
         for cp in checkpoints {
             let (Some(key), Some(next)) = (
@@ -256,11 +263,17 @@ impl Ctx {
                 .as_ref()
                 .and_then(|s| s.iter().find(|s| s.partition == id))
                 .and_then(|s| s.after.clone());
-            let offset = match after.and_then(|a| a.successor().as_offset()) {
-                Some(o) => Offset::Offset(o),
-                None => committed
-                    .get(&(t.clone(), *p))
-                    .map_or(Offset::Invalid, |o| Offset::Offset(*o)),
+            let group_offset = committed
+                .get(&(t.clone(), *p))
+                .map_or(Offset::Invalid, |o| Offset::Offset(*o));
+            let offset = if self.transactional.load(Ordering::Acquire) {
+                // The transactions committed these with the output: they are the truth.
+                group_offset
+            } else {
+                match after.and_then(|a| a.successor().as_offset()) {
+                    Some(o) => Offset::Offset(o),
+                    None => group_offset,
+                }
             };
             if let Err(e) = assign.add_partition_offset(t, *p, offset) {
                 tracing::error!(error = %e, "kafka: cannot set a start offset");
@@ -370,7 +383,9 @@ impl Ctx {
                     .collect();
                 self.drain_commands();
                 lock(&self.commits).pending.retain(|k, _| !keys.contains(k));
-                commit(consumer, finals, CommitMode::Sync);
+                if !self.transactional.load(Ordering::Acquire) {
+                    commit(consumer, finals, CommitMode::Sync);
+                }
             }
         }
         tracing::info!(partitions = ?keys, lost, "kafka: partitions revoked");
@@ -415,6 +430,34 @@ pub struct KafkaSource {
     closing: Arc<AtomicBool>,
     done: Option<std_mpsc::Receiver<()>>,
     credits: Option<Credits>,
+    link: OffsetsLink,
+}
+
+/// A handle on a [`KafkaSource`]'s group membership for a transactional
+/// [`KafkaSink`](crate::KafkaSink): the sink commits the consumed offsets inside each of its
+/// transactions (with the group's current generation, so a zombie member's transaction is
+/// refused by the broker), and the source stops committing on its own and starts every
+/// assigned partition at the group's committed offset. Obtain it with
+/// [`KafkaSource::offsets_link`].
+#[derive(Clone, Default)]
+pub struct OffsetsLink {
+    consumer: Arc<Mutex<Weak<BaseConsumer<Ctx>>>>,
+    transactional: Arc<AtomicBool>,
+}
+
+impl OffsetsLink {
+    /// The group's current metadata (member, generation), once the consumer is open.
+    pub(crate) fn group_metadata(&self) -> Option<rdkafka::consumer::ConsumerGroupMetadata> {
+        lock(&self.consumer).upgrade()?.group_metadata()
+    }
+}
+
+impl std::fmt::Debug for OffsetsLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OffsetsLink")
+            .field("open", &(lock(&self.consumer).strong_count() > 0))
+            .finish()
+    }
 }
 
 impl KafkaSource {
@@ -442,7 +485,15 @@ impl KafkaSource {
             closing: Arc::new(AtomicBool::new(false)),
             done: None,
             credits: None,
+            link: OffsetsLink::default(),
         })
+    }
+
+    /// Hands the committing of offsets to a transactional sink (Kafka→Kafka exactly-once):
+    /// see [`OffsetsLink`]. Call before the pipeline starts.
+    pub fn offsets_link(&self) -> OffsetsLink {
+        self.link.transactional.store(true, Ordering::Release);
+        self.link.clone()
     }
 
     fn client_config(&self, group: &str) -> ClientConfig {
@@ -516,6 +567,7 @@ impl Source for KafkaSource {
             helper: helper.clone(),
             commits: Mutex::default(),
             me: Mutex::new(Weak::new()),
+            transactional: self.link.transactional.clone(),
             strategy: self.cfg.assignment,
             rebalance_timeout: self.cfg.rebalance_timeout,
         };
@@ -525,6 +577,7 @@ impl Source for KafkaSource {
                 .map_err(|e| map(e, "creating the consumer"))?,
         );
         *lock(&consumer.context().me) = Arc::downgrade(&consumer);
+        *lock(&self.link.consumer) = Arc::downgrade(&consumer);
         let topics: Vec<&str> = self.cfg.topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&topics)
