@@ -90,7 +90,7 @@ impl KafkaSink {
 
     /// Enqueues the batch without waiting for room (a full local queue is throttling):
     /// the delivery futures, and the records refused up front (poison, no topic).
-    fn enqueue(&self, batch: &[Record]) -> (Vec<(usize, DeliveryFuture)>, Vec<(usize, Error)>) {
+    fn enqueue(&self, batch: &[Record]) -> (Vec<(usize, DeliveryFuture)>, Refused) {
         let mut failed: Vec<(usize, Error)> = Vec::new();
         let mut pending = Vec::with_capacity(batch.len());
         for (i, r) in batch.iter().enumerate() {
@@ -307,6 +307,9 @@ impl Sink for KafkaSink {
         self.flush().await
     }
 }
+
+/// Records refused before they reached the producer, by index in the batch.
+type Refused = Vec<(usize, Error)>;
 
 async fn delivered(fut: DeliveryFuture) -> Result<(), Error> {
     match fut.await {
