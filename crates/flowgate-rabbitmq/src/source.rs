@@ -1,0 +1,645 @@
+//! The RabbitMQ source: one queue, consumed with manual acknowledgements.
+//!
+//! - A driver task owns the connection: it connects (with backoff), declares what flowgate
+//!   declares, sets the `basic.qos` prefetch, consumes, and pushes deliveries into a buffer
+//!   that the prefetch bounds. `next()` hands the runtime at most its credit from that buffer.
+//! - Acknowledgements are the commits: `commit` acks everything up to the checkpointed
+//!   delivery with `multiple=true`. Nothing is acked on its own.
+//! - A lost connection or channel is a *lost* revocation of the queue's partition (its
+//!   unacknowledged messages come back, marked redelivered), then a reconnect, a re-declare
+//!   and a new assignment. A consumer cancelled by the broker while the connection is fine
+//!   (the queue was deleted) is a fatal error, not a hang.
+//! - Positions: classic and quorum queues use `(channel epoch << 64) | delivery tag`, so they
+//!   only grow across reconnects; streams use the stream offset, and a new consumer starts
+//!   with `x-stream-offset` after the checkpoint.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use flowgate_core::{
+    Assignment, Checkpoint, Credits, Error, ErrorKind, Headers, IdempotencyKey, LagSample, LagUnit,
+    PartitionId, Position, Record, Revocation, Source, SourceCapabilities, SourceContext,
+    SourceEvent, StartPosition,
+};
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::config::{QueueType, RabbitSourceConfig, StreamStart, redact};
+use crate::error::map;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The channel currently consuming, and its epoch (one per connection).
+#[derive(Clone)]
+struct Live {
+    epoch: u64,
+    channel: Channel,
+}
+
+#[derive(Default)]
+struct Shared {
+    buf: VecDeque<Record>,
+    events: VecDeque<SourceEvent>,
+    error: Option<Error>,
+    live: Option<Live>,
+    /// Streams: stream offset → (epoch, delivery tag) of deliveries not yet acknowledged.
+    tags: BTreeMap<u64, (u64, u64)>,
+}
+
+/// RabbitMQ source over one queue (classic, quorum or stream). See the module docs.
+pub struct RabbitSource {
+    cfg: RabbitSourceConfig,
+    partition: PartitionId,
+    shared: Arc<Mutex<Shared>>,
+    notify: Arc<Notify>,
+    credits: Option<Credits>,
+    starts: Option<mpsc::UnboundedSender<Option<Position>>>,
+    closing: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RabbitSource {
+    /// A source; nothing connects before `open`.
+    pub fn new(cfg: RabbitSourceConfig) -> Result<Self, Error> {
+        if cfg.queue.is_empty() {
+            return Err(Error::config("rabbitmq source: no queue to consume")
+                .with_context("key", "source.queue"));
+        }
+        if cfg.prefetch == 0 {
+            return Err(Error::config(
+                "rabbitmq source: prefetch must be at least 1 (0 means unlimited in AMQP)",
+            )
+            .with_context("key", "source.prefetch"));
+        }
+        if cfg.max_batch == 0 {
+            return Err(
+                Error::config("rabbitmq source: max_batch must be at least 1")
+                    .with_context("key", "source.max_batch"),
+            );
+        }
+        if cfg.queue_type == QueueType::Stream && cfg.native_dead_letter == Some(true) {
+            return Err(Error::config(
+                "rabbitmq source: streams cannot dead-letter on the broker; use a dead-letter sink",
+            )
+            .with_context("key", "source.native_dead_letter"));
+        }
+        Ok(RabbitSource {
+            partition: PartitionId::new(&cfg.queue),
+            cfg,
+            shared: Arc::default(),
+            notify: Arc::new(Notify::new()),
+            credits: None,
+            starts: None,
+            closing: watch::channel(false).0,
+            task: None,
+        })
+    }
+
+    fn stream(&self) -> bool {
+        self.cfg.queue_type == QueueType::Stream
+    }
+
+    fn native_dead_letter(&self) -> bool {
+        !self.stream()
+            && self
+                .cfg
+                .native_dead_letter
+                .unwrap_or(self.cfg.dead_letter_exchange.is_some())
+    }
+
+    /// The delivery tag behind a position, if it belongs to the live channel.
+    fn tag_of(&self, position: &Position, live: &Live) -> Option<u64> {
+        if self.stream() {
+            let offset = position.as_u64()?;
+            let (epoch, tag) = *lock(&self.shared).tags.get(&offset)?;
+            (epoch == live.epoch).then_some(tag)
+        } else {
+            let v = position.as_u128()?;
+            ((v >> 64) as u64 == live.epoch).then_some(v as u64)
+        }
+    }
+}
+
+#[async_trait]
+impl Source for RabbitSource {
+    fn capabilities(&self) -> SourceCapabilities {
+        SourceCapabilities::replayable_ordered()
+            .with_replayable(self.stream())
+            .with_eager_commit(true)
+            .with_native_dead_letter(self.native_dead_letter())
+            .with_dynamic_assignment(true)
+            .with_lag_unit((!self.stream()).then_some(LagUnit::Records))
+    }
+
+    async fn open(&mut self, ctx: SourceContext) -> Result<(), Error> {
+        let (start_tx, start_rx) = mpsc::unbounded_channel();
+        let driver = Driver {
+            cfg: self.cfg.clone(),
+            partition: self.partition.clone(),
+            shared: self.shared.clone(),
+            notify: self.notify.clone(),
+            starts: start_rx,
+            closing: self.closing.subscribe(),
+            tag: format!("flowgate-{}", ctx.pipeline),
+        };
+        // The first connection is made here, so a wrong URL or password fails `open`.
+        let conn = driver.connect_once().await?;
+        self.task = Some(tokio::spawn(driver.run(conn)));
+        self.starts = Some(start_tx);
+        self.credits = Some(ctx.credits);
+        tracing::info!(queue = %self.cfg.queue, url = %redact(&self.cfg.url), "rabbitmq: source connected");
+        Ok(())
+    }
+
+    async fn next(&mut self) -> Result<SourceEvent, Error> {
+        let Some(credits) = self.credits.clone() else {
+            return Err(Error::fatal("RabbitSource::next called before open"));
+        };
+        loop {
+            let notified = self.notify.notified();
+            let changed = credits.changed();
+            {
+                let mut sh = lock(&self.shared);
+                if let Some(ev) = sh.events.pop_front() {
+                    return Ok(ev);
+                }
+                if let Some(e) = sh.error.take() {
+                    return Err(e);
+                }
+                let take = credits
+                    .available(&self.partition)
+                    .min(self.cfg.max_batch)
+                    .min(sh.buf.len());
+                if take > 0 {
+                    return Ok(SourceEvent::Records(sh.buf.drain(..take).collect()));
+                }
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = changed => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    async fn start(&mut self, starts: Vec<StartPosition>) -> Result<(), Error> {
+        let after = starts
+            .into_iter()
+            .find(|s| s.partition == self.partition)
+            .and_then(|s| s.after);
+        match &self.starts {
+            Some(tx) => tx
+                .send(after)
+                .map_err(|_| Error::fatal("the RabbitMQ driver task stopped")),
+            None => Err(Error::fatal("RabbitSource::start called before open")),
+        }
+    }
+
+    async fn commit(&mut self, checkpoints: &[Checkpoint]) -> Result<(), Error> {
+        let Some(cp) = checkpoints.iter().find(|c| c.partition == self.partition) else {
+            return Ok(());
+        };
+        let Some(live) = lock(&self.shared).live.clone() else {
+            // The channel is gone: its unacknowledged messages are redelivered anyway.
+            return Ok(());
+        };
+        let tag = if self.stream() {
+            let Some(offset) = cp.position.as_u64() else {
+                return Ok(());
+            };
+            let mut sh = lock(&self.shared);
+            let rest = sh.tags.split_off(&(offset + 1));
+            let done = std::mem::replace(&mut sh.tags, rest);
+            done.values()
+                .filter(|(epoch, _)| *epoch == live.epoch)
+                .map(|(_, tag)| *tag)
+                .max()
+        } else {
+            self.tag_of(&cp.position, &live)
+        };
+        let Some(tag) = tag else {
+            return Ok(());
+        };
+        if let Err(e) = live
+            .channel
+            .basic_ack(tag, BasicAckOptions { multiple: true })
+            .await
+        {
+            // The driver sees the same failure and reconnects; the messages come back.
+            tracing::warn!(error = %e, "rabbitmq: ack failed; the messages will be redelivered");
+        }
+        Ok(())
+    }
+
+    async fn reject(&mut self, record: &Record, error: &Error) -> Result<(), Error> {
+        let Some(live) = lock(&self.shared).live.clone() else {
+            return Ok(());
+        };
+        let Some(tag) = self.tag_of(&record.position, &live) else {
+            return Ok(());
+        };
+        tracing::warn!(queue = %self.cfg.queue, error = %error, "rabbitmq: poison record rejected to the dead-letter exchange");
+        live.channel
+            .basic_nack(
+                tag,
+                BasicNackOptions {
+                    multiple: false,
+                    requeue: false,
+                },
+            )
+            .await
+            .map_err(|e| map(e, "rejecting a poison record"))
+    }
+
+    async fn close(&mut self) -> Result<(), Error> {
+        let _ = self.closing.send(true);
+        if let Some(task) = self.task.take() {
+            if tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .is_err()
+            {
+                tracing::warn!("rabbitmq: the connection did not close within 10 s; abandoned");
+            }
+        }
+        self.starts = None;
+        Ok(())
+    }
+}
+
+impl Drop for RabbitSource {
+    fn drop(&mut self) {
+        let _ = self.closing.send(true);
+    }
+}
+
+/// How a consuming session ended.
+enum Ended {
+    Closing,
+    Lost(Error),
+    Fatal(Error),
+}
+
+struct Driver {
+    cfg: RabbitSourceConfig,
+    partition: PartitionId,
+    shared: Arc<Mutex<Shared>>,
+    notify: Arc<Notify>,
+    starts: mpsc::UnboundedReceiver<Option<Position>>,
+    closing: watch::Receiver<bool>,
+    tag: String,
+}
+
+impl Driver {
+    async fn connect_once(&self) -> Result<Connection, Error> {
+        Connection::connect(&self.cfg.url, ConnectionProperties::default())
+            .await
+            .map_err(|e| map(e, "connecting").with_context("url", redact(&self.cfg.url)))
+    }
+
+    /// Connects with exponential backoff until `give_up_after`.
+    async fn connect(&mut self) -> Result<Option<Connection>, Error> {
+        let r = &self.cfg.reconnect;
+        let started = Instant::now();
+        let mut wait = r.initial_backoff;
+        loop {
+            match self.connect_once().await {
+                Ok(c) => return Ok(Some(c)),
+                Err(e) if e.kind() == ErrorKind::Config => return Err(e),
+                Err(e) if started.elapsed() >= r.give_up_after => {
+                    return Err(Error::fatal(format!(
+                        "rabbitmq: broker unreachable for {:?}; giving up",
+                        r.give_up_after
+                    ))
+                    .with_context("url", redact(&self.cfg.url))
+                    .with_context("last_error", e)
+                    .with_hint("check that RabbitMQ runs and the url is right"));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?wait, "rabbitmq: cannot connect; retrying")
+                }
+            }
+            // Up to a quarter more, so many consumers do not reconnect in lockstep.
+            let jitter = Duration::from_millis(fastrand::u64(0..=(wait.as_millis() / 4) as u64));
+            tokio::select! {
+                _ = self.closing.changed() => return Ok(None),
+                _ = tokio::time::sleep(wait + jitter) => {}
+            }
+            wait = (wait * 2).min(r.max_backoff);
+        }
+    }
+
+    fn push(&self, ev: SourceEvent) {
+        lock(&self.shared).events.push_back(ev);
+        self.notify.notify_one();
+    }
+
+    async fn run(mut self, first: Connection) {
+        let mut conn = Some(first);
+        let mut epoch = 0u64;
+        loop {
+            let c = match conn.take() {
+                Some(c) => c,
+                None => match self.connect().await {
+                    Ok(Some(c)) => c,
+                    Ok(None) => return,
+                    Err(e) => {
+                        lock(&self.shared).error = Some(e);
+                        self.notify.notify_one();
+                        return;
+                    }
+                },
+            };
+            epoch += 1;
+            let ended = self.session(&c, epoch).await;
+            {
+                let mut sh = lock(&self.shared);
+                sh.live = None;
+                // Unacknowledged deliveries come back on the next channel.
+                sh.buf.clear();
+                sh.tags.clear();
+            }
+            match ended {
+                Ended::Closing => {
+                    let _ = c.close(200, "flowgate closing".into()).await;
+                    return;
+                }
+                Ended::Fatal(e) => {
+                    let _ = c.close(200, "flowgate stopping".into()).await;
+                    lock(&self.shared).error = Some(e);
+                    self.notify.notify_one();
+                    return;
+                }
+                Ended::Lost(e) => {
+                    tracing::warn!(queue = %self.cfg.queue, error = %e, "rabbitmq: connection lost; reconnecting (unacknowledged messages will be redelivered)");
+                    let (rev, _waiter) = Revocation::new(vec![self.partition.clone()], true);
+                    self.push(SourceEvent::Revoked(rev));
+                }
+            }
+        }
+    }
+
+    async fn declare(&self, ch: &Channel) -> Result<(), Error> {
+        let q = &self.cfg.queue;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(self.cfg.queue_type.as_arg().into()),
+        );
+        if let Some(dlx) = &self.cfg.dead_letter_exchange {
+            ch.exchange_declare(
+                dlx.as_str().into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| {
+                map(e, "declaring the dead-letter exchange").with_context("exchange", dlx)
+            })?;
+            let dlq = format!("{q}.dead-letter");
+            ch.queue_declare(
+                dlq.as_str().into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| map(e, "declaring the dead-letter queue").with_context("queue", &dlq))?;
+            ch.queue_bind(
+                dlq.as_str().into(),
+                dlx.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| map(e, "binding the dead-letter queue").with_context("queue", &dlq))?;
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(dlx.as_str().into()),
+            );
+        }
+        ch.queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .map_err(|e| map(e, "declaring the queue").with_context("queue", q))?;
+        Ok(())
+    }
+
+    /// One channel's life: declare, assign, consume until closing or failure.
+    async fn session(&mut self, conn: &Connection, epoch: u64) -> Ended {
+        let setup = async {
+            let ch = conn
+                .create_channel()
+                .await
+                .map_err(|e| map(e, "opening a channel"))?;
+            ch.basic_qos(self.cfg.prefetch, BasicQosOptions::default())
+                .await
+                .map_err(|e| map(e, "setting the prefetch"))?;
+            if self.cfg.declare {
+                self.declare(&ch).await?;
+            }
+            Ok::<_, Error>(ch)
+        };
+        let ch = match setup.await {
+            Ok(ch) => ch,
+            Err(e) if e.kind() == ErrorKind::Config => return Ended::Fatal(e),
+            Err(e) => return Ended::Lost(e),
+        };
+        // The runtime decides where a stream resumes (its checkpoint); queues just resume.
+        self.push(SourceEvent::Assigned(vec![Assignment::new(
+            self.partition.clone(),
+        )]));
+        let after = tokio::select! {
+            _ = self.closing.changed() => return Ended::Closing,
+            s = self.starts.recv() => match s {
+                Some(after) => after,
+                None => return Ended::Closing,
+            },
+        };
+        let mut args = FieldTable::default();
+        if self.cfg.queue_type == QueueType::Stream {
+            let offset = match after.as_ref().and_then(Position::as_u64) {
+                Some(o) => AMQPValue::LongLongInt(o as i64 + 1),
+                None => AMQPValue::LongString(LongString::from(match self.cfg.stream_start {
+                    StreamStart::First => "first",
+                    StreamStart::Last => "last",
+                    StreamStart::Next => "next",
+                })),
+            };
+            tracing::info!(queue = %self.cfg.queue, after = ?after, "rabbitmq: consuming the stream");
+            args.insert("x-stream-offset".into(), offset);
+        }
+        let mut consumer = match ch
+            .basic_consume(
+                self.cfg.queue.as_str().into(),
+                format!("{}-{epoch}", self.tag).as_str().into(),
+                BasicConsumeOptions::default(),
+                args,
+            )
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let e = map(e, "consuming").with_context("queue", &self.cfg.queue);
+                return if e.kind() == ErrorKind::Config {
+                    Ended::Fatal(e)
+                } else {
+                    Ended::Lost(e)
+                };
+            }
+        };
+        lock(&self.shared).live = Some(Live {
+            epoch,
+            channel: ch.clone(),
+        });
+        let lag_channel = conn.create_channel().await.ok();
+        let mut lag_tick = tokio::time::interval(self.cfg.lag_interval);
+        lag_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.closing.changed() => return Ended::Closing,
+                d = consumer.next() => match d {
+                    Some(Ok(delivery)) => {
+                        let record = self.record(delivery, epoch);
+                        if let Some(r) = record {
+                            lock(&self.shared).buf.push_back(r);
+                            self.notify.notify_one();
+                        }
+                    }
+                    Some(Err(e)) => return Ended::Lost(map(e, "consuming")),
+                    None => {
+                        return if conn.status().connected() && ch.status().connected() {
+                            Ended::Fatal(Error::fatal(format!(
+                                "rabbitmq: the broker cancelled the consumer of queue `{}` (was the queue deleted?)",
+                                self.cfg.queue
+                            )).with_hint("re-create the queue (or set `declare = true`) and restart"))
+                        } else {
+                            Ended::Lost(Error::transient("rabbitmq: the connection closed"))
+                        };
+                    }
+                },
+                _ = lag_tick.tick(), if lag_channel.is_some() && self.cfg.queue_type != QueueType::Stream => {
+                    if let Some(lc) = &lag_channel {
+                        self.sample_lag(lc).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queue depth (ready messages) as lag.
+    async fn sample_lag(&self, ch: &Channel) {
+        let res = ch
+            .queue_declare(
+                self.cfg.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        if let Ok(q) = res {
+            self.push(SourceEvent::Lag(vec![LagSample {
+                partition: self.partition.clone(),
+                lag: u64::from(q.message_count()),
+                unit: LagUnit::Records,
+            }]));
+        }
+    }
+
+    fn record(&self, d: Delivery, epoch: u64) -> Option<Record> {
+        let tag: u64 = d.delivery_tag;
+        let mut headers = Headers::new();
+        let mut stream_offset = None;
+        if let Some(table) = d.properties.headers() {
+            for (k, v) in table.inner() {
+                if k.as_str() == "x-stream-offset" {
+                    if let AMQPValue::LongLongInt(o) = v {
+                        stream_offset = u64::try_from(*o).ok();
+                    }
+                }
+                if let Some(bytes) = value_bytes(v) {
+                    headers.push(k.as_str(), bytes);
+                }
+            }
+        }
+        let position = if self.cfg.queue_type == QueueType::Stream {
+            let Some(offset) = stream_offset else {
+                tracing::warn!(queue = %self.cfg.queue, "rabbitmq: stream delivery without x-stream-offset; skipped");
+                return None;
+            };
+            lock(&self.shared).tags.insert(offset, (epoch, tag));
+            Position::from(offset)
+        } else {
+            Position::new((u128::from(epoch) << 64) | u128::from(tag))
+        };
+        let timestamp = d
+            .properties
+            .timestamp()
+            .map(|s| UNIX_EPOCH + Duration::from_secs(s))
+            .unwrap_or_else(SystemTime::now);
+        // The record's key: what a flowgate sink stored, else the routing key.
+        let key = headers.get(crate::KEY_HEADER).cloned().or_else(|| {
+            (!d.routing_key.as_str().is_empty())
+                .then(|| Bytes::copy_from_slice(d.routing_key.as_str().as_bytes()))
+        });
+        Some(Record {
+            partition: self.partition.clone(),
+            position,
+            key,
+            idempotency_key: d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| IdempotencyKey::new(Bytes::copy_from_slice(id.as_str().as_bytes()))),
+            payload: Bytes::from(d.data),
+            headers,
+            timestamp: Some(timestamp),
+            redelivered: d.redelivered,
+        })
+    }
+}
+
+/// A header value as bytes (strings as is, numbers and booleans as text).
+fn value_bytes(v: &AMQPValue) -> Option<Bytes> {
+    Some(match v {
+        AMQPValue::LongString(s) => Bytes::copy_from_slice(s.as_bytes()),
+        AMQPValue::ShortString(s) => Bytes::copy_from_slice(s.as_str().as_bytes()),
+        AMQPValue::ByteArray(b) => Bytes::copy_from_slice(b.as_slice()),
+        AMQPValue::Boolean(b) => Bytes::from(b.to_string()),
+        AMQPValue::ShortShortInt(n) => Bytes::from(n.to_string()),
+        AMQPValue::ShortShortUInt(n) => Bytes::from(n.to_string()),
+        AMQPValue::ShortInt(n) => Bytes::from(n.to_string()),
+        AMQPValue::ShortUInt(n) => Bytes::from(n.to_string()),
+        AMQPValue::LongInt(n) => Bytes::from(n.to_string()),
+        AMQPValue::LongUInt(n) => Bytes::from(n.to_string()),
+        AMQPValue::LongLongInt(n) => Bytes::from(n.to_string()),
+        AMQPValue::Timestamp(n) => Bytes::from(n.to_string()),
+        _ => return None,
+    })
+}

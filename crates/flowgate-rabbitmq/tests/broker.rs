@@ -1,0 +1,523 @@
+//! The RabbitMQ adapter against the real broker of `cargo xtask brokers up`: the core
+//! conformance suite for the source (classic queue and stream) and the sink, the slow sink,
+//! poison records to the dead-letter exchange, unroutable publishes, a deleted queue, and a
+//! stream resumed from its checkpoint.
+#![cfg(feature = "broker-tests")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use flowgate_core::testkit::{sink::SinkHarness, source::SourceHarness};
+use flowgate_core::{
+    Error, ErrorKind, IdempotencyKey, PartitionId, Position, Record, Sink, WriteError,
+};
+use flowgate_rabbitmq::{
+    QueueType, RabbitSink, RabbitSinkConfig, RabbitSource, RabbitSourceConfig,
+};
+use flowgate_runtime::adapters::{FaultConfig, FaultInjectingSink, MemorySink};
+use flowgate_runtime::{Pipeline, RuntimeSettings, Shutdown};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+fn url() -> String {
+    std::env::var("FLOWGATE_TEST_RABBITMQ_URL").unwrap_or_else(|_| {
+        panic!("FLOWGATE_TEST_RABBITMQ_URL is not set: run `cargo xtask brokers up` and export what it prints (or `cargo xtask test`)")
+    })
+}
+
+fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
+async fn channel() -> (Connection, Channel) {
+    let conn = Connection::connect(&url(), ConnectionProperties::default())
+        .await
+        .expect("AMQP connection");
+    let ch = conn.create_channel().await.unwrap();
+    (conn, ch)
+}
+
+async fn declare(ch: &Channel, queue: &str, kind: QueueType) {
+    let mut args = FieldTable::default();
+    let t = match kind {
+        QueueType::Classic => "classic",
+        QueueType::Quorum => "quorum",
+        QueueType::Stream => "stream",
+    };
+    args.insert("x-queue-type".into(), AMQPValue::LongString(t.into()));
+    ch.queue_declare(
+        queue.into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .unwrap();
+}
+
+/// Publishes `payloads` with confirms to the default exchange (routing key = queue).
+async fn publish(queue: &str, payloads: impl IntoIterator<Item = String>) {
+    let (conn, ch) = channel().await;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let mut confirms = Vec::new();
+    for p in payloads {
+        confirms.push(
+            ch.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                p.as_bytes(),
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_message_id(p.as_str().into()),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for c in confirms {
+        assert!(c.await.unwrap().is_ack());
+    }
+    conn.close(200, "done".into()).await.unwrap();
+}
+
+/// Ready messages in the queue.
+async fn depth(queue: &str) -> u32 {
+    let (conn, ch) = channel().await;
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    conn.close(200, "done".into()).await.unwrap();
+    q.message_count()
+}
+
+fn source_config(queue: &str, kind: QueueType) -> RabbitSourceConfig {
+    RabbitSourceConfig {
+        url: url(),
+        queue: queue.to_string(),
+        queue_type: kind,
+        ..Default::default()
+    }
+}
+
+struct SourceH {
+    kind: QueueType,
+    queue: Mutex<String>,
+}
+
+#[async_trait]
+impl SourceHarness for SourceH {
+    type Source = RabbitSource;
+    async fn prepare(&self, per_partition: usize) -> Result<Vec<PartitionId>, Error> {
+        let queue = unique("conf-src");
+        let (conn, ch) = channel().await;
+        declare(&ch, &queue, self.kind).await;
+        conn.close(200, "done".into()).await.unwrap();
+        publish(&queue, (0..per_partition).map(|i| format!("m{i}"))).await;
+        *self.queue.lock().unwrap() = queue.clone();
+        Ok(vec![PartitionId::new(queue)])
+    }
+    async fn open_source(&self) -> Result<RabbitSource, Error> {
+        RabbitSource::new(source_config(&self.queue.lock().unwrap(), self.kind))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_source_conforms_on_a_classic_queue() {
+    flowgate_core::testkit::source::run_all(&SourceH {
+        kind: QueueType::Classic,
+        queue: Mutex::default(),
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_source_conforms_on_a_stream() {
+    flowgate_core::testkit::source::run_all(&SourceH {
+        kind: QueueType::Stream,
+        queue: Mutex::default(),
+    })
+    .await;
+}
+
+struct SinkH {
+    queue: String,
+}
+
+#[async_trait]
+impl SinkHarness for SinkH {
+    type Sink = RabbitSink;
+    async fn open_sink(&self) -> Result<RabbitSink, Error> {
+        RabbitSink::new(RabbitSinkConfig {
+            url: url(),
+            routing_key: Some(self.queue.clone()),
+            declare_queue: Some(self.queue.clone()),
+            ..Default::default()
+        })
+    }
+    async fn read_back(&self) -> Result<Vec<Record>, Error> {
+        let (conn, ch) = channel().await;
+        ch.basic_qos(1000, BasicQosOptions::default())
+            .await
+            .unwrap();
+        let mut consumer = ch
+            .basic_consume(
+                self.queue.as_str().into(),
+                "read-back".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        while let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
+        {
+            let d = d.unwrap();
+            let mut r = Record::new(
+                PartitionId::new("read"),
+                Position::from(d.delivery_tag),
+                Bytes::from(d.data.clone()),
+            );
+            if let Some(h) = d.properties.headers() {
+                if let Some(AMQPValue::LongString(k)) = h.inner().get(flowgate_rabbitmq::KEY_HEADER)
+                {
+                    r.key = Some(Bytes::copy_from_slice(k.as_bytes()));
+                }
+            }
+            r.idempotency_key = d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| IdempotencyKey::new(m.as_str().to_string()));
+            d.acker.ack(BasicAckOptions::default()).await.unwrap();
+            out.push(r);
+        }
+        conn.close(200, "done".into()).await.unwrap();
+        Ok(out)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_sink_conforms() {
+    flowgate_core::testkit::sink::run_all(&SinkH {
+        queue: unique("conf-sink"),
+    })
+    .await;
+}
+
+/// A publish nothing is bound for comes back and is an error, never silently dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_publish_is_an_error() {
+    let sink = RabbitSink::new(RabbitSinkConfig {
+        url: url(),
+        routing_key: Some(unique("nowhere")),
+        ..Default::default()
+    })
+    .unwrap();
+    let r = Record::new(PartitionId::new("p"), Position::ZERO, Bytes::from("x"));
+    match sink.write(&[r]).await {
+        Err(WriteError::Partial(errs)) => {
+            assert_eq!(errs.len(), 1);
+            assert_eq!(errs[0].1.kind(), ErrorKind::Poison, "{}", errs[0].1);
+            assert!(
+                errs[0].1.to_string().contains("unroutable"),
+                "{}",
+                errs[0].1
+            );
+        }
+        other => panic!("an unroutable publish must fail: {other:?}"),
+    }
+    sink.close().await.unwrap();
+}
+
+/// A sink 10× slower than the backlog: the broker never has more than the prefetch
+/// unacknowledged, the runtime stays within its budget, the queue depth is the lag and it
+/// is reported; everything arrives in the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_sink_holds_no_more_than_the_prefetch() {
+    let queue = unique("slow");
+    let (conn, ch) = channel().await;
+    declare(&ch, &queue, QueueType::Classic).await;
+    conn.close(200, "done".into()).await.unwrap();
+    let total = 3_000usize;
+    publish(&queue, (0..total).map(|i| format!("m{i}"))).await;
+    let sink = MemorySink::new();
+    let prefetch = 100u16;
+    let pipeline = Pipeline::builder(unique("slow-pipeline"))
+        .source(
+            RabbitSource::new(RabbitSourceConfig {
+                prefetch,
+                lag_interval: Duration::from_millis(250),
+                ..source_config(&queue, QueueType::Classic)
+            })
+            .unwrap(),
+        )
+        .sink(FaultInjectingSink::new(
+            sink.clone(),
+            FaultConfig {
+                capacity_per_sec: Some(1_000.0),
+                ..Default::default()
+            },
+        ))
+        .settings(RuntimeSettings {
+            max_in_flight_per_partition: 500,
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let (trigger, shutdown) = Shutdown::manual();
+    let stats = pipeline.stats();
+    let run = tokio::spawn(pipeline.run(shutdown));
+    let started = Instant::now();
+    let mut lags = Vec::new();
+    let mut peak_in_flight = 0;
+    while sink.len() < total {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "only {} of {total} arrived",
+            sink.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let s = stats.snapshot();
+        lags.push(s.lag);
+        peak_in_flight = peak_in_flight.max(s.in_flight);
+    }
+    trigger.trigger();
+    let summary = run.await.unwrap().unwrap();
+    assert!(
+        peak_in_flight <= u64::from(prefetch),
+        "in flight {peak_in_flight} > prefetch {prefetch}"
+    );
+    let max_lag = lags.iter().copied().max().unwrap_or(0);
+    assert!(
+        max_lag >= (total as u64) / 2,
+        "queue depth must be reported as lag: {lags:?}"
+    );
+    assert_eq!(depth(&queue).await, 0, "everything acknowledged");
+    let mut seen: Vec<String> = sink
+        .records()
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), total, "nothing lost");
+    eprintln!(
+        "rabbitmq/slow: {total} messages, sink at 1000/s, prefetch {prefetch}: peak in flight {peak_in_flight}, lag reported up to {max_lag}, peak buffer {} KiB; {:?}",
+        summary.stats.peak_buffer_bytes / 1024,
+        summary.elapsed
+    );
+}
+
+/// Poison records are rejected to the dead-letter exchange flowgate declared; the others
+/// keep flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_is_dead_lettered_on_the_broker() {
+    let queue = unique("poison");
+    let dlx = format!("{queue}.dlx");
+    let source = RabbitSource::new(RabbitSourceConfig {
+        declare: true,
+        dead_letter_exchange: Some(dlx.clone()),
+        ..source_config(&queue, QueueType::Classic)
+    })
+    .unwrap();
+    let sink = MemorySink::new();
+    let pipeline = Pipeline::builder(unique("poison-pipeline"))
+        .source(source)
+        .sink(FaultInjectingSink::new(
+            sink.clone(),
+            FaultConfig {
+                poison_prefix: Some("poison".into()),
+                ..Default::default()
+            },
+        ))
+        .build()
+        .unwrap();
+    let (trigger, shutdown) = Shutdown::manual();
+    let stats = pipeline.stats();
+    let run = tokio::spawn(pipeline.run(shutdown));
+    // The source declares the queue on connect.
+    let started = Instant::now();
+    while stats.snapshot().rebalances == 0 {
+        assert!(started.elapsed() < Duration::from_secs(20), "not assigned");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let payloads: Vec<String> = (0..200)
+        .map(|i| {
+            if i % 50 == 7 {
+                format!("poison-{i}")
+            } else {
+                format!("ok-{i}")
+            }
+        })
+        .collect();
+    publish(&queue, payloads.clone()).await;
+    while sink.len() < 196 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "only {} good records arrived",
+            sink.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    trigger.trigger();
+    run.await.unwrap().unwrap();
+    let dlq = format!("{queue}.dead-letter");
+    let started = Instant::now();
+    while depth(&dlq).await < 4 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the dead-letter queue holds {}",
+            depth(&dlq).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(depth(&dlq).await, 4, "exactly the poison records");
+    assert_eq!(depth(&queue).await, 0, "the rest acknowledged");
+    assert!(
+        sink.records()
+            .iter()
+            .all(|r| !r.payload.starts_with(b"poison"))
+    );
+}
+
+/// A queue deleted under a running consumer stops the pipeline with a clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_queue_is_a_clear_error() {
+    let queue = unique("deleted");
+    let (conn, ch) = channel().await;
+    declare(&ch, &queue, QueueType::Classic).await;
+    publish(&queue, (0..10).map(|i| format!("m{i}"))).await;
+    let sink = MemorySink::new();
+    let pipeline = Pipeline::builder(unique("deleted-pipeline"))
+        .source(RabbitSource::new(source_config(&queue, QueueType::Classic)).unwrap())
+        .sink(sink.clone())
+        .build()
+        .unwrap();
+    let (_trigger, shutdown) = Shutdown::manual();
+    let run = tokio::spawn(pipeline.run(shutdown));
+    let started = Instant::now();
+    while sink.len() < 10 {
+        assert!(started.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    ch.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("the pipeline must stop, not hang")
+        .unwrap();
+    let err = res.expect_err("a deleted queue is an error");
+    assert!(
+        err.to_string().contains("cancelled the consumer"),
+        "the error must say what happened: {err}"
+    );
+    conn.close(200, "done".into()).await.unwrap();
+}
+
+/// A stream consumed, the pipeline stopped, then a new one with the same checkpoint store:
+/// it resumes after the checkpoint, nothing twice, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_resumes_from_the_checkpoint() {
+    let queue = unique("stream");
+    let (conn, ch) = channel().await;
+    declare(&ch, &queue, QueueType::Stream).await;
+    conn.close(200, "done".into()).await.unwrap();
+    publish(&queue, (0..1_000).map(|i| format!("s{i}"))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        flowgate_checkpoint::EmbeddedStore::open_dir(dir.path())
+            .await
+            .unwrap(),
+    );
+    let name = unique("stream-pipeline");
+    let sink = MemorySink::new();
+    let run_once = |capacity: Option<f64>| {
+        Pipeline::builder(name.clone())
+            .source(RabbitSource::new(source_config(&queue, QueueType::Stream)).unwrap())
+            .sink(FaultInjectingSink::new(
+                sink.clone(),
+                FaultConfig {
+                    capacity_per_sec: capacity,
+                    ..Default::default()
+                },
+            ))
+            .checkpoint_store(store.clone())
+            .build()
+            .unwrap()
+    };
+    // First run: slow, stopped part way.
+    let (trigger, shutdown) = Shutdown::manual();
+    let run = tokio::spawn(run_once(Some(500.0)).run(shutdown));
+    let started = Instant::now();
+    while sink.len() < 300 {
+        assert!(started.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    trigger.trigger();
+    run.await.unwrap().unwrap();
+    let first = sink.len();
+    assert!(first < 1_000, "the first run must stop part way ({first})");
+    // Second run: the rest, from the checkpoint.
+    publish(&queue, (1_000..1_200).map(|i| format!("s{i}"))).await;
+    let (trigger, shutdown) = Shutdown::manual();
+    let run = tokio::spawn(run_once(None).run(shutdown));
+    let started = Instant::now();
+    while sink.len() < 1_200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{} of 1200",
+            sink.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    trigger.trigger();
+    run.await.unwrap().unwrap();
+    let payloads: Vec<String> = sink
+        .records()
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect();
+    assert_eq!(
+        payloads.len(),
+        1_200,
+        "nothing twice: {} records",
+        payloads.len()
+    );
+    for (i, p) in payloads.iter().enumerate() {
+        assert_eq!(
+            p,
+            &format!("s{i}"),
+            "in order, resumed exactly after the checkpoint"
+        );
+    }
+    eprintln!(
+        "rabbitmq/stream: first run {first} records, second run resumed after the checkpoint to 1200"
+    );
+}
