@@ -8,7 +8,8 @@
 //! - [`runtime`]: the pipeline builder and the in-process adapters (generator, null,
 //!   JSON-lines, fault injection);
 //! - [`checkpoint`]: the stores (in-memory; embedded redb with feature `embedded-store`);
-//! - `kafka` (feature `kafka`): the Apache Kafka source and sink.
+//! - `kafka` (feature `kafka`): the Apache Kafka source and sink;
+//! - `rabbitmq` (feature `rabbitmq`): the RabbitMQ source and sink.
 //!
 //! ```no_run
 //! use flowgate::runtime::adapters::{GeneratorConfig, GeneratorSource, NullSink};
@@ -36,6 +37,10 @@ pub use flowgate_core::testkit;
 /// Apache Kafka source and sink (feature `kafka`).
 #[cfg(feature = "kafka")]
 pub use flowgate_kafka as kafka;
+
+/// RabbitMQ source and sink (feature `rabbitmq`).
+#[cfg(feature = "rabbitmq")]
+pub use flowgate_rabbitmq as rabbitmq;
 
 pub use flowgate_core::{Error, ErrorKind, PartitionId, Position, Record};
 pub use flowgate_runtime::{Pipeline, RuntimeSettings, Shutdown};

@@ -129,8 +129,10 @@ fn test() -> Result<(), String> {
             "flowgate-rig-tests",
             "-p",
             "flowgate-kafka",
+            "-p",
+            "flowgate-rabbitmq",
             "--features",
-            "flowgate-rig-tests/brokers,flowgate-kafka/broker-tests",
+            "flowgate-rig-tests/brokers,flowgate-kafka/broker-tests,flowgate-rabbitmq/broker-tests",
             "--",
             "--test-threads",
             "2",
@@ -148,6 +150,8 @@ fn test() -> Result<(), String> {
             "broker-tests",
             "--test",
             "kafka_crash",
+            "--test",
+            "rabbitmq_crash",
         ]);
         cli.envs(env);
         run("cargo test (CLI against real brokers)", &mut cli)

@@ -73,7 +73,11 @@ pub(crate) enum SourceConfig {
     Kafka(NotCompiled),
     /// AWS Kinesis Data Streams (feature `kinesis`).
     Kinesis(NotCompiled),
-    /// RabbitMQ (feature `rabbitmq`).
+    /// RabbitMQ.
+    #[cfg(feature = "rabbitmq")]
+    Rabbitmq(flowgate_rabbitmq::RabbitSourceConfig),
+    /// RabbitMQ (feature `rabbitmq`, not compiled in).
+    #[cfg(not(feature = "rabbitmq"))]
     Rabbitmq(NotCompiled),
 }
 
@@ -120,7 +124,11 @@ pub(crate) enum SinkConfig {
     Kafka(NotCompiled),
     /// AWS Kinesis Data Streams (feature `kinesis`).
     Kinesis(NotCompiled),
-    /// RabbitMQ (feature `rabbitmq`).
+    /// RabbitMQ.
+    #[cfg(feature = "rabbitmq")]
+    Rabbitmq(flowgate_rabbitmq::RabbitSinkConfig),
+    /// RabbitMQ (feature `rabbitmq`, not compiled in).
+    #[cfg(not(feature = "rabbitmq"))]
     Rabbitmq(NotCompiled),
 }
 

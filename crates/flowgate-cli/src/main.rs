@@ -194,6 +194,12 @@ async fn make_sink(cfg: &SinkConfig, stores: &Stores, key: &str) -> Result<Box<d
                 config::missing_feature("kinesis").with_context("key", format!("{key}.type"))
             );
         }
+        #[cfg(feature = "rabbitmq")]
+        SinkConfig::Rabbitmq(r) => (
+            Box::new(flowgate_rabbitmq::RabbitSink::new(r.clone())?),
+            &None,
+        ),
+        #[cfg(not(feature = "rabbitmq"))]
         SinkConfig::Rabbitmq(_) => {
             return Err(
                 config::missing_feature("rabbitmq").with_context("key", format!("{key}.type"))
@@ -232,6 +238,9 @@ async fn build(cfg: &PipelineConfig) -> Result<(Pipeline, Stores), Error> {
         SourceConfig::Kinesis(_) => {
             return Err(config::missing_feature("kinesis").with_context("key", "source.type"));
         }
+        #[cfg(feature = "rabbitmq")]
+        SourceConfig::Rabbitmq(r) => Box::new(flowgate_rabbitmq::RabbitSource::new(r.clone())?),
+        #[cfg(not(feature = "rabbitmq"))]
         SourceConfig::Rabbitmq(_) => {
             return Err(config::missing_feature("rabbitmq").with_context("key", "source.type"));
         }

@@ -173,6 +173,24 @@ impl Pipeline {
             Some((s, e)) => (Some(s), Some(e)),
             None => (None, None),
         };
+        // A source that cannot start from a position (a RabbitMQ queue) has positions that
+        // mean nothing to a later process: its broker keeps the progress (acks), so nothing
+        // is written to the checkpoint store for it.
+        let store = if caps.replayable {
+            store
+        } else {
+            if store.is_some() {
+                tracing::info!(pipeline = %name, "the source is not replayable (its broker keeps the progress): the checkpoint store is not used");
+            }
+            None
+        };
+        if matches!(extractor, Some(KeyExtractor::SourcePosition)) && !caps.replayable {
+            return Err(Error::config(
+                "dedup by source position needs a replayable source: this source's positions change when a record is redelivered",
+            )
+            .with_context("key", "dedup.key")
+            .with_hint("deduplicate by a message id instead (RabbitMQ queues: the AMQP message_id is the idempotency key; `key = \"key\"` or `header:NAME` uses it)"));
+        }
         let marker = dedup_store.as_ref().map(|store| {
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(worker::marker_task(
