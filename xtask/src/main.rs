@@ -31,6 +31,8 @@ cargo xtask <task>
                            the consumer's RSS behind a 10x slower sink while the backlog grows,
                            and end-to-end latency at fixed rates. --records=N --rounds=N
                            --rss-records=N --throughput-only
+  bench rabbitmq           raw lapin publisher and consumer against the flowgate RabbitMQ sink
+                           and source on a classic queue, side by side. --records=N --rounds=N
   help                     this text
 ";
 
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
         ["kafka", tool, rest @ ..] => kafka_tool(tool, rest),
         ["bench", "runtime", rest @ ..] => bench_runtime(rest),
         ["bench", "kafka", rest @ ..] => bench_kafka(rest),
+        ["bench", "rabbitmq", rest @ ..] => bench_rabbitmq(rest),
         ["help"] | [] => {
             print!("{HELP}");
             Ok(())
@@ -505,6 +508,115 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
             println!("| {rate}/s, batch linger {linger_us} µs | {} |", out.trim());
         }
     }
+    Ok(())
+}
+
+fn bench_rabbitmq(rest: &[&str]) -> Result<(), String> {
+    let arg = |name: &str, default: u64| {
+        rest.iter()
+            .find_map(|a| a.strip_prefix(name))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(default)
+    };
+    let records = arg("--records=", 200_000);
+    let rounds = arg("--rounds=", 3) as usize;
+    let rig = Rig::new()?;
+    rig.up(&[Broker::Rabbitmq], Engine::Native)?;
+    let env = rig.env_all(&[Broker::Rabbitmq]);
+    run(
+        "build the harness",
+        cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "flowgate-rabbitmq",
+            "--example",
+            "bench_rabbitmq",
+        ]),
+    )?;
+    let bin = "target/release/examples/bench_rabbitmq";
+    let n = records.to_string();
+    // Each round fills a fresh queue with the raw publisher, drains it with the raw consumer,
+    // fills it with the flowgate sink, drains it with the flowgate source, then fills it with
+    // the raw publisher again and drains it with a raw consumer that acks in batches.
+    let modes = [
+        "publish-raw",
+        "consume-raw",
+        "publish-flowgate",
+        "consume-flowgate",
+        "publish-raw",
+        "consume-raw-batched",
+    ];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    for round in 0..rounds {
+        let queue = format!("bench-{stamp}-{round}");
+        for (i, mode) in modes.iter().enumerate() {
+            let out = output(
+                Command::new(bin)
+                    .args([*mode, queue.as_str(), n.as_str()])
+                    .envs(env.iter().cloned()),
+            )?;
+            let rate: f64 = out
+                .split_whitespace()
+                .nth(3)
+                .and_then(|r| r.parse().ok())
+                .ok_or(format!("bad output {out:?}"))?;
+            eprintln!("    round {round} {mode:<17} {rate:>10.0} messages/s");
+            rates[i].push(rate);
+        }
+    }
+    let median = |v: &Vec<f64>| {
+        let mut v = v.clone();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "\n| {records} messages of 100 bytes, classic queue | messages/s (median of {rounds}) | flowgate vs raw |"
+    );
+    println!("|---|---:|---:|");
+    let mut publish_raw = rates[0].clone();
+    publish_raw.extend(rates[4].iter().copied());
+    let rows = [
+        (
+            "publish (confirms, window 2000): raw lapin",
+            median(&publish_raw),
+            None,
+        ),
+        (
+            "publish: flowgate sink (generator, 4 partitions, batches of 500)",
+            median(&rates[2]),
+            Some(median(&publish_raw)),
+        ),
+        (
+            "consume (prefetch 300): raw lapin, one ack per message",
+            median(&rates[1]),
+            None,
+        ),
+        (
+            "consume: raw lapin, one `multiple` ack per 100",
+            median(&rates[5]),
+            None,
+        ),
+        (
+            "consume: flowgate source -> null sink",
+            median(&rates[3]),
+            Some(median(&rates[1])),
+        ),
+    ];
+    for (what, rate, vs) in rows {
+        match vs {
+            Some(v) => println!("| {what} | {rate:.0} | {:.3} |", rate / v),
+            None => println!("| {what} | {rate:.0} | |"),
+        }
+    }
+    println!(
+        "| flowgate source vs the batched raw consumer | | {:.3} |",
+        median(&rates[3]) / median(&rates[5])
+    );
     Ok(())
 }
 

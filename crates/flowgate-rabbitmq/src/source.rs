@@ -521,7 +521,15 @@ impl Driver {
         lag_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = self.closing.changed() => return Ended::Closing,
+                _ = self.closing.changed() => {
+                    // Channels first, then the connection: unacknowledged messages go back
+                    // to the queue.
+                    if let Some(lc) = &lag_channel {
+                        let _ = lc.close(200, "flowgate closing".into()).await;
+                    }
+                    let _ = ch.close(200, "flowgate closing".into()).await;
+                    return Ended::Closing;
+                }
                 d = consumer.next() => match d {
                     Some(Ok(delivery)) => {
                         let record = self.record(delivery, epoch);

@@ -531,9 +531,20 @@ impl State {
         false
     }
 
+    /// How long a partial batch waits for more records. Zero for a source whose broker credit
+    /// is tied to acknowledgements (RabbitMQ prefetch): no more records come until these are
+    /// acknowledged, so waiting only stalls the flow.
+    fn linger(&self) -> Duration {
+        if self.caps.eager_commit {
+            Duration::ZERO
+        } else {
+            self.settings.batch.linger
+        }
+    }
+
     fn next_deadline(&self, now: Instant) -> Instant {
         let mut d = now + Duration::from_secs(1);
-        let linger = self.settings.batch.linger;
+        let linger = self.linger();
         for p in self.partitions.values() {
             for l in &p.lanes {
                 if let Some(t) = l.first_at {
@@ -951,7 +962,7 @@ impl State {
             return;
         }
         let limit = self.concurrency.limit();
-        let linger = self.settings.batch.linger;
+        let linger = self.linger();
         let force = self.drain_deadline.is_some();
         let unordered = self.settings.ordering == Ordering::Unordered;
         if self.fatal.is_some() {

@@ -128,7 +128,9 @@ pub struct BatchSettings {
     pub max_records: usize,
     /// Bytes per batch. Default 1 MiB (capped further by the sink's own limit).
     pub max_bytes: usize,
-    /// How long a partial batch waits for more records. Default 5 ms.
+    /// How long a partial batch waits for more records. Default 5 ms. Not applied to sources
+    /// whose broker credit is tied to acknowledgements (`eager_commit`, RabbitMQ): their
+    /// partial batches go at once.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
 }
