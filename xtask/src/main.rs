@@ -364,11 +364,6 @@ fn bench_runtime(rest: &[&str]) -> Result<(), String> {
             rates.push(rate);
         }
     }
-    let median = |v: &Vec<f64>| {
-        let mut v = v.clone();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let raw = median(&results[0].1);
     let rt = median(&results[1].1);
     let sink_1ms = median(&results[5].1);
@@ -428,28 +423,7 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
             .envs(env.iter().cloned()),
     )?;
     let modes = ["raw", "flowgate", "flowgate-dedup"];
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
-    for round in 0..rounds {
-        for (i, mode) in modes.iter().enumerate() {
-            let out = output(
-                Command::new(bin)
-                    .args([*mode, topic.as_str(), n.as_str()])
-                    .envs(env.iter().cloned()),
-            )?;
-            let rate: f64 = out
-                .split_whitespace()
-                .nth(3)
-                .and_then(|r| r.parse().ok())
-                .ok_or(format!("bad output {out:?}"))?;
-            eprintln!("    round {round} {mode:<16} {rate:>12.0} records/s");
-            rates[i].push(rate);
-        }
-    }
-    let median = |v: &Vec<f64>| {
-        let mut v = v.clone();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let rates = interleaved(bin, &modes, rounds, &env, |_| topic.clone(), &n)?;
     let raw = median(&rates[0]);
     println!(
         "\n| mode ({records} records of 100 bytes, 4 partitions) | records/s (median of {rounds}) | vs raw loop |"
@@ -547,37 +521,18 @@ fn bench_rabbitmq(rest: &[&str]) -> Result<(), String> {
         "publish-raw",
         "consume-raw-batched",
     ];
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
-    for round in 0..rounds {
-        let queue = format!("bench-{stamp}-{round}");
-        for (i, mode) in modes.iter().enumerate() {
-            let out = output(
-                Command::new(bin)
-                    .args([*mode, queue.as_str(), n.as_str()])
-                    .envs(env.iter().cloned()),
-            )?;
-            let rate: f64 = out
-                .split_whitespace()
-                .nth(3)
-                .and_then(|r| r.parse().ok())
-                .ok_or(format!("bad output {out:?}"))?;
-            eprintln!("    round {round} {mode:<17} {rate:>10.0} messages/s");
-            rates[i].push(rate);
-        }
-    }
-    let median = |v: &Vec<f64>| {
-        let mut v = v.clone();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    println!(
-        "\n| {records} messages of 100 bytes, classic queue | messages/s (median of {rounds}) | flowgate vs raw |"
-    );
-    println!("|---|---:|---:|");
+    let rates = interleaved(
+        bin,
+        &modes,
+        rounds,
+        &env,
+        |round| format!("bench-{stamp}-{round}"),
+        &n,
+    )?;
     let mut publish_raw = rates[0].clone();
     publish_raw.extend(rates[4].iter().copied());
     let rows = [
@@ -618,6 +573,43 @@ fn bench_rabbitmq(rest: &[&str]) -> Result<(), String> {
         median(&rates[3]) / median(&rates[5])
     );
     Ok(())
+}
+
+/// Runs a bench harness `bin MODE TARGET N` for every mode, `rounds` times interleaved (so
+/// machine noise spreads over all modes); the rates (4th word of each output) per mode.
+fn interleaved(
+    bin: &str,
+    modes: &[&str],
+    rounds: usize,
+    env: &[(String, String)],
+    target: impl Fn(usize) -> String,
+    n: &str,
+) -> Result<Vec<Vec<f64>>, String> {
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    for round in 0..rounds {
+        let target = target(round);
+        for (i, mode) in modes.iter().enumerate() {
+            let out = output(
+                Command::new(bin)
+                    .args([*mode, target.as_str(), n])
+                    .envs(env.iter().cloned()),
+            )?;
+            let rate: f64 = out
+                .split_whitespace()
+                .nth(3)
+                .and_then(|r| r.parse().ok())
+                .ok_or(format!("bad output {out:?}"))?;
+            eprintln!("    round {round} {mode:<20} {rate:>12.0} per second");
+            rates[i].push(rate);
+        }
+    }
+    Ok(rates)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
 /// Instructions per record from two callgrind runs of different sizes (start-up cancels out).

@@ -4,8 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,21 +15,6 @@ use flowgate_runtime::{Pipeline, RuntimeSettings, Shutdown};
 
 mod common;
 use common::{bootstrap, create_topic, produce, unique};
-
-/// `cargo xtask brokers <verb> --only kafka`, from the workspace root.
-fn rig(verb: &str) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["xtask", "brokers", verb, "--only", "kafka"])
-        .current_dir(root)
-        .status()
-        .expect("run cargo xtask");
-    assert!(
-        status.success(),
-        "cargo xtask brokers {verb} --only kafka failed"
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_mid_stream_loses_nothing() {
@@ -73,23 +56,17 @@ async fn broker_restart_mid_stream_loses_nothing() {
     let stats = pipeline.stats();
     let run = tokio::spawn(pipeline.run(shutdown));
 
-    let waited = Instant::now();
-    while sink.len() < 6_000 {
-        assert!(
-            waited.elapsed() < Duration::from_secs(60),
-            "the pipeline did not get going: {} records",
-            sink.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    flowgate_rig_tests::wait_until(
+        || format!("the pipeline did not get going: {} records", sink.len()),
+        Duration::from_secs(60),
+        || sink.len() >= 6_000,
+    )
+    .await;
     let at_stop = sink.len();
-    tokio::task::spawn_blocking(|| rig("down")).await.unwrap();
-    let stopped = Instant::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    tokio::task::spawn_blocking(|| rig("up")).await.unwrap();
+    let gone = flowgate_rig_tests::bounce("kafka", Duration::from_secs(3)).await;
     eprintln!(
         "kafka/restart: broker stopped at {at_stop} records written, back after {:.1}s",
-        stopped.elapsed().as_secs_f64()
+        gone.as_secs_f64()
     );
     // More records after the restart: the pipeline must pick them up too.
     produce(&topic, partitions, second).await;

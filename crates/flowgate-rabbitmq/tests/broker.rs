@@ -21,81 +21,12 @@ use flowgate_runtime::adapters::{FaultConfig, FaultInjectingSink, MemorySink};
 use flowgate_runtime::{Pipeline, RuntimeSettings, Shutdown};
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
-fn url() -> String {
-    std::env::var("FLOWGATE_TEST_RABBITMQ_URL").unwrap_or_else(|_| {
-        panic!("FLOWGATE_TEST_RABBITMQ_URL is not set: run `cargo xtask brokers up` and export what it prints (or `cargo xtask test`)")
-    })
-}
-
-fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{prefix}-{}-{nanos}", std::process::id())
-}
-
-async fn channel() -> (Connection, Channel) {
-    let conn = Connection::connect(&url(), ConnectionProperties::default())
-        .await
-        .expect("AMQP connection");
-    let ch = conn.create_channel().await.unwrap();
-    (conn, ch)
-}
-
-async fn declare(ch: &Channel, queue: &str, kind: QueueType) {
-    let mut args = FieldTable::default();
-    let t = match kind {
-        QueueType::Classic => "classic",
-        QueueType::Quorum => "quorum",
-        QueueType::Stream => "stream",
-    };
-    args.insert("x-queue-type".into(), AMQPValue::LongString(t.into()));
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .unwrap();
-}
-
-/// Publishes `payloads` with confirms to the default exchange (routing key = queue).
-async fn publish(queue: &str, payloads: impl IntoIterator<Item = String>) {
-    let (conn, ch) = channel().await;
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let mut confirms = Vec::new();
-    for p in payloads {
-        confirms.push(
-            ch.basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                p.as_bytes(),
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_message_id(p.as_str().into()),
-            )
-            .await
-            .unwrap(),
-        );
-    }
-    for c in confirms {
-        assert!(c.await.unwrap().is_ack());
-    }
-    conn.close(200, "done".into()).await.unwrap();
-}
+mod common;
+use common::{channel, declare, publish, unique, url};
 
 /// Ready messages in the queue.
 async fn depth(queue: &str) -> u32 {

@@ -5,78 +5,21 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flowgate_checkpoint::EmbeddedStore;
+use flowgate_rabbitmq::QueueType;
 use flowgate_rabbitmq::{RabbitSource, RabbitSourceConfig};
 use flowgate_runtime::adapters::{FaultConfig, FaultInjectingSink, MemorySink};
 use flowgate_runtime::{KeyExtractor, Pipeline, RuntimeSettings, Shutdown};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
 
-fn url() -> String {
-    std::env::var("FLOWGATE_TEST_RABBITMQ_URL").unwrap_or_else(|_| {
-        panic!("FLOWGATE_TEST_RABBITMQ_URL is not set: run `cargo xtask brokers up` and export what it prints (or `cargo xtask test`)")
-    })
-}
+mod common;
+use common::{publish, url};
 
-/// `cargo xtask brokers <verb> --only rabbitmq`, from the workspace root.
-fn rig(verb: &str) {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["xtask", "brokers", verb, "--only", "rabbitmq"])
-        .current_dir(root)
-        .status()
-        .expect("run cargo xtask");
-    assert!(
-        status.success(),
-        "cargo xtask brokers {verb} --only rabbitmq failed"
-    );
-}
-
-async fn publish(queue: &str, ids: std::ops::Range<usize>) {
-    let conn = Connection::connect(&url(), ConnectionProperties::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.queue_declare(
-        queue.into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .unwrap();
-    let mut confirms = Vec::new();
-    for i in ids {
-        let id = format!("m{i}");
-        confirms.push(
-            ch.basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                id.as_bytes(),
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_message_id(id.as_str().into()),
-            )
-            .await
-            .unwrap(),
-        );
-    }
-    for c in confirms {
-        assert!(c.await.unwrap().is_ack());
-    }
+async fn declare_classic(queue: &str) {
+    let (conn, ch) = common::channel().await;
+    common::declare(&ch, queue, QueueType::Classic).await;
     conn.close(200, "done".into()).await.unwrap();
 }
 
@@ -88,7 +31,8 @@ async fn broker_restart_mid_stream_loses_nothing() {
         .as_nanos();
     let queue = format!("restart-{nanos}");
     let (first, second) = (6_000, 2_000);
-    publish(&queue, 0..first).await;
+    declare_classic(&queue).await;
+    publish(&queue, (0..first).map(|i| format!("m{i}"))).await;
 
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(EmbeddedStore::open_dir(dir.path()).await.unwrap());
@@ -120,25 +64,19 @@ async fn broker_restart_mid_stream_loses_nothing() {
     let stats = pipeline.stats();
     let run = tokio::spawn(pipeline.run(shutdown));
 
-    let waited = Instant::now();
-    while sink.len() < 2_000 {
-        assert!(
-            waited.elapsed() < Duration::from_secs(60),
-            "the pipeline did not get going: {} records",
-            sink.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    flowgate_rig_tests::wait_until(
+        || format!("the pipeline did not get going: {} records", sink.len()),
+        Duration::from_secs(60),
+        || sink.len() >= 2_000,
+    )
+    .await;
     let at_stop = sink.len();
-    tokio::task::spawn_blocking(|| rig("down")).await.unwrap();
-    let stopped = Instant::now();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    tokio::task::spawn_blocking(|| rig("up")).await.unwrap();
+    let gone = flowgate_rig_tests::bounce("rabbitmq", Duration::from_secs(2)).await;
     eprintln!(
         "rabbitmq/restart: broker stopped at {at_stop} records written, back after {:.1}s",
-        stopped.elapsed().as_secs_f64()
+        gone.as_secs_f64()
     );
-    publish(&queue, first..first + second).await;
+    publish(&queue, (first..first + second).map(|i| format!("m{i}"))).await;
 
     let total = first + second;
     let waited = Instant::now();

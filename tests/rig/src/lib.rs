@@ -1,4 +1,5 @@
-//! Helpers of the rig smoke tests: the endpoints `cargo xtask brokers up` prints.
+//! Helpers of the rig smoke tests and of every crate's broker tests: the endpoints
+//! `cargo xtask brokers up` prints, unique names, and stopping/starting one broker.
 //!
 //! Every helper fails loudly when its variable is missing: a broker test that runs must have
 //! its broker, never skip.
@@ -20,4 +21,52 @@ pub fn unique(prefix: &str) -> String {
         .map(|d| d.as_nanos())
         .unwrap_or_default();
     format!("{prefix}-{}-{nanos}", std::process::id())
+}
+
+/// `cargo xtask brokers <verb> --only <broker>` from the workspace root (`verb`: `up` or
+/// `down`), for tests that take a broker away under a running pipeline. Panics if it fails.
+pub fn rig(verb: &str, broker: &str) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["xtask", "brokers", verb, "--only", broker])
+        .current_dir(root)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run cargo xtask: {e}"));
+    assert!(
+        status.success(),
+        "cargo xtask brokers {verb} --only {broker} failed"
+    );
+}
+
+/// Stops `broker`, waits `down_for`, starts it again (blocking calls run off the async
+/// threads); returns how long it was gone.
+pub async fn bounce(broker: &'static str, down_for: std::time::Duration) -> std::time::Duration {
+    let stopped = std::time::Instant::now();
+    tokio::task::spawn_blocking(move || rig("down", broker))
+        .await
+        .unwrap_or_else(|e| panic!("stopping {broker}: {e}"));
+    tokio::time::sleep(down_for).await;
+    tokio::task::spawn_blocking(move || rig("up", broker))
+        .await
+        .unwrap_or_else(|e| panic!("starting {broker}: {e}"));
+    stopped.elapsed()
+}
+
+/// Polls `done` every 50 ms until it holds; panics with `what` (and the elapsed time) after
+/// `timeout`.
+pub async fn wait_until(
+    what: impl Fn() -> String,
+    timeout: std::time::Duration,
+    mut done: impl FnMut() -> bool,
+) {
+    let started = std::time::Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?}: {}",
+            what()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

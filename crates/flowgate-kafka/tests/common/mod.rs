@@ -1,5 +1,5 @@
 //! Helpers shared by the broker test files.
-#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code, unused_imports)]
 
 use std::time::Duration;
 
@@ -8,18 +8,10 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-pub(crate) fn bootstrap() -> String {
-    std::env::var("FLOWGATE_TEST_KAFKA_BOOTSTRAP").unwrap_or_else(|_| {
-        panic!("FLOWGATE_TEST_KAFKA_BOOTSTRAP is not set: run `cargo xtask brokers up` and export what it prints (or `cargo xtask test`)")
-    })
-}
+pub(crate) use flowgate_rig_tests::{rig, unique};
 
-pub(crate) fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("{prefix}-{}-{nanos}", std::process::id())
+pub(crate) fn bootstrap() -> String {
+    flowgate_rig_tests::endpoint("FLOWGATE_TEST_KAFKA_BOOTSTRAP")
 }
 
 pub(crate) async fn create_topic(name: &str, partitions: i32) {
