@@ -33,6 +33,8 @@ cargo xtask <task>
                            --rss-records=N --throughput-only
   bench rabbitmq           raw lapin publisher and consumer against the flowgate RabbitMQ sink
                            and source on a classic queue, side by side. --records=N --rounds=N
+  bench stores             checkpoint commits and dedup checks per second, one key per call vs
+                           many, on the embedded store and PostgreSQL. --seconds=N
   help                     this text
 ";
 
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
         ["bench", "runtime", rest @ ..] => bench_runtime(rest),
         ["bench", "kafka", rest @ ..] => bench_kafka(rest),
         ["bench", "rabbitmq", rest @ ..] => bench_rabbitmq(rest),
+        ["bench", "stores", rest @ ..] => bench_stores(rest),
         ["help"] | [] => {
             print!("{HELP}");
             Ok(())
@@ -134,8 +137,10 @@ fn test() -> Result<(), String> {
             "flowgate-kafka",
             "-p",
             "flowgate-rabbitmq",
+            "-p",
+            "flowgate-checkpoint",
             "--features",
-            "flowgate-rig-tests/brokers,flowgate-kafka/broker-tests,flowgate-rabbitmq/broker-tests",
+            "flowgate-rig-tests/brokers,flowgate-kafka/broker-tests,flowgate-rabbitmq/broker-tests,flowgate-checkpoint/broker-tests",
             "--",
             "--test-threads",
             "2",
@@ -572,6 +577,46 @@ fn bench_rabbitmq(rest: &[&str]) -> Result<(), String> {
         "| flowgate source vs the batched raw consumer | | {:.3} |",
         median(&rates[3]) / median(&rates[5])
     );
+    Ok(())
+}
+
+fn bench_stores(rest: &[&str]) -> Result<(), String> {
+    let seconds = rest
+        .iter()
+        .find_map(|a| a.strip_prefix("--seconds="))
+        .unwrap_or("3");
+    let rig = Rig::new()?;
+    rig.up(&[Broker::Postgres], Engine::Native)?;
+    let env = rig.env_all(&[Broker::Postgres]);
+    run(
+        "build the harness",
+        cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "flowgate-checkpoint",
+            "--features",
+            "postgres",
+            "--example",
+            "bench_stores",
+        ]),
+    )?;
+    let bin = "target/release/examples/bench_stores";
+    println!("\n| store | operation | keys per call | calls/s | keys/s |");
+    println!("|---|---|---:|---:|---:|");
+    for store in ["embedded", "postgres"] {
+        let out = output(
+            Command::new(bin)
+                .args([store, seconds])
+                .envs(env.iter().cloned()),
+        )?;
+        for line in out.lines() {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if let [store, op, per_call, calls, keys] = cols.as_slice() {
+                println!("| {store} | {op} | {per_call} | {calls} | {keys} |");
+            }
+        }
+    }
     Ok(())
 }
 

@@ -142,6 +142,8 @@ pub(crate) enum StoreConfig {
         #[serde(default = "default_data")]
         path: PathBuf,
     },
+    /// PostgreSQL, shared by several workers (docs/stores.md).
+    Postgres(flowgate_checkpoint::PostgresConfig),
     /// In memory (lost at exit).
     Memory,
     /// No checkpoint store: positions are committed to the broker only.

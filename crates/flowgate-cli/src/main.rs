@@ -142,6 +142,14 @@ async fn open_store(cfg: &StoreConfig) -> Result<Stores, Error> {
                 embedded: Some(s),
             }
         }
+        StoreConfig::Postgres(c) => {
+            let s = flowgate_checkpoint::PostgresStore::connect(c.clone()).await?;
+            Stores {
+                checkpoint: Some(s.clone()),
+                dedup: Some(s),
+                embedded: None,
+            }
+        }
         StoreConfig::Memory => {
             let s = Arc::new(MemoryStore::new());
             Stores {

@@ -1,0 +1,135 @@
+//! Harness of `cargo xtask bench stores`: checkpoint commits and dedup operations per second,
+//! one key per call against many keys per call, for the embedded store and PostgreSQL.
+//!
+//! ```text
+//! bench_stores STORE SECONDS     STORE: embedded | postgres (FLOWGATE_TEST_POSTGRES_URL)
+//! ```
+//! Prints one line per measurement: `store operation keys_per_call calls_per_second keys_per_second`.
+#![allow(clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flowgate_checkpoint::{EmbeddedStore, PostgresConfig, PostgresStore};
+use flowgate_core::{
+    Checkpoint, CheckpointStore, DedupStore, IdempotencyKey, PartitionId, Position,
+};
+
+trait Store: CheckpointStore + DedupStore {}
+impl<T: CheckpointStore + DedupStore> Store for T {}
+
+async fn measure<F, Fut>(seconds: f64, mut op: F) -> f64
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let started = Instant::now();
+    let mut calls = 0u64;
+    while started.elapsed().as_secs_f64() < seconds {
+        op(calls).await;
+        calls += 1;
+    }
+    calls as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn run(name: &str, store: Arc<dyn Store>, seconds: f64) {
+    let pipeline = format!(
+        "bench-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    );
+    for per_call in [1usize, 16] {
+        let s = store.clone();
+        let p = pipeline.clone();
+        let rate = measure(seconds, |i| {
+            let s = s.clone();
+            let p = p.clone();
+            async move {
+                let cps: Vec<Checkpoint> = (0..per_call)
+                    .map(|k| Checkpoint::new(PartitionId::new(format!("p{k}")), Position::from(i)))
+                    .collect();
+                s.commit(&p, &cps).await.expect("commit");
+            }
+        })
+        .await;
+        println!(
+            "{name} checkpoint-commit {per_call} {rate:.0} {:.0}",
+            rate * per_call as f64
+        );
+    }
+    for per_call in [1usize, 500] {
+        let s = store.clone();
+        let p = pipeline.clone();
+        let rate = measure(seconds, |i| {
+            let s = s.clone();
+            let p = p.clone();
+            async move {
+                let keys: Vec<IdempotencyKey> = (0..per_call as u64)
+                    .map(|k| IdempotencyKey::new(format!("k{i}-{k}")))
+                    .collect();
+                s.mark(&p, &keys, Duration::from_secs(3600))
+                    .await
+                    .expect("mark");
+            }
+        })
+        .await;
+        println!(
+            "{name} dedup-mark {per_call} {rate:.0} {:.0}",
+            rate * per_call as f64
+        );
+        let s = store.clone();
+        let p = pipeline.clone();
+        let rate = measure(seconds, |i| {
+            let s = s.clone();
+            let p = p.clone();
+            async move {
+                let keys: Vec<IdempotencyKey> = (0..per_call as u64)
+                    .map(|k| IdempotencyKey::new(format!("k{}-{k}", i % 50)))
+                    .collect();
+                s.seen(&p, &keys).await.expect("seen");
+            }
+        })
+        .await;
+        println!(
+            "{name} dedup-check {per_call} {rate:.0} {:.0}",
+            rate * per_call as f64
+        );
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (store, seconds) = match args.as_slice() {
+        [s, secs] => (s.clone(), secs.parse::<f64>().expect("SECONDS")),
+        _ => panic!("usage: bench_stores embedded|postgres SECONDS"),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        match store.as_str() {
+            "embedded" => {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let s = Arc::new(EmbeddedStore::open_dir(dir.path()).await.expect("open"));
+                run("embedded", s, seconds).await;
+            }
+            "postgres" => {
+                let url = std::env::var("FLOWGATE_TEST_POSTGRES_URL")
+                    .expect("FLOWGATE_TEST_POSTGRES_URL (cargo xtask brokers up --only postgres)");
+                let s = PostgresStore::connect(PostgresConfig {
+                    url,
+                    schema: "flowgate_bench".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("connect");
+                run("postgres", s, seconds).await;
+            }
+            other => panic!("unknown store {other}"),
+        }
+    });
+}

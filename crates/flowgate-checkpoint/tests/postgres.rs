@@ -1,0 +1,99 @@
+//! The PostgreSQL store against the server of `cargo xtask brokers up`: the store
+//! conformance suite (shared with the embedded store) and a zombie writing concurrently with
+//! the new owner of a partition.
+#![cfg(feature = "broker-tests")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use flowgate_checkpoint::{PostgresConfig, PostgresStore};
+use flowgate_core::testkit::store::StoreHarness;
+use flowgate_core::{Checkpoint, CheckpointStore, ErrorKind, PartitionId, Position};
+
+/// A store in a schema of its own, so runs never see each other's rows.
+fn config() -> PostgresConfig {
+    PostgresConfig {
+        url: flowgate_rig_tests::endpoint("FLOWGATE_TEST_POSTGRES_URL"),
+        schema: flowgate_rig_tests::unique("t").replace('-', "_"),
+        ..Default::default()
+    }
+}
+
+struct Harness(PostgresConfig);
+
+#[async_trait]
+impl StoreHarness for Harness {
+    type Store = PostgresStore;
+    async fn open(&self) -> Arc<PostgresStore> {
+        PostgresStore::connect(self.0.clone())
+            .await
+            .expect("connect")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_conforms() {
+    flowgate_core::testkit::store::run_all(&Harness(config())).await;
+}
+
+/// The new owner (fence 2) advances while a zombie (fence 1) keeps writing, from another
+/// connection, positions far ahead: every zombie write is refused, the owner's always win.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_never_wins_against_the_new_owner() {
+    let cfg = config();
+    let owner = PostgresStore::connect(cfg.clone()).await.unwrap();
+    let zombie = PostgresStore::connect(cfg).await.unwrap();
+    let p = PartitionId::new("orders/0");
+    let cp = move |pos: u64, fence: u64| {
+        Checkpoint::new(p.clone(), Position::from(pos)).with_fence(Some(fence))
+    };
+    owner.commit("zombie", &[cp(0, 2)]).await.unwrap();
+    let z = {
+        let cp = cp.clone();
+        tokio::spawn(async move {
+            let mut refused = 0;
+            for pos in 1_000..1_200 {
+                match zombie.commit("zombie", &[cp(pos, 1)]).await {
+                    Err(e) => {
+                        assert_eq!(e.kind(), ErrorKind::Fenced, "{e}");
+                        refused += 1;
+                    }
+                    Ok(()) => panic!("a zombie write at {pos} was accepted"),
+                }
+            }
+            refused
+        })
+    };
+    for pos in 1..=200 {
+        owner.commit("zombie", &[cp(pos, 2)]).await.unwrap();
+    }
+    assert_eq!(z.await.unwrap(), 200);
+    let stored = owner.load("zombie").await.unwrap();
+    assert_eq!(stored, vec![cp(200, 2)]);
+    // Backwards, even with the current fence: refused; a reset is the way back.
+    let e = owner.commit("zombie", &[cp(150, 2)]).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Fenced);
+    owner
+        .reset("zombie", Some(&[PartitionId::new("orders/0")]))
+        .await
+        .unwrap();
+    owner.commit("zombie", &[cp(150, 2)]).await.unwrap();
+}
+
+/// A garbage URL is a clear error after the retries, naming the server (no password).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_server_is_a_clear_error() {
+    let err = PostgresStore::connect(PostgresConfig {
+        url: "postgres://flowgate:hunter2@127.0.0.1:1/flowgate".into(),
+        give_up_after: Duration::from_millis(500),
+        ..Default::default()
+    })
+    .await
+    .err()
+    .expect("nothing listens on port 1");
+    let text = err.to_string();
+    assert!(text.contains("127.0.0.1:1"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+}
