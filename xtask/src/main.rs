@@ -34,7 +34,7 @@ cargo xtask <task>
   bench rabbitmq           raw lapin publisher and consumer against the flowgate RabbitMQ sink
                            and source on a classic queue, side by side. --records=N --rounds=N
   bench stores             checkpoint commits and dedup checks per second, one key per call vs
-                           many, on the embedded store and PostgreSQL. --seconds=N
+                           many, on the embedded store, PostgreSQL and Redis. --seconds=N
   help                     this text
 ";
 
@@ -586,8 +586,8 @@ fn bench_stores(rest: &[&str]) -> Result<(), String> {
         .find_map(|a| a.strip_prefix("--seconds="))
         .unwrap_or("3");
     let rig = Rig::new()?;
-    rig.up(&[Broker::Postgres], Engine::Native)?;
-    let env = rig.env_all(&[Broker::Postgres]);
+    rig.up(&[Broker::Postgres, Broker::Redis], Engine::Native)?;
+    let env = rig.env_all(&[Broker::Postgres, Broker::Redis]);
     run(
         "build the harness",
         cargo().args([
@@ -596,7 +596,7 @@ fn bench_stores(rest: &[&str]) -> Result<(), String> {
             "-p",
             "flowgate-checkpoint",
             "--features",
-            "postgres",
+            "postgres,redis",
             "--example",
             "bench_stores",
         ]),
@@ -604,7 +604,7 @@ fn bench_stores(rest: &[&str]) -> Result<(), String> {
     let bin = "target/release/examples/bench_stores";
     println!("\n| store | operation | keys per call | calls/s | keys/s |");
     println!("|---|---|---:|---:|---:|");
-    for store in ["embedded", "postgres"] {
+    for store in ["embedded", "postgres", "redis"] {
         let out = output(
             Command::new(bin)
                 .args([store, seconds])

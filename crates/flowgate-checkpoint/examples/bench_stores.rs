@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! bench_stores STORE SECONDS     STORE: embedded | postgres (FLOWGATE_TEST_POSTGRES_URL)
+//!                                 | redis (FLOWGATE_TEST_REDIS_URL)
 //! ```
 //! Prints one line per measurement: `store operation keys_per_call calls_per_second keys_per_second`.
 #![allow(clippy::expect_used)]
@@ -10,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flowgate_checkpoint::{EmbeddedStore, PostgresConfig, PostgresStore};
+use flowgate_checkpoint::{EmbeddedStore, PostgresConfig, PostgresStore, RedisConfig, RedisStore};
 use flowgate_core::{
     Checkpoint, CheckpointStore, DedupStore, IdempotencyKey, PartitionId, Position,
 };
@@ -42,7 +43,8 @@ async fn run(name: &str, store: Arc<dyn Store>, seconds: f64) {
     );
     for per_call in [1usize, 16] {
         let s = store.clone();
-        let p = pipeline.clone();
+        // A pipeline per measurement: each starts its positions at 0.
+        let p = format!("{pipeline}-{per_call}");
         let rate = measure(seconds, |i| {
             let s = s.clone();
             let p = p.clone();
@@ -103,7 +105,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (store, seconds) = match args.as_slice() {
         [s, secs] => (s.clone(), secs.parse::<f64>().expect("SECONDS")),
-        _ => panic!("usage: bench_stores embedded|postgres SECONDS"),
+        _ => panic!("usage: bench_stores embedded|postgres|redis SECONDS"),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -128,6 +130,18 @@ fn main() {
                 .await
                 .expect("connect");
                 run("postgres", s, seconds).await;
+            }
+            "redis" => {
+                let url = std::env::var("FLOWGATE_TEST_REDIS_URL")
+                    .expect("FLOWGATE_TEST_REDIS_URL (cargo xtask brokers up --only redis)");
+                let s = RedisStore::connect(RedisConfig {
+                    url,
+                    prefix: "flowgate-bench".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("connect");
+                run("redis", s, seconds).await;
             }
             other => panic!("unknown store {other}"),
         }

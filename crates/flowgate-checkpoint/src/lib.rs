@@ -8,6 +8,8 @@
 //!   checkpoints in **one** transaction: exactly-once for that sink.
 //! - [`PostgresStore`] (feature `postgres`): PostgreSQL, shared by every worker of a
 //!   pipeline; checkpoint writes are compare-and-set on position and fencing token.
+//! - [`RedisStore`] (feature `redis`): Redis, shared by every worker; checkpoint writes are an
+//!   atomic Lua compare-and-set, dedup marks expire in Redis itself.
 //! - [`MemoryStore`]: the same semantics in memory, for tests.
 //!
 //! Both pass the store conformance suite of `flowgate_core::testkit::store`. The rules every
@@ -18,6 +20,8 @@ mod embedded;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "redis")]
+mod redis_store;
 pub mod rules;
 
 #[cfg(feature = "embedded")]
@@ -25,3 +29,20 @@ pub use embedded::{EmbeddedStore, TableSink};
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresConfig, PostgresStore};
+#[cfg(feature = "redis")]
+pub use redis_store::{RedisConfig, RedisStore};
+
+/// The URL with its password replaced, for logs, errors and `Debug`.
+#[cfg(any(feature = "postgres", feature = "redis"))]
+pub(crate) fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
+        None => url.to_string(),
+    }
+}

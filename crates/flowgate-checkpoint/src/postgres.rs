@@ -58,25 +58,11 @@ impl Default for PostgresConfig {
 impl std::fmt::Debug for PostgresConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresConfig")
-            .field("url", &redact(&self.url))
+            .field("url", &crate::redact_url(&self.url))
             .field("schema", &self.schema)
             .field("pool_size", &self.pool_size)
             .field("give_up_after", &self.give_up_after)
             .finish()
-    }
-}
-
-/// The URL with its password replaced.
-fn redact(url: &str) -> String {
-    match (url.split_once("://"), url.rfind('@')) {
-        (Some((scheme, rest)), Some(_)) => {
-            let (userinfo, host) = rest.rsplit_once('@').unwrap_or(("", rest));
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
     }
 }
 
@@ -186,7 +172,7 @@ impl PostgresStore {
     fn describe_url(&self) -> String {
         format!(
             "postgres {} (schema {})",
-            redact(&self.cfg.url),
+            crate::redact_url(&self.cfg.url),
             self.cfg.schema
         )
     }
@@ -256,7 +242,8 @@ impl PostgresStore {
                      pipeline text NOT NULL,
                      key bytea NOT NULL,
                      expires_at timestamptz NOT NULL,
-                     PRIMARY KEY (pipeline, key));
+                     -- key first: lookups by key use the index whatever the statistics say
+                     PRIMARY KEY (key, pipeline));
                  CREATE INDEX IF NOT EXISTS flowgate_dedup_expiry ON flowgate_dedup (expires_at);
                  CREATE TABLE IF NOT EXISTS flowgate_dedup_ranges (
                      pipeline text NOT NULL,
@@ -363,51 +350,70 @@ impl CheckpointStore for PostgresStore {
         if checkpoints.is_empty() {
             return Ok(());
         }
+        // One row per partition (the last write of a partition wins within a commit).
+        let mut latest: std::collections::BTreeMap<&str, &Checkpoint> = Default::default();
+        for cp in checkpoints {
+            latest.insert(cp.partition.as_str(), cp);
+        }
+        let parts: Vec<&str> = latest.keys().copied().collect();
+        let positions: Vec<Vec<u8>> = latest
+            .values()
+            .map(|c| c.position.to_ordered_bytes())
+            .collect();
+        let texts: Vec<String> = latest.values().map(|c| c.position.to_string()).collect();
+        let fences: Vec<Option<i64>> = latest.values().map(|c| fence_sql(c.fence)).collect();
         retry!(self, "committing checkpoints", |c| async {
+            // One statement, one round trip: every row is written only if its position is not
+            // behind and its fence not older than what is stored; the rows it wrote come back.
             let tx = c.transaction().await?;
-            for cp in checkpoints {
-                let fence = fence_sql(cp.fence);
-                let n = tx
-                    .execute(
-                        "INSERT INTO flowgate_checkpoints AS s (pipeline, partition, position, position_text, fence)
-                         VALUES ($1, $2, $3, $4, $5)
-                         ON CONFLICT (pipeline, partition) DO UPDATE
-                           SET position = EXCLUDED.position, position_text = EXCLUDED.position_text,
-                               fence = EXCLUDED.fence, updated_at = now()
-                         WHERE s.position <= EXCLUDED.position
-                           AND coalesce(s.fence, -1) <= coalesce(EXCLUDED.fence, -1)",
-                        &[
-                            &pipeline,
-                            &cp.partition.as_str(),
-                            &cp.position.to_ordered_bytes(),
-                            &cp.position.to_string(),
-                            &fence,
-                        ],
-                    )
-                    .await?;
-                if n == 0 {
-                    // Refused: say why, from what is stored now.
-                    let row = tx
-                        .query_one(
-                            "SELECT position, fence FROM flowgate_checkpoints WHERE pipeline = $1 AND partition = $2",
-                            &[&pipeline, &cp.partition.as_str()],
-                        )
-                        .await?;
-                    let bytes: Vec<u8> = row.get(0);
-                    let fence: Option<i64> = row.get(1);
-                    let stored = Position::from_ordered_bytes(&bytes).map(|p| {
-                        Checkpoint::new(cp.partition.clone(), p)
-                            .with_fence(fence.and_then(|f| u64::try_from(f).ok()))
-                    });
-                    let err = rules::check(stored.as_ref(), cp).err().unwrap_or_else(|| {
-                        Error::new(ErrorKind::Fenced, "checkpoint write refused")
-                            .with_context("partition", &cp.partition)
-                    });
-                    return Err(Fail::Flow(err));
-                }
+            let written = tx
+                .query(
+                    "INSERT INTO flowgate_checkpoints AS s (pipeline, partition, position, position_text, fence)
+                     SELECT $1, * FROM unnest($2::text[], $3::bytea[], $4::text[], $5::bigint[])
+                     ON CONFLICT (pipeline, partition) DO UPDATE
+                       SET position = EXCLUDED.position, position_text = EXCLUDED.position_text,
+                           fence = EXCLUDED.fence, updated_at = now()
+                     WHERE s.position <= EXCLUDED.position
+                       AND coalesce(s.fence, -1) <= coalesce(EXCLUDED.fence, -1)
+                     RETURNING partition",
+                    &[&pipeline, &parts, &positions, &texts, &fences],
+                )
+                .await?;
+            if written.len() == parts.len() {
+                tx.commit().await?;
+                return Ok(());
             }
-            tx.commit().await?;
-            Ok(())
+            // Refused: roll everything back and say why, from what is stored now.
+            let done: std::collections::HashSet<String> =
+                written.iter().map(|r| r.get::<_, String>(0)).collect();
+            let Some(cp) = latest
+                .values()
+                .find(|c| !done.contains(c.partition.as_str()))
+            else {
+                return Err(Fail::Flow(Error::new(
+                    ErrorKind::Fenced,
+                    "checkpoint write refused",
+                )));
+            };
+            let row = tx
+                .query_one(
+                    "SELECT position, fence FROM flowgate_checkpoints WHERE pipeline = $1 AND partition = $2",
+                    &[&pipeline, &cp.partition.as_str()],
+                )
+                .await?;
+            drop(tx);
+            let bytes: Vec<u8> = row.get(0);
+            let fence: Option<i64> = row.get(1);
+            let stored = Position::from_ordered_bytes(&bytes).map(|p| {
+                Checkpoint::new(cp.partition.clone(), p)
+                    .with_fence(fence.and_then(|f| u64::try_from(f).ok()))
+            });
+            Err(Fail::Flow(
+                rules::check(stored.as_ref(), cp).err().unwrap_or_else(|| {
+                    Error::new(ErrorKind::Fenced, "checkpoint write refused")
+                        .with_context("partition", &cp.partition)
+                }),
+            ))
         })
     }
 
@@ -475,7 +481,7 @@ impl DedupStore for PostgresStore {
             c.execute(
                 "INSERT INTO flowgate_dedup (pipeline, key, expires_at)
                  SELECT $1, k, now() + $3 * interval '1 millisecond' FROM unnest($2::bytea[]) AS k
-                 ON CONFLICT (pipeline, key) DO UPDATE
+                 ON CONFLICT (key, pipeline) DO UPDATE
                    SET expires_at = greatest(flowgate_dedup.expires_at, EXCLUDED.expires_at)",
                 &[&pipeline, &values, &ttl_ms],
             )

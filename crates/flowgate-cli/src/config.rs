@@ -144,6 +144,8 @@ pub(crate) enum StoreConfig {
     },
     /// PostgreSQL, shared by several workers (docs/stores.md).
     Postgres(flowgate_checkpoint::PostgresConfig),
+    /// Redis, shared by several workers (docs/stores.md).
+    Redis(flowgate_checkpoint::RedisConfig),
     /// In memory (lost at exit).
     Memory,
     /// No checkpoint store: positions are committed to the broker only.

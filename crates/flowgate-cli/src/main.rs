@@ -150,6 +150,14 @@ async fn open_store(cfg: &StoreConfig) -> Result<Stores, Error> {
                 embedded: None,
             }
         }
+        StoreConfig::Redis(c) => {
+            let s = flowgate_checkpoint::RedisStore::connect(c.clone()).await?;
+            Stores {
+                checkpoint: Some(s.clone()),
+                dedup: Some(s),
+                embedded: None,
+            }
+        }
         StoreConfig::Memory => {
             let s = Arc::new(MemoryStore::new());
             Stores {

@@ -1,6 +1,6 @@
-//! The PostgreSQL store against the server of `cargo xtask brokers up`: the store
-//! conformance suite (shared with the embedded store) and a zombie writing concurrently with
-//! the new owner of a partition.
+//! The PostgreSQL and Redis stores against the servers of `cargo xtask brokers up`: the store
+//! conformance suite (shared with the embedded store), a zombie writing concurrently with
+//! the new owner of a partition, and an unreachable server.
 #![cfg(feature = "broker-tests")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use flowgate_checkpoint::{PostgresConfig, PostgresStore};
+use flowgate_checkpoint::{PostgresConfig, PostgresStore, RedisConfig, RedisStore};
 use flowgate_core::testkit::store::StoreHarness;
 use flowgate_core::{Checkpoint, CheckpointStore, ErrorKind, PartitionId, Position};
 
 /// A store in a schema of its own, so runs never see each other's rows.
-fn config() -> PostgresConfig {
+fn pg_config() -> PostgresConfig {
     PostgresConfig {
         url: flowgate_rig_tests::endpoint("FLOWGATE_TEST_POSTGRES_URL"),
         schema: flowgate_rig_tests::unique("t").replace('-', "_"),
@@ -21,10 +21,19 @@ fn config() -> PostgresConfig {
     }
 }
 
-struct Harness(PostgresConfig);
+/// Keys under a prefix of their own, so runs never see each other's keys.
+fn redis_config() -> RedisConfig {
+    RedisConfig {
+        url: flowgate_rig_tests::endpoint("FLOWGATE_TEST_REDIS_URL"),
+        prefix: flowgate_rig_tests::unique("t"),
+        ..Default::default()
+    }
+}
+
+struct Pg(PostgresConfig);
 
 #[async_trait]
-impl StoreHarness for Harness {
+impl StoreHarness for Pg {
     type Store = PostgresStore;
     async fn open(&self) -> Arc<PostgresStore> {
         PostgresStore::connect(self.0.clone())
@@ -33,18 +42,45 @@ impl StoreHarness for Harness {
     }
 }
 
+struct Redis(RedisConfig);
+
+#[async_trait]
+impl StoreHarness for Redis {
+    type Store = RedisStore;
+    async fn open(&self) -> Arc<RedisStore> {
+        RedisStore::connect(self.0.clone()).await.expect("connect")
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_store_conforms() {
-    flowgate_core::testkit::store::run_all(&Harness(config())).await;
+    flowgate_core::testkit::store::run_all(&Pg(pg_config())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_conforms() {
+    flowgate_core::testkit::store::run_all(&Redis(redis_config())).await;
 }
 
 /// The new owner (fence 2) advances while a zombie (fence 1) keeps writing, from another
 /// connection, positions far ahead: every zombie write is refused, the owner's always win.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_zombie_never_wins_against_the_new_owner() {
-    let cfg = config();
+async fn a_zombie_never_wins_against_the_new_owner_postgres() {
+    let cfg = pg_config();
     let owner = PostgresStore::connect(cfg.clone()).await.unwrap();
     let zombie = PostgresStore::connect(cfg).await.unwrap();
+    zombie_race(owner, zombie).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_never_wins_against_the_new_owner_redis() {
+    let cfg = redis_config();
+    let owner = RedisStore::connect(cfg.clone()).await.unwrap();
+    let zombie = RedisStore::connect(cfg).await.unwrap();
+    zombie_race(owner, zombie).await;
+}
+
+async fn zombie_race<S: CheckpointStore + 'static>(owner: Arc<S>, zombie: Arc<S>) {
     let p = PartitionId::new("orders/0");
     let cp = move |pos: u64, fence: u64| {
         Checkpoint::new(p.clone(), Position::from(pos)).with_fence(Some(fence))
@@ -82,9 +118,25 @@ async fn a_zombie_never_wins_against_the_new_owner() {
     owner.commit("zombie", &[cp(150, 2)]).await.unwrap();
 }
 
-/// A garbage URL is a clear error after the retries, naming the server (no password).
+/// Nothing listening is a clear error after the retries, naming the server (no password).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unreachable_server_is_a_clear_error() {
+async fn unreachable_redis_is_a_clear_error() {
+    let err = RedisStore::connect(RedisConfig {
+        url: "redis://:hunter2@127.0.0.1:1".into(),
+        give_up_after: Duration::from_millis(500),
+        ..Default::default()
+    })
+    .await
+    .err()
+    .expect("nothing listens on port 1");
+    let text = err.to_string();
+    assert!(text.contains("127.0.0.1:1"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+}
+
+/// Nothing listening is a clear error after the retries, naming the server (no password).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_postgres_is_a_clear_error() {
     let err = PostgresStore::connect(PostgresConfig {
         url: "postgres://flowgate:hunter2@127.0.0.1:1/flowgate".into(),
         give_up_after: Duration::from_millis(500),

@@ -1,5 +1,6 @@
-//! PostgreSQL restarted while a worker commits checkpoints (its own test binary: it takes
-//! the rig's server away): commits wait and retry, none is lost, none goes backwards.
+//! PostgreSQL, then Redis, restarted while a worker commits checkpoints and writes marks (its
+//! own test binary: it takes the rig's servers away): writes wait and retry, none is lost,
+//! no checkpoint goes backwards.
 #![cfg(feature = "broker-tests")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,8 +10,15 @@ use flowgate_checkpoint::{PostgresConfig, PostgresStore};
 use flowgate_core::DedupStore;
 use flowgate_core::{Checkpoint, CheckpointStore, IdempotencyKey, PartitionId, Position};
 
+use std::sync::Arc;
+
+use flowgate_checkpoint::{RedisConfig, RedisStore};
+
+trait Store: CheckpointStore + DedupStore + 'static {}
+impl<T: CheckpointStore + DedupStore + 'static> Store for T {}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_restart_mid_write_loses_and_regresses_nothing() {
+async fn postgres_restart_mid_write_loses_and_regresses_nothing() {
     let store = PostgresStore::connect(PostgresConfig {
         url: flowgate_rig_tests::endpoint("FLOWGATE_TEST_POSTGRES_URL"),
         schema: flowgate_rig_tests::unique("restart").replace('-', "_"),
@@ -19,6 +27,22 @@ async fn server_restart_mid_write_loses_and_regresses_nothing() {
     })
     .await
     .unwrap();
+    restart_mid_write("postgres", store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_mid_write_loses_and_regresses_nothing() {
+    let store = RedisStore::connect(RedisConfig {
+        url: flowgate_rig_tests::endpoint("FLOWGATE_TEST_REDIS_URL"),
+        prefix: flowgate_rig_tests::unique("restart"),
+        give_up_after: Duration::from_secs(60),
+    })
+    .await
+    .unwrap();
+    restart_mid_write("redis", store).await;
+}
+
+async fn restart_mid_write(server: &'static str, store: Arc<dyn Store>) {
     let p = PartitionId::new("orders/0");
     let writer = {
         let store = store.clone();
@@ -53,7 +77,7 @@ async fn server_restart_mid_write_loses_and_regresses_nothing() {
         })
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let gone = flowgate_rig_tests::bounce("postgres", Duration::from_secs(1)).await;
+    let gone = flowgate_rig_tests::bounce(server, Duration::from_secs(1)).await;
     let (last, slowest) = writer.await.unwrap();
     let stored = store.load("restart").await.unwrap();
     assert_eq!(stored.len(), 1);
@@ -75,7 +99,7 @@ async fn server_restart_mid_write_loses_and_regresses_nothing() {
         "every mark written before and after the restart is there"
     );
     eprintln!(
-        "postgres/restart: server gone for {:.1}s; {last} commits and marks, the slowest waited {:.1}s",
+        "{server}/restart: server gone for {:.1}s; {last} commits and marks, the slowest waited {:.1}s",
         gone.as_secs_f64(),
         slowest.as_secs_f64()
     );
