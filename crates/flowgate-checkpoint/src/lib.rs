@@ -32,17 +32,5 @@ pub use postgres::{PostgresConfig, PostgresStore};
 #[cfg(feature = "redis")]
 pub use redis_store::{RedisConfig, RedisStore};
 
-/// The URL with its password replaced, for logs, errors and `Debug`.
 #[cfg(any(feature = "postgres", feature = "redis"))]
-pub(crate) fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else {
-        return url.to_string();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
-        None => url.to_string(),
-    }
-}
+pub(crate) use flowgate_core::redact_url;

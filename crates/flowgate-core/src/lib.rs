@@ -20,6 +20,7 @@ mod credit;
 mod error;
 mod position;
 mod record;
+mod secret;
 mod sink;
 mod source;
 mod store;
@@ -33,6 +34,7 @@ pub use credit::{CreditGrant, Credits};
 pub use error::{Error, ErrorKind, Result};
 pub use position::{ParsePositionError, Position};
 pub use record::{Header, Headers, IdempotencyKey, PartitionId, Record};
+pub use secret::redact_url;
 pub use sink::{Sink, TxContext, WriteError};
 pub use source::{
     Assignment, LagSample, Revocation, RevocationWaiter, Source, SourceContext, SourceEvent,

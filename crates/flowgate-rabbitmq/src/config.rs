@@ -166,19 +166,7 @@ impl Default for RabbitSinkConfig {
     }
 }
 
-/// The URL with its password replaced, for logs and `Debug`.
-pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let Some((userinfo, host)) = rest.split_once('@') else {
-        return url.to_string();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
-        None => url.to_string(),
-    }
-}
+pub(crate) use flowgate_core::redact_url as redact;
 
 impl fmt::Debug for RabbitSourceConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
