@@ -49,7 +49,8 @@ pub struct KafkaSourceConfig {
     /// `queued.min.messages`: librdkafka's prefetch per partition in records; it stops
     /// fetching a partition at this many or at `queued_max_messages_kbytes`, whichever comes
     /// first. For small records this is the bound that matters: librdkafka keeps a few
-    /// hundred bytes of its own per prefetched record. Default 10,000 (librdkafka's: 100,000).
+    /// hundred bytes of its own per prefetched record. Default 5,000 (librdkafka's: 100,000;
+    /// 5,000 measured as fast as 10,000 and 11 MiB lighter behind a slow sink).
     pub prefetch_records: u64,
     /// `fetch.max.bytes`. Default 8 MiB.
     pub fetch_max_bytes: u64,
@@ -81,7 +82,7 @@ impl Default for KafkaSourceConfig {
             session_timeout: Duration::from_secs(45),
             max_poll_interval: Duration::from_secs(300),
             queued_max_messages_kbytes: 4096,
-            prefetch_records: 10_000,
+            prefetch_records: 5_000,
             fetch_max_bytes: 8 * 1024 * 1024,
             rebalance_timeout: Duration::from_secs(30),
             max_batch: 1000,
