@@ -34,3 +34,17 @@ pub use redis_store::{RedisConfig, RedisStore};
 
 #[cfg(any(feature = "postgres", feature = "redis"))]
 pub(crate) use flowgate_core::redact_url;
+
+/// Latency of every shared-store operation (`flowgate_store_operation_seconds`, labels
+/// `store` and `operation`; retries included), through the `metrics` facade.
+pub const STORE_LATENCY: &str = "flowgate_store_operation_seconds";
+
+#[cfg(any(feature = "postgres", feature = "redis"))]
+pub(crate) fn record_latency(
+    store: &'static str,
+    operation: &'static str,
+    started: std::time::Instant,
+) {
+    metrics::histogram!(STORE_LATENCY, "store" => store, "operation" => operation)
+        .record(started.elapsed().as_secs_f64());
+}

@@ -99,7 +99,8 @@ fn retryable(e: &tokio_postgres::Error) -> bool {
 /// connection is dropped and re-opened, with backoff, until `give_up_after`.
 macro_rules! retry {
     ($self:ident, $what:expr, |$c:ident| $body:expr) => {{
-        let deadline = Instant::now() + $self.cfg.give_up_after;
+        let started = Instant::now();
+        let deadline = started + $self.cfg.give_up_after;
         let mut wait = Duration::from_millis(50);
         loop {
             let res: Result<_, Fail> = async {
@@ -117,7 +118,10 @@ macro_rules! retry {
             }
             .await;
             match res {
-                Ok(v) => break Ok(v),
+                Ok(v) => {
+                    crate::record_latency("postgres", $what, started);
+                    break Ok(v);
+                }
                 Err(Fail::Pg(e)) if retryable(&e) && Instant::now() < deadline => {
                     tracing::warn!(error = %e, retry_in = ?wait, "postgres store: {} failed; retrying", $what);
                     tokio::time::sleep(wait).await;

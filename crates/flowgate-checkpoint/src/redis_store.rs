@@ -183,11 +183,15 @@ impl RedisStore {
         F: FnMut(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let deadline = Instant::now() + self.cfg.give_up_after;
+        let started = Instant::now();
+        let deadline = started + self.cfg.give_up_after;
         let mut wait = Duration::from_millis(50);
         loop {
             match op(self.conn.clone()).await {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    crate::record_latency("redis", what, started);
+                    return Ok(v);
+                }
                 Err(e)
                     if (e.is_io_error() || e.is_connection_dropped() || e.is_timeout())
                         && Instant::now() < deadline =>
