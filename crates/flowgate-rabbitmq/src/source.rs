@@ -148,7 +148,6 @@ impl Source for RabbitSource {
         let driver = Driver {
             cfg: self.cfg.clone(),
             partition: self.partition.clone(),
-            credits: ctx.credits.clone(),
             shared: self.shared.clone(),
             notify: self.notify.clone(),
             starts: start_rx,
@@ -295,7 +294,6 @@ enum Ended {
 struct Driver {
     cfg: RabbitSourceConfig,
     partition: PartitionId,
-    credits: Credits,
     shared: Arc<Mutex<Shared>>,
     notify: Arc<Notify>,
     starts: mpsc::UnboundedReceiver<Option<Position>>,
@@ -458,6 +456,9 @@ impl Driver {
                 .create_channel()
                 .await
                 .map_err(|e| map(e, "opening a channel"))?;
+            ch.basic_qos(self.cfg.prefetch, BasicQosOptions::default())
+                .await
+                .map_err(|e| map(e, "setting the prefetch"))?;
             if self.cfg.declare {
                 self.declare(&ch).await?;
             }
@@ -479,20 +480,6 @@ impl Driver {
                 None => return Ended::Closing,
             },
         };
-        // The broker never pushes more than the runtime can hold: the prefetch is the
-        // configured one, or the runtime's credit for the queue if that is smaller.
-        let credit = self.credits.available(&self.partition);
-        let prefetch = match u16::try_from(credit) {
-            Ok(c) if c > 0 => self.cfg.prefetch.min(c),
-            _ => self.cfg.prefetch,
-        };
-        if let Err(e) = ch
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| map(e, "setting the prefetch"))
-        {
-            return Ended::Lost(e);
-        }
         let mut args = FieldTable::default();
         if self.cfg.queue_type == QueueType::Stream {
             let offset = match after.as_ref().and_then(Position::as_u64) {
