@@ -412,9 +412,18 @@ async fn stream_resumes_from_the_checkpoint() {
     }
     run.abort();
     let _ = run.await;
-    // In-process, a sink write already in flight on a worker task can still land; a killed
-    // process would not have one. Let it land before counting.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // In-process, sink writes already in flight on worker tasks can still land; a killed
+    // process would not have them. Wait until the sink is quiet before counting.
+    let mut last = sink.len();
+    let quiet = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        let now = sink.len();
+        if now == last || quiet.elapsed() > Duration::from_secs(20) {
+            break;
+        }
+        last = now;
+    }
     let first = sink.len();
     assert!(first < 1_000, "the first run must stop part way ({first})");
     let checkpoint = flowgate_core::CheckpointStore::load(&*store, &name)
