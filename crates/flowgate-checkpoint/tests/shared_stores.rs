@@ -119,33 +119,34 @@ async fn zombie_race<S: CheckpointStore + 'static>(owner: Arc<S>, zombie: Arc<S>
 }
 
 /// Nothing listening is a clear error after the retries, naming the server (no password).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unreachable_redis_is_a_clear_error() {
-    let err = RedisStore::connect(RedisConfig {
-        url: "redis://:hunter2@127.0.0.1:1".into(),
-        give_up_after: Duration::from_millis(500),
-        ..Default::default()
-    })
-    .await
-    .err()
-    .expect("nothing listens on port 1");
-    let text = err.to_string();
+fn assert_clear_unreachable(err: Option<flowgate_core::Error>) {
+    let text = err.expect("nothing listens on port 1").to_string();
     assert!(text.contains("127.0.0.1:1"), "{text}");
     assert!(!text.contains("hunter2"), "{text}");
 }
 
-/// Nothing listening is a clear error after the retries, naming the server (no password).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_redis_is_a_clear_error() {
+    assert_clear_unreachable(
+        RedisStore::connect(RedisConfig {
+            url: "redis://:hunter2@127.0.0.1:1".into(),
+            give_up_after: Duration::from_millis(500),
+            ..Default::default()
+        })
+        .await
+        .err(),
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_postgres_is_a_clear_error() {
-    let err = PostgresStore::connect(PostgresConfig {
-        url: "postgres://flowgate:hunter2@127.0.0.1:1/flowgate".into(),
-        give_up_after: Duration::from_millis(500),
-        ..Default::default()
-    })
-    .await
-    .err()
-    .expect("nothing listens on port 1");
-    let text = err.to_string();
-    assert!(text.contains("127.0.0.1:1"), "{text}");
-    assert!(!text.contains("hunter2"), "{text}");
+    assert_clear_unreachable(
+        PostgresStore::connect(PostgresConfig {
+            url: "postgres://flowgate:hunter2@127.0.0.1:1/flowgate".into(),
+            give_up_after: Duration::from_millis(500),
+            ..Default::default()
+        })
+        .await
+        .err(),
+    );
 }

@@ -15,9 +15,7 @@ const PARTITIONS: u64 = 4;
 const PER_PARTITION: u64 = 4_000;
 const KILLS: usize = 10;
 
-fn env(var: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run `cargo xtask brokers up` and export what it prints (or `cargo xtask test`)"))
-}
+use flowgate_rig_tests::endpoint as env;
 
 #[test]
 fn sigkill_loop_against_kafka_loses_nothing() {

@@ -19,9 +19,7 @@ const MESSAGES: usize = 16_000;
 const KILLS: usize = 10;
 const BATCH: usize = 100;
 
-fn env(var: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run `cargo xtask brokers up` and export what it prints (or `cargo xtask test`)"))
-}
+use flowgate_rig_tests::endpoint as env;
 
 async fn queue_depth(url: &str, queue: &str, publish: bool) -> u32 {
     let conn = Connection::connect(url, ConnectionProperties::default())
