@@ -2,18 +2,18 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use flowgate_core::{
-    Checkpoint, CheckpointStore, DedupStore, Error, ErrorKind, IdempotencyKey, PartitionId,
-    Position, PositionRange, Record, Sink, SinkCapabilities, TxContext, WriteError,
+    Checkpoint, CheckpointStore, DedupStore, Error, ErrorKind, IdempotencyKey, Lease, LeaseStore,
+    PartitionId, Position, PositionRange, Record, Sink, SinkCapabilities, TxContext, WriteError,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use crate::rules::{Transition, check};
+use crate::rules::{self, LeaseRecord, Transition, check, check_lease_fence, now_ms};
 
 const META: TableDefinition<'static, &str, &str> = TableDefinition::new("flowgate_meta");
 const CHECKPOINTS: TableDefinition<'static, &str, &[u8]> =
@@ -23,6 +23,8 @@ const MARKS: TableDefinition<'static, &[u8], &[u8]> = TableDefinition::new("flow
 /// `pipeline \0 partition \0 first` → expiry (8 bytes) ++ last; positions in ordered bytes.
 const RANGES: TableDefinition<'static, &[u8], &[u8]> =
     TableDefinition::new("flowgate_dedup_ranges");
+/// `pipeline \0 partition` → the lease (JSON [`LeaseRecord`]).
+const LEASES: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("flowgate_leases");
 const FORMAT_KEY: &str = "format";
 const FORMAT: &str = "flowgate-embedded-store/1";
 /// redb's page cache. Its default (1 GiB) lets the process grow with the store's history;
@@ -70,12 +72,6 @@ fn storage(path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
     )
     .with_context("path", path.display())
     .with_context("cause", e)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn cp_key(pipeline: &str, partition: &str) -> String {
@@ -214,6 +210,8 @@ impl EmbeddedStore {
                 .map_err(|e| corrupt(&self.path, "dedup table is unreadable", e))?;
             txn.open_table(RANGES)
                 .map_err(|e| corrupt(&self.path, "dedup range table is unreadable", e))?;
+            txn.open_table(LEASES)
+                .map_err(|e| corrupt(&self.path, "lease table is unreadable", e))?;
         }
         txn.commit()
             .map_err(|e| storage(&self.path, "init commit", e))
@@ -253,8 +251,13 @@ impl EmbeddedStore {
         let mut table = txn
             .open_table(CHECKPOINTS)
             .map_err(|e| storage(&self.path, "open checkpoints", e))?;
+        let leases = txn
+            .open_table(LEASES)
+            .map_err(|e| storage(&self.path, "open leases", e))?;
         for c in cps {
             let key = cp_key(pipeline, c.partition.as_str());
+            let lease = self.lease_in(&leases, &key)?;
+            check_lease_fence(lease.map(|l| l.epoch), c)?;
             let stored = match table
                 .get(key.as_str())
                 .map_err(|e| storage(&self.path, "read checkpoint", e))?
@@ -273,6 +276,67 @@ impl EmbeddedStore {
                     .map_err(|e| storage(&self.path, "write checkpoint", e))?;
             }
         }
+        Ok(())
+    }
+
+    fn lease_in(
+        &self,
+        table: &impl ReadableTable<&'static str, &'static [u8]>,
+        key: &str,
+    ) -> Result<Option<LeaseRecord>, Error> {
+        let Some(v) = table
+            .get(key)
+            .map_err(|e| storage(&self.path, "read lease", e))?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value()).map(Some).map_err(|e| {
+            corrupt(
+                &self.path,
+                "holds an unreadable lease",
+                format!("{key}: {e}"),
+            )
+        })
+    }
+
+    /// Applies `change` to the lease of `lease.partition` if the caller still holds it.
+    async fn update_lease(
+        &self,
+        pipeline: &str,
+        lease: &Lease,
+        change: impl FnOnce(&LeaseRecord, u64) -> LeaseRecord + Send + 'static,
+    ) -> Result<Lease, Error> {
+        let key = cp_key(pipeline, lease.partition.as_str());
+        let lease = lease.clone();
+        self.blocking(move |s| {
+            let txn = s.begin_write()?;
+            let view = {
+                let mut table = txn
+                    .open_table(LEASES)
+                    .map_err(|e| storage(&s.path, "open leases", e))?;
+                let stored = s.lease_in(&table, &key)?;
+                let now = now_ms();
+                let next = change(rules::check_holder(stored.as_ref(), &lease)?, now);
+                s.put_lease(&mut table, &key, &next)?;
+                rules::view(lease.partition.clone(), &next, now)
+            };
+            txn.commit().map_err(|e| storage(&s.path, "commit", e))?;
+            Ok(view)
+        })
+        .await
+    }
+
+    fn put_lease(
+        &self,
+        table: &mut redb::Table<'_, &'static str, &'static [u8]>,
+        key: &str,
+        lease: &LeaseRecord,
+    ) -> Result<(), Error> {
+        let value =
+            serde_json::to_vec(lease).map_err(|e| storage(&self.path, "encode lease", e))?;
+        table
+            .insert(key, value.as_slice())
+            .map_err(|e| storage(&self.path, "write lease", e))?;
         Ok(())
     }
 
@@ -844,6 +908,93 @@ impl Sink for TableSink {
                 txn.commit().map_err(|e| storage(&s.path, "commit", e))
             })
             .await?)
+    }
+}
+
+#[async_trait]
+impl LeaseStore for EmbeddedStore {
+    fn describe(&self) -> String {
+        format!("embedded store {}", self.path.display())
+    }
+
+    async fn leases(&self, pipeline: &str) -> Result<Vec<Lease>, Error> {
+        let pipeline = pipeline.to_string();
+        self.blocking(move |s| {
+            let txn =
+                s.db.begin_read()
+                    .map_err(|e| storage(&s.path, "begin read", e))?;
+            let table = txn
+                .open_table(LEASES)
+                .map_err(|e| storage(&s.path, "open leases", e))?;
+            let lo = format!("{pipeline}\u{0}");
+            let hi = format!("{pipeline}\u{1}");
+            let now = now_ms();
+            let mut out = Vec::new();
+            for item in table
+                .range::<&str>(lo.as_str()..hi.as_str())
+                .map_err(|e| storage(&s.path, "scan", e))?
+            {
+                let (k, v) = item.map_err(|e| storage(&s.path, "scan", e))?;
+                let key = k.value();
+                let record: LeaseRecord = serde_json::from_slice(v.value()).map_err(|e| {
+                    corrupt(&s.path, "holds an unreadable lease", format!("{key}: {e}"))
+                })?;
+                out.push(rules::view(
+                    PartitionId::new(&key[lo.len()..]),
+                    &record,
+                    now,
+                ));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn acquire(
+        &self,
+        pipeline: &str,
+        partition: &PartitionId,
+        owner: &str,
+        ttl: Duration,
+        steal: Option<u64>,
+    ) -> Result<Option<Lease>, Error> {
+        let key = cp_key(pipeline, partition.as_str());
+        let (partition, owner) = (partition.clone(), owner.to_string());
+        self.blocking(move |s| {
+            let txn = s.begin_write()?;
+            let view = {
+                let mut table = txn
+                    .open_table(LEASES)
+                    .map_err(|e| storage(&s.path, "open leases", e))?;
+                let stored = s.lease_in(&table, &key)?;
+                let now = now_ms();
+                let Some(taken) = rules::acquire(stored.as_ref(), &owner, now, ttl, steal) else {
+                    return Ok(None);
+                };
+                s.put_lease(&mut table, &key, &taken)?;
+                rules::view(partition, &taken, now)
+            };
+            txn.commit().map_err(|e| storage(&s.path, "commit", e))?;
+            Ok(Some(view))
+        })
+        .await
+    }
+
+    async fn renew(&self, pipeline: &str, lease: &Lease, ttl: Duration) -> Result<Lease, Error> {
+        self.update_lease(pipeline, lease, move |l, now| rules::renewed(l, now, ttl))
+            .await
+    }
+
+    async fn release(&self, pipeline: &str, lease: &Lease) -> Result<(), Error> {
+        self.update_lease(pipeline, lease, |l, _| rules::given_up(l, false))
+            .await
+            .map(|_| ())
+    }
+
+    async fn finish(&self, pipeline: &str, lease: &Lease) -> Result<(), Error> {
+        self.update_lease(pipeline, lease, |l, _| rules::given_up(l, true))
+            .await
+            .map(|_| ())
     }
 }
 

@@ -4,13 +4,13 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use flowgate_core::{
-    Checkpoint, CheckpointStore, DedupStore, Error, IdempotencyKey, PartitionId, Position,
-    PositionRange,
+    Checkpoint, CheckpointStore, DedupStore, Error, IdempotencyKey, Lease, LeaseStore, PartitionId,
+    Position, PositionRange,
 };
 
-use crate::rules::{Transition, check};
+use crate::rules::{self, LeaseRecord, Transition, check, check_lease_fence, now_ms};
 
-/// Checkpoints and dedup marks in memory, with the same rules as the durable stores.
+/// Checkpoints, dedup marks and leases in memory, with the same rules as the durable stores.
 /// Durable only for the life of the process: for tests.
 #[derive(Default)]
 pub struct MemoryStore {
@@ -23,6 +23,7 @@ struct Inner {
     marks: HashMap<(String, IdempotencyKey), Instant>,
     /// first → (last, expiry) per pipeline and partition.
     ranges: HashMap<(String, PartitionId), BTreeMap<Position, (Position, Instant)>>,
+    leases: HashMap<String, BTreeMap<PartitionId, LeaseRecord>>,
 }
 
 impl MemoryStore {
@@ -55,9 +56,12 @@ impl CheckpointStore for MemoryStore {
 
     async fn commit(&self, pipeline: &str, checkpoints: &[Checkpoint]) -> Result<(), Error> {
         let mut inner = self.lock();
+        let inner = &mut *inner;
+        let leases = inner.leases.get(pipeline);
         let map = inner.checkpoints.entry(pipeline.to_string()).or_default();
         let mut writes = Vec::new();
         for c in checkpoints {
+            check_lease_fence(leases.and_then(|l| l.get(&c.partition)).map(|l| l.epoch), c)?;
             if check(map.get(&c.partition), c)? == Transition::Write {
                 writes.push(c.clone());
             }
@@ -170,6 +174,79 @@ impl DedupStore for MemoryStore {
             entry.1 = entry.1.max(exp);
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl LeaseStore for MemoryStore {
+    fn describe(&self) -> String {
+        "in-memory store".into()
+    }
+
+    async fn leases(&self, pipeline: &str) -> Result<Vec<Lease>, Error> {
+        let now = now_ms();
+        Ok(self
+            .lock()
+            .leases
+            .get(pipeline)
+            .map(|m| {
+                m.iter()
+                    .map(|(p, l)| rules::view(p.clone(), l, now))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn acquire(
+        &self,
+        pipeline: &str,
+        partition: &PartitionId,
+        owner: &str,
+        ttl: Duration,
+        steal: Option<u64>,
+    ) -> Result<Option<Lease>, Error> {
+        let mut inner = self.lock();
+        let map = inner.leases.entry(pipeline.to_string()).or_default();
+        let now = now_ms();
+        let Some(taken) = rules::acquire(map.get(partition), owner, now, ttl, steal) else {
+            return Ok(None);
+        };
+        let lease = rules::view(partition.clone(), &taken, now);
+        map.insert(partition.clone(), taken);
+        Ok(Some(lease))
+    }
+
+    async fn renew(&self, pipeline: &str, lease: &Lease, ttl: Duration) -> Result<Lease, Error> {
+        self.update(pipeline, lease, |l, now| rules::renewed(l, now, ttl))
+    }
+
+    async fn release(&self, pipeline: &str, lease: &Lease) -> Result<(), Error> {
+        self.update(pipeline, lease, |l, _| rules::given_up(l, false))
+            .map(|_| ())
+    }
+
+    async fn finish(&self, pipeline: &str, lease: &Lease) -> Result<(), Error> {
+        self.update(pipeline, lease, |l, _| rules::given_up(l, true))
+            .map(|_| ())
+    }
+}
+
+impl MemoryStore {
+    /// Applies `change` to a lease the caller still holds.
+    fn update(
+        &self,
+        pipeline: &str,
+        lease: &Lease,
+        change: impl FnOnce(&LeaseRecord, u64) -> LeaseRecord,
+    ) -> Result<Lease, Error> {
+        let mut inner = self.lock();
+        let map = inner.leases.entry(pipeline.to_string()).or_default();
+        let stored = rules::check_holder(map.get(&lease.partition), lease)?;
+        let now = now_ms();
+        let next = change(stored, now);
+        let view = rules::view(lease.partition.clone(), &next, now);
+        map.insert(lease.partition.clone(), next);
+        Ok(view)
     }
 }
 

@@ -6,6 +6,10 @@
 //!   row is updated only if the new position is not behind the stored one and the new fence
 //!   is not older. PostgreSQL locks the row for the upsert and re-checks the condition on the
 //!   latest version, so a zombie writing concurrently with the new owner loses every time.
+//! - Leases: one row per partition (owner, epoch, expiry by the server's clock, finished);
+//!   take, renew, release and finish are single conditional statements, so of many racers
+//!   exactly one wins. A checkpoint write locks the partitions' lease rows (`FOR SHARE`) and
+//!   is refused if its fence is below the lease epoch.
 //! - Dedup marks: one row per key with an expiry; positional marks: one row per range.
 //!   Expired rows are swept in small batches as marks are written.
 //! - Connection loss: every operation retries with backoff (reconnecting) until
@@ -17,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use flowgate_core::{
-    Checkpoint, CheckpointStore, DedupStore, Error, ErrorKind, IdempotencyKey, PartitionId,
-    Position, PositionRange,
+    Checkpoint, CheckpointStore, DedupStore, Error, ErrorKind, IdempotencyKey, Lease, LeaseStore,
+    PartitionId, Position, PositionRange,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, MutexGuard};
@@ -27,7 +31,8 @@ use tokio_postgres::{Client, NoTls};
 use crate::rules;
 
 /// The schema version this code writes.
-const SCHEMA_VERSION: i32 = 1;
+/// Version 2 added `flowgate_leases`.
+const SCHEMA_VERSION: i32 = 2;
 
 /// Settings of the [`PostgresStore`].
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -256,7 +261,15 @@ impl PostgresStore {
                      last bytea NOT NULL,
                      expires_at timestamptz NOT NULL,
                      PRIMARY KEY (pipeline, partition, first));
-                 CREATE INDEX IF NOT EXISTS flowgate_dedup_ranges_expiry ON flowgate_dedup_ranges (expires_at);"
+                 CREATE INDEX IF NOT EXISTS flowgate_dedup_ranges_expiry ON flowgate_dedup_ranges (expires_at);
+                 CREATE TABLE IF NOT EXISTS flowgate_leases (
+                     pipeline text NOT NULL,
+                     partition text NOT NULL,
+                     owner text,
+                     epoch bigint NOT NULL,
+                     expires_at timestamptz NOT NULL,
+                     finished boolean NOT NULL DEFAULT false,
+                     PRIMARY KEY (pipeline, partition));"
             );
             async move {
                 c.batch_execute(&ddl).await?;
@@ -271,6 +284,14 @@ impl PostgresStore {
                     None => {
                         tx.execute(
                             "INSERT INTO flowgate_schema (version) VALUES ($1)",
+                            &[&SCHEMA_VERSION],
+                        )
+                        .await?;
+                    }
+                    Some(v) if v < SCHEMA_VERSION => {
+                        // The DDL above added what the newer version needs.
+                        tx.execute(
+                            "UPDATE flowgate_schema SET version = $1",
                             &[&SCHEMA_VERSION],
                         )
                         .await?;
@@ -369,11 +390,19 @@ impl CheckpointStore for PostgresStore {
         retry!(self, "committing checkpoints", |c| async {
             // One statement, one round trip: every row is written only if its position is not
             // behind and its fence not older than what is stored; the rows it wrote come back.
+            // The lease rows are locked (and read at their latest version), so a lease taken
+            // concurrently either precedes this write, which is then refused, or waits for it.
             let tx = c.transaction().await?;
             let written = tx
                 .query(
-                    "INSERT INTO flowgate_checkpoints AS s (pipeline, partition, position, position_text, fence)
-                     SELECT $1, * FROM unnest($2::text[], $3::bytea[], $4::text[], $5::bigint[])
+                    "WITH leases AS (
+                       SELECT partition, epoch FROM flowgate_leases
+                       WHERE pipeline = $1 AND partition = ANY($2) FOR SHARE)
+                     INSERT INTO flowgate_checkpoints AS s (pipeline, partition, position, position_text, fence)
+                     SELECT $1, u.* FROM unnest($2::text[], $3::bytea[], $4::text[], $5::bigint[])
+                       AS u(partition, position, position_text, fence)
+                     WHERE NOT EXISTS (SELECT 1 FROM leases l
+                                       WHERE l.partition = u.partition AND l.epoch > coalesce(u.fence, -1))
                      ON CONFLICT (pipeline, partition) DO UPDATE
                        SET position = EXCLUDED.position, position_text = EXCLUDED.position_text,
                            fence = EXCLUDED.fence, updated_at = now()
@@ -399,6 +428,14 @@ impl CheckpointStore for PostgresStore {
                     "checkpoint write refused",
                 )));
             };
+            let lease = tx
+                .query_opt(
+                    "SELECT epoch FROM flowgate_leases WHERE pipeline = $1 AND partition = $2",
+                    &[&pipeline, &cp.partition.as_str()],
+                )
+                .await?
+                .and_then(|r| u64::try_from(r.get::<_, i64>(0)).ok());
+            rules::check_lease_fence(lease, cp)?;
             let row = tx
                 .query_one(
                     "SELECT position, fence FROM flowgate_checkpoints WHERE pipeline = $1 AND partition = $2",
@@ -562,6 +599,135 @@ impl DedupStore for PostgresStore {
             self.sweep(c).await?;
             Ok(())
         })
+    }
+}
+
+/// The columns of a lease, as `lease_view` reads them.
+const LEASE_COLUMNS: &str = "partition, owner, epoch,
+    CASE WHEN owner IS NULL THEN 0
+         ELSE greatest(0, ceil(extract(epoch FROM expires_at - now()) * 1000))::bigint END,
+    finished";
+
+fn lease_view(r: &tokio_postgres::Row) -> Lease {
+    Lease {
+        partition: PartitionId::new(r.get::<_, String>(0)),
+        owner: r.get(1),
+        epoch: u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+        remaining: Duration::from_millis(u64::try_from(r.get::<_, i64>(3)).unwrap_or(0)),
+        finished: r.get(4),
+    }
+}
+
+impl PostgresStore {
+    /// Runs a conditional update of a lease the caller holds; no row means it was lost.
+    async fn update_lease(
+        &self,
+        what: &'static str,
+        pipeline: &str,
+        lease: &Lease,
+        set: &str,
+        ttl: Option<Duration>,
+    ) -> Result<Lease, Error> {
+        let sql = format!(
+            "UPDATE flowgate_leases SET {set}
+             WHERE pipeline = $1 AND partition = $2 AND owner = $3 AND epoch = $4 AND NOT finished
+             RETURNING {LEASE_COLUMNS}"
+        );
+        let epoch = fence_sql(Some(lease.epoch));
+        let ttl_ms = ttl.map(ms);
+        let partition = lease.partition.as_str();
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            vec![&pipeline, &partition, &lease.owner, &epoch];
+        if let Some(ttl_ms) = &ttl_ms {
+            params.push(ttl_ms);
+        }
+        let row = retry!(self, what, |c| async {
+            Ok(c.query_opt(sql.as_str(), &params).await?)
+        })?;
+        row.map(|r| lease_view(&r)).ok_or_else(|| lease.lost())
+    }
+}
+
+#[async_trait]
+impl LeaseStore for PostgresStore {
+    fn describe(&self) -> String {
+        self.describe_url()
+    }
+
+    async fn leases(&self, pipeline: &str) -> Result<Vec<Lease>, Error> {
+        let sql = format!(
+            "SELECT {LEASE_COLUMNS} FROM flowgate_leases WHERE pipeline = $1 ORDER BY partition"
+        );
+        let rows = retry!(self, "reading leases", |c| async {
+            Ok(c.query(sql.as_str(), &[&pipeline]).await?)
+        })?;
+        Ok(rows.iter().map(lease_view).collect())
+    }
+
+    async fn acquire(
+        &self,
+        pipeline: &str,
+        partition: &PartitionId,
+        owner: &str,
+        ttl: Duration,
+        steal: Option<u64>,
+    ) -> Result<Option<Lease>, Error> {
+        // One statement: the row is locked and the condition re-checked on its latest
+        // version, so of many racers exactly one takes it.
+        let sql = format!(
+            "INSERT INTO flowgate_leases AS l (pipeline, partition, owner, epoch, expires_at)
+             VALUES ($1, $2, $3, 1, now() + $4 * interval '1 millisecond')
+             ON CONFLICT (pipeline, partition) DO UPDATE
+               SET owner = EXCLUDED.owner, epoch = l.epoch + 1, expires_at = EXCLUDED.expires_at
+             WHERE NOT l.finished
+               AND (l.owner IS NULL OR l.expires_at <= now() OR l.epoch = $5)
+             RETURNING {LEASE_COLUMNS}"
+        );
+        let ttl_ms = ms(ttl);
+        let steal = fence_sql(steal);
+        let row = retry!(self, "taking a lease", |c| async {
+            Ok(c.query_opt(
+                sql.as_str(),
+                &[&pipeline, &partition.as_str(), &owner, &ttl_ms, &steal],
+            )
+            .await?)
+        })?;
+        Ok(row.map(|r| lease_view(&r)))
+    }
+
+    async fn renew(&self, pipeline: &str, lease: &Lease, ttl: Duration) -> Result<Lease, Error> {
+        self.update_lease(
+            "renewing a lease",
+            pipeline,
+            lease,
+            "expires_at = now() + $5 * interval '1 millisecond'",
+            Some(ttl),
+        )
+        .await
+    }
+
+    async fn release(&self, pipeline: &str, lease: &Lease) -> Result<(), Error> {
+        self.update_lease(
+            "releasing a lease",
+            pipeline,
+            lease,
+            "owner = NULL, expires_at = now()",
+            None,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn finish(&self, pipeline: &str, lease: &Lease) -> Result<(), Error> {
+        self.update_lease(
+            "finishing a lease",
+            pipeline,
+            lease,
+            "owner = NULL, finished = true, expires_at = now()",
+            None,
+        )
+        .await
+        .map(|_| ())
     }
 }
 

@@ -1,6 +1,7 @@
 //! The PostgreSQL and Redis stores against the servers of `cargo xtask brokers up`: the store
 //! conformance suite (shared with the embedded store), a zombie writing concurrently with
-//! the new owner of a partition, and an unreachable server.
+//! the new owner of a partition, workers on separate connections racing for one lease, and
+//! an unreachable server.
 #![cfg(feature = "broker-tests")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use flowgate_checkpoint::{PostgresConfig, PostgresStore, RedisConfig, RedisStore};
 use flowgate_core::testkit::store::StoreHarness;
-use flowgate_core::{Checkpoint, CheckpointStore, ErrorKind, PartitionId, Position};
+use flowgate_core::{Checkpoint, CheckpointStore, ErrorKind, LeaseStore, PartitionId, Position};
 
 /// A store in a schema of its own, so runs never see each other's rows.
 fn pg_config() -> PostgresConfig {
@@ -116,6 +117,72 @@ async fn zombie_race<S: CheckpointStore + 'static>(owner: Arc<S>, zombie: Arc<S>
         .await
         .unwrap();
     owner.commit("zombie", &[cp(150, 2)]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_workers_take_a_lease_one_at_a_time_postgres() {
+    let cfg = pg_config();
+    let mut workers = Vec::new();
+    for _ in 0..6 {
+        workers.push(PostgresStore::connect(cfg.clone()).await.unwrap());
+    }
+    lease_race(workers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_workers_take_a_lease_one_at_a_time_redis() {
+    let cfg = redis_config();
+    let mut workers = Vec::new();
+    for _ in 0..6 {
+        workers.push(RedisStore::connect(cfg.clone()).await.unwrap());
+    }
+    lease_race(workers).await;
+}
+
+/// Rounds of 24 racers (4 tasks on each worker's own connections) for one lease: each round
+/// exactly one wins, with a higher epoch than the round before, and releases it for the next.
+async fn lease_race<S: LeaseStore + 'static>(workers: Vec<Arc<S>>) {
+    let shard = PartitionId::new("shardId-000000000000");
+    let mut last_epoch = 0;
+    for round in 0..25 {
+        let mut tasks = Vec::new();
+        for (w, store) in workers.iter().enumerate() {
+            for t in 0..4 {
+                let (store, shard) = (Arc::clone(store), shard.clone());
+                tasks.push(tokio::spawn(async move {
+                    store
+                        .acquire(
+                            "race",
+                            &shard,
+                            &format!("w{w}-t{t}-r{round}"),
+                            Duration::from_secs(30),
+                            None,
+                        )
+                        .await
+                        .unwrap()
+                }));
+            }
+        }
+        let mut winners = Vec::new();
+        for t in tasks {
+            winners.extend(t.await.unwrap());
+        }
+        assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+        let won = winners.remove(0);
+        assert!(won.epoch > last_epoch, "round {round}: epoch did not rise");
+        last_epoch = won.epoch;
+        let held = workers[0].leases("race").await.unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!(held[0].owner, won.owner, "the store names the winner");
+        workers[round % workers.len()]
+            .release("race", &won)
+            .await
+            .unwrap();
+    }
+    eprintln!(
+        "lease race: 25 rounds of 24 racers on {} connections, one winner each",
+        workers.len()
+    );
 }
 
 /// Nothing listening is a clear error after the retries, naming the server (no password).

@@ -618,6 +618,11 @@ async fn kafka_to_kafka_bridge_with_transactions_is_exactly_once() {
         let started = Instant::now();
         while stats.snapshot().records_out < cut {
             assert!(
+                !run.is_finished(),
+                "the run stopped by itself: {:?}",
+                run.await
+            );
+            assert!(
                 started.elapsed() < Duration::from_secs(60),
                 "no progress: {:?}",
                 stats.snapshot()

@@ -6,15 +6,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::{
-    Checkpoint, CheckpointStore, DedupStore, ErrorKind, IdempotencyKey, PartitionId, Position,
-    PositionRange,
+    Checkpoint, CheckpointStore, DedupStore, ErrorKind, IdempotencyKey, Lease, LeaseStore,
+    PartitionId, Position, PositionRange,
 };
 
 /// Opens a store under test; `reopen` must see everything committed before.
 #[async_trait]
 pub trait StoreHarness: Send + Sync {
     /// The store type.
-    type Store: CheckpointStore + DedupStore + 'static;
+    type Store: CheckpointStore + DedupStore + LeaseStore + 'static;
 
     /// Opens (or re-opens, after dropping every earlier handle) the same durable store.
     async fn open(&self) -> Arc<Self::Store>;
@@ -308,8 +308,241 @@ pub async fn positional_marks<H: StoreHarness>(h: &H) {
     );
 }
 
+const TTL: Duration = Duration::from_secs(30);
+
+async fn lease_of<S: LeaseStore + ?Sized>(s: &S, pipeline: &str, p: &str) -> Option<Lease> {
+    s.leases(pipeline)
+        .await
+        .expect("leases")
+        .into_iter()
+        .find(|l| l.partition.as_str() == p)
+}
+
+/// Take, renew, release: one owner at a time, every take raises the epoch, a lease taken by
+/// another can be neither renewed nor released by the loser; leases survive re-opening.
+pub async fn lease_take_renew_release<H: StoreHarness>(h: &H) {
+    let pipeline = "conf-lease";
+    let shard = PartitionId::new("shardId-000000000000");
+    let first = {
+        let s = h.open().await;
+        assert!(lease_of(&*s, pipeline, shard.as_str()).await.is_none());
+        let a = s
+            .acquire(pipeline, &shard, "worker-a", TTL, None)
+            .await
+            .expect("acquire")
+            .expect("contract: a missing lease MUST be granted");
+        assert_eq!(a.owner.as_deref(), Some("worker-a"));
+        assert!(a.is_held_by("worker-a") && !a.is_available());
+        assert!(
+            s.acquire(pipeline, &shard, "worker-b", TTL, None)
+                .await
+                .expect("acquire")
+                .is_none(),
+            "contract: a live lease MUST NOT be granted to another worker"
+        );
+        let renewed = s.renew(pipeline, &a, TTL).await.expect("renew");
+        assert_eq!(renewed.epoch, a.epoch, "a renewal keeps the epoch");
+        assert!(renewed.remaining > TTL / 2, "renewed for the ttl");
+        a
+    };
+    // Re-opened: the lease is still there, still held.
+    let s = h.open().await;
+    let stored = lease_of(&*s, pipeline, shard.as_str())
+        .await
+        .expect("contract: leases MUST survive re-opening the store");
+    assert_eq!(
+        (stored.owner.as_deref(), stored.epoch),
+        (Some("worker-a"), first.epoch)
+    );
+    s.release(pipeline, &first).await.expect("release");
+    let released = lease_of(&*s, pipeline, shard.as_str())
+        .await
+        .expect("lease");
+    assert!(released.is_available() && released.owner.is_none());
+    let b = s
+        .acquire(pipeline, &shard, "worker-b", TTL, None)
+        .await
+        .expect("acquire")
+        .expect("contract: a released lease MUST be granted");
+    assert!(
+        b.epoch > first.epoch,
+        "contract: every take raises the epoch"
+    );
+    for (what, result) in [
+        ("renew", s.renew(pipeline, &first, TTL).await.map(|_| ())),
+        ("release", s.release(pipeline, &first).await),
+        ("finish", s.finish(pipeline, &first).await),
+    ] {
+        assert_eq!(
+            result
+                .expect_err("contract: the loser MUST be fenced")
+                .kind(),
+            ErrorKind::Fenced,
+            "{what} by a worker whose lease was taken"
+        );
+    }
+    let held = lease_of(&*s, pipeline, shard.as_str())
+        .await
+        .expect("lease");
+    assert_eq!(
+        (held.owner.as_deref(), held.epoch),
+        (Some("worker-b"), b.epoch)
+    );
+}
+
+/// A lease nobody renews expires (by the store's clock) and can be taken; until it is taken
+/// its owner may still renew it. Stealing needs the epoch the thief saw.
+pub async fn lease_expiry_and_stealing<H: StoreHarness>(h: &H) {
+    let pipeline = "conf-lease-expiry";
+    let s = h.open().await;
+    let shard = PartitionId::new("shardId-000000000001");
+    let short = Duration::from_millis(300);
+    let a = s
+        .acquire(pipeline, &shard, "worker-a", short, None)
+        .await
+        .expect("acquire")
+        .expect("granted");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let expired = lease_of(&*s, pipeline, shard.as_str())
+        .await
+        .expect("lease");
+    assert!(
+        expired.remaining.is_zero() && expired.is_available(),
+        "contract: a lease past its ttl MUST read as expired: {expired:?}"
+    );
+    let a = s
+        .renew(pipeline, &a, short)
+        .await
+        .expect("contract: an expired lease nobody took MAY be renewed by its owner");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let b = s
+        .acquire(pipeline, &shard, "worker-b", TTL, None)
+        .await
+        .expect("acquire")
+        .expect("contract: an expired lease MUST be granted");
+    assert!(b.epoch > a.epoch);
+    assert_eq!(
+        s.renew(pipeline, &a, TTL).await.expect_err("fenced").kind(),
+        ErrorKind::Fenced
+    );
+
+    // Stealing a live lease: only with the epoch the thief saw.
+    assert!(
+        s.acquire(pipeline, &shard, "worker-c", TTL, Some(b.epoch - 1))
+            .await
+            .expect("acquire")
+            .is_none(),
+        "contract: a steal with a stale epoch MUST fail"
+    );
+    let c = s
+        .acquire(pipeline, &shard, "worker-c", TTL, Some(b.epoch))
+        .await
+        .expect("acquire")
+        .expect("contract: a steal with the current epoch MUST succeed");
+    assert!(c.epoch > b.epoch && c.is_held_by("worker-c"));
+}
+
+/// A finished lease is never taken again, even by stealing.
+pub async fn finished_leases_stay_finished<H: StoreHarness>(h: &H) {
+    let pipeline = "conf-lease-finish";
+    let s = h.open().await;
+    let shard = PartitionId::new("shardId-000000000002");
+    let a = s
+        .acquire(pipeline, &shard, "worker-a", TTL, None)
+        .await
+        .expect("acquire")
+        .expect("granted");
+    s.finish(pipeline, &a).await.expect("finish");
+    let done = lease_of(&*s, pipeline, shard.as_str())
+        .await
+        .expect("lease");
+    assert!(done.finished && !done.is_available() && done.owner.is_none());
+    for steal in [None, Some(done.epoch)] {
+        assert!(
+            s.acquire(pipeline, &shard, "worker-b", TTL, steal)
+                .await
+                .expect("acquire")
+                .is_none(),
+            "contract: a finished lease MUST NOT be granted"
+        );
+    }
+}
+
+/// Of many workers racing for one lease (concurrent calls on one handle; a pooled store runs
+/// them on several connections), exactly one gets it.
+pub async fn lease_race_has_one_winner<H: StoreHarness>(h: &H) {
+    let pipeline = "conf-lease-race";
+    let shard = PartitionId::new("shardId-000000000003");
+    let store = h.open().await;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let s = Arc::clone(&store);
+        let shard = shard.clone();
+        tasks.push(tokio::spawn(async move {
+            s.acquire(pipeline, &shard, &format!("racer-{i}"), TTL, None)
+                .await
+                .expect("acquire")
+        }));
+    }
+    let mut winners = Vec::new();
+    for t in tasks {
+        if let Some(l) = t.await.expect("task") {
+            winners.push(l);
+        }
+    }
+    assert_eq!(
+        winners.len(),
+        1,
+        "contract: exactly one racer MUST win: {winners:?}"
+    );
+}
+
+/// From the moment a lease is taken, the loser's checkpoints for that partition are refused,
+/// even before the new owner wrote one.
+pub async fn lease_fences_checkpoints<H: StoreHarness>(h: &H) {
+    let pipeline = "conf-lease-fence";
+    let s = h.open().await;
+    let shard = PartitionId::new("shardId-000000000004");
+    let at = |pos: u64, fence: u64| {
+        Checkpoint::new(shard.clone(), Position::from(pos)).with_fence(Some(fence))
+    };
+    let a = s
+        .acquire(pipeline, &shard, "worker-a", TTL, None)
+        .await
+        .expect("acquire")
+        .expect("granted");
+    s.commit(pipeline, &[at(10, a.epoch)])
+        .await
+        .expect("the owner commits");
+    let b = s
+        .acquire(pipeline, &shard, "worker-b", TTL, Some(a.epoch))
+        .await
+        .expect("acquire")
+        .expect("stolen");
+    let refused = s
+        .commit(pipeline, &[at(20, a.epoch)])
+        .await
+        .expect_err("contract: the loser's checkpoint MUST be refused once the lease is taken");
+    assert_eq!(refused.kind(), ErrorKind::Fenced);
+    s.commit(pipeline, &[at(15, b.epoch)])
+        .await
+        .expect("the new owner commits");
+    let stored = load_one(&*s, pipeline, shard.as_str())
+        .await
+        .expect("stored");
+    assert_eq!(
+        (stored.position, stored.fence),
+        (Position::from(15u64), Some(b.epoch))
+    );
+}
+
 /// Runs every store conformance check.
 pub async fn run_all<H: StoreHarness>(h: &H) {
+    lease_take_renew_release(h).await;
+    lease_expiry_and_stealing(h).await;
+    finished_leases_stay_finished(h).await;
+    lease_race_has_one_winner(h).await;
+    lease_fences_checkpoints(h).await;
     checkpoints_are_durable(h).await;
     checkpoints_are_monotonic(h).await;
     stale_fence_is_refused(h).await;
