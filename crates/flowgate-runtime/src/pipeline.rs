@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flowgate_core::{
-    Assignment, Checkpoint, CheckpointStore, Credits, DedupStore, Error, LagSample, LagUnit,
-    PartitionId, Position, Record, Revocation, Sink, Source, SourceCapabilities, SourceContext,
-    SourceEvent, StartPosition,
+    Assignment, Checkpoint, CheckpointStore, Credits, DedupStore, Error, ErrorKind, LagSample,
+    LagUnit, PartitionId, Position, Record, Revocation, Sink, Source, SourceCapabilities,
+    SourceContext, SourceEvent, StartPosition,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -1175,7 +1175,18 @@ impl State {
                         store.commit(&pipeline, &cps)
                     })
                     .await;
-                    (cps, res, started)
+                    match res {
+                        Err(e) if e.kind() == ErrorKind::Fenced && cps.len() > 1 => {
+                            let (written, res) =
+                                commit_apart(&*store, &pipeline, &retry, cps).await;
+                            (written, res, started)
+                        }
+                        Err(e) if e.kind() == ErrorKind::Fenced => {
+                            warn_refused(&pipeline, &cps, &e);
+                            (Vec::new(), Ok(()), started)
+                        }
+                        res => (cps, res, started),
+                    }
                 }))
             }
             None => {
@@ -1329,4 +1340,35 @@ impl State {
 /// A position helper for sources that resume "after" a position.
 pub fn resume_after(start: &StartPosition) -> Option<Position> {
     start.after.as_ref().map(Position::successor)
+}
+
+/// After a fenced commit: commits each checkpoint on its own, so that a partition another
+/// worker took over (a stolen lease, a newer group generation) does not stop the progress of
+/// the others. The refused ones are dropped with a warning: the source revokes those
+/// partitions as lost, and their records are redelivered to the new owner.
+async fn commit_apart(
+    store: &dyn CheckpointStore,
+    pipeline: &str,
+    retry: &crate::settings::RetrySettings,
+    cps: Vec<Checkpoint>,
+) -> (Vec<Checkpoint>, Result<(), Error>) {
+    let mut written = Vec::with_capacity(cps.len());
+    for cp in cps {
+        let one = std::slice::from_ref(&cp);
+        match worker::retry_temporary(retry, "checkpoint commit", || store.commit(pipeline, one))
+            .await
+        {
+            Ok(()) => written.push(cp),
+            Err(e) if e.kind() == ErrorKind::Fenced => warn_refused(pipeline, one, &e),
+            Err(e) => return (written, Err(e)),
+        }
+    }
+    (written, Ok(()))
+}
+
+fn warn_refused(pipeline: &str, cps: &[Checkpoint], e: &Error) {
+    for cp in cps {
+        tracing::warn!(pipeline = %pipeline, partition = %cp.partition, error = %e,
+            "checkpoint refused: another owner holds this partition; its progress here is dropped");
+    }
 }
