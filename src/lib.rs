@@ -10,6 +10,7 @@
 //! - [`checkpoint`]: the stores (in-memory; embedded redb with feature `embedded-store`);
 //! - `kafka` (feature `kafka`): the Apache Kafka source and sink;
 //! - `rabbitmq` (feature `rabbitmq`): the RabbitMQ source and sink.
+//! - `kinesis` (feature `kinesis`): the Kinesis Data Streams source and sink.
 //!
 //! ```no_run
 //! use flowgate::runtime::adapters::{GeneratorConfig, GeneratorSource, NullSink};
@@ -41,6 +42,10 @@ pub use flowgate_kafka as kafka;
 /// RabbitMQ source and sink (feature `rabbitmq`).
 #[cfg(feature = "rabbitmq")]
 pub use flowgate_rabbitmq as rabbitmq;
+
+/// Kinesis Data Streams source and sink (feature `kinesis`).
+#[cfg(feature = "kinesis")]
+pub use flowgate_kinesis as kinesis;
 
 pub use flowgate_core::{Error, ErrorKind, PartitionId, Position, Record};
 pub use flowgate_runtime::{Pipeline, RuntimeSettings, Shutdown};

@@ -1,0 +1,26 @@
+//! # flowgate-kinesis
+//!
+//! AWS Kinesis Data Streams for flowgate, on aws-sdk-kinesis:
+//!
+//! - [`KinesisSource`]: shard leases kept in a [`LeaseStore`](flowgate_core::LeaseStore)
+//!   (the pipeline's checkpoint store, shared by every worker), so several workers split a
+//!   stream's shards, take over a crashed worker's shards after the lease expiry and balance
+//!   gradually; a worker that lost a lease cannot checkpoint that shard any more. One reader
+//!   per owned shard, paced within the shard limits (5 calls/s, 2 MB/s) and by the runtime's
+//!   credit; resharding handled parent-before-child (a child starts only after all its
+//!   parents were read to their end and committed). `MillisBehindLatest` is the lag.
+//! - [`KinesisSink`]: `PutRecords` within the API limits (500 records, 5 MiB per call,
+//!   1 MiB per record); only failed entries are retried; a record over 1 MiB is poison.
+//!
+//! KPL-aggregated records are **not** de-aggregated: each Kinesis record is one flowgate
+//! record. The guide is `docs/brokers/kinesis.md`.
+
+mod client;
+mod config;
+mod error;
+mod sink;
+mod source;
+
+pub use config::{KinesisConnection, KinesisSinkConfig, KinesisSourceConfig, StartAt};
+pub use sink::{KinesisSink, MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES};
+pub use source::{KinesisSource, KinesisStats, ShardStats};
