@@ -71,7 +71,11 @@ pub(crate) enum SourceConfig {
     /// Apache Kafka (feature `kafka`, not compiled in).
     #[cfg(not(feature = "kafka"))]
     Kafka(NotCompiled),
-    /// AWS Kinesis Data Streams (feature `kinesis`).
+    /// AWS Kinesis Data Streams.
+    #[cfg(feature = "kinesis")]
+    Kinesis(flowgate_kinesis::KinesisSourceConfig),
+    /// AWS Kinesis Data Streams (feature `kinesis`, not compiled in).
+    #[cfg(not(feature = "kinesis"))]
     Kinesis(NotCompiled),
     /// RabbitMQ.
     #[cfg(feature = "rabbitmq")]
@@ -84,6 +88,10 @@ pub(crate) enum SourceConfig {
 /// Settings of an adapter this binary was built without; accepted by the parser so that the
 /// error can name the missing Cargo feature.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[cfg_attr(
+    all(feature = "kafka", feature = "rabbitmq", feature = "kinesis"),
+    allow(dead_code)
+)]
 pub(crate) struct NotCompiled {}
 
 /// Sinks by type.
@@ -122,7 +130,11 @@ pub(crate) enum SinkConfig {
     /// Apache Kafka (feature `kafka`, not compiled in).
     #[cfg(not(feature = "kafka"))]
     Kafka(NotCompiled),
-    /// AWS Kinesis Data Streams (feature `kinesis`).
+    /// AWS Kinesis Data Streams.
+    #[cfg(feature = "kinesis")]
+    Kinesis(flowgate_kinesis::KinesisSinkConfig),
+    /// AWS Kinesis Data Streams (feature `kinesis`, not compiled in).
+    #[cfg(not(feature = "kinesis"))]
     Kinesis(NotCompiled),
     /// RabbitMQ.
     #[cfg(feature = "rabbitmq")]
@@ -195,6 +207,10 @@ impl DedupConfig {
 }
 
 /// The error for an adapter this binary was built without.
+#[cfg_attr(
+    all(feature = "kafka", feature = "rabbitmq", feature = "kinesis"),
+    allow(dead_code)
+)]
 pub(crate) fn missing_feature(kind: &str) -> Error {
     let hint = if kind == "kafka" {
         "build the flowgate CLI with `--features kafka` (on by default)".to_string()

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use flowgate_checkpoint::{EmbeddedStore, MemoryStore};
-use flowgate_core::{CheckpointStore, DedupStore, Error, ErrorKind, PartitionId, Sink, Source};
+use flowgate_core::{
+    CheckpointStore, DedupStore, Error, ErrorKind, LeaseStore, PartitionId, Sink, Source,
+};
 use flowgate_runtime::adapters::{
     FaultConfig, FaultInjectingSink, GeneratorConfig, GeneratorSource, JsonLinesConfig,
     JsonLinesSink, NullSink, Spike,
@@ -129,6 +131,9 @@ async fn run_file(path: &Path, status: bool, duration: Option<Duration>) -> Resu
 struct Stores {
     checkpoint: Option<Arc<dyn CheckpointStore>>,
     dedup: Option<Arc<dyn DedupStore>>,
+    /// The same store's leases (Kinesis shards), fencing its own checkpoints.
+    #[cfg_attr(not(feature = "kinesis"), allow(dead_code))]
+    leases: Option<Arc<dyn LeaseStore>>,
     embedded: Option<EmbeddedStore>,
 }
 
@@ -139,6 +144,7 @@ async fn open_store(cfg: &StoreConfig) -> Result<Stores, Error> {
             Stores {
                 checkpoint: Some(Arc::new(s.clone())),
                 dedup: Some(Arc::new(s.clone())),
+                leases: Some(Arc::new(s.clone())),
                 embedded: Some(s),
             }
         }
@@ -146,7 +152,8 @@ async fn open_store(cfg: &StoreConfig) -> Result<Stores, Error> {
             let s = flowgate_checkpoint::PostgresStore::connect(c.clone()).await?;
             Stores {
                 checkpoint: Some(s.clone()),
-                dedup: Some(s),
+                dedup: Some(s.clone()),
+                leases: Some(s),
                 embedded: None,
             }
         }
@@ -154,7 +161,8 @@ async fn open_store(cfg: &StoreConfig) -> Result<Stores, Error> {
             let s = flowgate_checkpoint::RedisStore::connect(c.clone()).await?;
             Stores {
                 checkpoint: Some(s.clone()),
-                dedup: Some(s),
+                dedup: Some(s.clone()),
+                leases: Some(s),
                 embedded: None,
             }
         }
@@ -162,13 +170,15 @@ async fn open_store(cfg: &StoreConfig) -> Result<Stores, Error> {
             let s = Arc::new(MemoryStore::new());
             Stores {
                 checkpoint: Some(s.clone()),
-                dedup: Some(s),
+                dedup: Some(s.clone()),
+                leases: Some(s),
                 embedded: None,
             }
         }
         StoreConfig::None => Stores {
             checkpoint: None,
             dedup: None,
+            leases: None,
             embedded: None,
         },
     })
@@ -205,6 +215,12 @@ async fn make_sink(cfg: &SinkConfig, stores: &Stores, key: &str) -> Result<Box<d
         SinkConfig::Kafka(_) => {
             return Err(config::missing_feature("kafka").with_context("key", format!("{key}.type")));
         }
+        #[cfg(feature = "kinesis")]
+        SinkConfig::Kinesis(k) => (
+            Box::new(flowgate_kinesis::KinesisSink::connect(k.clone()).await?),
+            &None,
+        ),
+        #[cfg(not(feature = "kinesis"))]
         SinkConfig::Kinesis(_) => {
             return Err(
                 config::missing_feature("kinesis").with_context("key", format!("{key}.type"))
@@ -233,6 +249,7 @@ async fn build(cfg: &PipelineConfig) -> Result<(Pipeline, Stores), Error> {
     // transactions (exactly-once).
     #[cfg(feature = "kafka")]
     let mut bridge: Option<Box<dyn Sink>> = None;
+    let stores = open_store(&cfg.store).await?;
     let source: Box<dyn Source> = match &cfg.source {
         SourceConfig::Generator(g) => Box::new(GeneratorSource::new(g.clone())?),
         #[cfg(feature = "kafka")]
@@ -251,6 +268,17 @@ async fn build(cfg: &PipelineConfig) -> Result<(Pipeline, Stores), Error> {
         SourceConfig::Kafka(_) => {
             return Err(config::missing_feature("kafka").with_context("key", "source.type"));
         }
+        #[cfg(feature = "kinesis")]
+        SourceConfig::Kinesis(k) => {
+            // Leases live in the pipeline's store, so a worker that lost a shard cannot
+            // checkpoint it; without a store, one worker owns every shard (in memory).
+            let leases: Arc<dyn LeaseStore> = match &stores.leases {
+                Some(l) => l.clone(),
+                None => Arc::new(MemoryStore::new()),
+            };
+            Box::new(flowgate_kinesis::KinesisSource::new(k.clone(), leases)?)
+        }
+        #[cfg(not(feature = "kinesis"))]
         SourceConfig::Kinesis(_) => {
             return Err(config::missing_feature("kinesis").with_context("key", "source.type"));
         }
@@ -261,7 +289,6 @@ async fn build(cfg: &PipelineConfig) -> Result<(Pipeline, Stores), Error> {
             return Err(config::missing_feature("rabbitmq").with_context("key", "source.type"));
         }
     };
-    let stores = open_store(&cfg.store).await?;
     #[cfg(feature = "kafka")]
     let sink = match bridge {
         Some(sink) => sink,
