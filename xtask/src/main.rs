@@ -165,6 +165,8 @@ fn test() -> Result<(), String> {
             "kafka_crash",
             "--test",
             "rabbitmq_crash",
+            "--test",
+            "postgres_crash",
         ]);
         cli.envs(env);
         run("cargo test (CLI against real brokers)", &mut cli)

@@ -115,11 +115,15 @@ pub(crate) enum SinkConfig {
         #[serde(default)]
         faults: Option<FaultConfig>,
     },
-    /// Rows in a table of the embedded store, committed with the dedup marks and checkpoints
-    /// in one transaction (exactly-once). Needs `store.type = "embedded"` and `dedup`.
+    /// Rows in a table of the pipeline's store (embedded or PostgreSQL), committed with the
+    /// dedup marks in one transaction (exactly-once). Needs `dedup`.
     Table {
         /// Table name.
         table: String,
+        /// `insert` (one row per record, the default) or `upsert` (one row per record key;
+        /// PostgreSQL store only).
+        #[serde(default)]
+        mode: flowgate_checkpoint::TableMode,
         /// Optional fault injection.
         #[serde(default)]
         faults: Option<FaultConfig>,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use flowgate_checkpoint::{EmbeddedStore, MemoryStore};
+use flowgate_checkpoint::{EmbeddedStore, MemoryStore, PostgresStore, TableMode};
 use flowgate_core::{
     CheckpointStore, DedupStore, Error, ErrorKind, LeaseStore, PartitionId, Sink, Source,
 };
@@ -135,6 +135,7 @@ struct Stores {
     #[cfg_attr(not(feature = "kinesis"), allow(dead_code))]
     leases: Option<Arc<dyn LeaseStore>>,
     embedded: Option<EmbeddedStore>,
+    postgres: Option<Arc<PostgresStore>>,
 }
 
 async fn open_store(cfg: &StoreConfig) -> Result<Stores, Error> {
@@ -146,15 +147,17 @@ async fn open_store(cfg: &StoreConfig) -> Result<Stores, Error> {
                 dedup: Some(Arc::new(s.clone())),
                 leases: Some(Arc::new(s.clone())),
                 embedded: Some(s),
+                postgres: None,
             }
         }
         StoreConfig::Postgres(c) => {
-            let s = flowgate_checkpoint::PostgresStore::connect(c.clone()).await?;
+            let s = PostgresStore::connect(c.clone()).await?;
             Stores {
                 checkpoint: Some(s.clone()),
                 dedup: Some(s.clone()),
-                leases: Some(s),
+                leases: Some(s.clone()),
                 embedded: None,
+                postgres: Some(s),
             }
         }
         StoreConfig::Redis(c) => {
@@ -164,6 +167,7 @@ async fn open_store(cfg: &StoreConfig) -> Result<Stores, Error> {
                 dedup: Some(s.clone()),
                 leases: Some(s),
                 embedded: None,
+                postgres: None,
             }
         }
         StoreConfig::Memory => {
@@ -173,6 +177,7 @@ async fn open_store(cfg: &StoreConfig) -> Result<Stores, Error> {
                 dedup: Some(s.clone()),
                 leases: Some(s),
                 embedded: None,
+                postgres: None,
             }
         }
         StoreConfig::None => Stores {
@@ -180,11 +185,17 @@ async fn open_store(cfg: &StoreConfig) -> Result<Stores, Error> {
             dedup: None,
             leases: None,
             embedded: None,
+            postgres: None,
         },
     })
 }
 
-async fn make_sink(cfg: &SinkConfig, stores: &Stores, key: &str) -> Result<Box<dyn Sink>, Error> {
+async fn make_sink(
+    cfg: &SinkConfig,
+    stores: &Stores,
+    pipeline: &str,
+    key: &str,
+) -> Result<Box<dyn Sink>, Error> {
     let (sink, faults): (Box<dyn Sink>, &Option<FaultConfig>) = match cfg {
         SinkConfig::Null { faults } => (Box::new(NullSink::default()), faults),
         SinkConfig::Jsonl {
@@ -201,13 +212,29 @@ async fn make_sink(cfg: &SinkConfig, stores: &Stores, key: &str) -> Result<Box<d
             ),
             faults,
         ),
-        SinkConfig::Table { table, faults } => {
-            let store = stores.embedded.as_ref().ok_or_else(|| {
-                Error::config("a `table` sink needs the embedded store")
+        SinkConfig::Table {
+            table,
+            mode,
+            faults,
+        } => {
+            let sink: Box<dyn Sink> = match (&stores.embedded, &stores.postgres) {
+                (Some(store), _) if *mode == TableMode::Insert => Box::new(store.table_sink(table)),
+                (_, Some(store)) => Box::new(store.table_sink(pipeline, table, *mode).await?),
+                (Some(_), None) => {
+                    return Err(
+                        Error::config("mode = \"upsert\" needs the PostgreSQL store")
+                            .with_context("key", format!("{key}.mode")),
+                    );
+                }
+                (None, None) => {
+                    return Err(Error::config(
+                        "a `table` sink needs the embedded or PostgreSQL store",
+                    )
                     .with_context("key", format!("{key}.type"))
-                    .with_hint("set store.type = \"embedded\"")
-            })?;
-            (Box::new(store.table_sink(table)), faults)
+                    .with_hint("set store.type = \"embedded\" or \"postgres\""));
+                }
+            };
+            (sink, faults)
         }
         #[cfg(feature = "kafka")]
         SinkConfig::Kafka(k) => (Box::new(flowgate_kafka::KafkaSink::new(k.clone())?), &None),
@@ -292,16 +319,16 @@ async fn build(cfg: &PipelineConfig) -> Result<(Pipeline, Stores), Error> {
     #[cfg(feature = "kafka")]
     let sink = match bridge {
         Some(sink) => sink,
-        None => make_sink(&cfg.sink, &stores, "sink").await?,
+        None => make_sink(&cfg.sink, &stores, &cfg.name, "sink").await?,
     };
     #[cfg(not(feature = "kafka"))]
-    let sink = make_sink(&cfg.sink, &stores, "sink").await?;
+    let sink = make_sink(&cfg.sink, &stores, &cfg.name, "sink").await?;
     let mut b = Pipeline::builder(cfg.name.clone())
         .source(source)
         .sink(sink)
         .settings(cfg.runtime.clone());
     if let Some(dl) = &cfg.dead_letter {
-        b = b.dead_letter(make_sink(dl, &stores, "dead_letter").await?);
+        b = b.dead_letter(make_sink(dl, &stores, &cfg.name, "dead_letter").await?);
     }
     if let Some(store) = &stores.checkpoint {
         b = b.checkpoint_store(store.clone());
