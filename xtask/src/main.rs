@@ -709,7 +709,11 @@ fn interleaved(
                 .nth(3)
                 .and_then(|r| r.parse().ok())
                 .ok_or(format!("bad output {out:?}"))?;
-            eprintln!("    round {round} {mode:<20} {rate:>12.0} per second");
+            let extra: Vec<&str> = out.split_whitespace().skip(4).collect();
+            eprintln!(
+                "    round {round} {mode:<20} {rate:>12.0} per second {}",
+                extra.join(" ")
+            );
             rates[i].push(rate);
         }
     }
