@@ -167,6 +167,8 @@ fn test() -> Result<(), String> {
             "rabbitmq_crash",
             "--test",
             "postgres_crash",
+            "--test",
+            "kinesis_workers",
         ]);
         cli.envs(env);
         run("cargo test (CLI against real brokers)", &mut cli)
