@@ -92,10 +92,20 @@ impl Broker {
                 "FLOWGATE_TEST_KINESIS_ENDPOINT",
                 format!("http://127.0.0.1:{KINESIS_PORT}"),
             )],
-            Broker::Postgres => vec![v(
-                "FLOWGATE_TEST_POSTGRES_URL",
-                format!("postgres://flowgate@127.0.0.1:{POSTGRES_PORT}/flowgate"),
-            )],
+            Broker::Postgres => vec![
+                v(
+                    "FLOWGATE_TEST_POSTGRES_URL",
+                    format!("postgres://flowgate@127.0.0.1:{POSTGRES_PORT}/flowgate"),
+                ),
+                v(
+                    "FLOWGATE_TEST_POSTGRES_CA",
+                    rig.state_dir(Broker::Postgres)
+                        .join("tls")
+                        .join("ca.pem")
+                        .display()
+                        .to_string(),
+                ),
+            ],
             Broker::Redis => vec![v(
                 "FLOWGATE_TEST_REDIS_URL",
                 format!("redis://127.0.0.1:{REDIS_PORT}"),
@@ -467,6 +477,8 @@ impl Rig {
         let data = dir.join("data");
         let sock = dir.join("sock");
         fs::create_dir_all(&sock).map_err(|e| format!("cannot create {}: {e}", sock.display()))?;
+        let tls = dir.join("tls");
+        make_tls_certificates(&tls)?;
         if is_root() {
             // PostgreSQL refuses to run as root: hand its directory to the `postgres` user.
             run_quiet(
@@ -494,7 +506,15 @@ impl Rig {
             .arg(&data)
             .args(["-h", "127.0.0.1", "-p", &POSTGRES_PORT.to_string(), "-k"])
             .arg(&sock)
-            .args(["-c", "max_connections=200", "-c", "shared_buffers=64MB"]);
+            .args(["-c", "max_connections=200", "-c", "shared_buffers=64MB"])
+            // TLS on the same port (clients choose; the store tests connect both ways).
+            .args(["-c", "ssl=on", "-c"])
+            .arg(format!(
+                "ssl_cert_file={}",
+                tls.join("server.pem").display()
+            ))
+            .arg("-c")
+            .arg(format!("ssl_key_file={}", tls.join("server.key").display()));
         self.spawn(Broker::Postgres, "pid", &mut cmd, &dir.join("postgres.log"))?;
         wait_until("postgres", Duration::from_secs(60), || {
             Ok(psql("select 1").is_ok())
@@ -871,6 +891,81 @@ fn psql_db(db: &str, sql: &str) -> Res<String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ))
     }
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it (`ca.pem`, `server.pem`,
+/// `server.key`), made once with `openssl`.
+fn make_tls_certificates(dir: &Path) -> Res {
+    if dir.join("server.pem").exists() && dir.join("ca.pem").exists() {
+        return Ok(());
+    }
+    need_command("openssl", &["openssl"])?;
+    fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let ext = dir.join("san.ext");
+    fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        .map_err(|e| format!("cannot write {}: {e}", ext.display()))?;
+    let openssl = |args: &[&str], what: &str| {
+        run_quiet(Command::new("openssl").args(args).current_dir(dir), what)
+    };
+    openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "3650",
+            "-subj",
+            "/CN=flowgate rig CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+        "openssl: the rig's CA",
+    )?;
+    openssl(
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+        "openssl: the server key",
+    )?;
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.pem",
+        ],
+        "openssl: the server certificate",
+    )?;
+    // PostgreSQL refuses a key others can read.
+    fs::set_permissions(
+        dir.join("server.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .map_err(|e| format!("chmod server.key: {e}"))
 }
 
 fn run_quiet(cmd: &mut Command, what: &str) -> Res {

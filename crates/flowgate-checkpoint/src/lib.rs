@@ -28,7 +28,7 @@ pub mod rules;
 pub use embedded::{EmbeddedStore, TableSink};
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
-pub use postgres::{PostgresConfig, PostgresStore, PostgresTableSink, TableMode};
+pub use postgres::{PostgresConfig, PostgresStore, PostgresTableSink, PostgresTls, TableMode};
 #[cfg(feature = "redis")]
 pub use redis_store::{RedisConfig, RedisStore};
 

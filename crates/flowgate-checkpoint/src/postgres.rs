@@ -49,6 +49,18 @@ pub struct PostgresConfig {
     /// How long an operation keeps retrying a lost connection before failing. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub give_up_after: Duration,
+    /// TLS to the server; `None` (the default) connects in plain text.
+    pub tls: Option<PostgresTls>,
+}
+
+/// TLS settings of the [`PostgresStore`]: the connection is encrypted and the server's
+/// certificate verified (its name or IP must match the url's host), or it fails.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresTls {
+    /// PEM file of the CA that signed the server's certificate. Default: the system's trusted
+    /// roots.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for PostgresConfig {
@@ -58,6 +70,7 @@ impl Default for PostgresConfig {
             schema: "flowgate".into(),
             pool_size: 4,
             give_up_after: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -69,6 +82,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("schema", &self.schema)
             .field("pool_size", &self.pool_size)
             .field("give_up_after", &self.give_up_after)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -94,12 +108,29 @@ impl From<Error> for Fail {
 /// Connection-level failures and serialization conflicts are worth another try.
 fn retryable(e: &tokio_postgres::Error) -> bool {
     match e.code() {
-        None => true,
+        // A certificate the configured CA did not sign does not fix itself.
+        None => !is_tls_failure(e),
         Some(code) => {
             let c = code.code();
             c.starts_with("08") || c.starts_with("57P") || c == "40001" || c == "40P01"
         }
     }
+}
+
+fn is_tls_failure(e: &tokio_postgres::Error) -> bool {
+    e.to_string().contains("TLS")
+}
+
+/// The error and its causes, one after the other.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
 }
 
 /// Runs `$body` (an async block using the connected `$c: &mut Client`) with retries: a lost
@@ -144,6 +175,7 @@ macro_rules! retry {
 /// the module docs.
 pub struct PostgresStore {
     cfg: PostgresConfig,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     pool: Vec<Mutex<Option<Client>>>,
     next: AtomicUsize,
     marks: AtomicU64,
@@ -169,7 +201,9 @@ impl PostgresStore {
                     .with_context("key", "store.pool_size"),
             );
         }
+        let tls = cfg.tls.as_ref().map(tls_connector).transpose()?;
         let store = PostgresStore {
+            tls,
             pool: (0..cfg.pool_size).map(|_| Mutex::new(None)).collect(),
             cfg,
             next: AtomicUsize::new(0),
@@ -189,12 +223,28 @@ impl PostgresStore {
     }
 
     async fn open_client(&self) -> Result<Client, Fail> {
-        let (client, conn) = tokio_postgres::connect(&self.cfg.url, NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "postgres connection ended");
+        let client = match &self.tls {
+            None => {
+                let (client, conn) = tokio_postgres::connect(&self.cfg.url, NoTls).await?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "postgres connection ended");
+                    }
+                });
+                client
             }
-        });
+            Some(tls) => {
+                let mut config: tokio_postgres::Config = self.cfg.url.parse()?;
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                let (client, conn) = config.connect(tls.clone()).await?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "postgres connection ended");
+                    }
+                });
+                client
+            }
+        };
         client
             .batch_execute(&format!("SET search_path TO {}", self.cfg.schema))
             .await?;
@@ -216,6 +266,12 @@ impl PostgresStore {
         match e {
             Fail::Flow(e) => e,
             Fail::Pg(e) => {
+                if is_tls_failure(&e) {
+                    return Error::config(format!("postgres store: {what} failed: TLS"))
+                        .with_context("store", self.describe_url())
+                        .with_context("cause", chain(&e))
+                        .with_hint("the server's certificate must be signed by store.tls.ca_file (or a system root) and name the url's host");
+                }
                 let kind = if e
                     .code()
                     .is_some_and(|c| c.code().starts_with("28") || c.code().starts_with("3D"))
@@ -228,7 +284,7 @@ impl PostgresStore {
                 };
                 Error::new(kind, format!("postgres store: {what} failed"))
                     .with_context("store", self.describe_url())
-                    .with_source(e)
+                    .with_context("cause", chain(&e))
                     .with_hint("check that PostgreSQL runs, the url (user, password, database) and the permissions")
             }
         }
@@ -327,6 +383,53 @@ impl PostgresStore {
         )
         .await
     }
+}
+
+/// The rustls connector: the CA of `ca_file`, or the system's roots; ring as the crypto
+/// provider (explicitly, whatever else the process links).
+fn tls_connector(t: &PostgresTls) -> Result<tokio_postgres_rustls::MakeRustlsConnect, Error> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match &t.ca_file {
+        Some(path) => {
+            let bad = |e: &dyn std::fmt::Display| {
+                Error::config("postgres store: the CA file cannot be read")
+                    .with_context("key", "store.tls.ca_file")
+                    .with_context("path", path.display())
+                    .with_context("cause", e)
+            };
+            for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))? {
+                roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+            }
+            if roots.is_empty() {
+                return Err(bad(&"no certificate in it"));
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            for cert in native.certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err(Error::config(
+                    "postgres store: no trusted root certificates on this system",
+                )
+                .with_context("key", "store.tls.ca_file")
+                .with_hint(
+                    "set store.tls.ca_file to the CA that signed the server's certificate",
+                ));
+            }
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| Error::fatal("postgres store: TLS setup failed").with_source(e))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 fn ms(ttl: Duration) -> f64 {

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use flowgate_checkpoint::{
-    PostgresConfig, PostgresStore, PostgresTableSink, RedisConfig, RedisStore, TableMode,
+    PostgresConfig, PostgresStore, PostgresTableSink, PostgresTls, RedisConfig, RedisStore,
+    TableMode,
 };
 use flowgate_core::testkit::sink::SinkHarness;
 use flowgate_core::testkit::store::StoreHarness;
@@ -332,4 +333,69 @@ async fn postgres_table_sink_upserts_by_key() {
         Err(WriteError::Partial(e)) => assert_eq!(e[0].1.kind(), ErrorKind::Poison),
         other => panic!("a keyless record must be poison in upsert mode: {other:?}"),
     }
+}
+
+/// With `tls`, every connection of the store is encrypted and the server verified against the
+/// configured CA; a CA that did not sign the server's certificate is refused with a clear
+/// error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_over_tls_verifies_the_server() {
+    let ca = std::path::PathBuf::from(flowgate_rig_tests::endpoint("FLOWGATE_TEST_POSTGRES_CA"));
+    let app = flowgate_rig_tests::unique("tls").replace('-', "_");
+    let base = pg_config();
+    let cfg = PostgresConfig {
+        url: format!("{}?application_name={app}", base.url),
+        tls: Some(PostgresTls {
+            ca_file: Some(ca.clone()),
+        }),
+        ..base.clone()
+    };
+    let store = PostgresStore::connect(cfg.clone()).await.unwrap();
+    store
+        .commit(
+            "tls",
+            &[Checkpoint::new(PartitionId::new("p"), Position::from(7u64))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.load("tls").await.unwrap().len(), 1);
+    let (client, conn) = tokio_postgres::connect(&base.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let rows = client
+        .query(
+            "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+             WHERE a.application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap();
+    assert!(!rows.is_empty(), "the store's connections are visible");
+    assert!(
+        rows.iter().all(|r| r.get::<_, bool>(0)),
+        "every connection of the store uses TLS"
+    );
+
+    // The server's own certificate is not the CA that signed it: verification fails.
+    let wrong = PostgresConfig {
+        tls: Some(PostgresTls {
+            ca_file: Some(ca.with_file_name("server.pem")),
+        }),
+        give_up_after: Duration::from_millis(500),
+        ..cfg
+    };
+    let err = PostgresStore::connect(wrong)
+        .await
+        .err()
+        .expect("an untrusted server must be refused");
+    let text = format!("{err:#}");
+    assert!(
+        text.to_lowercase().contains("certificate") || text.contains("TLS"),
+        "{text}"
+    );
+    eprintln!(
+        "postgres/tls: {} TLS connections; wrong CA refused: {text}",
+        rows.len()
+    );
 }
