@@ -27,6 +27,7 @@ const KINESIS_PORT: u16 = 4568;
 const KINESIS_TLS_PORT: u16 = 4567;
 const POSTGRES_PORT: u16 = 15432;
 const REDIS_PORT: u16 = 16379;
+const REDIS_TLS_PORT: u16 = 16380;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Broker {
@@ -106,10 +107,24 @@ impl Broker {
                         .to_string(),
                 ),
             ],
-            Broker::Redis => vec![v(
-                "FLOWGATE_TEST_REDIS_URL",
-                format!("redis://127.0.0.1:{REDIS_PORT}"),
-            )],
+            Broker::Redis => vec![
+                v(
+                    "FLOWGATE_TEST_REDIS_URL",
+                    format!("redis://127.0.0.1:{REDIS_PORT}"),
+                ),
+                v(
+                    "FLOWGATE_TEST_REDIS_TLS_URL",
+                    format!("rediss://127.0.0.1:{REDIS_TLS_PORT}"),
+                ),
+                v(
+                    "FLOWGATE_TEST_REDIS_CA",
+                    rig.state_dir(Broker::Redis)
+                        .join("tls")
+                        .join("ca.pem")
+                        .display()
+                        .to_string(),
+                ),
+            ],
         }
     }
 
@@ -119,7 +134,7 @@ impl Broker {
             Broker::Rabbitmq => vec![RABBITMQ_PORT, RABBITMQ_MGMT_PORT, RABBITMQ_STREAM_PORT],
             Broker::Kinesis => vec![KINESIS_PORT, KINESIS_TLS_PORT],
             Broker::Postgres => vec![POSTGRES_PORT],
-            Broker::Redis => vec![REDIS_PORT],
+            Broker::Redis => vec![REDIS_PORT, REDIS_TLS_PORT],
         }
     }
 }
@@ -527,6 +542,8 @@ impl Rig {
 
     fn start_redis(&self, dir: &Path) -> Res {
         need_command("redis-server", &["redis-server"])?;
+        let tls = dir.join("tls");
+        make_tls_certificates(&tls)?;
         let mut cmd = Command::new("redis-server");
         cmd.args([
             "--bind",
@@ -545,7 +562,18 @@ impl Rig {
             "no",
             "--protected-mode",
             "yes",
-        ]);
+            // TLS on a second port, with the rig's own CA; no client certificates.
+            "--tls-port",
+            &REDIS_TLS_PORT.to_string(),
+            "--tls-auth-clients",
+            "no",
+            "--tls-cert-file",
+        ])
+        .arg(tls.join("server.pem"))
+        .arg("--tls-key-file")
+        .arg(tls.join("server.key"))
+        .arg("--tls-ca-cert-file")
+        .arg(tls.join("ca.pem"));
         self.spawn(Broker::Redis, "pid", &mut cmd, &dir.join("redis.log"))
     }
 

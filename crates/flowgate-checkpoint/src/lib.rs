@@ -30,7 +30,7 @@ pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresConfig, PostgresStore, PostgresTableSink, PostgresTls, TableMode};
 #[cfg(feature = "redis")]
-pub use redis_store::{RedisConfig, RedisStore};
+pub use redis_store::{RedisConfig, RedisStore, RedisTls};
 
 #[cfg(any(feature = "postgres", feature = "redis"))]
 pub(crate) use flowgate_core::redact_url;

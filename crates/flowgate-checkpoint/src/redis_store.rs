@@ -41,6 +41,17 @@ pub struct RedisConfig {
     /// How long an operation keeps retrying a lost connection before failing. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub give_up_after: Duration,
+    /// TLS settings for a `rediss://` url; `None` with `rediss://` trusts the system's roots.
+    pub tls: Option<RedisTls>,
+}
+
+/// TLS settings of the [`RedisStore`] (with a `rediss://` url): the server's certificate is
+/// verified against `ca_file`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisTls {
+    /// PEM file of the CA that signed the server's certificate. Default: the system's roots.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for RedisConfig {
@@ -49,6 +60,7 @@ impl Default for RedisConfig {
             url: "redis://127.0.0.1:6379".into(),
             prefix: "flowgate".into(),
             give_up_after: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -59,6 +71,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("url", &crate::redact_url(&self.url))
             .field("prefix", &self.prefix)
             .field("give_up_after", &self.give_up_after)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -204,15 +217,51 @@ fn decode(partition: String, value: &str) -> Option<Checkpoint> {
     )
 }
 
+/// The client: plain, or TLS (`rediss://`) with the configured CA. rustls uses ring, installed
+/// as the process default if none is (several crypto providers may be linked in).
+fn client(cfg: &RedisConfig) -> Result<redis::Client, Error> {
+    let bad_url = |e: redis::RedisError| {
+        Error::config("redis store: the url cannot be parsed")
+            .with_context("key", "store.url")
+            .with_context("url", crate::redact_url(&cfg.url))
+            .with_source(e)
+    };
+    let tls = cfg.url.starts_with("rediss://");
+    if tls {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    match (&cfg.tls, tls) {
+        (Some(_), false) => Err(Error::config("redis store: tls needs a rediss:// url")
+            .with_context("key", "store.url")),
+        (
+            Some(RedisTls {
+                ca_file: Some(path),
+            }),
+            true,
+        ) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                Error::config("redis store: the CA file cannot be read")
+                    .with_context("key", "store.tls.ca_file")
+                    .with_context("path", path.display())
+                    .with_source(e)
+            })?;
+            redis::Client::build_with_tls(
+                cfg.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                },
+            )
+            .map_err(bad_url)
+        }
+        _ => redis::Client::open(cfg.url.as_str()).map_err(bad_url),
+    }
+}
+
 impl RedisStore {
     /// Connects (retrying until `give_up_after`).
     pub async fn connect(cfg: RedisConfig) -> Result<Arc<Self>, Error> {
-        let client = redis::Client::open(cfg.url.as_str()).map_err(|e| {
-            Error::config("redis store: the url cannot be parsed")
-                .with_context("key", "store.url")
-                .with_context("url", crate::redact_url(&cfg.url))
-                .with_source(e)
-        })?;
+        let client = client(&cfg)?;
         let deadline = Instant::now() + cfg.give_up_after;
         let mut wait = Duration::from_millis(50);
         // Bounded waits everywhere: the manager's own retries are ours to pace.
@@ -234,6 +283,13 @@ impl RedisStore {
             });
             match attempt {
                 Ok(c) => break c,
+                // A certificate the configured CA did not sign does not fix itself.
+                Err(e) if e.to_string().contains("certificate") => {
+                    return Err(Error::config("redis store: TLS verification failed")
+                        .with_context("url", crate::redact_url(&cfg.url))
+                        .with_source(e)
+                        .with_hint("the server's certificate must be signed by store.tls.ca_file (or a system root) and name the url's host"));
+                }
                 Err(e) if Instant::now() < deadline => {
                     tracing::warn!(error = %e, retry_in = ?wait, "redis store: cannot connect; retrying");
                     tokio::time::sleep(wait).await;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use flowgate_checkpoint::{
     PostgresConfig, PostgresStore, PostgresTableSink, PostgresTls, RedisConfig, RedisStore,
-    TableMode,
+    RedisTls, TableMode,
 };
 use flowgate_core::testkit::sink::SinkHarness;
 use flowgate_core::testkit::store::StoreHarness;
@@ -398,4 +398,42 @@ async fn postgres_store_over_tls_verifies_the_server() {
         "postgres/tls: {} TLS connections; wrong CA refused: {text}",
         rows.len()
     );
+}
+
+/// With a `rediss://` url and the rig's CA, the store works over TLS; a CA that did not sign
+/// the server's certificate is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_over_tls_verifies_the_server() {
+    let ca = std::path::PathBuf::from(flowgate_rig_tests::endpoint("FLOWGATE_TEST_REDIS_CA"));
+    let cfg = RedisConfig {
+        url: flowgate_rig_tests::endpoint("FLOWGATE_TEST_REDIS_TLS_URL"),
+        tls: Some(RedisTls {
+            ca_file: Some(ca.clone()),
+        }),
+        ..redis_config()
+    };
+    let store = RedisStore::connect(cfg.clone()).await.unwrap();
+    store
+        .commit(
+            "tls",
+            &[Checkpoint::new(PartitionId::new("p"), Position::from(7u64))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.load("tls").await.unwrap().len(), 1);
+    let wrong = RedisConfig {
+        tls: Some(RedisTls {
+            ca_file: Some(ca.with_file_name("server.pem")),
+        }),
+        give_up_after: Duration::from_millis(500),
+        ..cfg
+    };
+    let err = RedisStore::connect(wrong)
+        .await
+        .err()
+        .expect("an untrusted server must be refused");
+    let text = err.to_string();
+    assert_eq!(err.kind(), ErrorKind::Config, "{text}");
+    assert!(text.contains("UnknownIssuer"), "the cause is named: {text}");
+    eprintln!("redis/tls: commit and load over TLS; wrong CA refused: {text}");
 }

@@ -36,6 +36,7 @@ async fn redis_restart_mid_write_loses_and_regresses_nothing() {
         url: flowgate_rig_tests::endpoint("FLOWGATE_TEST_REDIS_URL"),
         prefix: flowgate_rig_tests::unique("restart"),
         give_up_after: Duration::from_secs(60),
+        ..Default::default()
     })
     .await
     .unwrap();
