@@ -23,4 +23,6 @@ mod source;
 
 pub use config::{KinesisConnection, KinesisSinkConfig, KinesisSourceConfig, StartAt};
 pub use sink::{KinesisSink, MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES};
-pub use source::{KinesisSource, KinesisStats, ShardStats};
+pub use source::{
+    EXPIRED_ITERATORS, GET_RECORDS_CALLS, KinesisSource, KinesisStats, READ_THROTTLES, ShardStats,
+};

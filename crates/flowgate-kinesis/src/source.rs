@@ -97,6 +97,13 @@ impl Drop for Owned {
     }
 }
 
+/// Counter (labels `stream`, `shard`): `GetRecords` calls.
+pub const GET_RECORDS_CALLS: &str = "flowgate_kinesis_get_records_calls_total";
+/// Counter (labels `stream`, `shard`): reads refused for throttling.
+pub const READ_THROTTLES: &str = "flowgate_kinesis_read_throttles_total";
+/// Counter (labels `stream`, `shard`): shard iterators re-acquired after they expired.
+pub const EXPIRED_ITERATORS: &str = "flowgate_kinesis_expired_iterators_total";
+
 /// What one shard's reader did, for tests and metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ShardStats {
@@ -705,6 +712,7 @@ async fn read_shard(ctx: Arc<Ctx>, shard: PartitionId, after: Option<Position>) 
                     .entry(shard.clone())
                     .or_default()
                     .expired_iterators += 1;
+                count(EXPIRED_ITERATORS, &ctx.cfg.stream, &shard);
                 tracing::info!(shard = %shard, "kinesis: shard iterator expired; re-acquiring it after the last record read");
                 iterator = None;
             }
@@ -715,6 +723,7 @@ async fn read_shard(ctx: Arc<Ctx>, shard: PartitionId, after: Option<Position>) 
                         .entry(shard.clone())
                         .or_default()
                         .throttles += 1;
+                    count(READ_THROTTLES, &ctx.cfg.stream, &shard);
                 }
                 let since = *failing_since.get_or_insert_with(Instant::now);
                 if !e.is_temporary() || since.elapsed() > ctx.cfg.give_up_after {
@@ -729,6 +738,11 @@ async fn read_shard(ctx: Arc<Ctx>, shard: PartitionId, after: Option<Position>) 
             }
         }
     }
+}
+
+fn count(name: &'static str, stream: &str, shard: &PartitionId) {
+    metrics::counter!(name, "stream" => stream.to_string(), "shard" => shard.to_string())
+        .increment(1);
 }
 
 struct Fetched {
@@ -755,6 +769,7 @@ async fn get_records(
         .entry(shard.clone())
         .or_default()
         .call(Instant::now());
+    count(GET_RECORDS_CALLS, &ctx.cfg.stream, shard);
     let out = ctx
         .client
         .get_records()
