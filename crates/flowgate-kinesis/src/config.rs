@@ -166,6 +166,10 @@ pub struct KinesisSinkConfig {
     /// A header whose value, if present, is sent as the explicit hash key (a decimal
     /// 128-bit number choosing the shard directly).
     pub explicit_hash_key_header: Option<String>,
+    /// Keep the order of each partition key even when entries fail: a `PutRecords` call
+    /// carries at most one record per key, and records after a failed one wait for its retry.
+    /// Costs calls when a batch holds many records of few keys. Default `false`.
+    pub ordered_keys: bool,
 }
 
 impl KinesisSinkConfig {

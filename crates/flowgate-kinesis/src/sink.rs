@@ -22,9 +22,10 @@ pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
 /// one, which retries only those and lowers its concurrency on throttling. A record over
 /// 1 MiB is poison.
 ///
-/// Ordering: Kinesis orders a shard by arrival. When an entry fails and a later entry with the
-/// same partition key in the same call succeeds, the retry lands after it; keep one batch in
-/// flight per key (the runtime's per-partition ordering) if that matters.
+/// Ordering: Kinesis orders a shard by arrival. By default a call carries many records of one
+/// partition key, and when one of them fails while a later one succeeds, the retry lands after
+/// it. With `ordered_keys`, a call carries at most one record per key and the records after a
+/// failed one are not sent (the runtime retries them after it), so each key keeps its order.
 pub struct KinesisSink {
     cfg: KinesisSinkConfig,
     client: aws_sdk_kinesis::Client,
@@ -107,6 +108,45 @@ impl KinesisSink {
     }
 }
 
+/// A record to send: its index in the batch, partition key and size.
+#[derive(Debug)]
+struct Planned {
+    index: usize,
+    key: String,
+    size: usize,
+}
+
+/// Takes the records of the next `PutRecords` call out of `pending`, in batch order, within
+/// the call limits; with `ordered_keys`, at most one record per partition key, so that a
+/// failed entry is never overtaken by a later record of its key in the same call.
+fn next_call(pending: &mut Vec<Planned>, ordered_keys: bool) -> Vec<Planned> {
+    let mut call = Vec::new();
+    let mut in_call = std::collections::HashSet::new();
+    let mut deferred = std::collections::HashSet::new();
+    let mut full = false;
+    let mut bytes = 0;
+    let mut rest = Vec::with_capacity(pending.len());
+    for p in pending.drain(..) {
+        full = full || call.len() == MAX_BATCH_RECORDS || bytes + p.size > MAX_BATCH_BYTES;
+        // Once full, everything waits (nothing overtakes); ordered, a key already in the call,
+        // or with an earlier record waiting, waits too.
+        if full || (ordered_keys && (in_call.contains(&p.key) || deferred.contains(&p.key))) {
+            if ordered_keys {
+                deferred.insert(p.key.clone());
+            }
+            rest.push(p);
+            continue;
+        }
+        if ordered_keys {
+            in_call.insert(p.key.clone());
+        }
+        bytes += p.size;
+        call.push(p);
+    }
+    *pending = rest;
+    call
+}
+
 #[async_trait]
 impl Sink for KinesisSink {
     fn capabilities(&self) -> SinkCapabilities {
@@ -117,9 +157,7 @@ impl Sink for KinesisSink {
 
     async fn write(&self, batch: &[Record]) -> Result<(), WriteError> {
         let mut failed: Vec<(usize, Error)> = Vec::new();
-        let mut entries = Vec::new();
-        let mut indexes = Vec::new();
-        let mut bytes = 0;
+        let mut pending: Vec<Planned> = Vec::with_capacity(batch.len());
         for (i, r) in batch.iter().enumerate() {
             let key = self.partition_key(r);
             let size = r.payload.len() + key.len();
@@ -133,36 +171,58 @@ impl Sink for KinesisSink {
                 ));
                 continue;
             }
-            if entries.len() == MAX_BATCH_RECORDS || bytes + size > MAX_BATCH_BYTES {
-                let sent = std::mem::take(&mut entries);
-                let idx = std::mem::take(&mut indexes);
-                self.put(batch, &idx, sent, &mut failed)
-                    .await
-                    .map_err(WriteError::Batch)?;
-                bytes = 0;
-            }
-            let mut entry = PutRecordsRequestEntry::builder()
-                .data(Blob::new(r.payload.to_vec()))
-                .partition_key(key);
-            if let Some(h) = &self.cfg.explicit_hash_key_header {
-                if let Some(v) = r.headers.get(h).and_then(|v| std::str::from_utf8(v).ok()) {
-                    entry = entry.explicit_hash_key(v);
-                }
-            }
-            let entry = entry.build().map_err(|e| {
-                WriteError::Batch(
-                    Error::fatal("kinesis: building a PutRecords entry failed")
-                        .with_context("cause", e),
-                )
-            })?;
-            entries.push(entry);
-            indexes.push(i);
-            bytes += size;
+            pending.push(Planned {
+                index: i,
+                key,
+                size,
+            });
         }
-        if !entries.is_empty() {
+        while !pending.is_empty() {
+            let call = next_call(&mut pending, self.cfg.ordered_keys);
+            let mut entries = Vec::with_capacity(call.len());
+            for p in &call {
+                let r = &batch[p.index];
+                let mut entry = PutRecordsRequestEntry::builder()
+                    .data(Blob::new(r.payload.to_vec()))
+                    .partition_key(p.key.clone());
+                if let Some(h) = &self.cfg.explicit_hash_key_header {
+                    if let Some(v) = r.headers.get(h).and_then(|v| std::str::from_utf8(v).ok()) {
+                        entry = entry.explicit_hash_key(v);
+                    }
+                }
+                entries.push(entry.build().map_err(|e| {
+                    WriteError::Batch(
+                        Error::fatal("kinesis: building a PutRecords entry failed")
+                            .with_context("cause", e),
+                    )
+                })?);
+            }
+            let indexes: Vec<usize> = call.iter().map(|p| p.index).collect();
+            let before = failed.len();
             self.put(batch, &indexes, entries, &mut failed)
                 .await
                 .map_err(WriteError::Batch)?;
+            if self.cfg.ordered_keys && failed.len() > before {
+                // Later records of a key whose entry failed are not sent: the runtime retries
+                // them after it, in order.
+                let keys: std::collections::HashSet<&str> = failed[before..]
+                    .iter()
+                    .filter_map(|(i, _)| call.iter().find(|p| p.index == *i))
+                    .map(|p| p.key.as_str())
+                    .collect();
+                let (held, rest): (Vec<Planned>, Vec<Planned>) = pending
+                    .into_iter()
+                    .partition(|p| keys.contains(p.key.as_str()));
+                pending = rest;
+                for p in held {
+                    failed.push((
+                        p.index,
+                        Error::transient(
+                            "kinesis: not sent; an earlier record of its partition key failed",
+                        ),
+                    ));
+                }
+            }
         }
         if failed.is_empty() {
             Ok(())
@@ -178,5 +238,55 @@ impl Sink for KinesisSink {
 
     async fn close(&self) -> Result<(), Error> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn planned(keys: &[&str]) -> Vec<Planned> {
+        keys.iter()
+            .enumerate()
+            .map(|(index, k)| Planned {
+                index,
+                key: k.to_string(),
+                size: 10,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn unordered_calls_fill_up_to_the_limits() {
+        let mut p = planned(&["a"; 1_200]);
+        let sizes: Vec<usize> =
+            std::iter::from_fn(|| (!p.is_empty()).then(|| next_call(&mut p, false).len()))
+                .collect();
+        assert_eq!(sizes, vec![500, 500, 200]);
+    }
+
+    #[test]
+    fn a_record_that_does_not_fit_is_not_overtaken() {
+        let mut p = planned(&["a", "b", "c"]);
+        p[1].size = MAX_BATCH_BYTES;
+        let first: Vec<usize> = next_call(&mut p, false).iter().map(|x| x.index).collect();
+        assert_eq!(first, vec![0], "c must not overtake b");
+        let second: Vec<usize> = next_call(&mut p, false).iter().map(|x| x.index).collect();
+        assert_eq!(second, vec![1]);
+    }
+
+    #[test]
+    fn ordered_calls_carry_one_record_per_key_in_batch_order() {
+        let mut p = planned(&["a", "a", "b", "a", "c", "b"]);
+        let mut calls = Vec::new();
+        while !p.is_empty() {
+            calls.push(
+                next_call(&mut p, true)
+                    .iter()
+                    .map(|x| x.index)
+                    .collect::<Vec<_>>(),
+            );
+        }
+        assert_eq!(calls, vec![vec![0, 2, 4], vec![1, 5], vec![3]]);
     }
 }

@@ -55,6 +55,7 @@ async fn kinesis_source_conforms() {
 
 struct SinkH {
     stream: String,
+    ordered_keys: bool,
 }
 
 #[async_trait]
@@ -64,6 +65,7 @@ impl SinkHarness for SinkH {
         KinesisSink::connect(KinesisSinkConfig {
             stream: self.stream.clone(),
             connection: connection(),
+            ordered_keys: self.ordered_keys,
             ..Default::default()
         })
         .await
@@ -90,7 +92,23 @@ impl SinkHarness for SinkH {
 async fn kinesis_sink_conforms() {
     let stream = unique("conf-sink");
     create_stream(&stream, 1).await;
-    flowgate_core::testkit::sink::run_all(&SinkH { stream }).await;
+    flowgate_core::testkit::sink::run_all(&SinkH {
+        stream,
+        ordered_keys: false,
+    })
+    .await;
+}
+
+/// The same with `ordered_keys` (one record per partition key per call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_sink_conforms_with_ordered_keys() {
+    let stream = unique("conf-sink-ordered");
+    create_stream(&stream, 1).await;
+    flowgate_core::testkit::sink::run_all(&SinkH {
+        stream,
+        ordered_keys: true,
+    })
+    .await;
 }
 
 /// A stream that does not exist is a clear error at open, naming the stream.
