@@ -467,6 +467,9 @@ impl Rig {
             .env("CREATE_STREAM_DURATION", "200ms")
             .env("DELETE_STREAM_DURATION", "200ms")
             .env("UPDATE_SHARD_COUNT_DURATION", "200ms")
+            // Every test makes its own stream and the state persists across runs: the default
+            // account limit (50 open shards) would be reached after a few runs.
+            .env("SHARD_LIMIT", "100000")
             .env("AWS_REGION", "us-east-1")
             .env("LOG_LEVEL", "WARN");
         self.spawn(Broker::Kinesis, "pid", &mut cmd, &dir.join("stdout.log"))

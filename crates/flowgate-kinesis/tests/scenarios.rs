@@ -44,8 +44,9 @@ async fn wait_for(sinks: &[&MemorySink], want: usize, limit: Duration, what: &st
     }
 }
 
-/// Split one shard and merge two while producing: every record is read exactly once, and no
-/// record of a child shard is processed before the last record of each of its parents.
+/// Split one shard and merge two while a producer keeps writing: every record is read exactly
+/// once, and no record of a child shard is processed before the last record of each of its
+/// parents.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resharding_mid_stream_reads_parents_before_children() {
     let stream = unique("reshard");
@@ -87,6 +88,23 @@ async fn resharding_mid_stream_reads_parents_before_children() {
     )
     .await;
 
+    // A producer keeps writing (keys spread over whatever shards are open) through the split
+    // and the merge.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let live = tokio::spawn({
+        let (k, stream, stop) = (k.clone(), stream.clone(), stop.clone());
+        async move {
+            let mut n = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let payloads: Vec<String> = (n..n + 50).map(|i| format!("live-{i:06}")).collect();
+                put_keyed(&k, &stream, &payloads).await;
+                n += 50;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            n
+        }
+    });
+
     // Split the first shard in the middle of its hash range.
     let open = open_shards(&k, &stream).await;
     let (first, second) = (&open[0], &open[1]);
@@ -118,6 +136,9 @@ async fn resharding_mid_stream_reads_parents_before_children() {
     for (hash, payloads) in phase("c", open_shards(&k, &stream).await) {
         put_to(&k, &stream, &hash, &payloads).await;
     }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let produced_live = live.await.unwrap();
+    let total = total + produced_live;
     wait_for(&[&sink], total, Duration::from_secs(120), "after the merge").await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     trigger.trigger();
@@ -165,7 +186,7 @@ async fn resharding_mid_stream_reads_parents_before_children() {
         "split (2 children) and merge (2 parents) were checked: {checked}"
     );
     eprintln!(
-        "kinesis/reshard: {total} records over {} shards (1 split, 1 merge), each read once; {checked} parent→child orders held",
+        "kinesis/reshard: {total} records ({produced_live} by a producer running through the split and the merge) over {} shards, each read once; {checked} parent→child orders held",
         listed.shards().len()
     );
 }

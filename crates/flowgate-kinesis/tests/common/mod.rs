@@ -195,3 +195,40 @@ pub(crate) async fn read_all(k: &aws_sdk_kinesis::Client, stream: &str) -> Vec<(
     }
     out
 }
+
+/// Puts `payloads`, each with its own partition key (so they spread over the open shards),
+/// retrying failed entries and failed calls (a stream being resharded may refuse a call).
+pub(crate) async fn put_keyed(k: &aws_sdk_kinesis::Client, stream: &str, payloads: &[String]) {
+    let mut pending: Vec<&String> = payloads.iter().collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !pending.is_empty() {
+        assert!(Instant::now() < deadline, "PutRecords kept failing");
+        let entries = pending
+            .iter()
+            .map(|p| {
+                PutRecordsRequestEntry::builder()
+                    .data(Blob::new(p.as_bytes().to_vec()))
+                    .partition_key(p.as_str())
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        match k
+            .put_records()
+            .stream_name(stream)
+            .set_records(Some(entries))
+            .send()
+            .await
+        {
+            Ok(out) => {
+                pending = pending
+                    .into_iter()
+                    .zip(out.records())
+                    .filter(|(_, r)| r.error_code().is_some())
+                    .map(|(p, _)| p)
+                    .collect();
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
