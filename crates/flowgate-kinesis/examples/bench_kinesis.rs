@@ -9,113 +9,42 @@
 //! bench_kinesis consume-flowgate STREAM N  KinesisSource (defaults) -> null sink, until N
 //! ```
 //! Prints `mode records seconds records_per_second throttles=T`. Endpoint:
-//! FLOWGATE_TEST_KINESIS_ENDPOINT.
+//! FLOWGATE_TEST_KINESIS_ENDPOINT (the stream helpers are the tests' own, `tests/common`).
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use aws_sdk_kinesis::primitives::Blob;
-use aws_sdk_kinesis::types::{PutRecordsRequestEntry, ShardIteratorType, StreamStatus};
+use aws_sdk_kinesis::types::ShardIteratorType;
 use flowgate_checkpoint::MemoryStore;
-use flowgate_kinesis::{KinesisConnection, KinesisSource, KinesisSourceConfig};
+use flowgate_kinesis::{KinesisSource, KinesisSourceConfig};
 use flowgate_runtime::adapters::NullSink;
 use flowgate_runtime::{Pipeline, Shutdown};
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{client, connection, create_stream, open_shards, put_to};
 
 const SHARDS: i32 = 4;
 const CALL_INTERVAL: Duration = Duration::from_millis(200);
 
-fn endpoint() -> String {
-    std::env::var("FLOWGATE_TEST_KINESIS_ENDPOINT")
-        .unwrap_or_else(|_| "http://127.0.0.1:4568".into())
-}
-
-fn connection() -> KinesisConnection {
-    KinesisConnection {
-        endpoint_url: Some(endpoint()),
-        region: Some("us-east-1".into()),
-        access_key_id: Some("flowgate".into()),
-        secret_access_key: Some("flowgate".into()),
-        call_timeout: None,
-    }
-}
-
-async fn client() -> aws_sdk_kinesis::Client {
-    let config = aws_config::from_env()
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_kinesis::config::Credentials::new(
-            "flowgate", "flowgate", None, None, "bench",
-        ))
-        .endpoint_url(endpoint())
-        .load()
-        .await;
-    aws_sdk_kinesis::Client::new(&config)
-}
-
+/// Creates the stream and puts `n` records of 100 bytes, spread evenly over its shards.
 async fn fill(stream: &str, n: u64) -> u64 {
-    let k = client().await;
-    k.create_stream()
-        .stream_name(stream)
-        .shard_count(SHARDS)
-        .send()
-        .await
-        .expect("CreateStream");
-    loop {
-        let d = k
-            .describe_stream_summary()
-            .stream_name(stream)
-            .send()
-            .await
-            .expect("describe");
-        if d.stream_description_summary().unwrap().stream_status() == &StreamStatus::Active {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let k = create_stream(stream, SHARDS).await;
+    let shards = open_shards(&k, stream).await;
+    let payload = "x".repeat(100);
+    let per_shard = n as usize / shards.len();
+    for (i, (_, hash)) in shards.iter().enumerate() {
+        let count = if i + 1 == shards.len() {
+            n as usize - per_shard * i
+        } else {
+            per_shard
+        };
+        put_to(&k, stream, hash, &vec![payload.clone(); count]).await;
     }
-    let shards = k
-        .list_shards()
-        .stream_name(stream)
-        .send()
-        .await
-        .expect("ListShards");
-    let hashes: Vec<String> = shards
-        .shards()
-        .iter()
-        .map(|s| s.hash_key_range().unwrap().starting_hash_key().to_string())
-        .collect();
-    let payload = vec![b'x'; 100];
-    let mut sent = 0u64;
-    while sent < n {
-        let count = (n - sent).min(500);
-        let mut pending: Vec<PutRecordsRequestEntry> = (0..count)
-            .map(|i| {
-                PutRecordsRequestEntry::builder()
-                    .data(Blob::new(payload.clone()))
-                    .partition_key("k")
-                    .explicit_hash_key(&hashes[((sent + i) % hashes.len() as u64) as usize])
-                    .build()
-                    .unwrap()
-            })
-            .collect();
-        while !pending.is_empty() {
-            let out = k
-                .put_records()
-                .stream_name(stream)
-                .set_records(Some(pending.clone()))
-                .send()
-                .await
-                .expect("PutRecords");
-            pending = pending
-                .into_iter()
-                .zip(out.records())
-                .filter(|(_, r)| r.error_code().is_some())
-                .map(|(e, _)| e)
-                .collect();
-        }
-        sent += count;
-    }
-    sent
+    n
 }
 
 async fn consume_raw(stream: &str, n: u64) -> (u64, u64) {
