@@ -279,6 +279,39 @@ impl EmbeddedStore {
         Ok(())
     }
 
+    /// Every entry of `pipeline` in a table keyed `pipeline \0 partition`, decoded.
+    async fn scan<T: Send + 'static>(
+        &self,
+        def: TableDefinition<'static, &'static str, &'static [u8]>,
+        what: &'static str,
+        pipeline: &str,
+        decode: impl Fn(&EmbeddedStore, PartitionId, &[u8]) -> Result<T, Error> + Send + 'static,
+    ) -> Result<Vec<T>, Error> {
+        let pipeline = pipeline.to_string();
+        self.blocking(move |s| {
+            let txn =
+                s.db.begin_read()
+                    .map_err(|e| storage(&s.path, "begin read", e))?;
+            let table = txn.open_table(def).map_err(|e| storage(&s.path, what, e))?;
+            let lo = format!("{pipeline}\u{0}");
+            let hi = format!("{pipeline}\u{1}");
+            let mut out = Vec::new();
+            for item in table
+                .range::<&str>(lo.as_str()..hi.as_str())
+                .map_err(|e| storage(&s.path, "scan", e))?
+            {
+                let (k, v) = item.map_err(|e| storage(&s.path, "scan", e))?;
+                out.push(decode(
+                    s,
+                    PartitionId::new(&k.value()[lo.len()..]),
+                    v.value(),
+                )?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     fn lease_in(
         &self,
         table: &impl ReadableTable<&'static str, &'static [u8]>,
@@ -558,27 +591,12 @@ impl CheckpointStore for EmbeddedStore {
     }
 
     async fn load(&self, pipeline: &str) -> Result<Vec<Checkpoint>, Error> {
-        let pipeline = pipeline.to_string();
-        self.blocking(move |s| {
-            let txn =
-                s.db.begin_read()
-                    .map_err(|e| storage(&s.path, "begin read", e))?;
-            let table = txn
-                .open_table(CHECKPOINTS)
-                .map_err(|e| storage(&s.path, "open checkpoints", e))?;
-            let lo = format!("{pipeline}\u{0}");
-            let hi = format!("{pipeline}\u{1}");
-            let mut out = Vec::new();
-            for item in table
-                .range::<&str>(lo.as_str()..hi.as_str())
-                .map_err(|e| storage(&s.path, "scan", e))?
-            {
-                let (k, v) = item.map_err(|e| storage(&s.path, "scan", e))?;
-                let partition = PartitionId::new(&k.value()[lo.len()..]);
-                out.push(s.decode_checkpoint(&partition, v.value())?);
-            }
-            Ok(out)
-        })
+        self.scan(
+            CHECKPOINTS,
+            "checkpoints",
+            pipeline,
+            |s, partition, value| s.decode_checkpoint(&partition, value),
+        )
         .await
     }
 
@@ -918,35 +936,22 @@ impl LeaseStore for EmbeddedStore {
     }
 
     async fn leases(&self, pipeline: &str) -> Result<Vec<Lease>, Error> {
-        let pipeline = pipeline.to_string();
-        self.blocking(move |s| {
-            let txn =
-                s.db.begin_read()
-                    .map_err(|e| storage(&s.path, "begin read", e))?;
-            let table = txn
-                .open_table(LEASES)
-                .map_err(|e| storage(&s.path, "open leases", e))?;
-            let lo = format!("{pipeline}\u{0}");
-            let hi = format!("{pipeline}\u{1}");
-            let now = now_ms();
-            let mut out = Vec::new();
-            for item in table
-                .range::<&str>(lo.as_str()..hi.as_str())
-                .map_err(|e| storage(&s.path, "scan", e))?
-            {
-                let (k, v) = item.map_err(|e| storage(&s.path, "scan", e))?;
-                let key = k.value();
-                let record: LeaseRecord = serde_json::from_slice(v.value()).map_err(|e| {
-                    corrupt(&s.path, "holds an unreadable lease", format!("{key}: {e}"))
+        let now = now_ms();
+        self.scan(
+            LEASES,
+            "open leases",
+            pipeline,
+            move |s, partition, value| {
+                let record: LeaseRecord = serde_json::from_slice(value).map_err(|e| {
+                    corrupt(
+                        &s.path,
+                        "holds an unreadable lease",
+                        format!("{partition}: {e}"),
+                    )
                 })?;
-                out.push(rules::view(
-                    PartitionId::new(&key[lo.len()..]),
-                    &record,
-                    now,
-                ));
-            }
-            Ok(out)
-        })
+                Ok(rules::view(partition, &record, now))
+            },
+        )
         .await
     }
 
