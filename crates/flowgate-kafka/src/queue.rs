@@ -6,6 +6,9 @@
 //! batch under one lock. rust-rdkafka does not wrap it, hence this small unsafe module: every
 //! pointer it touches is owned here (the queue handle) or lent by librdkafka for the duration
 //! of one call (the messages, destroyed before `take` returns).
+//!
+//! It also reads the group's generation, which rust-rdkafka's `ConsumerGroupMetadata` keeps
+//! private: the generation fences the checkpoints written for the partitions of an assignment.
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString, c_void};
@@ -114,6 +117,25 @@ impl<C: ConsumerContext + 'static> Drop for PartitionFeed<C> {
         }
         self.wake = None;
     }
+}
+
+/// The consumer group's current generation, as librdkafka knows it: the new generation while
+/// a rebalance callback runs (the join answered before the assignment is handed out). `None`
+/// outside a group (no join yet, or a generation librdkafka marks invalid).
+pub(crate) fn generation<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Option<u64> {
+    let rk = consumer.client().native_ptr();
+    // SAFETY: `rk` is a live client for the duration of the borrow; the metadata handle is a
+    // copy owned by us, read once and destroyed once.
+    let generation = unsafe {
+        let cgmd = rd::rd_kafka_consumer_group_metadata(rk);
+        if cgmd.is_null() {
+            return None;
+        }
+        let g = rd::rd_kafka_consumer_group_metadata_generation_id(cgmd);
+        rd::rd_kafka_consumer_group_metadata_destroy(cgmd);
+        g
+    };
+    u64::try_from(generation).ok().filter(|g| *g > 0)
 }
 
 /// Copies one message into a record.

@@ -238,10 +238,14 @@ impl Ctx {
             .iter()
             .map(|e| (e.topic().to_string(), e.partition()))
             .collect();
+        // The generation that handed these partitions out fences their checkpoints: a member
+        // that lost them in a later generation can no longer write over the new owner's.
+        let generation = crate::queue::generation(consumer);
         let assignments: Vec<Assignment> = keys
             .iter()
             .map(|(t, p)| {
                 let mut a = Assignment::new(partition_id(t, *p));
+                a.fence = generation;
                 a.broker_position = committed.get(&(t.clone(), *p)).and_then(|o| {
                     if *o > 0 {
                         Position::from_offset(o - 1)
@@ -252,7 +256,7 @@ impl Ctx {
                 a
             })
             .collect();
-        tracing::info!(partitions = ?keys, "kafka: partitions assigned; waiting for start positions");
+        tracing::info!(partitions = ?keys, generation, "kafka: partitions assigned; waiting for start positions");
         self.push_event(SourceEvent::Assigned(assignments));
         // Wait for the runtime's start positions (it reads the checkpoint store).
         let starts = self.wait_for_start(consumer);

@@ -430,6 +430,25 @@ async fn cooperative_join_and_leave_lose_nothing_and_commit_nothing_stale() {
     assert!(summary_b.stats.rebalances >= 1);
     let cps = store.load(&group).await.unwrap();
     assert_eq!(cps.len(), 4);
+    // Every checkpoint is fenced with the generation that handed its partition out: A's first
+    // join, B's join and B's leave make at least three, and the partitions B held came back to
+    // A in the last one. A member of an older generation (a zombie that missed the rebalance)
+    // can no longer write them.
+    let fences: Vec<u64> = cps.iter().map(|c| c.fence.expect("fenced")).collect();
+    eprintln!("kafka/cooperative: checkpoint fences (group generations) {fences:?}");
+    let newest = cps.iter().max_by_key(|c| c.fence).unwrap();
+    assert!(newest.fence >= Some(3), "{fences:?}");
+    let zombie = flowgate_core::Checkpoint::new(
+        newest.partition.clone(),
+        Position::from(newest.position.as_u64().unwrap() + 100),
+    )
+    .with_fence(newest.fence.map(|g| g - 1));
+    let refused = store.commit(&group, &[zombie]).await.unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        flowgate_core::ErrorKind::Fenced,
+        "{refused}"
+    );
 }
 
 /// Three members of one group, one of them very slow: nobody is kicked out (no rebalance once

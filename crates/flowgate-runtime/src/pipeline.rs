@@ -617,7 +617,17 @@ impl State {
             _ => "records",
         };
         let mut starts = Vec::with_capacity(assignments.len());
-        for a in assignments {
+        for mut a in assignments {
+            let stored_fence = stored.get(&a.partition).and_then(|c| c.fence);
+            if a.fence.is_some() && stored_fence > a.fence {
+                // Only a reset of the broker's own epoch gets here (a Kafka group deleted and
+                // created anew starts its generations again at 1): the broker says this worker
+                // owns the partition now, so it takes the stored fence rather than having every
+                // checkpoint refused.
+                tracing::warn!(pipeline = %self.name, partition = %a.partition, stored = ?stored_fence, assigned = ?a.fence,
+                    "the broker's ownership epoch is below the stored checkpoint's fence (was the consumer group deleted?); taking the stored fence");
+                a.fence = stored_fence;
+            }
             let from_store = stored.get(&a.partition).map(|c| c.position.clone());
             let after = match (&from_store, &a.broker_position) {
                 (Some(s), Some(b)) if s != b => {

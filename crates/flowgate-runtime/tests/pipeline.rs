@@ -775,6 +775,40 @@ async fn revocation_drains_in_flight_and_returns_the_final_checkpoint() {
     );
 }
 
+/// A partition handed out with an epoch below the stored checkpoint's fence (a Kafka group
+/// deleted and created anew restarts its generations) takes the stored fence: its checkpoints
+/// are written, not refused forever. Above it, the new epoch fences the old owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_epoch_below_the_stored_fence_takes_the_stored_fence() {
+    for (assigned, stored_fence, expected) in [(3, 50, 50), (60, 50, 60)] {
+        let store = Arc::new(MemoryStore::new());
+        let p = PartitionId::new("f-0");
+        store
+            .commit(
+                "fenced",
+                &[Checkpoint::new(p.clone(), Position::from(9)).with_fence(Some(stored_fence))],
+            )
+            .await
+            .unwrap();
+        let records = (0..20u64).map(|i| Record::new(p.clone(), Position::from(i), "x"));
+        let sink = MemorySink::new();
+        let summary = Pipeline::builder("fenced")
+            .source(MemorySource::new(records).with_fence(assigned))
+            .sink(sink.clone())
+            .checkpoint_store(store.clone())
+            .build()
+            .unwrap()
+            .run(Shutdown::never())
+            .await
+            .unwrap();
+        assert_eq!(sink.records().len(), 10, "resumed after the checkpoint");
+        let stored = store.load("fenced").await.unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].position, Position::from(19), "{summary:?}");
+        assert_eq!(stored[0].fence, Some(expected));
+    }
+}
+
 /// The runtime refuses a source that delivers without credit? No: it accepts overshoot and
 /// counts it; but credit given to the source is exactly the limit minus what is in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,6 +21,7 @@ pub struct MemorySource {
     commits: Arc<Mutex<Vec<Checkpoint>>>,
     end: bool,
     rr: usize,
+    fence: Option<u64>,
 }
 
 impl MemorySource {
@@ -41,12 +42,20 @@ impl MemorySource {
             commits: Default::default(),
             end: true,
             rr: 0,
+            fence: None,
         }
     }
 
     /// Keep running (no `End`) once everything was delivered.
     pub fn endless(mut self) -> Self {
         self.end = false;
+        self
+    }
+
+    /// Hands out its partitions with this ownership epoch, as a broker generation or a lease
+    /// would.
+    pub fn with_fence(mut self, fence: u64) -> Self {
+        self.fence = Some(fence);
         self
     }
 
@@ -76,8 +85,10 @@ impl Source for MemorySource {
             return Ok(SourceEvent::Assigned(
                 self.partitions
                     .keys()
-                    .cloned()
-                    .map(Assignment::new)
+                    .map(|p| Assignment {
+                        fence: self.fence,
+                        ..Assignment::new(p.clone())
+                    })
                     .collect(),
             ));
         }

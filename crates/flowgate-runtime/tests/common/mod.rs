@@ -66,6 +66,12 @@ impl CheckpointStore for MemoryStore {
         let m = all.entry(pipeline.to_string()).or_default();
         for c in cps {
             if let Some(old) = m.get(&c.partition) {
+                if c.fence < old.fence {
+                    return Err(Error::new(
+                        flowgate_core::ErrorKind::Fenced,
+                        "a newer owner holds this partition",
+                    ));
+                }
                 assert!(
                     old.position <= c.position,
                     "checkpoint moved backwards: {old:?} -> {c:?}"
