@@ -38,10 +38,7 @@ async fn raw(records: u64) -> u64 {
     let mut source = generator(records);
     let credits = Credits::new();
     source
-        .open(SourceContext {
-            pipeline: "raw".into(),
-            credits: credits.clone(),
-        })
+        .open(SourceContext::new("raw", credits.clone()))
         .await
         .expect("open");
     let sink = NullSink::default();

@@ -23,6 +23,7 @@ const KAFKA_CONTROLLER_PORT: u16 = 9093;
 const RABBITMQ_PORT: u16 = 5672;
 const RABBITMQ_MGMT_PORT: u16 = 15672;
 const RABBITMQ_STREAM_PORT: u16 = 5552;
+const RABBITMQ_TLS_PORT: u16 = 5671;
 const KINESIS_PORT: u16 = 4568;
 const KINESIS_TLS_PORT: u16 = 4567;
 const POSTGRES_PORT: u16 = 15432;
@@ -88,6 +89,18 @@ impl Broker {
                     "FLOWGATE_TEST_RABBITMQ_MANAGEMENT",
                     format!("http://127.0.0.1:{RABBITMQ_MGMT_PORT}"),
                 ),
+                v(
+                    "FLOWGATE_TEST_RABBITMQ_TLS_URL",
+                    format!("amqps://guest:guest@127.0.0.1:{RABBITMQ_TLS_PORT}/%2f"),
+                ),
+                v(
+                    "FLOWGATE_TEST_RABBITMQ_CA",
+                    rig.state_dir(Broker::Rabbitmq)
+                        .join("tls")
+                        .join("ca.pem")
+                        .display()
+                        .to_string(),
+                ),
             ],
             Broker::Kinesis => vec![v(
                 "FLOWGATE_TEST_KINESIS_ENDPOINT",
@@ -131,7 +144,12 @@ impl Broker {
     fn ports(self) -> Vec<u16> {
         match self {
             Broker::Kafka => vec![KAFKA_PORT, KAFKA_CONTROLLER_PORT],
-            Broker::Rabbitmq => vec![RABBITMQ_PORT, RABBITMQ_MGMT_PORT, RABBITMQ_STREAM_PORT],
+            Broker::Rabbitmq => vec![
+                RABBITMQ_PORT,
+                RABBITMQ_MGMT_PORT,
+                RABBITMQ_STREAM_PORT,
+                RABBITMQ_TLS_PORT,
+            ],
             Broker::Kinesis => vec![KINESIS_PORT, KINESIS_TLS_PORT],
             Broker::Postgres => vec![POSTGRES_PORT],
             Broker::Redis => vec![REDIS_PORT, REDIS_TLS_PORT],
@@ -353,12 +371,24 @@ impl Rig {
             need_command("rabbitmq-server", &["rabbitmq-server"])?;
         }
         need_command("epmd", &["erlang-base"])?;
+        let tls = dir.join("tls");
+        make_tls_certificates(&tls)?;
         let conf = format!(
             "listeners.tcp.default = 127.0.0.1:{RABBITMQ_PORT}\n\
              management.tcp.ip = 127.0.0.1\n\
              management.tcp.port = {RABBITMQ_MGMT_PORT}\n\
              stream.listeners.tcp.1 = 127.0.0.1:{RABBITMQ_STREAM_PORT}\n\
-             stream.advertised_host = 127.0.0.1\n"
+             stream.advertised_host = 127.0.0.1\n\
+             collect_statistics_interval = 500\n\
+             listeners.ssl.default = 127.0.0.1:{RABBITMQ_TLS_PORT}\n\
+             ssl_options.cacertfile = {ca}\n\
+             ssl_options.certfile = {cert}\n\
+             ssl_options.keyfile = {key}\n\
+             ssl_options.verify = verify_none\n\
+             ssl_options.fail_if_no_peer_cert = false\n",
+            ca = tls.join("ca.pem").display(),
+            cert = tls.join("server.pem").display(),
+            key = tls.join("server.key").display(),
         );
         write(&dir.join("rabbitmq.conf"), &conf)?;
         write(
@@ -649,7 +679,8 @@ impl Rig {
                     .status()
                     .is_ok_and(|s| s.success())
                     && port_open(RABBITMQ_PORT)
-                    && port_open(RABBITMQ_STREAM_PORT))
+                    && port_open(RABBITMQ_STREAM_PORT)
+                    && port_open(RABBITMQ_TLS_PORT))
             }),
             Broker::Kinesis => wait_until("kinesis (ListStreams)", timeout, || {
                 check_alive("kinesis")?;

@@ -14,6 +14,28 @@ pub struct SourceContext {
     pub pipeline: String,
     /// Per-partition credit; the source MUST NOT fetch for a partition without credit.
     pub credits: Credits,
+    /// The most records the runtime holds in flight for one partition: a partition's credit
+    /// never exceeds it. A source whose broker pushes into a window of its own (RabbitMQ's
+    /// `basic.qos` prefetch) makes that window no larger, so the broker never sends more than
+    /// the runtime can take. `usize::MAX` when the runtime sets no such limit.
+    pub max_in_flight_per_partition: usize,
+}
+
+impl SourceContext {
+    /// A context with no per-partition limit.
+    pub fn new(pipeline: impl Into<String>, credits: Credits) -> Self {
+        SourceContext {
+            pipeline: pipeline.into(),
+            credits,
+            max_in_flight_per_partition: usize::MAX,
+        }
+    }
+
+    /// Builder-style setter for `max_in_flight_per_partition`.
+    pub fn with_max_in_flight_per_partition(mut self, max: usize) -> Self {
+        self.max_in_flight_per_partition = max;
+        self
+    }
 }
 
 /// A partition newly owned by this source.

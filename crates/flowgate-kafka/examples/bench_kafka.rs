@@ -215,10 +215,7 @@ async fn source_only(started: Instant, topic: &str, records: u64) -> (u64, Durat
     let mut source = KafkaSource::new(source_config(topic)).expect("source");
     let credits = Credits::new();
     source
-        .open(SourceContext {
-            pipeline: group("source-only"),
-            credits: credits.clone(),
-        })
+        .open(SourceContext::new(group("source-only"), credits.clone()))
         .await
         .expect("open");
     let mut n = 0;

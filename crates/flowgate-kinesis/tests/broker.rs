@@ -119,10 +119,7 @@ async fn missing_stream_is_a_clear_error() {
         KinesisSource::new(source_config(&stream), Arc::new(MemoryStore::new())).unwrap();
     let err = flowgate_core::Source::open(
         &mut source,
-        flowgate_core::SourceContext {
-            pipeline: "missing".into(),
-            credits: flowgate_core::Credits::new(),
-        },
+        flowgate_core::SourceContext::new("missing", flowgate_core::Credits::new()),
     )
     .await
     .expect_err("a missing stream must not open");

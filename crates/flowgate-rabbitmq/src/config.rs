@@ -1,6 +1,7 @@
 //! Source and sink settings, with defaults.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -65,6 +66,16 @@ impl Default for ReconnectSettings {
     }
 }
 
+/// TLS settings for an `amqps://` URL: the broker's certificate is verified (its name or IP
+/// must match the URL's host), or the connection fails.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RabbitTls {
+    /// PEM file of the CA that signed the broker's certificate. Default: the system's trusted
+    /// roots.
+    pub ca_file: Option<PathBuf>,
+}
+
 /// Settings of the [`RabbitSource`](crate::RabbitSource).
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -101,6 +112,9 @@ pub struct RabbitSourceConfig {
     pub lag_interval: Duration,
     /// Reconnection.
     pub reconnect: ReconnectSettings,
+    /// TLS settings; only with an `amqps://` URL. Default none (an `amqps://` URL then
+    /// verifies against the system's trusted roots).
+    pub tls: Option<RabbitTls>,
 }
 
 impl Default for RabbitSourceConfig {
@@ -117,6 +131,7 @@ impl Default for RabbitSourceConfig {
             max_batch: 500,
             lag_interval: Duration::from_secs(1),
             reconnect: ReconnectSettings::default(),
+            tls: None,
         }
     }
 }
@@ -148,6 +163,8 @@ pub struct RabbitSinkConfig {
     pub confirm_timeout: Duration,
     /// Largest record; a larger one is poison. Default 16 MiB.
     pub max_record_bytes: usize,
+    /// TLS settings (see the source). Default none.
+    pub tls: Option<RabbitTls>,
 }
 
 impl Default for RabbitSinkConfig {
@@ -162,6 +179,7 @@ impl Default for RabbitSinkConfig {
             declare_queue: None,
             confirm_timeout: Duration::from_secs(30),
             max_record_bytes: 16 * 1024 * 1024,
+            tls: None,
         }
     }
 }
@@ -182,6 +200,7 @@ impl fmt::Debug for RabbitSourceConfig {
             .field("max_batch", &self.max_batch)
             .field("lag_interval", &self.lag_interval)
             .field("reconnect", &self.reconnect)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -198,6 +217,7 @@ impl fmt::Debug for RabbitSinkConfig {
             .field("declare_queue", &self.declare_queue)
             .field("confirm_timeout", &self.confirm_timeout)
             .field("max_record_bytes", &self.max_record_bytes)
+            .field("tls", &self.tls)
             .finish()
     }
 }

@@ -14,11 +14,14 @@
 //! The guide with configuration keys and semantics is `docs/brokers/rabbitmq.md`.
 
 mod config;
+mod connect;
 mod error;
 mod sink;
 mod source;
 
-pub use config::{QueueType, RabbitSinkConfig, RabbitSourceConfig, ReconnectSettings, StreamStart};
+pub use config::{
+    QueueType, RabbitSinkConfig, RabbitSourceConfig, RabbitTls, ReconnectSettings, StreamStart,
+};
 pub use sink::RabbitSink;
 
 /// The header that carries a record's key through RabbitMQ (which has no message key): the

@@ -8,9 +8,9 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
 
-use crate::config::{RabbitSinkConfig, redact};
+use crate::config::RabbitSinkConfig;
 use crate::error::map;
 
 /// RabbitMQ sink: every publish is `mandatory` (an unroutable record comes back and is
@@ -25,6 +25,7 @@ pub struct RabbitSink {
 impl RabbitSink {
     /// A sink; it connects on the first write.
     pub fn new(cfg: RabbitSinkConfig) -> Result<Self, Error> {
+        crate::connect::check_tls(&cfg.url, cfg.tls.as_ref(), "sink")?;
         if cfg.exchange.is_empty() && cfg.routing_key.is_none() && cfg.routing_key_header.is_none()
         {
             tracing::debug!(
@@ -46,9 +47,7 @@ impl RabbitSink {
             }
         }
         *link = None;
-        let conn = Connection::connect(&self.cfg.url, ConnectionProperties::default())
-            .await
-            .map_err(|e| map(e, "connecting").with_context("url", redact(&self.cfg.url)))?;
+        let conn = crate::connect::connect(&self.cfg.url, self.cfg.tls.as_ref(), "sink").await?;
         let ch = conn
             .create_channel()
             .await

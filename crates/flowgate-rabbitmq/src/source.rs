@@ -3,6 +3,8 @@
 //! - A driver task owns the connection: it connects (with backoff), declares what flowgate
 //!   declares, sets the `basic.qos` prefetch, consumes, and pushes deliveries into a buffer
 //!   that the prefetch bounds. `next()` hands the runtime at most its credit from that buffer.
+//!   The prefetch is at most the runtime's in-flight limit per partition, so the broker's
+//!   window (prefetch − unacknowledged) is the runtime's credit.
 //! - Acknowledgements are the commits: `commit` acks everything up to the checkpointed
 //!   delivery with `multiple=true`. Nothing is acked on its own.
 //! - A lost connection or channel is a *lost* revocation of the queue's partition (its
@@ -12,6 +14,11 @@
 //! - Positions: classic and quorum queues use `(channel epoch << 64) | delivery tag`, so they
 //!   only grow across reconnects; streams use the stream offset, and a new consumer starts
 //!   with `x-stream-offset` after the checkpoint.
+//! - Lag is read on a channel of its own, so a slow reading never holds deliveries up:
+//!   classic and quorum queues report their depth (ready messages, from a passive declare);
+//!   streams report the distance from the newest offset delivered to the stream's end, found by
+//!   a short-lived consumer attached at `last` (the stream's last chunk) that reads to the end
+//!   of that chunk.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,11 +34,11 @@ use flowgate_core::{
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::config::{QueueType, RabbitSourceConfig, StreamStart, redact};
@@ -56,6 +63,8 @@ struct Shared {
     live: Option<Live>,
     /// Streams: stream offset → (epoch, delivery tag) of deliveries not yet acknowledged.
     tags: BTreeMap<u64, (u64, u64)>,
+    /// Streams: the newest offset delivered by the broker.
+    last_offset: Option<u64>,
 }
 
 /// RabbitMQ source over one queue (classic, quorum or stream). See the module docs.
@@ -89,6 +98,7 @@ impl RabbitSource {
                     .with_context("key", "source.max_batch"),
             );
         }
+        crate::connect::check_tls(&cfg.url, cfg.tls.as_ref(), "source")?;
         if cfg.queue_type == QueueType::Stream && cfg.native_dead_letter == Some(true) {
             return Err(Error::config(
                 "rabbitmq source: streams cannot dead-letter on the broker; use a dead-letter sink",
@@ -140,13 +150,23 @@ impl Source for RabbitSource {
             .with_eager_commit(true)
             .with_native_dead_letter(self.native_dead_letter())
             .with_dynamic_assignment(true)
-            .with_lag_unit((!self.stream()).then_some(LagUnit::Records))
+            .with_lag_unit(Some(LagUnit::Records))
     }
 
     async fn open(&mut self, ctx: SourceContext) -> Result<(), Error> {
         let (start_tx, start_rx) = mpsc::unbounded_channel();
+        // The broker's window is the runtime's: it never pushes more unacknowledged messages
+        // than the runtime holds in flight for the queue, so the broker's remaining window
+        // (prefetch − unacknowledged) follows the runtime's credit as acks flow.
+        let mut cfg = self.cfg.clone();
+        let limit = u16::try_from(ctx.max_in_flight_per_partition).unwrap_or(u16::MAX);
+        if limit < cfg.prefetch {
+            tracing::info!(queue = %cfg.queue, prefetch = cfg.prefetch, max_in_flight_per_partition = limit,
+                "rabbitmq: prefetch lowered to the runtime's in-flight limit");
+            cfg.prefetch = limit.max(1);
+        }
         let driver = Driver {
-            cfg: self.cfg.clone(),
+            cfg,
             partition: self.partition.clone(),
             shared: self.shared.clone(),
             notify: self.notify.clone(),
@@ -303,9 +323,7 @@ struct Driver {
 
 impl Driver {
     async fn connect_once(&self) -> Result<Connection, Error> {
-        Connection::connect(&self.cfg.url, ConnectionProperties::default())
-            .await
-            .map_err(|e| map(e, "connecting").with_context("url", redact(&self.cfg.url)))
+        crate::connect::connect(&self.cfg.url, self.cfg.tls.as_ref(), "source").await
     }
 
     /// Connects with exponential backoff until `give_up_after`.
@@ -516,16 +534,20 @@ impl Driver {
             epoch,
             channel: ch.clone(),
         });
-        let lag_channel = conn.create_channel().await.ok();
-        let mut lag_tick = tokio::time::interval(self.cfg.lag_interval);
-        lag_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let lag = match conn.create_channel().await {
+            Ok(lc) => Some(AbortOnDrop(tokio::spawn(self.lag_probe().run(lc)))),
+            Err(e) => {
+                tracing::warn!(error = %e, queue = %self.cfg.queue, "rabbitmq: no channel for lag readings; lag is not reported");
+                None
+            }
+        };
         loop {
             tokio::select! {
                 _ = self.closing.changed() => {
                     // Channels first, then the connection: unacknowledged messages go back
-                    // to the queue.
-                    if let Some(lc) = &lag_channel {
-                        let _ = lc.close(200, "flowgate closing".into()).await;
+                    // to the queue. The lag probe closes its own channel on `closing`.
+                    if let Some(mut probe) = lag {
+                        let _ = tokio::time::timeout(PROBE_MAX * 2, &mut probe.0).await;
                     }
                     let _ = ch.close(200, "flowgate closing".into()).await;
                     return Ended::Closing;
@@ -550,47 +572,29 @@ impl Driver {
                         };
                     }
                 },
-                _ = lag_tick.tick(), if lag_channel.is_some() && self.cfg.queue_type != QueueType::Stream => {
-                    if let Some(lc) = &lag_channel {
-                        self.sample_lag(lc).await;
-                    }
-                }
             }
         }
     }
 
-    /// Queue depth (ready messages) as lag.
-    async fn sample_lag(&self, ch: &Channel) {
-        let res = ch
-            .queue_declare(
-                self.cfg.queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        if let Ok(q) = res {
-            self.push(SourceEvent::Lag(vec![LagSample {
-                partition: self.partition.clone(),
-                lag: u64::from(q.message_count()),
-                unit: LagUnit::Records,
-            }]));
+    fn lag_probe(&self) -> LagProbe {
+        LagProbe {
+            queue: self.cfg.queue.clone(),
+            partition: self.partition.clone(),
+            stream: self.cfg.queue_type == QueueType::Stream,
+            interval: self.cfg.lag_interval,
+            shared: self.shared.clone(),
+            notify: self.notify.clone(),
+            closing: self.closing.clone(),
+            tag: format!("{}-lag", self.tag),
         }
     }
 
     fn record(&self, d: Delivery, epoch: u64) -> Option<Record> {
         let tag: u64 = d.delivery_tag;
         let mut headers = Headers::new();
-        let mut stream_offset = None;
+        let stream_offset = stream_offset(&d);
         if let Some(table) = d.properties.headers() {
             for (k, v) in table.inner() {
-                if k.as_str() == "x-stream-offset" {
-                    if let AMQPValue::LongLongInt(o) = v {
-                        stream_offset = u64::try_from(*o).ok();
-                    }
-                }
                 if let Some(bytes) = value_bytes(v) {
                     headers.push(k.as_str(), bytes);
                 }
@@ -601,7 +605,9 @@ impl Driver {
                 tracing::warn!(queue = %self.cfg.queue, "rabbitmq: stream delivery without x-stream-offset; skipped");
                 return None;
             };
-            lock(&self.shared).tags.insert(offset, (epoch, tag));
+            let mut sh = lock(&self.shared);
+            sh.tags.insert(offset, (epoch, tag));
+            sh.last_offset = Some(offset);
             Position::from(offset)
         } else {
             Position::new((u128::from(epoch) << 64) | u128::from(tag))
@@ -630,6 +636,147 @@ impl Driver {
             timestamp: Some(timestamp),
             redelivered: d.redelivered,
         })
+    }
+}
+
+/// A stream delivery's offset (its `x-stream-offset` header).
+fn stream_offset(d: &Delivery) -> Option<u64> {
+    match d
+        .properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get("x-stream-offset")?
+    {
+        AMQPValue::LongLongInt(o) => u64::try_from(*o).ok(),
+        _ => None,
+    }
+}
+
+/// A stream lag reading waits this long for the next message of the last chunk.
+const PROBE_IDLE: Duration = Duration::from_millis(100);
+/// A stream lag reading takes at most this long (a producer may keep the chunk growing).
+const PROBE_MAX: Duration = Duration::from_secs(1);
+/// Unacknowledged messages a stream lag reading may hold: bounds its memory.
+const PROBE_PREFETCH: u16 = 100;
+
+/// Aborts a task when dropped (a session that ends takes its lag probe along).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Reads the queue's lag every `interval` on a channel of its own.
+struct LagProbe {
+    queue: String,
+    partition: PartitionId,
+    stream: bool,
+    interval: Duration,
+    shared: Arc<Mutex<Shared>>,
+    notify: Arc<Notify>,
+    closing: watch::Receiver<bool>,
+    tag: String,
+}
+
+impl LagProbe {
+    async fn run(mut self, ch: Channel) {
+        if self.stream {
+            if let Err(e) = ch
+                .basic_qos(PROBE_PREFETCH, BasicQosOptions::default())
+                .await
+            {
+                tracing::warn!(error = %e, queue = %self.queue, "rabbitmq: cannot set up lag readings; lag is not reported");
+                return;
+            }
+        }
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for n in 0u64.. {
+            tokio::select! {
+                _ = self.closing.changed() => break,
+                _ = tick.tick() => {}
+            }
+            let lag = if self.stream {
+                self.stream_lag(&ch, n).await
+            } else {
+                self.depth(&ch).await.map(Some)
+            };
+            match lag {
+                Ok(Some(lag)) => {
+                    lock(&self.shared)
+                        .events
+                        .push_back(SourceEvent::Lag(vec![LagSample {
+                            partition: self.partition.clone(),
+                            lag,
+                            unit: LagUnit::Records,
+                        }]));
+                    self.notify.notify_one();
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    // The session's own channel sees the same failure and reconnects.
+                    tracing::debug!(error = %e, queue = %self.queue, "rabbitmq: lag reading failed");
+                    return;
+                }
+            }
+        }
+        let _ = ch.close(200, "flowgate closing".into()).await;
+    }
+
+    /// Ready messages (a passive declare).
+    async fn depth(&self, ch: &Channel) -> Result<u64, lapin::Error> {
+        let q = ch
+            .queue_declare(
+                self.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(u64::from(q.message_count()))
+    }
+
+    /// The stream's end (the highest offset of its last chunk, read by a consumer attached
+    /// at `last`) minus the newest offset delivered. `None` before the first delivery, or if
+    /// the stream's end could not be read.
+    async fn stream_lag(&self, ch: &Channel, n: u64) -> Result<Option<u64>, lapin::Error> {
+        let Some(delivered) = lock(&self.shared).last_offset else {
+            return Ok(None);
+        };
+        let tag = format!("{}-{n}", self.tag);
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-stream-offset".into(),
+            AMQPValue::LongString("last".into()),
+        );
+        let mut reader = ch
+            .basic_consume(
+                self.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                args,
+            )
+            .await?;
+        let deadline = tokio::time::Instant::now() + PROBE_MAX;
+        let mut end = None;
+        while let Ok(Some(d)) = tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + PROBE_IDLE),
+            reader.next(),
+        )
+        .await
+        {
+            let d = d?;
+            end = end.max(stream_offset(&d));
+            d.acker.ack(BasicAckOptions::default()).await?;
+        }
+        ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+            .await?;
+        Ok(end.map(|end| end.saturating_sub(delivered)))
     }
 }
 

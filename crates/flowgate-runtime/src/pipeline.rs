@@ -283,10 +283,8 @@ impl Pipeline {
 
         // Open the source, retrying transient failures.
         let retry = st.settings.retry.clone();
-        let ctx = SourceContext {
-            pipeline: name.clone(),
-            credits,
-        };
+        let ctx = SourceContext::new(name.clone(), credits)
+            .with_max_in_flight_per_partition(st.settings.max_in_flight_per_partition);
         let mut attempts = 0usize;
         loop {
             match source.open(ctx.clone()).await {

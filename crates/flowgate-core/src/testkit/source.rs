@@ -40,17 +40,20 @@ pub struct Driver<S: Source> {
     /// Start positions to answer assignments with (`None`: the source's default).
     pub starts: BTreeMap<PartitionId, Position>,
     credit_per_partition: usize,
+    /// The newest position delivered per partition.
+    delivered: BTreeMap<PartitionId, Position>,
 }
 
 impl<S: Source> Driver<S> {
-    /// Opens the source with `credit` records of credit per partition.
+    /// Opens the source with `credit` records of credit per partition, which is also the
+    /// most the runtime would hold in flight per partition.
     pub async fn open(mut source: S, credit: usize) -> Self {
         let credits = Credits::new();
         source
-            .open(SourceContext {
-                pipeline: "conformance".into(),
-                credits: credits.clone(),
-            })
+            .open(
+                SourceContext::new("conformance", credits.clone())
+                    .with_max_in_flight_per_partition(credit),
+            )
             .await
             .expect("Source::open must succeed against a reachable broker");
         Driver {
@@ -59,6 +62,7 @@ impl<S: Source> Driver<S> {
             assigned: Vec::new(),
             starts: BTreeMap::new(),
             credit_per_partition: credit,
+            delivered: BTreeMap::new(),
         }
     }
 
@@ -81,6 +85,8 @@ impl<S: Source> Driver<S> {
                         r.position
                     );
                     self.credits.set(&r.partition, have.saturating_sub(1));
+                    self.delivered
+                        .insert(r.partition.clone(), r.position.clone());
                 }
                 Some(records)
             }
@@ -114,8 +120,21 @@ impl<S: Source> Driver<S> {
         }
     }
 
-    /// Grants `credit` more records to every assigned partition.
-    pub fn grant_all(&self, credit: usize) {
+    /// Grants `credit` more records to every assigned partition, as the runtime does once
+    /// records are done. For a source that declares `eager_commit` (its broker ties delivery
+    /// to acknowledgements), what was delivered is committed first, as the runtime would.
+    pub async fn grant_all(&mut self, credit: usize) {
+        if self.source.capabilities().eager_commit {
+            let done: Vec<Checkpoint> = self
+                .delivered
+                .iter()
+                .map(|(p, pos)| Checkpoint::new(p.clone(), pos.clone()))
+                .collect();
+            self.source
+                .commit(&done)
+                .await
+                .expect("Source::commit of delivered records");
+        }
         for p in &self.assigned {
             let have = self.credits.available(p);
             self.credits.set(p, have + credit);
@@ -224,7 +243,7 @@ pub async fn respects_credit<H: SourceHarness>(h: &H) {
         extra, 0,
         "contract: a source MUST stop delivering when credit is exhausted"
     );
-    d.grant_all(k);
+    d.grant_all(k).await;
     let more = d.read_until(&partitions, k).await;
     for (p, records) in &more {
         assert_eq!(

@@ -20,6 +20,33 @@ pub(crate) async fn channel() -> (Connection, Channel) {
     (conn, ch)
 }
 
+/// `GET` on the broker's management API (`FLOWGATE_TEST_RABBITMQ_MANAGEMENT`), with the
+/// credentials of the AMQP URL; the response body.
+pub(crate) async fn management_get(path: &str) -> String {
+    use base64::Engine as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let base = flowgate_rig_tests::endpoint("FLOWGATE_TEST_RABBITMQ_MANAGEMENT");
+    let host = base.trim_start_matches("http://").trim_end_matches('/');
+    let amqp = url();
+    let creds = amqp
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .map_or("guest:guest", |(userinfo, _)| userinfo);
+    let auth = base64::engine::general_purpose::STANDARD.encode(creds);
+    let mut conn = tokio::net::TcpStream::connect(host)
+        .await
+        .expect("management API reachable");
+    let req = format!(
+        "GET {path} HTTP/1.0\r\nHost: {host}\r\nAuthorization: Basic {auth}\r\nAccept: application/json\r\n\r\n"
+    );
+    conn.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = String::new();
+    conn.read_to_string(&mut resp).await.unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "management API: {head}");
+    body.to_string()
+}
+
 /// Declares a durable queue of the given type.
 pub(crate) async fn declare(ch: &Channel, queue: &str, kind: QueueType) {
     let mut args = FieldTable::default();
