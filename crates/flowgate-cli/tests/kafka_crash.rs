@@ -1,11 +1,16 @@
-//! Kafka crash safety: `flowgate run` consuming a topic (static group membership, JSON-lines
-//! sink, embedded store, dedup) is SIGKILLed between fetch and commit at least 10 times and
-//! restarted each time. Afterwards every record is in the sink, duplicates stay within the
-//! documented window, and Kafka's own consumer-groups tool shows lag 0.
+//! Kafka crash safety: `flowgate run` is SIGKILLed between fetch and commit at least 10 times
+//! and restarted each time.
+//!
+//! - Consuming a topic (static group membership, JSON-lines sink, embedded store, dedup):
+//!   afterwards every record is in the sink, duplicates stay within the documented window,
+//!   and Kafka's own consumer-groups tool shows lag 0.
+//! - Bridging a topic into another with the transactional sink: a read_committed reader of
+//!   the output sees every input record exactly once.
 #![cfg(feature = "broker-tests")]
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,41 +22,100 @@ const KILLS: usize = 10;
 
 use flowgate_rig_tests::endpoint as env;
 
-#[test]
-fn sigkill_loop_against_kafka_loses_nothing() {
-    let bootstrap = env("FLOWGATE_TEST_KAFKA_BOOTSTRAP");
-    let classpath = env("FLOWGATE_TEST_KAFKA_CLASSPATH");
-    let bin = env!("CARGO_BIN_EXE_flowgate");
-    let dir = tempfile::tempdir().unwrap();
-    let nanos = std::time::SystemTime::now()
+const BIN: &str = env!("CARGO_BIN_EXE_flowgate");
+
+fn nanos() -> u128 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .as_nanos();
-    let topic = format!("crash-{nanos}");
-    let group = format!("crash-group-{nanos}");
+        .as_nanos()
+}
 
-    // Fill the topic with the CLI itself: generator → Kafka sink.
-    let produce = dir.path().join("produce.toml");
-    std::fs::write(
-        &produce,
-        format!(
-            "name = \"crash-produce\"\n[source]\ntype = \"generator\"\npartitions = {PARTITIONS}\nrecords_per_partition = {PER_PARTITION}\n\
-             [sink]\ntype = \"kafka\"\nbootstrap_servers = \"{bootstrap}\"\ntopic = \"{topic}\"\n[store]\ntype = \"none\"\n"
-        ),
-    )
-    .unwrap();
-    let out = Command::new(bin)
+/// Runs `flowgate run` on `config` (TOML text written into `dir` as `name.toml`), with
+/// `extra` arguments, to its end; fails unless it succeeds. Returns its standard output.
+fn run_to_end(dir: &Path, name: &str, config: &str, extra: &[&str]) -> String {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(BIN)
         .args(["run", "-c"])
-        .arg(&produce)
+        .arg(&path)
+        .args(extra)
         .env("FLOWGATE_LOG", "warn")
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "producing failed: {}",
+        "{name} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let total = PARTITIONS * PER_PARTITION;
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Fills `topic` with the CLI itself (generator → Kafka sink): `PARTITIONS × PER_PARTITION`
+/// records with distinct payloads.
+fn produce(dir: &Path, bootstrap: &str, topic: &str) -> u64 {
+    run_to_end(
+        dir,
+        "produce",
+        &format!(
+            "name = \"crash-produce\"\n[source]\ntype = \"generator\"\npartitions = {PARTITIONS}\nrecords_per_partition = {PER_PARTITION}\n\
+             [sink]\ntype = \"kafka\"\nbootstrap_servers = \"{bootstrap}\"\ntopic = \"{topic}\"\n[store]\ntype = \"none\"\n"
+        ),
+        &[],
+    );
+    PARTITIONS * PER_PARTITION
+}
+
+/// Starts `flowgate run` on `config` `KILLS` times and SIGKILLs it each time after 0.8–1.6 s,
+/// checking that it was still working.
+fn kill_loop(config: &Path, seed: u64) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let started = Instant::now();
+    for _ in 0..KILLS {
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "kill loop took too long"
+        );
+        let log = config.with_extension("log");
+        let mut child = Command::new(BIN)
+            .args(["run", "-c"])
+            .arg(config)
+            .env("FLOWGATE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.u64(800..1600)));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the pipeline exited on its own: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+/// The count after `in ` in a run's summary line.
+fn records_in(summary: &str) -> u64 {
+    summary
+        .split("in ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no input count in the summary: {summary}"))
+}
+
+#[test]
+fn sigkill_loop_against_kafka_loses_nothing() {
+    let bootstrap = env("FLOWGATE_TEST_KAFKA_BOOTSTRAP");
+    let classpath = env("FLOWGATE_TEST_KAFKA_CLASSPATH");
+    let bin = BIN;
+    let dir = tempfile::tempdir().unwrap();
+    let nanos = nanos();
+    let topic = format!("crash-{nanos}");
+    let group = format!("crash-group-{nanos}");
+    let total = produce(dir.path(), &bootstrap, &topic);
 
     let jsonl = dir.path().join("out.jsonl");
     let consume = dir.path().join("consume.toml");
@@ -70,29 +134,7 @@ fn sigkill_loop_against_kafka_loses_nothing() {
         ),
     )
     .unwrap();
-    let mut rng = fastrand::Rng::with_seed(11);
-    let started = Instant::now();
-    for _ in 0..KILLS {
-        assert!(
-            started.elapsed() < Duration::from_secs(180),
-            "kill loop took too long"
-        );
-        let mut child = Command::new(bin)
-            .args(["run", "-c"])
-            .arg(&consume)
-            .env("FLOWGATE_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.u64(800..1600)));
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the consumer exited on its own"
-        );
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
+    kill_loop(&consume, 11);
     let written_before_final = JsonLinesSink::read(&jsonl).map(|r| r.len()).unwrap_or(0);
     assert!(
         written_before_final > 0 && (written_before_final as u64) < total,
@@ -178,4 +220,102 @@ fn sigkill_loop_against_kafka_loses_nothing() {
         duplicates <= KILLS * 4 * 100,
         "duplicates beyond the documented window"
     );
+}
+
+/// Kafka→Kafka through the transactional sink, SIGKILLed `KILLS` times mid-stream: each
+/// restart's producer fences its predecessor and aborts the transaction it left open, and the
+/// consumed offsets commit inside the transactions, so a read_committed reader of the output
+/// sees every input record exactly once.
+#[test]
+fn sigkill_loop_through_the_transactional_bridge_is_exactly_once() {
+    let bootstrap = env("FLOWGATE_TEST_KAFKA_BOOTSTRAP");
+    let dir = tempfile::tempdir().unwrap();
+    let nanos = nanos();
+    let (input, output) = (format!("bridge-in-{nanos}"), format!("bridge-out-{nanos}"));
+    let total = PARTITIONS * PER_PARTITION;
+    produce_distinct(&bootstrap, &input, total);
+    // Small batches: one transaction each, so the bridge is still working when killed.
+    let bridge = format!(
+        "name = \"bridge-{nanos}\"\n\
+         [source]\ntype = \"kafka\"\nbootstrap_servers = \"{bootstrap}\"\ntopics = [\"{input}\"]\n\
+         group_instance_id = \"bridge-member\"\nsession_timeout = \"10s\"\n\
+         [sink]\ntype = \"kafka\"\nbootstrap_servers = \"{bootstrap}\"\ntopic = \"{output}\"\n\
+         transactional_id = \"bridge-{nanos}\"\ntransaction_timeout = \"10s\"\n\
+         [store]\ntype = \"none\"\n\
+         [runtime]\nmax_in_flight_per_partition = 200\n[runtime.batch]\nmax_records = 20\n"
+    );
+    let bridge_path = dir.path().join("bridge.toml");
+    std::fs::write(&bridge_path, &bridge).unwrap();
+    kill_loop(&bridge_path, 17);
+    let last = run_to_end(dir.path(), "bridge", &bridge, &["--duration", "30s"]);
+    let finished = records_in(&last);
+    assert!(
+        finished > 0 && finished < total,
+        "the kills must interrupt real work (the final run read {finished} of {total}): {last}"
+    );
+
+    let (committed, seen) = read_output(&bootstrap, &output, "read_committed");
+    let (uncommitted, _) = read_output(&bootstrap, &output, "read_uncommitted");
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    eprintln!(
+        "kafka/bridge-crash: {KILLS} SIGKILLs, {total} records, the final run read {finished}; \
+         read_committed: {committed} records, {} distinct, {duplicates} duplicates; \
+         read_uncommitted: {uncommitted} (aborted writes included)",
+        seen.len()
+    );
+    assert_eq!(seen.len() as u64, total, "every input record in the output");
+    assert_eq!(duplicates, 0, "exactly once");
+}
+
+/// Writes `total` records with distinct payloads (`r0`, `r1`, …) to `topic`.
+fn produce_distinct(bootstrap: &str, topic: &str, total: u64) {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let producer: ThreadedProducer<DefaultProducerContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    for i in 0..total {
+        let payload = format!("r{i}");
+        let key = format!("k{}", i % 64);
+        let mut record = BaseRecord::to(topic).key(&key).payload(&payload);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// Reads `topic` to its end at `isolation`: how many records, and how often each payload.
+fn read_output(bootstrap: &str, topic: &str, isolation: &str) -> (usize, BTreeMap<String, usize>) {
+    use rdkafka::Message;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("bridge-read-{}", nanos()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", isolation)
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut count = 0;
+    let mut idle = Instant::now();
+    while idle.elapsed() < Duration::from_secs(5) {
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            let m = m.unwrap();
+            let payload = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
+            *seen.entry(payload).or_default() += 1;
+            count += 1;
+            idle = Instant::now();
+        }
+    }
+    (count, seen)
 }

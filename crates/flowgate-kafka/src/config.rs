@@ -103,7 +103,7 @@ pub struct KafkaSinkConfig {
     /// A header naming the topic per record (routing), checked before `topic`.
     pub topic_header: Option<String>,
     /// `message.timeout.ms`: how long librdkafka retries a delivery before reporting it
-    /// failed. Default 30 s.
+    /// failed. Default 30 s; with `transactional_id`, at most `transaction_timeout`.
     #[serde(with = "humantime_serde")]
     pub delivery_timeout: Duration,
     /// Largest record; a larger one is poison. Default 1,000,000 bytes (the broker's default

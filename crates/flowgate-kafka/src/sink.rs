@@ -39,13 +39,26 @@ impl KafkaSink {
             )
             .with_context("key", "sink.topic"));
         }
+        // librdkafka refuses a transactional producer whose deliveries may outlive its
+        // transactions: a shorter transaction timeout shortens the delivery timeout too.
+        let delivery_timeout = match &cfg.transactional_id {
+            Some(_) if cfg.transaction_timeout < cfg.delivery_timeout => {
+                tracing::info!(
+                    delivery_timeout = ?cfg.delivery_timeout,
+                    transaction_timeout = ?cfg.transaction_timeout,
+                    "kafka sink: delivery_timeout lowered to transaction_timeout"
+                );
+                cfg.transaction_timeout
+            }
+            _ => cfg.delivery_timeout,
+        };
         let mut cc = ClientConfig::new();
         cc.set("bootstrap.servers", &cfg.bootstrap_servers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set(
                 "message.timeout.ms",
-                cfg.delivery_timeout.as_millis().to_string(),
+                delivery_timeout.as_millis().to_string(),
             )
             .set("linger.ms", cfg.linger.as_millis().to_string())
             .set(
@@ -352,4 +365,23 @@ fn delivery_error(e: KafkaError) -> Error {
         return Error::fatal(err.to_string());
     }
     err
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A transaction timeout below the delivery timeout is a valid setting: the delivery
+    /// timeout follows it instead of librdkafka refusing the producer.
+    #[test]
+    fn a_short_transaction_timeout_shortens_the_delivery_timeout() {
+        let sink = KafkaSink::new(KafkaSinkConfig {
+            topic: Some("t".into()),
+            transactional_id: Some("tx".into()),
+            transaction_timeout: std::time::Duration::from_secs(10),
+            ..Default::default()
+        });
+        assert!(sink.is_ok(), "{:?}", sink.err());
+    }
 }
