@@ -440,19 +440,52 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
             .args(["fill", &topic, &n])
             .envs(env.iter().cloned()),
     )?;
-    let modes = ["raw", "flowgate", "flowgate-dedup"];
-    let rates = interleaved(bin, &modes, rounds, &env, |_| topic.clone(), &n)?;
-    let raw = median(&rates[0]);
+    // `@N`: the source's prefetch_records (librdkafka's queued.min.messages) set to N.
+    let modes = [
+        "raw",
+        "raw-tuned",
+        "raw-stream",
+        "flowgate",
+        "flowgate-dedup",
+        "flowgate@30000",
+    ];
+    let runs = interleaved_fields(bin, &modes, rounds, &env, |_| topic.clone(), &n)?;
+    // Fields: rate (creation → last record), steady rate (first → last), seconds to the first
+    // record, CPU µs per record.
+    let col = |i: usize, f: usize| {
+        median(
+            &runs[i]
+                .iter()
+                .map(|r| r.get(f).copied().unwrap_or(f64::NAN))
+                .collect::<Vec<_>>(),
+        )
+    };
     println!(
-        "\n| mode ({records} records of 100 bytes, 4 partitions) | records/s (median of {rounds}) | vs raw loop |"
+        "\n| mode ({records} records of 100 bytes, 4 partitions; medians of {rounds}) | records/s | vs raw | first → last record, records/s | vs raw | CPU µs/record | vs raw |"
     );
-    println!("|---|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
     for (i, mode) in modes.iter().enumerate() {
-        let m = median(&rates[i]);
-        println!("| {mode} | {m:.0} | {:.3} |", m / raw);
+        println!(
+            "| {mode} | {:.0} | {:.3} | {:.0} | {:.3} | {:.2} | {:.2} |",
+            col(i, 0),
+            col(i, 0) / col(0, 0),
+            col(i, 1),
+            col(i, 1) / col(0, 1),
+            col(i, 3),
+            col(i, 3) / col(0, 3)
+        );
     }
+    // The bench's topics hold gigabytes (10 M records for the memory runs): gone afterwards.
+    let drop_topics = || {
+        output(
+            Command::new(bin)
+                .args(["drop", &topic, "0"])
+                .envs(env.iter().cloned()),
+        )
+        .map(|_| ())
+    };
     if rest.contains(&"--throughput-only") {
-        return Ok(());
+        return drop_topics();
     }
     // Memory: a producer at 400,000 records/s outruns a sink at 40,000 records/s until the
     // backlog holds `rss_records`; the consumer's RSS is sampled every 100 ms.
@@ -463,15 +496,16 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
         .unwrap_or(10_000_000);
     println!("\n| slow sink (producer 400,000/s, sink 40,000/s) | result |");
     println!("|---|---|");
-    for (label, inflight) in [
-        ("runtime defaults", "10000"),
-        ("max_in_flight_per_partition = 2000", "2000"),
+    for (label, mode, inflight) in [
+        ("runtime defaults", "slow-rss", "10000"),
+        ("max_in_flight_per_partition = 2000", "slow-rss", "2000"),
+        ("prefetch_records = 30000", "slow-rss@30000", "10000"),
     ] {
         let out = output(
             Command::new(bin)
                 .args([
-                    "slow-rss",
-                    &format!("{topic}-rss-{inflight}"),
+                    mode,
+                    &format!("{topic}-rss-{inflight}-{}", label.len()),
                     &rss_records.to_string(),
                     "400000",
                 ])
@@ -506,7 +540,7 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
         }
         println!("| {rate}/s | {} | {:.0} |", runs.join(", "), median(&p99s));
     }
-    Ok(())
+    drop_topics()
 }
 
 fn bench_rabbitmq(rest: &[&str]) -> Result<(), String> {
@@ -697,7 +731,23 @@ fn interleaved(
     target: impl Fn(usize) -> String,
     n: &str,
 ) -> Result<Vec<Vec<f64>>, String> {
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    Ok(interleaved_fields(bin, modes, rounds, env, target, n)?
+        .into_iter()
+        .map(|runs| runs.iter().map(|fields| fields[0]).collect())
+        .collect())
+}
+
+/// Like [`interleaved`], keeping every number a run prints from its rate on (`mode records
+/// seconds rate …`): per mode, per round, the fields.
+fn interleaved_fields(
+    bin: &str,
+    modes: &[&str],
+    rounds: usize,
+    env: &[(String, String)],
+    target: impl Fn(usize) -> String,
+    n: &str,
+) -> Result<Vec<Vec<Vec<f64>>>, String> {
+    let mut runs: Vec<Vec<Vec<f64>>> = vec![Vec::new(); modes.len()];
     for round in 0..rounds {
         let target = target(round);
         for (i, mode) in modes.iter().enumerate() {
@@ -706,20 +756,23 @@ fn interleaved(
                     .args([*mode, target.as_str(), n])
                     .envs(env.iter().cloned()),
             )?;
-            let rate: f64 = out
+            let fields: Vec<f64> = out
                 .split_whitespace()
-                .nth(3)
-                .and_then(|r| r.parse().ok())
-                .ok_or(format!("bad output {out:?}"))?;
+                .skip(3)
+                .map_while(|f| f.parse().ok())
+                .collect();
+            let Some(rate) = fields.first().copied() else {
+                return Err(format!("bad output {out:?}"));
+            };
             let extra: Vec<&str> = out.split_whitespace().skip(4).collect();
             eprintln!(
-                "    round {round} {mode:<20} {rate:>12.0} per second {}",
+                "    round {round} {mode:<22} {rate:>12.0} per second {}",
                 extra.join(" ")
             );
-            rates[i].push(rate);
+            runs[i].push(fields);
         }
     }
-    Ok(rates)
+    Ok(runs)
 }
 
 fn median(v: &[f64]) -> f64 {

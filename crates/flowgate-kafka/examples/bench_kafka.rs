@@ -4,15 +4,23 @@
 //! ```text
 //! bench_kafka fill TOPIC RECORDS            create a 4-partition topic, produce 100-byte records
 //! bench_kafka raw TOPIC RECORDS             BaseConsumer loop: count, commit at the end
+//! bench_kafka raw-tuned TOPIC RECORDS       the same with `fetch.queue.backoff.ms` = 10 ms
+//! bench_kafka raw-stream TOPIC RECORDS      the same with a StreamConsumer (async stream)
 //! bench_kafka flowgate TOPIC RECORDS        KafkaSource -> null sink, checkpoints every 1000
 //! bench_kafka flowgate-dedup TOPIC RECORDS  the same with dedup by source position
 //! bench_kafka produce TOPIC RECORDS RATE [stamp]  paced producer (stamp: send time in payload)
 //! bench_kafka slow-rss TOPIC RECORDS RATE   peak RSS while a producer at RATE outruns a sink
 //!                                           at RATE/10 (backlog grows to RECORDS)
 //! bench_kafka latency TOPIC RATE SECONDS    end-to-end latency at RATE records/s
+//! bench_kafka drop PREFIX 0                 delete every topic whose name starts with PREFIX
 //! ```
-//! Prints `mode records seconds records_per_second`, seconds from the client's creation to the last
-//! record (group join included, close excluded). Bootstrap: FLOWGATE_TEST_KAFKA_BOOTSTRAP.
+//! A flowgate mode (and `slow-rss`) may end in `@N`: the source's `prefetch_records` set to N.
+//!
+//! Prints `mode records seconds records_per_second steady_records_per_second
+//! seconds_to_first_record cpu_us_per_record`: seconds from the client's creation to the last
+//! record (group join included, close excluded), the rate from the first record to the last,
+//! and the process's CPU time (user + system) per record. Bootstrap:
+//! FLOWGATE_TEST_KAFKA_BOOTSTRAP.
 //!
 //! Knobs for investigating (environment): `BENCH_PROPS=k=v,…` librdkafka properties of the
 //! flowgate source, `BENCH_RAW_PROPS=k=v,…` of the raw loop, `BENCH_QKB` the source's
@@ -44,6 +52,37 @@ fn group(mode: &str) -> String {
         .map(|d| d.as_nanos())
         .unwrap_or_default();
     format!("bench-{mode}-{nanos}")
+}
+
+/// Deletes every topic whose name starts with `prefix` (the bench's topics hold gigabytes).
+async fn drop_topics(prefix: &str) -> u64 {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .expect("admin");
+    let metadata = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))
+        .expect("metadata");
+    let names: Vec<String> = metadata
+        .topics()
+        .iter()
+        .map(|t| t.name().to_string())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    if !refs.is_empty() {
+        for r in admin
+            .delete_topics(&refs, &AdminOptions::new())
+            .await
+            .expect("delete topics")
+        {
+            if let Err((name, e)) = r {
+                eprintln!("cannot delete {name}: {e}");
+            }
+        }
+    }
+    refs.len() as u64
 }
 
 async fn create_topic(topic: &str) {
@@ -99,12 +138,17 @@ async fn fill(topic: &str, records: u64) {
     producer.flush(Duration::from_secs(30)).expect("flush");
 }
 
-fn raw(started: Instant, topic: &str, records: u64) -> (u64, Duration) {
+fn raw(started: Instant, topic: &str, records: u64, tuned: bool) -> Run {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", bootstrap())
         .set("group.id", group("raw"))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest");
+    if tuned {
+        // The source's own fetch tuning: librdkafka's default backoff (1 s) idles a consumer
+        // whose prefetch filled, which makes the default loop's rate erratic.
+        cc.set("fetch.queue.backoff.ms", "10");
+    }
     if let Ok(list) = std::env::var("BENCH_RAW_PROPS") {
         for kv in list.split(',') {
             if let Some((k, v)) = kv.split_once('=') {
@@ -115,10 +159,12 @@ fn raw(started: Instant, topic: &str, records: u64) -> (u64, Duration) {
     let consumer: BaseConsumer = cc.create().expect("consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
     let mut n = 0;
+    let mut first = None;
     while n < records {
         if let Some(m) = consumer.poll(Duration::from_millis(100)) {
             m.expect("message");
             n += 1;
+            first.get_or_insert_with(|| started.elapsed());
         }
     }
     let done = started.elapsed();
@@ -126,8 +172,72 @@ fn raw(started: Instant, topic: &str, records: u64) -> (u64, Duration) {
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         eprintln!("raw: final commit: {e}");
     }
-    (n, done)
+    Run::new(n, first, done)
 }
+
+/// The raw loop with rust-rdkafka's `StreamConsumer` (messages as an async stream), to
+/// compare with `BaseConsumer`'s poll loop.
+async fn raw_stream(started: Instant, topic: &str, records: u64) -> Run {
+    use futures_util::StreamExt;
+    use rdkafka::consumer::StreamConsumer;
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", group("raw-stream"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut n = 0;
+    let mut first = None;
+    {
+        let mut stream = consumer.stream();
+        while n < records {
+            match stream.next().await {
+                Some(m) => {
+                    m.expect("message");
+                    n += 1;
+                    first.get_or_insert_with(|| started.elapsed());
+                }
+                None => break,
+            }
+        }
+    }
+    let done = started.elapsed();
+    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+        eprintln!("raw-stream: final commit: {e}");
+    }
+    Run::new(n, first, done)
+}
+
+/// A measured run: records, when the first arrived, when the last did (from the client's
+/// creation).
+struct Run {
+    records: u64,
+    first: Duration,
+    last: Duration,
+}
+
+impl Run {
+    fn new(records: u64, first: Option<Duration>, last: Duration) -> Self {
+        Run {
+            records,
+            first: first.unwrap_or(last),
+            last,
+        }
+    }
+}
+
+/// A number from the environment (an investigation knob), else `default`.
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `prefetch_records` of the source, from a mode's `@N` suffix.
+static PREFETCH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 
 /// The source's configuration, with the investigation knobs applied.
 fn source_config(topic: &str) -> KafkaSourceConfig {
@@ -145,16 +255,13 @@ fn source_config(topic: &str) -> KafkaSourceConfig {
     if let Some(kb) = std::env::var("BENCH_QKB").ok().and_then(|v| v.parse().ok()) {
         cfg.queued_max_messages_kbytes = kb;
     }
+    if let Some(n) = PREFETCH.get() {
+        cfg.prefetch_records = *n;
+    }
     cfg
 }
 
-async fn flowgate(
-    started: Instant,
-    topic: &str,
-    records: u64,
-    dedup: bool,
-    store_on: bool,
-) -> (u64, Duration) {
+async fn flowgate(started: Instant, topic: &str, records: u64, dedup: bool, store_on: bool) -> Run {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(EmbeddedStore::open_dir(dir.path()).await.expect("store"));
     let sink = NullSink::default();
@@ -169,6 +276,11 @@ async fn flowgate(
                     .unwrap_or(1000),
                 ..Default::default()
             },
+            batch: flowgate_runtime::BatchSettings {
+                max_records: env_or("BENCH_BATCH", 500),
+                ..Default::default()
+            },
+            max_in_flight_per_partition: env_or("BENCH_INFLIGHT", 10_000),
             ..Default::default()
         });
     if store_on {
@@ -198,7 +310,11 @@ async fn flowgate(
             }
         });
     }
+    let mut first = None;
     while sink.records() < records {
+        if first.is_none() && sink.records() > 0 {
+            first = Some(started.elapsed());
+        }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let done = started.elapsed();
@@ -206,11 +322,11 @@ async fn flowgate(
     trigger.trigger();
     run.await.expect("join").expect("run");
     eprintln!("shutdown took {:?}", t0.elapsed());
-    (sink.records(), done)
+    Run::new(sink.records(), first, done)
 }
 
 /// The source alone, driven like the runtime would with unlimited credit.
-async fn source_only(started: Instant, topic: &str, records: u64) -> (u64, Duration) {
+async fn source_only(started: Instant, topic: &str, records: u64) -> Run {
     use flowgate_core::{Credits, Source, SourceContext, SourceEvent, StartPosition};
     let mut source = KafkaSource::new(source_config(topic)).expect("source");
     let credits = Credits::new();
@@ -219,6 +335,7 @@ async fn source_only(started: Instant, topic: &str, records: u64) -> (u64, Durat
         .await
         .expect("open");
     let mut n = 0;
+    let mut first = None;
     while n < records {
         match source.next().await.expect("next") {
             SourceEvent::Assigned(a) => {
@@ -237,13 +354,33 @@ async fn source_only(started: Instant, topic: &str, records: u64) -> (u64, Durat
                     .await
                     .expect("start");
             }
-            SourceEvent::Records(rs) => n += rs.len() as u64,
+            SourceEvent::Records(rs) => {
+                first.get_or_insert_with(|| started.elapsed());
+                n += rs.len() as u64;
+            }
             _ => {}
         }
     }
     let done = started.elapsed();
     source.close().await.expect("close");
-    (n, done)
+    Run::new(n, first, done)
+}
+
+/// CPU time (user + system) this process used so far, from `/proc/self/stat` (clock ticks
+/// of 10 ms: the runs are long enough for that to be noise).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn now_nanos() -> u64 {
@@ -498,7 +635,11 @@ fn main() {
             .with_writer(std::io::stderr)
             .init();
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some((mode, prefetch)) = args.first().and_then(|m| m.split_once('@')) {
+        let _ = PREFETCH.set(prefetch.parse().expect("a prefetch after @"));
+        args[0] = mode.to_string();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -522,16 +663,20 @@ fn main() {
         [m, t, n] => (m.as_str(), t.as_str(), n.parse::<u64>().expect("RECORDS")),
         _ => panic!("usage: see the module documentation of bench_kafka"),
     };
+
     // From the client's creation to the last record (group join included, close excluded:
-    // the same for every mode).
+    // the same for every mode); and from the first record to the last (the steady rate).
     let started = Instant::now();
-    let (n, took) = rt.block_on(async {
+    let run = rt.block_on(async {
         match mode {
             "fill" => {
                 fill(topic, records).await;
-                (records, started.elapsed())
+                Run::new(records, None, started.elapsed())
             }
-            "raw" => raw(started, topic, records),
+            "drop" => Run::new(drop_topics(topic).await, None, started.elapsed()),
+            "raw" => raw(started, topic, records, false),
+            "raw-tuned" => raw(started, topic, records, true),
+            "raw-stream" => raw_stream(started, topic, records).await,
             "flowgate" => flowgate(started, topic, records, false, true).await,
             "flowgate-dedup" => flowgate(started, topic, records, true, true).await,
             "flowgate-nostore" => flowgate(started, topic, records, false, false).await,
@@ -539,6 +684,15 @@ fn main() {
             other => panic!("unknown mode {other}"),
         }
     });
-    let secs = took.as_secs_f64();
-    println!("{mode} {n} {secs:.3} {:.0}", n as f64 / secs);
+    let secs = run.last.as_secs_f64();
+    let steady = (run.last - run.first).as_secs_f64().max(1e-3);
+    // `mode records seconds rate steady-rate seconds-to-first-record cpu-µs-per-record`
+    println!(
+        "{mode} {} {secs:.3} {:.0} {:.0} {:.3} {:.3}",
+        run.records,
+        run.records as f64 / secs,
+        run.records.saturating_sub(1) as f64 / steady,
+        run.first.as_secs_f64(),
+        cpu_seconds() * 1e6 / run.records.max(1) as f64
+    );
 }

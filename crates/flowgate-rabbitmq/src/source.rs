@@ -657,8 +657,9 @@ fn stream_offset(d: &Delivery) -> Option<u64> {
 const PROBE_IDLE: Duration = Duration::from_millis(100);
 /// A stream lag reading takes at most this long (a producer may keep the chunk growing).
 const PROBE_MAX: Duration = Duration::from_secs(1);
-/// Unacknowledged messages a stream lag reading may hold: bounds its memory.
-const PROBE_PREFETCH: u16 = 100;
+/// Unacknowledged messages a stream lag reading may hold: bounds its memory (it needs the
+/// offsets, but AMQP sends whole messages). A stream may overshoot it by part of a chunk.
+const PROBE_PREFETCH: u16 = 16;
 
 /// Aborts a task when dropped (a session that ends takes its lag probe along).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
