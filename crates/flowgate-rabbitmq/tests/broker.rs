@@ -273,17 +273,17 @@ async fn tls_publish_and_consume_with_the_rigs_ca() {
     assert!(err.to_string().contains("sink.tls"), "{err}");
 }
 
-/// A sink 10× slower than the backlog: the broker never has more unacknowledged messages
+/// A sink 10× slower than the producer: the broker never has more unacknowledged messages
 /// (read from the broker's management API) than the runtime's in-flight limit, which lowers
 /// the configured prefetch (300 → 100); the runtime stays within its budget; the queue depth
-/// is the lag and it is reported; everything arrives in the end.
+/// is the lag, reported growing while the producer runs; everything arrives in the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_sink_holds_no_more_than_the_prefetch() {
     slow_sink(QueueType::Classic, 300, 100).await;
 }
 
 /// The same on a stream (prefetch 100 under an in-flight limit of 500): the lag is the
-/// distance to the stream's end, and it shrinks to 0.
+/// distance to the stream's end; it grows, then shrinks to 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_sink_on_a_stream_reports_the_distance_to_its_end() {
     slow_sink(QueueType::Stream, 100, 500).await;
@@ -295,7 +295,21 @@ async fn slow_sink(kind: QueueType, prefetch: u16, max_in_flight: usize) {
     declare(&ch, &queue, kind).await;
     conn.close(200, "done".into()).await.unwrap();
     let total = 8_000usize;
-    publish(&queue, (0..total).map(|i| format!("m{i}"))).await;
+    // 1,000 now, the rest at ~10,000/s while the sink takes 1,000/s: the lag grows.
+    publish(&queue, (0..1_000).map(|i| format!("m{i}"))).await;
+    let producer = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            for chunk in 1..total / 1_000 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                publish(
+                    &queue,
+                    (chunk * 1_000..(chunk + 1) * 1_000).map(|i| format!("m{i}")),
+                )
+                .await;
+            }
+        })
+    };
     let sink = MemorySink::new();
     let pipeline = Pipeline::builder(unique("slow-pipeline"))
         .source(
@@ -363,10 +377,12 @@ async fn slow_sink(kind: QueueType, prefetch: u16, max_in_flight: usize) {
         peak_in_flight <= bound,
         "in flight {peak_in_flight} > {bound}"
     );
+    producer.await.unwrap();
     let max_lag = lags.iter().copied().max().unwrap_or(0);
+    let first_lag = lags.iter().copied().find(|l| *l > 0).unwrap_or(0);
     assert!(
-        max_lag >= (total as u64) / 2,
-        "the backlog must be reported as lag: {lags:?}"
+        max_lag >= (total as u64) / 2 && max_lag >= first_lag + (total as u64) / 4,
+        "the backlog must be reported as lag, growing while the producer outruns the sink: {lags:?}"
     );
     if kind == QueueType::Classic {
         // The management API's figures are refreshed every `collect_statistics_interval`
@@ -388,7 +404,7 @@ async fn slow_sink(kind: QueueType, prefetch: u16, max_in_flight: usize) {
     seen.dedup();
     assert_eq!(seen.len(), total, "nothing lost");
     eprintln!(
-        "rabbitmq/slow ({kind:?}): {total} messages, sink at 1000/s, prefetch {prefetch}, in-flight limit {max_in_flight}: peak in flight {peak_in_flight}, broker's unacknowledged {unacked:?}, lag reported up to {max_lag}, peak buffer {} KiB; {:?}",
+        "rabbitmq/slow ({kind:?}): {total} messages, sink at 1000/s, prefetch {prefetch}, in-flight limit {max_in_flight}: peak in flight {peak_in_flight}, broker's unacknowledged {unacked:?}, lag reported from {first_lag} up to {max_lag}, peak buffer {} KiB; {:?}",
         summary.stats.peak_buffer_bytes / 1024,
         summary.elapsed
     );
