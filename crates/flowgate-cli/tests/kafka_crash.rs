@@ -110,7 +110,6 @@ fn records_in(summary: &str) -> u64 {
 fn sigkill_loop_against_kafka_loses_nothing() {
     let bootstrap = env("FLOWGATE_TEST_KAFKA_BOOTSTRAP");
     let classpath = env("FLOWGATE_TEST_KAFKA_CLASSPATH");
-    let bin = BIN;
     let dir = tempfile::tempdir().unwrap();
     let nanos = nanos();
     let topic = format!("crash-{nanos}");
@@ -119,21 +118,18 @@ fn sigkill_loop_against_kafka_loses_nothing() {
 
     let jsonl = dir.path().join("out.jsonl");
     let consume = dir.path().join("consume.toml");
-    std::fs::write(
-        &consume,
-        format!(
-            "name = \"{group}\"\n\
+    let consume_cfg = format!(
+        "name = \"{group}\"\n\
              [source]\ntype = \"kafka\"\nbootstrap_servers = \"{bootstrap}\"\ntopics = [\"{topic}\"]\n\
              group_instance_id = \"crash-member\"\nsession_timeout = \"10s\"\n\
              [sink]\ntype = \"jsonl\"\npath = \"{}\"\nfaults = {{ capacity_per_sec = 1000 }}\n\
              [store]\ntype = \"embedded\"\npath = \"{}\"\n\
              [dedup]\nkey = \"source_position\"\n\
              [runtime]\nmax_in_flight_per_partition = 500\n[runtime.batch]\nmax_records = 100\n[runtime.commit]\nevery_records = 200\nevery = \"100ms\"\n",
-            jsonl.display(),
-            dir.path().join("data").display()
-        ),
-    )
-    .unwrap();
+        jsonl.display(),
+        dir.path().join("data").display()
+    );
+    std::fs::write(&consume, &consume_cfg).unwrap();
     kill_loop(&consume, 11);
     let written_before_final = JsonLinesSink::read(&jsonl).map(|r| r.len()).unwrap_or(0);
     assert!(
@@ -141,18 +137,7 @@ fn sigkill_loop_against_kafka_loses_nothing() {
         "the kills must interrupt real work ({written_before_final} of {total})"
     );
     // Final run: long enough to catch up, then a clean drain.
-    let out = Command::new(bin)
-        .args(["run", "-c"])
-        .arg(&consume)
-        .args(["--duration", "25s"])
-        .env("FLOWGATE_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "final run failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let last = run_to_end(dir.path(), "consume", &consume_cfg, &["--duration", "25s"]);
 
     // Kafka's own tool: everything committed, lag 0; the log-end offsets say what exists
     // (records spread over partitions by key, not evenly).
@@ -208,7 +193,7 @@ fn sigkill_loop_against_kafka_loses_nothing() {
     assert!(
         missing.is_empty(),
         "records lost: {missing:?}; final run: {}",
-        String::from_utf8_lossy(&out.stdout)
+        last
     );
     assert_eq!(seen.len() as u64, total);
     let duplicates = records.len() - seen.len();

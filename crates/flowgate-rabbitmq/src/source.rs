@@ -359,8 +359,7 @@ impl Driver {
     }
 
     fn push(&self, ev: SourceEvent) {
-        lock(&self.shared).events.push_back(ev);
-        self.notify.notify_one();
+        push_event(&self.shared, &self.notify, ev);
     }
 
     async fn run(mut self, first: Connection) {
@@ -639,6 +638,12 @@ impl Driver {
     }
 }
 
+/// Queues an event for `next()` and wakes it.
+fn push_event(shared: &Mutex<Shared>, notify: &Notify, ev: SourceEvent) {
+    lock(shared).events.push_back(ev);
+    notify.notify_one();
+}
+
 /// A stream delivery's offset (its `x-stream-offset` header).
 fn stream_offset(d: &Delivery) -> Option<u64> {
     match d
@@ -706,16 +711,15 @@ impl LagProbe {
                 self.depth(&ch).await.map(Some)
             };
             match lag {
-                Ok(Some(lag)) => {
-                    lock(&self.shared)
-                        .events
-                        .push_back(SourceEvent::Lag(vec![LagSample {
-                            partition: self.partition.clone(),
-                            lag,
-                            unit: LagUnit::Records,
-                        }]));
-                    self.notify.notify_one();
-                }
+                Ok(Some(lag)) => push_event(
+                    &self.shared,
+                    &self.notify,
+                    SourceEvent::Lag(vec![LagSample {
+                        partition: self.partition.clone(),
+                        lag,
+                        unit: LagUnit::Records,
+                    }]),
+                ),
                 Ok(None) => {}
                 Err(e) => {
                     // The session's own channel sees the same failure and reconnects.
