@@ -222,6 +222,19 @@ impl EmbeddedStore {
         &self.path
     }
 
+    /// A table of the current snapshot, for reading.
+    fn read_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+        &self,
+        def: TableDefinition<'_, K, V>,
+        what: &'static str,
+    ) -> Result<redb::ReadOnlyTable<K, V>, Error> {
+        self.db
+            .begin_read()
+            .map_err(|e| storage(&self.path, "begin read", e))?
+            .open_table(def)
+            .map_err(|e| storage(&self.path, what, e))
+    }
+
     fn begin_write(&self) -> Result<WriteTransaction, Error> {
         let mut txn = self
             .db
@@ -289,10 +302,7 @@ impl EmbeddedStore {
     ) -> Result<Vec<T>, Error> {
         let pipeline = pipeline.to_string();
         self.blocking(move |s| {
-            let txn =
-                s.db.begin_read()
-                    .map_err(|e| storage(&s.path, "begin read", e))?;
-            let table = txn.open_table(def).map_err(|e| storage(&s.path, what, e))?;
+            let table = s.read_table(def, what)?;
             let lo = format!("{pipeline}\u{0}");
             let hi = format!("{pipeline}\u{1}");
             let mut out = Vec::new();
@@ -666,12 +676,7 @@ impl DedupStore for EmbeddedStore {
         let keys = keys.to_vec();
         self.blocking(move |s| {
             let now = now_ms();
-            let txn =
-                s.db.begin_read()
-                    .map_err(|e| storage(&s.path, "begin read", e))?;
-            let marks = txn
-                .open_table(MARKS)
-                .map_err(|e| storage(&s.path, "open dedup", e))?;
+            let marks = s.read_table(MARKS, "open dedup")?;
             keys.iter()
                 .map(|k| {
                     let mk = mark_key(&pipeline, k);
@@ -721,12 +726,7 @@ impl DedupStore for EmbeddedStore {
         let positions = positions.to_vec();
         self.blocking(move |s| {
             let now = now_ms();
-            let txn =
-                s.db.begin_read()
-                    .map_err(|e| storage(&s.path, "begin read", e))?;
-            let table = txn
-                .open_table(RANGES)
-                .map_err(|e| storage(&s.path, "open dedup ranges", e))?;
+            let table = s.read_table(RANGES, "open dedup ranges")?;
             // One scan per call, not one search per position: visit positions in order and
             // the ranges starting at or before each, keeping the furthest live `last`.
             let mut order: Vec<usize> = (0..positions.len()).collect();
@@ -777,6 +777,37 @@ impl DedupStore for EmbeddedStore {
                 out[ix] = furthest.is_some_and(|f| f >= p);
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn last_marked_position(
+        &self,
+        pipeline: &str,
+        partition: &PartitionId,
+    ) -> Result<Option<Position>, Error> {
+        let prefix = range_prefix(pipeline, partition);
+        self.blocking(move |s| {
+            let now = now_ms();
+            let table = s.read_table(RANGES, "open dedup ranges")?;
+            // The prefix ends in a 0 byte: the same prefix ending in 1 bounds its keys.
+            let mut end = prefix.clone();
+            if let Some(b) = end.last_mut() {
+                *b = 1;
+            }
+            // Ranges never overlap (see `mark_ranges_in`): walking back from the last one
+            // started, the first live range holds the highest live position.
+            let scan = table
+                .range::<&[u8]>(prefix.as_slice()..end.as_slice())
+                .map_err(|e| storage(&s.path, "scan dedup ranges", e))?;
+            for item in scan.rev() {
+                let (_, v) = item.map_err(|e| storage(&s.path, "scan dedup ranges", e))?;
+                let (exp, last) = s.decode_range_value(v.value())?;
+                if exp > now {
+                    return Ok(Some(last));
+                }
+            }
+            Ok(None)
         })
         .await
     }

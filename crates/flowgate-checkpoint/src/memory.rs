@@ -150,6 +150,24 @@ impl DedupStore for MemoryStore {
             .collect())
     }
 
+    async fn last_marked_position(
+        &self,
+        pipeline: &str,
+        partition: &PartitionId,
+    ) -> Result<Option<Position>, Error> {
+        let inner = self.lock();
+        let now = Instant::now();
+        Ok(inner
+            .ranges
+            .get(&(pipeline.to_string(), partition.clone()))
+            .and_then(|map| {
+                map.values()
+                    .filter(|(_, exp)| *exp > now)
+                    .map(|(last, _)| last.clone())
+                    .max()
+            }))
+    }
+
     async fn mark_ranges(
         &self,
         pipeline: &str,

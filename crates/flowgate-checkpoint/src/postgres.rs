@@ -671,6 +671,35 @@ impl DedupStore for PostgresStore {
             .collect())
     }
 
+    async fn last_marked_position(
+        &self,
+        pipeline: &str,
+        partition: &PartitionId,
+    ) -> Result<Option<Position>, Error> {
+        // `bytea` has no max(); ordered bytes sort like positions.
+        let row = retry!(self, "reading the last positional mark", |c| async {
+            Ok(c.query_opt(
+                "SELECT last FROM flowgate_dedup_ranges
+                     WHERE pipeline = $1 AND partition = $2 AND expires_at > now()
+                     ORDER BY last DESC LIMIT 1",
+                &[&pipeline, &partition.as_str()],
+            )
+            .await?)
+        })?;
+        let last: Option<Vec<u8>> = row.map(|r| r.get(0));
+        last.map(|b| {
+            Position::from_ordered_bytes(&b).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Corrupt,
+                    "postgres store: a positional dedup mark cannot be read",
+                )
+                .with_context("pipeline", pipeline)
+                .with_context("partition", partition)
+            })
+        })
+        .transpose()
+    }
+
     async fn mark_ranges(
         &self,
         pipeline: &str,

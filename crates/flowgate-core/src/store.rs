@@ -82,6 +82,24 @@ pub trait DedupStore: Send + Sync {
         ))
     }
 
+    /// The highest position of `partition` that a live range covers, `None` if no live range
+    /// does.
+    ///
+    /// The runtime asks once when a partition is assigned: a record delivered later, above
+    /// this position and above every record already delivered since, cannot carry a mark
+    /// (only an earlier owner could have written one), so it is not looked up. A store with
+    /// positional marks should implement it; without it every batch is looked up.
+    async fn last_marked_position(
+        &self,
+        pipeline: &str,
+        partition: &PartitionId,
+    ) -> Result<Option<Position>, Error> {
+        let _ = (pipeline, partition);
+        Err(Error::unsupported(
+            "this dedup store cannot tell its last positional mark",
+        ))
+    }
+
     /// Marks ranges of consecutive deliveries as applied, for at least `ttl`.
     async fn mark_ranges(
         &self,

@@ -491,6 +491,7 @@ async fn slow_rss(topic: &str, records: u64, rate: f64) {
     );
     let mut child = spawn_producer(topic, records, rate, false);
     let started = Instant::now();
+    let cpu0 = cpu_seconds();
     let mut samples: Vec<(f64, f64)> = Vec::new();
     while child.try_wait().expect("producer").is_none() {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -499,6 +500,7 @@ async fn slow_rss(topic: &str, records: u64, rate: f64) {
     // One more lag sample after the producer finished.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let s = stats.snapshot();
+    let cpu = cpu_seconds() - cpu0;
     let peak = samples.iter().map(|x| x.1).fold(0.0, f64::max);
     let quarter = |q: usize| {
         samples
@@ -506,7 +508,7 @@ async fn slow_rss(topic: &str, records: u64, rate: f64) {
             .map_or(0.0, |x| x.1)
     };
     println!(
-        "slow-rss produced={records} seconds={:.1} consumed={} lag={} peak_rss_mib={peak:.1} rss_mib_at_25_50_75_100={:.1},{:.1},{:.1},{:.1} peak_buffer_kib={}",
+        "slow-rss produced={records} seconds={:.1} consumed={} lag={} peak_rss_mib={peak:.1} rss_mib_at_25_50_75_100={:.1},{:.1},{:.1},{:.1} peak_buffer_kib={} cpu_percent={:.0}",
         started.elapsed().as_secs_f64(),
         s.records_out,
         s.lag,
@@ -515,6 +517,7 @@ async fn slow_rss(topic: &str, records: u64, rate: f64) {
         quarter(3),
         quarter(4),
         s.peak_buffer_bytes / 1024,
+        100.0 * cpu / started.elapsed().as_secs_f64(),
     );
     trigger.trigger();
     let _ = run.await;

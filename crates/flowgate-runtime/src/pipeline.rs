@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::aimd::Concurrency;
-use crate::dedup::KeyExtractor;
+use crate::dedup::{KeyExtractor, LookupFloor};
 use crate::metrics::{Metrics, PartitionMetrics};
 use crate::settings::{Ordering, OverflowPolicy, RuntimeSettings};
 use crate::shutdown::Shutdown;
@@ -423,6 +423,8 @@ struct Queued {
     seq: u64,
     record: Record,
     size: usize,
+    /// Positional dedup looks this record up in the store (see [`LookupFloor`]).
+    lookup: bool,
 }
 
 struct Part {
@@ -434,6 +436,8 @@ struct Part {
     lag: Option<(u64, Instant)>,
     lag_rate: f64,
     metrics: Option<PartitionMetrics>,
+    /// Which records positional dedup looks up.
+    lookup: LookupFloor,
 }
 
 impl Part {
@@ -654,6 +658,7 @@ impl State {
                     Checkpoint::new(a.partition.clone(), pos.clone()).with_fence(a.fence),
                 );
             }
+            let lookup = self.lookup_floor(&a.partition).await;
             let part = Part {
                 incarnation: self.next_incarnation,
                 fence: a.fence,
@@ -674,6 +679,7 @@ impl State {
                     a.partition.as_str(),
                     unit,
                 )),
+                lookup,
             };
             self.next_incarnation += 1;
             if self.partitions.insert(a.partition.clone(), part).is_none() {
@@ -686,6 +692,30 @@ impl State {
             });
         }
         source.start(starts).await
+    }
+
+    /// Where positional dedup starts looking records up for a newly assigned partition: at
+    /// the store's last mark for it. Every record is looked up if the store cannot tell.
+    async fn lookup_floor(&self, partition: &PartitionId) -> LookupFloor {
+        let (Some(store), true) = (&self.shared.dedup, self.shared.positional) else {
+            return LookupFloor::All;
+        };
+        let res = worker::retry_temporary(&self.settings.retry, "dedup last mark", || {
+            store.last_marked_position(&self.name, partition)
+        })
+        .await;
+        match res {
+            Ok(last) => {
+                tracing::debug!(pipeline = %self.name, %partition, last_mark = ?last, "positional dedup looks up records at or below the last mark");
+                LookupFloor::Through(last)
+            }
+            Err(e) => {
+                if e.kind() != ErrorKind::Unsupported {
+                    tracing::warn!(pipeline = %self.name, %partition, error = %e, "cannot read the last dedup mark; every record of the partition is looked up");
+                }
+                LookupFloor::All
+            }
+        }
     }
 
     fn revoke(&mut self, rev: Revocation) {
@@ -825,6 +855,7 @@ impl State {
         let budget = self.settings.max_buffer_bytes;
         let policy = self.settings.overflow;
         let lanes_mode = self.settings.ordering;
+        let positional = self.shared.positional;
         let mut current: Option<PartitionId> = None;
         let mut shed = 0u64;
         let mut touched: Vec<PartitionId> = Vec::new();
@@ -905,6 +936,7 @@ impl State {
                 }
                 _ => 0,
             };
+            let lookup = positional && part.lookup.lookup(&r.position);
             let lane = &mut part.lanes[lane_ix];
             if lane.queue.is_empty() {
                 lane.first_at = Some(now);
@@ -913,6 +945,7 @@ impl State {
                 seq,
                 record: r,
                 size,
+                lookup,
             });
             lane.queued_bytes += size;
             self.bytes += size;
@@ -1009,6 +1042,7 @@ impl State {
                     let mut records =
                         Vec::with_capacity(lane.queue.len().min(self.max_batch_records));
                     let mut seqs = Vec::with_capacity(records.capacity());
+                    let mut lookups = Vec::new();
                     let mut bytes = 0;
                     while let Some(q) = lane.queue.front() {
                         if !records.is_empty()
@@ -1021,6 +1055,9 @@ impl State {
                             break;
                         };
                         bytes += q.size;
+                        if q.lookup {
+                            lookups.push(records.len());
+                        }
                         seqs.push(q.seq);
                         records.push(q.record);
                     }
@@ -1038,6 +1075,7 @@ impl State {
                         lane: li,
                         seqs,
                         records,
+                        lookups,
                         bytes,
                     };
                     tokio::spawn(worker::run(self.shared.clone(), batch));

@@ -52,6 +52,9 @@ pub(crate) struct Batch {
     pub(crate) lane: usize,
     pub(crate) seqs: Vec<u64>,
     pub(crate) records: Vec<Record>,
+    /// Positional dedup: indices of the records to look up in the store (the others are
+    /// above anything marked; see `LookupFloor`).
+    pub(crate) lookups: Vec<usize>,
     pub(crate) bytes: usize,
 }
 
@@ -197,6 +200,7 @@ pub(crate) async fn run(shared: Arc<Shared>, batch: Batch) {
         lane,
         seqs,
         records,
+        lookups,
         bytes,
     } = batch;
     let mut guard = Guard {
@@ -207,11 +211,10 @@ pub(crate) async fn run(shared: Arc<Shared>, batch: Batch) {
     let mut out = Outcome::default();
     let result = process(
         &shared,
-        &partition,
-        incarnation,
-        lane,
+        (&partition, incarnation, lane),
         &seqs,
         records,
+        &lookups,
         &mut out,
     )
     .await;
@@ -237,13 +240,15 @@ struct Outcome {
     rejects: Vec<(Record, Error)>,
 }
 
+/// `(partition, incarnation, lane)`: the lane a batch came from.
+type LaneRef<'a> = (&'a PartitionId, u64, usize);
+
 async fn process(
     shared: &Arc<Shared>,
-    partition: &PartitionId,
-    incarnation: u64,
-    lane: usize,
+    (partition, incarnation, lane): LaneRef<'_>,
     seqs: &[u64],
     mut records: Vec<Record>,
+    lookups: &[usize],
     out: &mut Outcome,
 ) -> Result<(), Error> {
     // 1. Check before sink: skip records already applied.
@@ -252,17 +257,28 @@ async fn process(
         // Positional marks: the whole batch settles together, so its runs of consecutive
         // deliveries are marked as ranges (skipped, filtered and dead-lettered records too).
         ranges = runs(partition, seqs, &records);
-        let positions: Vec<Position> = records.iter().map(|r| r.position.clone()).collect();
-        let seen = retry_temporary(&shared.retry, "dedup check", || {
-            store.seen_positions(&shared.pipeline, partition, &positions)
-        })
-        .await?;
-        if seen.iter().any(|s| *s) {
-            let hits = seen.iter().filter(|s| **s).count() as u64;
-            Stats::add(&shared.stats.dedup_hits, hits);
-            shared.metrics.dedup_hits.increment(hits);
-            let mut it = seen.into_iter();
-            records.retain(|_| !it.next().unwrap_or(false));
+        let positions: Vec<Position> = lookups
+            .iter()
+            .filter_map(|i| records.get(*i).map(|r| r.position.clone()))
+            .collect();
+        if !positions.is_empty() {
+            let seen = retry_temporary(&shared.retry, "dedup check", || {
+                store.seen_positions(&shared.pipeline, partition, &positions)
+            })
+            .await?;
+            if seen.iter().any(|s| *s) {
+                let hits = seen.iter().filter(|s| **s).count() as u64;
+                Stats::add(&shared.stats.dedup_hits, hits);
+                shared.metrics.dedup_hits.increment(hits);
+                let mut skip = vec![false; records.len()];
+                for (i, s) in lookups.iter().zip(seen) {
+                    if let Some(k) = skip.get_mut(*i) {
+                        *k = s;
+                    }
+                }
+                let mut it = skip.into_iter();
+                records.retain(|_| !it.next().unwrap_or(false));
+            }
         }
     } else if let Some(store) = &shared.dedup {
         let keyed: Vec<(usize, IdempotencyKey)> = records

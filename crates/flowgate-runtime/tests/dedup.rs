@@ -120,6 +120,7 @@ proptest! {
                         }
                     }
                 }
+                Op::Lookup(_) => {}
                 Op::Commit(cps) => {
                     commits += 1;
                     for c in cps {
@@ -138,6 +139,30 @@ proptest! {
     }
 }
 
+/// Runs a generator of 2 partitions × 1,000 records to its end, deduplicated by position.
+async fn two_partitions_of_1000(
+    name: &str,
+    store: &Arc<MemoryStore>,
+    sink: &MemorySink,
+) -> flowgate_runtime::RunSummary {
+    Pipeline::builder(name)
+        .source(
+            GeneratorSource::new(GeneratorConfig {
+                partitions: 2,
+                records_per_partition: Some(1_000),
+                ..Default::default()
+            })
+            .unwrap(),
+        )
+        .sink(sink.clone())
+        .dedup(store.clone(), KeyExtractor::SourcePosition)
+        .build()
+        .unwrap()
+        .run(Shutdown::never())
+        .await
+        .unwrap()
+}
+
 /// A replay after a restart skips everything already applied: run, then rerun the same finite
 /// generator from scratch (no checkpoint store) — every record is a dedup hit. Both with
 /// per-record keys and with positional ranges.
@@ -147,28 +172,36 @@ async fn replay_skips_records_already_applied() {
         let store = Arc::new(MemoryStore::new().positional(positional));
         let sink = MemorySink::new();
         for run in 0..2 {
-            let summary = Pipeline::builder("replay")
-                .source(
-                    GeneratorSource::new(GeneratorConfig {
-                        partitions: 2,
-                        records_per_partition: Some(1_000),
-                        ..Default::default()
-                    })
-                    .unwrap(),
-                )
-                .sink(sink.clone())
-                .dedup(store.clone(), KeyExtractor::SourcePosition)
-                .build()
-                .unwrap()
-                .run(Shutdown::never())
-                .await
-                .unwrap();
+            let summary = two_partitions_of_1000("replay", &store, &sink).await;
+            let ops = std::mem::take(&mut *store.ops.lock().unwrap());
+            if run == 0 {
+                assert_eq!(
+                    ops.iter().any(|op| matches!(op, Op::MarkRanges(_))),
+                    positional,
+                    "the store's capability decides the kind of marks"
+                );
+            }
+            let looked_up: usize = ops
+                .into_iter()
+                .map(|op| match op {
+                    Op::Lookup(p) => p.len(),
+                    _ => 0,
+                })
+                .sum();
             if run == 1 {
                 assert_eq!(
                     summary.stats.dedup_hits, 2_000,
                     "positional={positional}: the replay is entirely skipped"
                 );
                 assert_eq!(summary.stats.records_out, 0);
+                if positional {
+                    assert_eq!(looked_up, 2_000, "every replayed record is looked up");
+                }
+            } else if positional {
+                assert_eq!(
+                    looked_up, 0,
+                    "nothing was marked before the first run: no record is looked up"
+                );
             }
         }
         assert_eq!(
@@ -176,11 +209,45 @@ async fn replay_skips_records_already_applied() {
             2_000,
             "positional={positional}: each record reached the sink once"
         );
-        let ops = store.ops.lock().unwrap();
-        assert_eq!(
-            ops.iter().any(|op| matches!(op, Op::MarkRanges(_))),
-            positional,
-            "the store's capability decides the kind of marks"
-        );
     }
+}
+
+/// Positional dedup looks a record up only if an earlier owner could have marked it: at or
+/// below the store's last mark for its partition when the partition was assigned. A crash
+/// window marked up to position 499 of one partition: exactly those 500 records are looked up
+/// (and skipped), the other 1,500 go straight to the sink.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_records_at_or_below_the_last_mark_are_looked_up() {
+    use flowgate_core::{DedupStore, PositionRange};
+    let store = Arc::new(MemoryStore::new().positional(true));
+    let p0 = PartitionId::new("gen-0");
+    store
+        .mark_ranges(
+            "window",
+            &[PositionRange {
+                partition: p0.clone(),
+                first: Position::from(0u64),
+                last: Position::from(499u64),
+            }],
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    store.ops.lock().unwrap().clear();
+    let sink = MemorySink::new();
+    let summary = two_partitions_of_1000("window", &store, &sink).await;
+    assert_eq!(summary.stats.dedup_hits, 500);
+    assert_eq!(sink.len(), 1_500);
+    let looked_up: Vec<Position> = store
+        .ops
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|op| match op {
+            Op::Lookup(p) => p.clone(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert_eq!(looked_up.len(), 500, "only the marked window is looked up");
+    assert!(looked_up.iter().all(|p| p.as_u64().unwrap() <= 499));
 }

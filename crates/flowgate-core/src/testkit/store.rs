@@ -252,7 +252,31 @@ pub async fn positional_marks<H: StoreHarness>(h: &H) {
         vec![false; 8],
         "pipelines are isolated"
     );
+    let last = |part: &PartitionId, pipeline: &'static str| {
+        let (s, part) = (s.clone(), part.clone());
+        async move {
+            s.last_marked_position(pipeline, &part)
+                .await
+                .expect("last_marked_position")
+        }
+    };
+    assert_eq!(
+        last(&p, pipeline).await,
+        Some(Position::from(50u64)),
+        "contract: the last marked position is the highest live range's end"
+    );
+    assert_eq!(last(&q, pipeline).await, None, "partitions are isolated");
+    assert_eq!(
+        last(&p, "conf-ranges-2").await,
+        None,
+        "pipelines are isolated"
+    );
     tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        last(&p, pipeline).await,
+        Some(Position::from(30u64)),
+        "contract: an expired range no longer counts as the last mark"
+    );
     let seen = s
         .seen_positions(
             pipeline,
@@ -286,6 +310,7 @@ pub async fn positional_marks<H: StoreHarness>(h: &H) {
         vec![false, true, true, true, true, true, false],
         "contract: nested and overlapping ranges keep their union marked"
     );
+    assert_eq!(last(&p, pipeline).await, Some(Position::from(250u64)));
     let big = Position::parse_decimal("49590338271490256608559692538361571095921575989136588898")
         .expect("decimal");
     let bigger = big.successor();
@@ -300,6 +325,7 @@ pub async fn positional_marks<H: StoreHarness>(h: &H) {
     )
     .await
     .expect("mark big");
+    assert_eq!(last(&q, pipeline).await, Some(big.clone()));
     assert_eq!(
         s.seen_positions(pipeline, &q, &[big, bigger])
             .await

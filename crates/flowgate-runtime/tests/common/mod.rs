@@ -18,6 +18,8 @@ pub enum Op {
     Mark(Vec<IdempotencyKey>),
     MarkRanges(Vec<PositionRange>),
     Commit(Vec<Checkpoint>),
+    /// Positions looked up by `seen_positions`.
+    Lookup(Vec<Position>),
 }
 
 #[derive(Default)]
@@ -125,6 +127,10 @@ impl DedupStore for MemoryStore {
         partition: &PartitionId,
         positions: &[Position],
     ) -> Result<Vec<bool>, Error> {
+        self.ops
+            .lock()
+            .unwrap()
+            .push(Op::Lookup(positions.to_vec()));
         let ranges = self.ranges.lock().unwrap();
         Ok(positions
             .iter()
@@ -134,6 +140,18 @@ impl DedupStore for MemoryStore {
                     .any(|r| &r.partition == partition && r.first <= *p && *p <= r.last)
             })
             .collect())
+    }
+    async fn last_marked_position(
+        &self,
+        _pipeline: &str,
+        partition: &PartitionId,
+    ) -> Result<Option<Position>, Error> {
+        let ranges = self.ranges.lock().unwrap();
+        Ok(ranges
+            .iter()
+            .filter(|r| &r.partition == partition)
+            .map(|r| r.last.clone())
+            .max())
     }
     async fn mark_ranges(
         &self,
