@@ -514,31 +514,41 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
         )?;
         println!("| {label} | {} |", out.trim());
     }
-    // Latency: producer send -> sink write, with a stamped payload, at fixed rates. The
-    // producer shares the 2 cores with the broker and the pipeline, so single runs' p99 vary a
-    // lot: three runs each, the median reported.
-    println!("\n| end-to-end latency, batch linger 1 ms | runs (p50 / p99 µs) | median p99 µs |");
-    println!("|---|---|---:|");
+    // Latency: producer send -> sink write, with a stamped payload, at fixed rates, and the
+    // same through a raw consumer loop (what the client alone adds here). The producer shares
+    // the 2 cores with the broker and the consumer, so single runs' p99 vary a lot: three
+    // runs each, alternately, the median reported.
+    println!(
+        "\n| end-to-end latency, batch linger 1 ms | flowgate runs (p50 / p99 µs) | median p99 µs | raw loop runs (p50 / p99 µs) | median p99 µs |"
+    );
+    println!("|---|---|---:|---|---:|");
     for rate in ["100000", "250000"] {
-        let mut p99s = Vec::new();
-        let mut runs = Vec::new();
+        let mut cols = Vec::new();
+        let mut results: [(Vec<f64>, Vec<String>); 2] = Default::default();
         for i in 0..3 {
-            let out = output(
-                Command::new(bin)
-                    .args(["latency", &format!("{topic}-lat-{rate}-{i}"), rate, "10"])
-                    .env("BENCH_LINGER_US", "1000")
-                    .envs(env.iter().cloned()),
-            )?;
-            let field = |name: &str| {
-                out.split_whitespace()
-                    .find_map(|w| w.strip_prefix(name))
-                    .and_then(|v| v.parse::<f64>().ok())
-                    .unwrap_or(f64::NAN)
-            };
-            p99s.push(field("p99_us="));
-            runs.push(format!("{:.0} / {:.0}", field("p50_us="), field("p99_us=")));
+            for (m, mode) in ["latency", "latency-raw"].into_iter().enumerate() {
+                let out = output(
+                    Command::new(bin)
+                        .args([mode, &format!("{topic}-lat-{rate}-{m}-{i}"), rate, "10"])
+                        .env("BENCH_LINGER_US", "1000")
+                        .envs(env.iter().cloned()),
+                )?;
+                let field = |name: &str| {
+                    out.split_whitespace()
+                        .find_map(|w| w.strip_prefix(name))
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .unwrap_or(f64::NAN)
+                };
+                results[m].0.push(field("p99_us="));
+                results[m]
+                    .1
+                    .push(format!("{:.0} / {:.0}", field("p50_us="), field("p99_us=")));
+            }
         }
-        println!("| {rate}/s | {} | {:.0} |", runs.join(", "), median(&p99s));
+        for (p99s, runs) in &results {
+            cols.push(format!("{} | {:.0}", runs.join(", "), median(p99s)));
+        }
+        println!("| {rate}/s | {} |", cols.join(" | "));
     }
     drop_topics()
 }

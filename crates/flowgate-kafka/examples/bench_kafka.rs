@@ -12,6 +12,7 @@
 //! bench_kafka slow-rss TOPIC RECORDS RATE   peak RSS while a producer at RATE outruns a sink
 //!                                           at RATE/10 (backlog grows to RECORDS)
 //! bench_kafka latency TOPIC RATE SECONDS    end-to-end latency at RATE records/s
+//! bench_kafka latency-raw TOPIC RATE SECONDS  the same through a raw BaseConsumer loop
 //! bench_kafka drop PREFIX 0                 delete every topic whose name starts with PREFIX
 //! ```
 //! A flowgate mode (and `slow-rss`) may end in `@N`: the source's `prefetch_records` set to N.
@@ -543,19 +544,36 @@ impl flowgate_core::Sink for LatencySink {
         batch: &[flowgate_core::Record],
     ) -> Result<(), flowgate_core::WriteError> {
         let now = now_nanos();
-        let from = self.from.load(std::sync::atomic::Ordering::Relaxed);
         let mut micros = self.micros.lock().expect("lock");
         for r in batch {
-            if let Some(ts) = r.payload.get(..8) {
-                let ts = u64::from_le_bytes(ts.try_into().expect("8 bytes"));
-                if ts >= from {
-                    micros.push((now.saturating_sub(ts) / 1000) as u32);
-                }
-            }
+            self.sample(&mut micros, &r.payload, now);
         }
+        drop(micros);
         self.records
             .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+}
+
+impl LatencySink {
+    /// One record seen now (the raw loop's path).
+    fn observe(&self, payload: &[u8]) {
+        let mut micros = self.micros.lock().expect("lock");
+        self.sample(&mut micros, payload, now_nanos());
+        drop(micros);
+        self.records
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Samples a stamped payload received at `now`, unless it was sent during the warm-up.
+    fn sample(&self, micros: &mut Vec<u32>, payload: &[u8], now: u64) {
+        let from = self.from.load(std::sync::atomic::Ordering::Relaxed);
+        if let Some(ts) = payload.get(..8) {
+            let ts = u64::from_le_bytes(ts.try_into().expect("8 bytes"));
+            if ts >= from {
+                micros.push((now.saturating_sub(ts) / 1000) as u32);
+            }
+        }
     }
 }
 
@@ -586,6 +604,10 @@ async fn latency(topic: &str, rate: f64, seconds: f64) {
                 ),
                 ..Default::default()
             },
+            commit: flowgate_runtime::CommitSettings {
+                every_records: env_or("BENCH_COMMIT_EVERY", 1000),
+                ..Default::default()
+            },
             ..Default::default()
         })
         .build()
@@ -598,6 +620,44 @@ async fn latency(topic: &str, rate: f64, seconds: f64) {
     while stats.snapshot().rebalances == 0 && joined.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let v = produce_and_wait(topic, rate, seconds, &sink).await;
+    trigger.trigger();
+    let _ = run.await;
+    print_latency("latency", rate, v);
+}
+
+/// The same measurement with a raw `BaseConsumer` loop (librdkafka defaults) in place of the
+/// pipeline: the latency the client alone adds on this machine, for comparison.
+async fn latency_raw(topic: &str, rate: f64, seconds: f64) {
+    create_topic(topic).await;
+    let sink = Arc::new(LatencySink::default());
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", group("latency-raw"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "latest")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (s, st) = (sink.clone(), stop.clone());
+    let poller = std::thread::spawn(move || {
+        while !st.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(10)) {
+                use rdkafka::Message;
+                s.observe(m.payload().unwrap_or_default());
+            }
+        }
+    });
+    let v = produce_and_wait(topic, rate, seconds, &sink).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = poller.join();
+    print_latency("latency-raw", rate, v);
+}
+
+/// Starts the stamped producer once the consumer had time to join, waits until every record
+/// arrived (at most 30 s more), and returns the sampled latencies, sorted.
+async fn produce_and_wait(topic: &str, rate: f64, seconds: f64, sink: &LatencySink) -> Vec<u32> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     sink.from.store(
         now_nanos() + 1_000_000_000,
@@ -615,13 +675,15 @@ async fn latency(topic: &str, rate: f64, seconds: f64) {
     {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    trigger.trigger();
-    let _ = run.await;
     let mut v = std::mem::take(&mut *sink.micros.lock().expect("lock"));
     v.sort_unstable();
+    v
+}
+
+fn print_latency(mode: &str, rate: f64, v: Vec<u32>) {
     let pct = |p: f64| v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)));
     println!(
-        "latency rate={rate:.0} sampled={} p50_us={} p99_us={} p999_us={} max_us={}",
+        "{mode} rate={rate:.0} sampled={} p50_us={} p99_us={} p999_us={} max_us={}",
         v.len(),
         pct(0.50).copied().unwrap_or_default(),
         pct(0.99).copied().unwrap_or_default(),
@@ -660,6 +722,9 @@ fn main() {
         }
         ["slow-rss", t, n, rate] => return rt.block_on(slow_rss(t, num(n) as u64, num(rate))),
         ["latency", t, rate, secs] => return rt.block_on(latency(t, num(rate), num(secs))),
+        ["latency-raw", t, rate, secs] => {
+            return rt.block_on(latency_raw(t, num(rate), num(secs)));
+        }
         _ => {}
     }
     let (mode, topic, records) = match args.as_slice() {
