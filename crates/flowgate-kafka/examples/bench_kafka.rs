@@ -279,6 +279,12 @@ async fn flowgate(started: Instant, topic: &str, records: u64, dedup: bool, stor
             },
             batch: flowgate_runtime::BatchSettings {
                 max_records: env_or("BENCH_BATCH", 500),
+                linger: Duration::from_micros(env_or(
+                    "BENCH_LINGER_US",
+                    flowgate_runtime::BatchSettings::default()
+                        .linger
+                        .as_micros() as u64,
+                )),
                 ..Default::default()
             },
             max_in_flight_per_partition: env_or("BENCH_INFLIGHT", 10_000),

@@ -128,9 +128,10 @@ pub struct BatchSettings {
     pub max_records: usize,
     /// Bytes per batch. Default 1 MiB (capped further by the sink's own limit).
     pub max_bytes: usize,
-    /// How long a partial batch waits for more records. Default 5 ms. Not applied to sources
-    /// whose broker credit is tied to acknowledgements (`eager_commit`, RabbitMQ): their
-    /// partial batches go at once.
+    /// How long a partial batch waits for more records. Default 5 ms. `0` sends a partial
+    /// batch as soon as its lane is free — the lowest latency; batches still fill while the
+    /// sink is busy with the previous one. Not applied to sources whose broker credit is tied
+    /// to acknowledgements (`eager_commit`, RabbitMQ): their partial batches go at once.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
 }
