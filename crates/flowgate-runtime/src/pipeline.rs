@@ -265,6 +265,7 @@ impl Pipeline {
             force_commit: false,
             last_commit_at: Instant::now(),
             revokes: Vec::new(),
+            lingering: HashMap::new(),
             drain_deadline: None,
             source_done: false,
             fatal: None,
@@ -438,12 +439,8 @@ struct Part {
     metrics: Option<PartitionMetrics>,
     /// Which records positional dedup looks up.
     lookup: LookupFloor,
-}
-
-impl Part {
-    fn batches_in_flight(&self) -> usize {
-        self.lanes.iter().map(|l| l.busy).sum()
-    }
+    /// Batches sent and not yet settled (their dedup marks durable, their records acked).
+    unsettled: usize,
 }
 
 struct PendingRevoke {
@@ -486,6 +483,9 @@ struct State {
     force_commit: bool,
     last_commit_at: Instant,
     revokes: Vec<PendingRevoke>,
+    /// Batches of removed incarnations (lost partitions, drains past their deadline) still
+    /// running: their dedup marks may land after a new incarnation read the last mark.
+    lingering: HashMap<PartitionId, usize>,
     drain_deadline: Option<Instant>,
     source_done: bool,
     fatal: Option<Error>,
@@ -680,6 +680,7 @@ impl State {
                     unit,
                 )),
                 lookup,
+                unsettled: 0,
             };
             self.next_incarnation += 1;
             if self.partitions.insert(a.partition.clone(), part).is_none() {
@@ -700,6 +701,11 @@ impl State {
         let (Some(store), true) = (&self.shared.dedup, self.shared.positional) else {
             return LookupFloor::All;
         };
+        if self.lingering.contains_key(partition) {
+            // A batch of an earlier incarnation may still mark records after the read below.
+            tracing::debug!(pipeline = %self.name, %partition, "batches of an earlier ownership still running: every record of the partition is looked up");
+            return LookupFloor::All;
+        }
         let res = worker::retry_temporary(&self.settings.retry, "dedup last mark", || {
             store.last_marked_position(&self.name, partition)
         })
@@ -765,7 +771,7 @@ impl State {
                 || r.revocation.partitions.iter().all(|p| {
                     self.partitions
                         .get(p)
-                        .is_none_or(|part| part.batches_in_flight() == 0)
+                        .is_none_or(|part| part.unsettled == 0)
                 })
         }) else {
             return false;
@@ -794,6 +800,9 @@ impl State {
 
     fn remove_partition(&mut self, p: &PartitionId) {
         if let Some(part) = self.partitions.remove(p) {
+            if part.unsettled > 0 {
+                *self.lingering.entry(p.clone()).or_default() += part.unsettled;
+            }
             let pending = part.tracker.pending() as u64;
             self.stats.in_flight.fetch_sub(
                 pending.min(
@@ -1068,6 +1077,7 @@ impl State {
                         Some(now)
                     };
                     lane.busy += 1;
+                    part.unsettled += 1;
                     self.batches_in_flight += 1;
                     let batch = Batch {
                         partition: pid.clone(),
@@ -1146,15 +1156,25 @@ impl State {
                 return;
             }
         }
-        let Some(part) = self.partitions.get_mut(&partition) else {
-            tracing::debug!(pipeline = %self.name, partition = %partition, "late completion for a partition no longer owned: dropped");
-            self.publish_gauges();
-            return;
-        };
-        if part.incarnation != incarnation {
+        let current = self
+            .partitions
+            .get(&partition)
+            .is_some_and(|p| p.incarnation == incarnation);
+        if !current {
+            tracing::debug!(pipeline = %self.name, partition = %partition, "late completion for a partition no longer owned (or owned anew): dropped");
+            if let Some(n) = self.lingering.get_mut(&partition) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.lingering.remove(&partition);
+                }
+            }
             self.publish_gauges();
             return;
         }
+        let Some(part) = self.partitions.get_mut(&partition) else {
+            return;
+        };
+        part.unsettled = part.unsettled.saturating_sub(1);
         if !lane_released {
             if let Some(l) = part.lanes.get_mut(lane) {
                 l.busy = l.busy.saturating_sub(1);

@@ -18,7 +18,7 @@ use flowgate_runtime::adapters::{
     NullSink,
 };
 use flowgate_runtime::{
-    BatchSettings, ConcurrencySettings, Health, Ordering, OverflowPolicy, Pipeline,
+    BatchSettings, ConcurrencySettings, Health, KeyExtractor, Ordering, OverflowPolicy, Pipeline,
     RuntimeSettings, Shutdown,
 };
 
@@ -688,6 +688,19 @@ impl Source for RevokingSource {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_drains_in_flight_and_returns_the_final_checkpoint() {
+    revocation_case(Arc::new(MemoryStore::new()), false).await;
+}
+
+/// With dedup marks that take 50 ms, a revocation also waits for the marks of the batches the
+/// sink already confirmed: the final checkpoint covers every record written (the next owner
+/// reads the last mark when it is assigned, so no mark may land after the release).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_waits_for_the_dedup_marks_of_confirmed_batches() {
+    let store = MemoryStore::with_mark_delay(Duration::from_millis(50)).positional(true);
+    revocation_case(Arc::new(store), true).await;
+}
+
+async fn revocation_case(store: Arc<MemoryStore>, dedup: bool) {
     let records: Vec<Record> = (0..2)
         .flat_map(|p| {
             (0..2_000u64).map(move |i| {
@@ -703,7 +716,6 @@ async fn revocation_drains_in_flight_and_returns_the_final_checkpoint() {
             ..Default::default()
         },
     );
-    let store = Arc::new(MemoryStore::new());
     let (tx, rx) = tokio::sync::oneshot::channel();
     let source = RevokingSource {
         inner: MemorySource::new(records),
@@ -714,7 +726,7 @@ async fn revocation_drains_in_flight_and_returns_the_final_checkpoint() {
         r0_delivered: 0,
     };
     let commits = source.inner.commits();
-    let pipeline = Pipeline::builder("revoke")
+    let mut builder = Pipeline::builder("revoke")
         .source(source)
         .sink(slow)
         .checkpoint_store(store.clone())
@@ -724,9 +736,11 @@ async fn revocation_drains_in_flight_and_returns_the_final_checkpoint() {
                 ..Default::default()
             },
             ..Default::default()
-        })
-        .build()
-        .unwrap();
+        });
+    if dedup {
+        builder = builder.dedup(store.clone(), KeyExtractor::SourcePosition);
+    }
+    let pipeline = builder.build().unwrap();
     let stats = pipeline.stats();
     let run = tokio::spawn(pipeline.run(Shutdown::never()));
     let waiter = rx.await.unwrap();
