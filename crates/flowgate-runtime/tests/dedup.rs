@@ -251,3 +251,95 @@ async fn only_records_at_or_below_the_last_mark_are_looked_up() {
     assert_eq!(looked_up.len(), 500, "only the marked window is looked up");
     assert!(looked_up.iter().all(|p| p.as_u64().unwrap() <= 499));
 }
+
+/// A source that loses its only partition while a batch is at the sink, gets it back at
+/// once, and replays it from the start once the lost batch has been written and marked.
+struct LostAndBack {
+    step: usize,
+    at: Option<tokio::time::Instant>,
+    records: Vec<flowgate_core::Record>,
+}
+
+#[async_trait::async_trait]
+impl flowgate_core::Source for LostAndBack {
+    fn capabilities(&self) -> flowgate_core::SourceCapabilities {
+        flowgate_core::SourceCapabilities::replayable_ordered().with_dynamic_assignment(true)
+    }
+    async fn open(&mut self, _: flowgate_core::SourceContext) -> Result<(), flowgate_core::Error> {
+        Ok(())
+    }
+    async fn next(&mut self) -> Result<flowgate_core::SourceEvent, flowgate_core::Error> {
+        use flowgate_core::{Assignment, Revocation, SourceEvent};
+        let p = PartitionId::new("lost-0");
+        // The runtime drops a pending `next()` when something else is ready: wait until a
+        // deadline set beforehand, so a dropped wait resumes instead of skipping the step.
+        let wait = match self.step {
+            // The batch is at the sink (50 ms per write).
+            2 => 20,
+            // The first ownership's batch is written and marked by then.
+            4 => 300,
+            _ => 0,
+        };
+        let at = *self
+            .at
+            .get_or_insert_with(|| tokio::time::Instant::now() + Duration::from_millis(wait));
+        tokio::time::sleep_until(at).await;
+        self.at = None;
+        self.step += 1;
+        Ok(match self.step {
+            1 | 4 => SourceEvent::Assigned(vec![Assignment::new(p)]),
+            2 | 5 => SourceEvent::Records(self.records.clone()),
+            3 => SourceEvent::Revoked(Revocation::new(vec![p], true).0),
+            _ => SourceEvent::End,
+        })
+    }
+    async fn start(
+        &mut self,
+        _: Vec<flowgate_core::StartPosition>,
+    ) -> Result<(), flowgate_core::Error> {
+        Ok(())
+    }
+    async fn commit(
+        &mut self,
+        _: &[flowgate_core::Checkpoint],
+    ) -> Result<(), flowgate_core::Error> {
+        Ok(())
+    }
+    async fn close(&mut self) -> Result<(), flowgate_core::Error> {
+        Ok(())
+    }
+}
+
+/// A partition owned anew while a batch of its lost ownership is still at the sink: that
+/// batch's marks land after the new ownership read the last mark, so the new ownership looks
+/// every record up, and the replay is skipped instead of written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_owned_anew_while_its_lost_batch_runs_looks_every_record_up() {
+    let p = PartitionId::new("lost-0");
+    let records: Vec<flowgate_core::Record> = (0..100u64)
+        .map(|i| flowgate_core::Record::new(p.clone(), Position::from(i), "x"))
+        .collect();
+    let store = Arc::new(MemoryStore::new().positional(true));
+    let sink = MemorySink::new();
+    let summary = Pipeline::builder("lost")
+        .source(LostAndBack {
+            step: 0,
+            at: None,
+            records,
+        })
+        .sink(FaultInjectingSink::new(
+            sink.clone(),
+            FaultConfig {
+                latency: Duration::from_millis(50),
+                ..Default::default()
+            },
+        ))
+        .dedup(store.clone(), KeyExtractor::SourcePosition)
+        .build()
+        .unwrap()
+        .run(Shutdown::never())
+        .await
+        .unwrap();
+    assert_eq!(sink.len(), 100, "the replay was not written again");
+    assert_eq!(summary.stats.dedup_hits, 100);
+}
