@@ -20,7 +20,7 @@
 //!   a short-lived consumer attached at `last` (the stream's last chunk) that reads to the end
 //!   of that chunk.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -65,6 +65,55 @@ struct Shared {
     tags: BTreeMap<u64, (u64, u64)>,
     /// Streams: the newest offset delivered by the broker.
     last_offset: Option<u64>,
+    /// Queues: the delivery tags of the live channel already settled.
+    settled: Settled,
+}
+
+/// Delivery tags of one channel already settled, so that no ack or nack names one again: the
+/// broker closes the channel on an unknown delivery tag (an ack with `multiple` up to a tag
+/// that was rejected on its own is one).
+#[derive(Default, Debug)]
+struct Settled {
+    epoch: u64,
+    /// Every tag up to this one is settled.
+    through: u64,
+    /// Tags above `through` rejected one by one (poison records).
+    rejected: BTreeSet<u64>,
+}
+
+impl Settled {
+    /// The tag to ack with `multiple` so that everything up to `tag` is settled: `tag` itself,
+    /// or the last one below it not rejected; `None` if nothing is left to ack.
+    fn ack_through(&mut self, epoch: u64, tag: u64) -> Option<u64> {
+        self.follow(epoch);
+        let from = self.through;
+        if tag <= from {
+            return None;
+        }
+        let mut t = tag;
+        while t > from && self.rejected.contains(&t) {
+            t -= 1;
+        }
+        self.through = tag;
+        self.rejected = self.rejected.split_off(&(tag + 1));
+        (t > from).then_some(t)
+    }
+
+    /// Whether `tag` may still be rejected (it is not settled); records it as settled.
+    fn reject(&mut self, epoch: u64, tag: u64) -> bool {
+        self.follow(epoch);
+        tag > self.through && self.rejected.insert(tag)
+    }
+
+    /// A new channel numbers its deliveries from 1 again.
+    fn follow(&mut self, epoch: u64) {
+        if self.epoch != epoch {
+            *self = Settled {
+                epoch,
+                ..Settled::default()
+            };
+        }
+    }
 }
 
 /// RabbitMQ source over one queue (classic, quorum or stream). See the module docs.
@@ -248,6 +297,7 @@ impl Source for RabbitSource {
                 .max()
         } else {
             self.tag_of(&cp.position, &live)
+                .and_then(|tag| lock(&self.shared).settled.ack_through(live.epoch, tag))
         };
         let Some(tag) = tag else {
             return Ok(());
@@ -270,6 +320,9 @@ impl Source for RabbitSource {
         let Some(tag) = self.tag_of(&record.position, &live) else {
             return Ok(());
         };
+        if !lock(&self.shared).settled.reject(live.epoch, tag) {
+            return Ok(());
+        }
         tracing::warn!(queue = %self.cfg.queue, error = %error, "rabbitmq: poison record rejected to the dead-letter exchange");
         live.channel
             .basic_nack(
@@ -802,4 +855,30 @@ fn value_bytes(v: &AMQPValue) -> Option<Bytes> {
         AMQPValue::Timestamp(n) => Bytes::from(n.to_string()),
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Settled;
+
+    #[test]
+    fn no_ack_or_nack_names_a_settled_tag() {
+        let mut s = Settled::default();
+        assert!(s.reject(1, 5), "poison record 5 rejected");
+        // Everything up to 5 is done: ack through 4, since 5 is no longer outstanding.
+        assert_eq!(s.ack_through(1, 5), Some(4));
+        assert_eq!(
+            s.ack_through(1, 5),
+            None,
+            "the same checkpoint again: nothing to ack"
+        );
+        assert!(!s.reject(1, 3), "already acked");
+        assert!(s.reject(1, 7));
+        assert!(s.reject(1, 6));
+        assert_eq!(s.ack_through(1, 7), None, "6 and 7 were both rejected");
+        assert_eq!(s.ack_through(1, 9), Some(9));
+        // A new channel numbers its deliveries from 1 again.
+        assert_eq!(s.ack_through(2, 3), Some(3));
+        assert!(s.reject(2, 4));
+    }
 }
