@@ -23,10 +23,10 @@
 //! and the process's CPU time (user + system) per record. Bootstrap:
 //! FLOWGATE_TEST_KAFKA_BOOTSTRAP.
 //!
-//! Knobs for investigating (environment): `BENCH_PROPS=k=v,…` librdkafka properties of the
-//! flowgate source, `BENCH_RAW_PROPS=k=v,…` of the raw loop, `BENCH_QKB` the source's
+//! Knobs for investigating (environment): `BENCH_PROPS=k=v;…` librdkafka properties of the
+//! flowgate source, `BENCH_RAW_PROPS=k=v;…` of the raw loop, `BENCH_QKB` the source's
 //! `queued_max_messages_kbytes`, `BENCH_COMMIT_EVERY` the runtime's commit cadence,
-//! `BENCH_TRACE=1` a stats line per second. Mode `flowgate-nostore` runs without a store;
+//! `BENCH_TRACE=MS` a stats line every MS milliseconds. Mode `flowgate-nostore` runs without a store;
 //! mode `source-only` drives `KafkaSource::next` alone with unlimited credit (no runtime).
 #![allow(clippy::expect_used)]
 
@@ -146,12 +146,17 @@ fn raw(started: Instant, topic: &str, records: u64, tuned: bool) -> Run {
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest");
     if tuned {
-        // The source's own fetch tuning: librdkafka's default backoff (1 s) idles a consumer
-        // whose prefetch filled, which makes the default loop's rate erratic.
-        cc.set("fetch.queue.backoff.ms", "10");
+        // The source's own fetch settings (KafkaSourceConfig's defaults), so the ratio to this
+        // loop is what the runtime costs: librdkafka's defaults (a 1 s backoff for a full
+        // prefetch, a 500 ms long poll) make the default loop's rate erratic.
+        cc.set("fetch.queue.backoff.ms", "1")
+            .set("fetch.wait.max.ms", "100")
+            .set("queued.min.messages", "5000")
+            .set("queued.max.messages.kbytes", "4096")
+            .set("fetch.max.bytes", "8388608");
     }
     if let Ok(list) = std::env::var("BENCH_RAW_PROPS") {
-        for kv in list.split(',') {
+        for kv in list.split(';') {
             if let Some((k, v)) = kv.split_once('=') {
                 cc.set(k, v);
             }
@@ -247,7 +252,7 @@ fn source_config(topic: &str) -> KafkaSourceConfig {
         topics: vec![topic.to_string()],
         properties: std::env::var("BENCH_PROPS")
             .unwrap_or_default()
-            .split(',')
+            .split(';')
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
@@ -300,13 +305,19 @@ async fn flowgate(started: Instant, topic: &str, records: u64, dedup: bool, stor
     let (trigger, shutdown) = Shutdown::manual();
     let stats = pipeline.stats();
     let run = tokio::spawn(pipeline.run(shutdown));
-    if std::env::var_os("BENCH_TRACE").is_some() {
-        tokio::spawn(async move {
+    if let Some(every) = std::env::var("BENCH_TRACE")
+        .ok()
+        .map(|v| Duration::from_millis(v.parse().unwrap_or(1000)))
+    {
+        // A thread of its own: a task waking the runtime would change what is measured.
+        let t0 = Instant::now();
+        std::thread::spawn(move || {
             loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                std::thread::sleep(every);
                 let s = stats.snapshot();
                 eprintln!(
-                    "in {} out {} in_flight {} peak/part {} conc {} lag {}",
+                    "{:>5}ms in {} out {} in_flight {} peak/part {} conc {} lag {}",
+                    t0.elapsed().as_millis(),
                     s.records_in,
                     s.records_out,
                     s.in_flight,

@@ -169,6 +169,69 @@ async fn kafka_sink_conforms() {
     flowgate_core::testkit::sink::run_all(&SinkH { topic }).await;
 }
 
+/// Where a partition starts without a checkpoint: at the group's committed offset, else at
+/// `auto_offset_reset`. With `latest`, records produced before the member joined are skipped;
+/// the next member of the group starts at the offset the first one committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_checkpoint_a_partition_starts_at_the_committed_offset_else_at_the_reset() {
+    use flowgate_core::testkit::source::Driver;
+    use flowgate_core::{Checkpoint, Source};
+    let topic = unique("reset");
+    create_topic(&topic, 1).await;
+    produce(&topic, 1, 5).await;
+    let group = unique("reset-group");
+    let config = || KafkaSourceConfig {
+        auto_offset_reset: "latest".into(),
+        ..source_config(&topic, &group)
+    };
+    let part = partition_id(&topic, 0);
+
+    let mut d = Driver::open(KafkaSource::new(config()).unwrap(), 100).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while d.assigned.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the partition was never assigned"
+        );
+        assert!(d.poll(Duration::from_millis(200)).await.unwrap().is_empty());
+    }
+    // Let the reset resolve to the end of the partition before producing more.
+    let settle = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < settle {
+        let got = d.poll(Duration::from_millis(200)).await.unwrap();
+        assert!(
+            got.is_empty(),
+            "records produced before the join were read: {got:?}"
+        );
+    }
+    produce(&topic, 1, 3).await;
+    let got = d.read_until(std::slice::from_ref(&part), 3).await;
+    let offsets: Vec<u64> = got[&part]
+        .iter()
+        .map(|r| r.position.as_offset().unwrap() as u64)
+        .collect();
+    assert_eq!(
+        offsets,
+        vec![5, 6, 7],
+        "latest: only the records after the join"
+    );
+    // Done through offset 6: the group's committed offset becomes 7.
+    d.source
+        .commit(&[Checkpoint::new(part.clone(), Position::from(6u64))])
+        .await
+        .unwrap();
+    d.close().await;
+
+    let mut d = Driver::open(KafkaSource::new(config()).unwrap(), 100).await;
+    let got = d.read_until(std::slice::from_ref(&part), 1).await;
+    assert_eq!(
+        got[&part][0].position.as_offset(),
+        Some(7),
+        "the committed offset wins over auto_offset_reset"
+    );
+    d.close().await;
+}
+
 /// A sink 10× slower than the producer for longer than twice `max.poll.interval.ms`: the
 /// member is never kicked out (the only rebalance is the initial assignment), memory stays
 /// within the runtime's budget, and the lag is reported growing.
