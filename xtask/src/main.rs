@@ -518,42 +518,97 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
         )?;
         println!("| {label} | {} |", out.trim());
     }
-    // Latency: producer send -> sink write, with a stamped payload, at fixed rates, the
-    // pipeline set for latency (`batch.linger` 0: a partial batch leaves as soon as its lane is
-    // free; batches still fill while the sink is busy), and the same through a raw consumer loop (what the client alone adds here). The producer shares
-    // the 2 cores with the broker and the consumer, so single runs' p99 vary a lot: three
-    // runs each, alternately, the median reported.
+    // Capacity end to end: the latency pipeline behind a producer sending as fast as it can.
+    // On this machine the producer, the broker and the consumer share 2 cores, so this is what
+    // the machine delivers end to end, below what the consumer reads alone (table above).
+    let field = |out: &str, name: &str| {
+        out.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let mut caps = Vec::new();
+    for i in 0..3 {
+        let out = output(
+            Command::new(bin)
+                .args(["capacity", &format!("{topic}-cap-{i}"), "3000000"])
+                .env("BENCH_LINGER_US", "0")
+                .envs(env.iter().cloned()),
+        )?;
+        caps.push(field(&out, "delivered_per_s="));
+    }
+    let capacity = median(&caps);
+    let half = ((capacity / 2.0 / 10_000.0).round() * 10_000.0).max(10_000.0) as u64;
     println!(
-        "\n| end-to-end latency, batch linger 0 | flowgate runs (p50 / p99 µs) | median p99 µs | raw loop runs (p50 / p99 µs) | median p99 µs |"
+        "\n| end-to-end capacity (unpaced producer, 3,000,000 records) | runs, records/s | median | half |"
     );
-    println!("|---|---|---:|---|---:|");
-    for rate in ["100000", "250000"] {
-        let mut cols = Vec::new();
-        let mut results: [(Vec<f64>, Vec<String>); 2] = Default::default();
+    println!("|---|---|---:|---:|");
+    println!(
+        "| flowgate, batch linger 0 | {} | {capacity:.0} | {half} |",
+        caps.iter()
+            .map(|c| format!("{c:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    // Latency: producer send -> sink write, with a stamped payload, at fixed rates and at half
+    // the capacity, the pipeline set for latency (`batch.linger` 0: a partial batch leaves as
+    // soon as its lane is free; batches still fill while the sink is busy), and the same
+    // through a raw consumer loop (what the client alone adds here). The topics carry the
+    // broker's append time, which gives the broker -> sink part (the consumer's own). The
+    // producer shares the 2 cores with the broker and the consumer, so single runs' p99 vary a
+    // lot: three runs each, alternately, the medians reported.
+    println!(
+        "\n| end-to-end latency, batch linger 0 | flowgate runs (p50 / p99 µs) | median p99 µs | broker → sink median p99 µs | raw loop runs (p50 / p99 µs) | median p99 µs | broker → sink median p99 µs |"
+    );
+    println!("|---|---|---:|---:|---|---:|---:|");
+    let half_rate = half.to_string();
+    let rows: [(&str, &str, &str); 4] = [
+        ("", "100000", "1000"),
+        ("", "250000", "1000"),
+        ("half capacity: ", &half_rate, "1000"),
+        (
+            "half capacity, checkpoints every 20,000 records: ",
+            &half_rate,
+            "20000",
+        ),
+    ];
+    for (label, rate, commit_every) in rows {
+        let mut results: [(Vec<f64>, Vec<f64>, Vec<String>); 2] = Default::default();
         for i in 0..3 {
             for (m, mode) in ["latency", "latency-raw"].into_iter().enumerate() {
                 let out = output(
                     Command::new(bin)
-                        .args([mode, &format!("{topic}-lat-{rate}-{m}-{i}"), rate, "10"])
+                        .args([
+                            mode,
+                            &format!("{topic}-lat-{rate}-{commit_every}-{m}-{i}"),
+                            rate,
+                            "10",
+                        ])
                         .env("BENCH_LINGER_US", "0")
+                        .env("BENCH_COMMIT_EVERY", commit_every)
                         .envs(env.iter().cloned()),
                 )?;
-                let field = |name: &str| {
-                    out.split_whitespace()
-                        .find_map(|w| w.strip_prefix(name))
-                        .and_then(|v| v.parse::<f64>().ok())
-                        .unwrap_or(f64::NAN)
-                };
-                results[m].0.push(field("p99_us="));
-                results[m]
-                    .1
-                    .push(format!("{:.0} / {:.0}", field("p50_us="), field("p99_us=")));
+                results[m].0.push(field(&out, "p99_us="));
+                results[m].1.push(field(&out, "broker_p99_us="));
+                results[m].2.push(format!(
+                    "{:.0} / {:.0}",
+                    field(&out, "p50_us="),
+                    field(&out, "p99_us=")
+                ));
             }
         }
-        for (p99s, runs) in &results {
-            cols.push(format!("{} | {:.0}", runs.join(", "), median(p99s)));
-        }
-        println!("| {rate}/s | {} |", cols.join(" | "));
+        let cols: Vec<String> = results
+            .iter()
+            .map(|(p99s, broker, runs)| {
+                format!(
+                    "{} | {:.0} | {:.0}",
+                    runs.join(", "),
+                    median(p99s),
+                    median(broker)
+                )
+            })
+            .collect();
+        println!("| {label}{rate}/s | {} |", cols.join(" | "));
     }
     drop_topics()
 }

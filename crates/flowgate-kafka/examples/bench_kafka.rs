@@ -4,7 +4,7 @@
 //! ```text
 //! bench_kafka fill TOPIC RECORDS            create a 4-partition topic, produce 100-byte records
 //! bench_kafka raw TOPIC RECORDS             BaseConsumer loop: count, commit at the end
-//! bench_kafka raw-tuned TOPIC RECORDS       the same with `fetch.queue.backoff.ms` = 10 ms
+//! bench_kafka raw-tuned TOPIC RECORDS       the same with the source's fetch settings
 //! bench_kafka raw-stream TOPIC RECORDS      the same with a StreamConsumer (async stream)
 //! bench_kafka flowgate TOPIC RECORDS        KafkaSource -> null sink, checkpoints every 1000
 //! bench_kafka flowgate-dedup TOPIC RECORDS  the same with dedup by source position
@@ -13,6 +13,8 @@
 //!                                           at RATE/10 (backlog grows to RECORDS)
 //! bench_kafka latency TOPIC RATE SECONDS    end-to-end latency at RATE records/s
 //! bench_kafka latency-raw TOPIC RATE SECONDS  the same through a raw BaseConsumer loop
+//! bench_kafka capacity TOPIC RECORDS        the latency pipeline behind an unpaced producer:
+//!                                           the rate the whole machine delivers end to end
 //! bench_kafka drop PREFIX 0                 delete every topic whose name starts with PREFIX
 //! ```
 //! A flowgate mode (and `slow-rss`) may end in `@N`: the source's `prefetch_records` set to N.
@@ -87,15 +89,21 @@ async fn drop_topics(prefix: &str) -> u64 {
 }
 
 async fn create_topic(topic: &str) {
+    create_topic_with(topic, &[]).await;
+}
+
+/// A 4-partition topic with the given topic configuration.
+async fn create_topic_with(topic: &str, config: &[(&str, &str)]) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
         .create()
         .expect("admin");
+    let mut new = NewTopic::new(topic, 4, TopicReplication::Fixed(1));
+    for (k, v) in config {
+        new = new.set(k, v);
+    }
     for r in admin
-        .create_topics(
-            &[NewTopic::new(topic, 4, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
+        .create_topics(&[new], &AdminOptions::new())
         .await
         .expect("create topic")
     {
@@ -545,9 +553,14 @@ async fn slow_rss(topic: &str, records: u64, rate: f64) {
 #[derive(Default)]
 struct LatencySink {
     micros: std::sync::Mutex<Vec<u32>>,
+    /// From the broker's append time (millisecond clock) to the sink, µs.
+    from_broker: std::sync::Mutex<Vec<u32>>,
     records: std::sync::atomic::AtomicU64,
     /// Records sent before this (nanoseconds) are warm-up, not sampled.
     from: std::sync::atomic::AtomicU64,
+    /// When the first and the latest record arrived (nanoseconds; 0: none yet).
+    first_ns: std::sync::atomic::AtomicU64,
+    last_ns: std::sync::atomic::AtomicU64,
 }
 
 #[async_trait::async_trait]
@@ -562,33 +575,66 @@ impl flowgate_core::Sink for LatencySink {
     ) -> Result<(), flowgate_core::WriteError> {
         let now = now_nanos();
         let mut micros = self.micros.lock().expect("lock");
+        let mut broker = self.from_broker.lock().expect("lock");
         for r in batch {
-            self.sample(&mut micros, &r.payload, now);
+            let appended = r
+                .timestamp
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as i64);
+            self.sample(&mut micros, &mut broker, &r.payload, appended, now);
         }
-        drop(micros);
-        self.records
-            .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        drop((micros, broker));
+        self.arrived(batch.len() as u64, now);
         Ok(())
     }
 }
 
 impl LatencySink {
     /// One record seen now (the raw loop's path).
-    fn observe(&self, payload: &[u8]) {
+    fn observe(&self, payload: &[u8], appended_ms: Option<i64>) {
+        let now = now_nanos();
         let mut micros = self.micros.lock().expect("lock");
-        self.sample(&mut micros, payload, now_nanos());
-        drop(micros);
-        self.records
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut broker = self.from_broker.lock().expect("lock");
+        self.sample(&mut micros, &mut broker, payload, appended_ms, now);
+        drop((micros, broker));
+        self.arrived(1, now);
+    }
+
+    fn arrived(&self, n: u64, now: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let _ = self.first_ns.compare_exchange(0, now, Relaxed, Relaxed);
+        self.last_ns.store(now, Relaxed);
+        self.records.fetch_add(n, Relaxed);
+    }
+
+    /// Records per second from the first arrival to the last.
+    fn delivered_per_s(&self) -> f64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let span = self
+            .last_ns
+            .load(Relaxed)
+            .saturating_sub(self.first_ns.load(Relaxed));
+        self.records.load(Relaxed).saturating_sub(1) as f64 / (span.max(1) as f64 / 1e9)
     }
 
     /// Samples a stamped payload received at `now`, unless it was sent during the warm-up.
-    fn sample(&self, micros: &mut Vec<u32>, payload: &[u8], now: u64) {
+    fn sample(
+        &self,
+        micros: &mut Vec<u32>,
+        broker: &mut Vec<u32>,
+        payload: &[u8],
+        appended_ms: Option<i64>,
+        now: u64,
+    ) {
         let from = self.from.load(std::sync::atomic::Ordering::Relaxed);
         if let Some(ts) = payload.get(..8) {
             let ts = u64::from_le_bytes(ts.try_into().expect("8 bytes"));
             if ts >= from {
                 micros.push((now.saturating_sub(ts) / 1000) as u32);
+                if let Some(ms) = appended_ms {
+                    let at = (ms.max(0) as u64).saturating_mul(1_000_000);
+                    broker.push((now.saturating_sub(at) / 1000) as u32);
+                }
             }
         }
     }
@@ -596,8 +642,25 @@ impl LatencySink {
 
 /// End-to-end latency (producer send -> sink write) at `rate` records/s for `seconds`, the
 /// first second excluded as warm-up.
+/// A latency topic: its records carry the broker's append time, which splits the latency into
+/// producer → broker and broker → sink (the part the consumer is responsible for).
+async fn create_latency_topic(topic: &str) {
+    create_topic_with(topic, &[("message.timestamp.type", "LogAppendTime")]).await;
+}
+
+/// End-to-end latency at `rate` records/s for `seconds`.
 async fn latency(topic: &str, rate: f64, seconds: f64) {
-    create_topic(topic).await;
+    latency_pipeline("latency", topic, rate, (rate * seconds) as u64).await;
+}
+
+/// The latency pipeline behind a producer sending `records` as fast as it can: the rate the
+/// machine delivers end to end (producer, broker and consumer share its cores).
+async fn capacity(topic: &str, records: u64) {
+    latency_pipeline("capacity", topic, f64::INFINITY, records).await;
+}
+
+async fn latency_pipeline(mode: &str, topic: &str, rate: f64, records: u64) {
+    create_latency_topic(topic).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(EmbeddedStore::open_dir(dir.path()).await.expect("store"));
     let sink = Arc::new(LatencySink::default());
@@ -637,16 +700,16 @@ async fn latency(topic: &str, rate: f64, seconds: f64) {
     while stats.snapshot().rebalances == 0 && joined.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let v = produce_and_wait(topic, rate, seconds, &sink).await;
+    let v = produce_and_wait(topic, rate, records, &sink).await;
     trigger.trigger();
     let _ = run.await;
-    print_latency("latency", rate, v);
+    print_latency(mode, rate, &sink, v);
 }
 
 /// The same measurement with a raw `BaseConsumer` loop (librdkafka defaults) in place of the
 /// pipeline: the latency the client alone adds on this machine, for comparison.
 async fn latency_raw(topic: &str, rate: f64, seconds: f64) {
-    create_topic(topic).await;
+    create_latency_topic(topic).await;
     let sink = Arc::new(LatencySink::default());
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
@@ -662,25 +725,24 @@ async fn latency_raw(topic: &str, rate: f64, seconds: f64) {
         while !st.load(std::sync::atomic::Ordering::Relaxed) {
             if let Some(Ok(m)) = consumer.poll(Duration::from_millis(10)) {
                 use rdkafka::Message;
-                s.observe(m.payload().unwrap_or_default());
+                s.observe(m.payload().unwrap_or_default(), m.timestamp().to_millis());
             }
         }
     });
-    let v = produce_and_wait(topic, rate, seconds, &sink).await;
+    let v = produce_and_wait(topic, rate, (rate * seconds) as u64, &sink).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = poller.join();
-    print_latency("latency-raw", rate, v);
+    print_latency("latency-raw", rate, &sink, v);
 }
 
 /// Starts the stamped producer once the consumer had time to join, waits until every record
 /// arrived (at most 30 s more), and returns the sampled latencies, sorted.
-async fn produce_and_wait(topic: &str, rate: f64, seconds: f64, sink: &LatencySink) -> Vec<u32> {
+async fn produce_and_wait(topic: &str, rate: f64, records: u64, sink: &LatencySink) -> Vec<u32> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     sink.from.store(
         now_nanos() + 1_000_000_000,
         std::sync::atomic::Ordering::Relaxed,
     );
-    let records = (rate * seconds) as u64;
     let mut child = spawn_producer(topic, records, rate, true);
     tokio::task::spawn_blocking(move || child.wait())
         .await
@@ -697,15 +759,28 @@ async fn produce_and_wait(topic: &str, rate: f64, seconds: f64, sink: &LatencySi
     v
 }
 
-fn print_latency(mode: &str, rate: f64, v: Vec<u32>) {
-    let pct = |p: f64| v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)));
+/// The `p`-quantile of sorted samples.
+fn quantile(v: &[u32], p: f64) -> u32 {
+    v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default()
+}
+
+/// Send → sink percentiles, and broker append → sink ones (`broker_…`: the consumer's part,
+/// on the broker's millisecond clock).
+fn print_latency(mode: &str, rate: f64, sink: &LatencySink, v: Vec<u32>) {
+    let mut b = std::mem::take(&mut *sink.from_broker.lock().expect("lock"));
+    b.sort_unstable();
     println!(
-        "{mode} rate={rate:.0} sampled={} p50_us={} p99_us={} p999_us={} max_us={}",
+        "{mode} rate={rate:.0} delivered_per_s={:.0} sampled={} p50_us={} p99_us={} p999_us={} max_us={} broker_p50_us={} broker_p99_us={}",
+        sink.delivered_per_s(),
         v.len(),
-        pct(0.50).copied().unwrap_or_default(),
-        pct(0.99).copied().unwrap_or_default(),
-        pct(0.999).copied().unwrap_or_default(),
+        quantile(&v, 0.50),
+        quantile(&v, 0.99),
+        quantile(&v, 0.999),
         v.last().copied().unwrap_or_default(),
+        quantile(&b, 0.50),
+        quantile(&b, 0.99),
     );
 }
 
@@ -739,6 +814,7 @@ fn main() {
         }
         ["slow-rss", t, n, rate] => return rt.block_on(slow_rss(t, num(n) as u64, num(rate))),
         ["latency", t, rate, secs] => return rt.block_on(latency(t, num(rate), num(secs))),
+        ["capacity", t, n] => return rt.block_on(capacity(t, num(n) as u64)),
         ["latency-raw", t, rate, secs] => {
             return rt.block_on(latency_raw(t, num(rate), num(secs)));
         }

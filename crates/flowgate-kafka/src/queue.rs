@@ -122,6 +122,7 @@ impl<C: ConsumerContext + 'static> PartitionFeed<C> {
         let arena = Bytes::from(arena);
         let mut at = 0;
         let before = out.len();
+        out.reserve(msgs.len());
         for m in good() {
             if let Some(r) = unsafe { to_record(m, id, &arena, &mut at) } {
                 out.push(r);
