@@ -28,7 +28,8 @@
 //! Knobs for investigating (environment): `BENCH_PROPS=k=v;…` librdkafka properties of the
 //! flowgate source, `BENCH_RAW_PROPS=k=v;…` of the raw loop, `BENCH_QKB` the source's
 //! `queued_max_messages_kbytes`, `BENCH_COMMIT_EVERY` the runtime's commit cadence,
-//! `BENCH_TRACE=MS` a stats line every MS milliseconds. Mode `flowgate-nostore` runs without a store;
+//! `BENCH_TRACE=MS` a stats line every MS milliseconds, `BENCH_DEDUP_STORE=memory` dedup marks
+//! in memory (no fsync), `=separate` in an embedded store of their own. Mode `flowgate-nostore` runs without a store;
 //! mode `source-only` drives `KafkaSource::next` alone with unlimited credit (no runtime).
 #![allow(clippy::expect_used)]
 
@@ -307,7 +308,21 @@ async fn flowgate(started: Instant, topic: &str, records: u64, dedup: bool, stor
         b = b.checkpoint_store(store.clone());
     }
     if dedup {
-        b = b.dedup(store, KeyExtractor::SourcePosition);
+        // BENCH_DEDUP_STORE=memory: marks in memory (no fsync), to tell the store's cost from
+        // the runtime's.
+        let which = std::env::var("BENCH_DEDUP_STORE").unwrap_or_default();
+        if which == "memory" {
+            b = b.dedup(
+                Arc::new(flowgate_checkpoint::MemoryStore::default()),
+                KeyExtractor::SourcePosition,
+            );
+        } else if which == "separate" {
+            let d = dir.path().join("dedup");
+            let other = Arc::new(EmbeddedStore::open_dir(&d).await.expect("store"));
+            b = b.dedup(other, KeyExtractor::SourcePosition);
+        } else {
+            b = b.dedup(store, KeyExtractor::SourcePosition);
+        }
     }
     let pipeline = b.build().expect("pipeline");
     let (trigger, shutdown) = Shutdown::manual();
@@ -772,7 +787,7 @@ fn print_latency(mode: &str, rate: f64, sink: &LatencySink, v: Vec<u32>) {
     let mut b = std::mem::take(&mut *sink.from_broker.lock().expect("lock"));
     b.sort_unstable();
     println!(
-        "{mode} rate={rate:.0} delivered_per_s={:.0} sampled={} p50_us={} p99_us={} p999_us={} max_us={} broker_p50_us={} broker_p99_us={}",
+        "{mode} rate={rate:.0} delivered_per_s={:.0} sampled={} p50_us={} p99_us={} p999_us={} max_us={} broker_p50_us={} broker_p99_us={} cpu_us_per_record={:.2}",
         sink.delivered_per_s(),
         v.len(),
         quantile(&v, 0.50),
@@ -781,6 +796,11 @@ fn print_latency(mode: &str, rate: f64, sink: &LatencySink, v: Vec<u32>) {
         v.last().copied().unwrap_or_default(),
         quantile(&b, 0.50),
         quantile(&b, 0.99),
+        cpu_seconds() * 1e6
+            / sink
+                .records
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .max(1) as f64,
     );
 }
 
