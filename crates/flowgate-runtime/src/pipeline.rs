@@ -865,99 +865,103 @@ impl State {
         let policy = self.settings.overflow;
         let lanes_mode = self.settings.ordering;
         let positional = self.shared.positional;
-        let mut current: Option<PartitionId> = None;
         let mut shed = 0u64;
         let mut touched: Vec<PartitionId> = Vec::new();
-        for mut r in records {
-            if current.as_ref() != Some(&r.partition) {
-                if !self.partitions.contains_key(&r.partition) {
-                    tracing::debug!(pipeline = %self.name, partition = %r.partition, "record for a partition not owned; dropped (it will be redelivered to its owner)");
-                    continue;
-                }
-                current = Some(r.partition.clone());
-                touched.push(r.partition.clone());
-            }
-            let Some(part) = self.partitions.get_mut(&r.partition) else {
+        let mut failed: Option<Error> = None;
+        // Sources deliver runs of one partition: the partition is looked up once per run.
+        let mut records = records.into_iter().peekable();
+        'runs: while let Some(pid) = records.peek().map(|r| r.partition.clone()) {
+            let run = std::iter::from_fn(|| records.next_if(|r| r.partition == pid));
+            let Some(part) = self.partitions.get_mut(&pid) else {
+                tracing::debug!(pipeline = %self.name, partition = %pid, "records for a partition not owned; dropped (they will be redelivered to its owner)");
+                run.for_each(drop);
                 continue;
             };
+            touched.push(pid.clone());
             if part.revoking {
+                run.for_each(drop);
                 continue;
             }
-            if let Some(ex) = &self.extractor {
-                if r.idempotency_key.is_none() {
-                    r.idempotency_key = ex.extract(&r);
-                }
-            }
-            let size = r.byte_size();
-            if policy != OverflowPolicy::Block
-                && (part.tracker.pending() >= limit || self.bytes + size > budget)
-            {
-                match policy {
-                    OverflowPolicy::ShedNewest => {
-                        let seq = part.tracker.push(r.position.clone());
-                        part.tracker.ack(seq);
-                        shed += 1;
-                        continue;
+            for mut r in run {
+                if let Some(ex) = &self.extractor {
+                    if r.idempotency_key.is_none() {
+                        r.idempotency_key = ex.extract(&r);
                     }
-                    OverflowPolicy::ShedOldest => {
-                        // Drop the oldest record still queued (never one already sent).
-                        let oldest = part
-                            .lanes
-                            .iter()
-                            .enumerate()
-                            .filter_map(|(i, l)| l.queue.front().map(|q| (q.seq, i)))
-                            .min();
-                        if let Some((_, li)) = oldest {
-                            let lane = &mut part.lanes[li];
-                            if let Some(q) = lane.queue.pop_front() {
-                                lane.queued_bytes -= q.size;
-                                self.bytes -= q.size;
-                                part.tracker.ack(q.seq);
-                                if lane.queue.is_empty() {
-                                    lane.first_at = None;
-                                }
-                            }
-                        } else {
+                }
+                let size = r.byte_size();
+                if policy != OverflowPolicy::Block
+                    && (part.tracker.pending() >= limit || self.bytes + size > budget)
+                {
+                    match policy {
+                        OverflowPolicy::ShedNewest => {
                             let seq = part.tracker.push(r.position.clone());
                             part.tracker.ack(seq);
                             shed += 1;
                             continue;
                         }
-                        shed += 1;
+                        OverflowPolicy::ShedOldest => {
+                            // Drop the oldest record still queued (never one already sent).
+                            let oldest = part
+                                .lanes
+                                .iter()
+                                .enumerate()
+                                .filter_map(|(i, l)| l.queue.front().map(|q| (q.seq, i)))
+                                .min();
+                            if let Some((_, li)) = oldest {
+                                let lane = &mut part.lanes[li];
+                                if let Some(q) = lane.queue.pop_front() {
+                                    lane.queued_bytes -= q.size;
+                                    self.bytes -= q.size;
+                                    part.tracker.ack(q.seq);
+                                    if lane.queue.is_empty() {
+                                        lane.first_at = None;
+                                    }
+                                }
+                            } else {
+                                let seq = part.tracker.push(r.position.clone());
+                                part.tracker.ack(seq);
+                                shed += 1;
+                                continue;
+                            }
+                            shed += 1;
+                        }
+                        OverflowPolicy::FailFast => {
+                            failed = Some(Error::fatal("overflow: a partition is full and the overflow policy is fail_fast")
+                                .with_context("partition", &r.partition)
+                                .with_context("in_flight", part.tracker.pending())
+                                .with_hint("raise `max_in_flight_per_partition` / `max_buffer_bytes`, speed up the sink, or use overflow = \"block\""));
+                            break 'runs;
+                        }
+                        OverflowPolicy::Block => {}
                     }
-                    OverflowPolicy::FailFast => {
-                        let e = Error::fatal("overflow: a partition is full and the overflow policy is fail_fast")
-                            .with_context("partition", &r.partition)
-                            .with_context("in_flight", part.tracker.pending())
-                            .with_hint("raise `max_in_flight_per_partition` / `max_buffer_bytes`, speed up the sink, or use overflow = \"block\"");
-                        self.fail(e);
-                        return;
+                }
+                let seq = part.tracker.push(r.position.clone());
+                let lane_ix = match lanes_mode {
+                    Ordering::Key => {
+                        let mut h = DefaultHasher::new();
+                        r.key.as_deref().unwrap_or(&[]).hash(&mut h);
+                        (h.finish() % part.lanes.len() as u64) as usize
                     }
-                    OverflowPolicy::Block => {}
+                    _ => 0,
+                };
+                let lookup = positional && part.lookup.lookup(&r.position);
+                let lane = &mut part.lanes[lane_ix];
+                if lane.queue.is_empty() {
+                    lane.first_at = Some(now);
                 }
+                lane.queue.push_back(Queued {
+                    seq,
+                    record: r,
+                    size,
+                    lookup,
+                });
+                lane.queued_bytes += size;
+                self.bytes += size;
             }
-            let seq = part.tracker.push(r.position.clone());
-            let lane_ix = match lanes_mode {
-                Ordering::Key => {
-                    let mut h = DefaultHasher::new();
-                    r.key.as_deref().unwrap_or(&[]).hash(&mut h);
-                    (h.finish() % part.lanes.len() as u64) as usize
-                }
-                _ => 0,
-            };
-            let lookup = positional && part.lookup.lookup(&r.position);
-            let lane = &mut part.lanes[lane_ix];
-            if lane.queue.is_empty() {
-                lane.first_at = Some(now);
-            }
-            lane.queue.push_back(Queued {
-                seq,
-                record: r,
-                size,
-                lookup,
-            });
-            lane.queued_bytes += size;
-            self.bytes += size;
+        }
+        if let Some(e) = failed {
+            self.fail(e);
+            return;
         }
         if shed > 0 {
             Stats::add(&self.stats.shed, shed);
