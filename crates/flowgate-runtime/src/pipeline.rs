@@ -1052,28 +1052,30 @@ impl State {
                     if !(full || expired || force) {
                         break;
                     }
-                    let mut records =
-                        Vec::with_capacity(lane.queue.len().min(self.max_batch_records));
-                    let mut seqs = Vec::with_capacity(records.capacity());
-                    let mut lookups = Vec::new();
+                    // The batch: records from the front up to the record or byte limit
+                    // (at least one), moved out of the queue once.
+                    let mut take = 0;
                     let mut bytes = 0;
-                    while let Some(q) = lane.queue.front() {
-                        if !records.is_empty()
-                            && (records.len() >= self.max_batch_records
+                    for q in &lane.queue {
+                        if take > 0
+                            && (take >= self.max_batch_records
                                 || bytes + q.size > self.max_batch_bytes)
                         {
                             break;
                         }
-                        let Some(q) = lane.queue.pop_front() else {
-                            break;
-                        };
+                        take += 1;
                         bytes += q.size;
+                    }
+                    let mut records = Vec::with_capacity(take);
+                    let mut seqs = Vec::with_capacity(take);
+                    let mut lookups = Vec::new();
+                    records.extend(lane.queue.drain(..take).enumerate().map(|(i, q)| {
                         if q.lookup {
-                            lookups.push(records.len());
+                            lookups.push(i);
                         }
                         seqs.push(q.seq);
-                        records.push(q.record);
-                    }
+                        q.record
+                    }));
                     lane.queued_bytes -= bytes;
                     lane.first_at = if lane.queue.is_empty() {
                         None

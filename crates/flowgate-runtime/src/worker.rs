@@ -483,6 +483,15 @@ async fn write_with_retry(
                 errs
             }
         };
+        if failed.is_empty() {
+            // Every record confirmed (the common case): nothing to split.
+            res.written += pending.len();
+            if collect_marks {
+                res.marks
+                    .extend(pending.iter().filter_map(|r| r.idempotency_key.clone()));
+            }
+            break;
+        }
         // Split pending into confirmed, dead and retry, keeping order.
         let mut failed = failed.into_iter().peekable();
         let mut retry = Vec::new();

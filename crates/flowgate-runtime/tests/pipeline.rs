@@ -908,3 +908,66 @@ async fn credit_seen_by_the_source_tracks_in_flight_records() {
     );
     assert!(summary.stats.peak_partition_in_flight <= 20);
 }
+
+/// A sink remembering the size of every batch it was handed.
+#[derive(Default)]
+struct BatchSizes(std::sync::Mutex<Vec<(usize, usize)>>);
+
+#[async_trait]
+impl flowgate_core::Sink for BatchSizes {
+    fn capabilities(&self) -> flowgate_core::SinkCapabilities {
+        flowgate_core::SinkCapabilities::basic()
+    }
+    async fn write(&self, batch: &[Record]) -> Result<(), flowgate_core::WriteError> {
+        let bytes = batch.iter().map(Record::byte_size).sum();
+        self.0.lock().unwrap().push((batch.len(), bytes));
+        Ok(())
+    }
+}
+
+/// Batches hold at most `max_records` records and `max_bytes` bytes, and every record is
+/// written once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_respect_the_record_and_byte_limits() {
+    for (max_records, max_bytes) in [(7, 1 << 20), (1000, 2_000)] {
+        let sink = Arc::new(BatchSizes::default());
+        let pipeline = Pipeline::builder("limits")
+            .source(
+                GeneratorSource::new(GeneratorConfig {
+                    partitions: 3,
+                    records_per_partition: Some(500),
+                    payload_size: 100,
+                    ..Default::default()
+                })
+                .unwrap(),
+            )
+            .sink(sink.clone())
+            .settings(RuntimeSettings {
+                batch: BatchSettings {
+                    max_records,
+                    max_bytes,
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+            .build()
+            .unwrap();
+        pipeline.run(Shutdown::never()).await.unwrap();
+        let sizes = sink.0.lock().unwrap().clone();
+        assert_eq!(sizes.iter().map(|(n, _)| n).sum::<usize>(), 1_500);
+        for (n, bytes) in &sizes {
+            assert!(
+                *n >= 1 && *n <= max_records,
+                "{n} records (limit {max_records})"
+            );
+            assert!(*bytes <= max_bytes, "{bytes} bytes (limit {max_bytes})");
+        }
+        // The limit that binds is reached: batches are not needlessly small.
+        let fullest = sizes.iter().map(|(n, b)| (*n, *b)).max().unwrap();
+        if max_records == 7 {
+            assert_eq!(fullest.0, 7);
+        } else {
+            assert!(fullest.1 > max_bytes / 2, "{fullest:?}");
+        }
+    }
+}
