@@ -906,14 +906,15 @@ impl LagReader {
 
     /// Connects the helper to the group coordinator while the consumer joins the group: the
     /// assignment callback reads the committed offsets through it, and a cold helper first
-    /// looks the coordinator up (~60 ms here) while the group waits for the callback.
+    /// looks the coordinator up (~60 ms here) while the group waits for the callback. Bounded
+    /// by 2 s: a close meanwhile waits for it (the helper is behind the same lock).
     fn warm_up(&self) {
         let mut tpl = TopicPartitionList::new();
         for t in &self.topics {
             tpl.add_partition(t, 0);
         }
         if let Some(h) = lock(&self.helper).as_ref() {
-            if let Err(e) = h.committed_offsets(tpl, Duration::from_secs(5)) {
+            if let Err(e) = h.committed_offsets(tpl, Duration::from_secs(2)) {
                 tracing::debug!(error = %e, "kafka: warming up the offsets reader failed; the assignment reads them cold");
             }
         }
