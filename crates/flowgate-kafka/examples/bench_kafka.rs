@@ -29,7 +29,8 @@
 //! flowgate source, `BENCH_RAW_PROPS=k=v;…` of the raw loop, `BENCH_QKB` the source's
 //! `queued_max_messages_kbytes`, `BENCH_COMMIT_EVERY` the runtime's commit cadence,
 //! `BENCH_TRACE=MS` a stats line every MS milliseconds, `BENCH_DEDUP_STORE=memory` dedup marks
-//! in memory (no fsync), `=separate` in an embedded store of their own. Mode `flowgate-nostore` runs without a store;
+//! in memory (no fsync), `=separate` in an embedded store of their own, `BENCH_MARK_INTERVAL_US`
+//! the runtime's `dedup_mark_interval`. Mode `flowgate-nostore` runs without a store;
 //! mode `source-only` drives `KafkaSource::next` alone with unlimited credit (no runtime).
 #![allow(clippy::expect_used)]
 
@@ -302,6 +303,12 @@ async fn flowgate(started: Instant, topic: &str, records: u64, dedup: bool, stor
                 ..Default::default()
             },
             max_in_flight_per_partition: env_or("BENCH_INFLIGHT", 10_000),
+            dedup_mark_interval: Duration::from_micros(env_or(
+                "BENCH_MARK_INTERVAL_US",
+                flowgate_runtime::RuntimeSettings::default()
+                    .dedup_mark_interval
+                    .as_micros() as u64,
+            )),
             ..Default::default()
         });
     if store_on {

@@ -197,6 +197,7 @@ impl Pipeline {
                 store.clone(),
                 name.clone(),
                 settings.dedup_ttl,
+                settings.dedup_mark_interval,
                 settings.retry.clone(),
                 rx,
             ));

@@ -42,6 +42,13 @@ pub struct RuntimeSettings {
     /// How long dedup marks are kept. Default 7 days.
     #[serde(with = "humantime_serde")]
     pub dedup_ttl: Duration,
+    /// Dedup marks are committed to the store at most once per this interval: marks of
+    /// batches confirmed meanwhile share the next commit (one durable write, one `fsync` for
+    /// the embedded store). A mark is never delayed more than this past the previous commit,
+    /// and not at all when the store was idle that long. `0ms` commits as soon as the previous
+    /// commit finished. Default 5 ms.
+    #[serde(with = "humantime_serde")]
+    pub dedup_mark_interval: Duration,
 }
 
 impl Default for RuntimeSettings {
@@ -60,6 +67,7 @@ impl Default for RuntimeSettings {
             revoke_timeout: Duration::from_secs(10),
             health: HealthSettings::default(),
             dedup_ttl: Duration::from_secs(7 * 24 * 3600),
+            dedup_mark_interval: Duration::from_millis(5),
         }
     }
 }

@@ -93,15 +93,22 @@ pub(crate) struct MarkRequest {
 }
 
 /// Coalesces concurrent mark requests into one store call: with a durable store each call
-/// costs an fsync, so batches confirmed while one call runs share the next one.
+/// costs an fsync, so batches confirmed while one call runs share the next one, and calls
+/// start at most once per `interval` (those confirmed meanwhile wait and share it).
 pub(crate) async fn marker_task(
     store: Arc<dyn DedupStore>,
     pipeline: String,
     ttl: Duration,
+    interval: Duration,
     retry: RetrySettings,
     mut rx: mpsc::UnboundedReceiver<MarkRequest>,
 ) {
+    let mut last_call: Option<tokio::time::Instant> = None;
     while let Some(first) = rx.recv().await {
+        if let Some(due) = last_call.map(|at| at + interval) {
+            tokio::time::sleep_until(due).await;
+        }
+        last_call = Some(tokio::time::Instant::now());
         let mut reqs = vec![first];
         while let Ok(r) = rx.try_recv() {
             reqs.push(r);

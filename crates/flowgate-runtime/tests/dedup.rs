@@ -25,6 +25,7 @@ fn run_pipeline(
     mark_delay_ms: u64,
     ordering: Ordering,
     commit_every: u64,
+    mark_interval_ms: u64,
 ) -> Arc<MemoryStore> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -47,6 +48,7 @@ fn run_pipeline(
         );
         let mut settings = RuntimeSettings {
             ordering,
+            dedup_mark_interval: Duration::from_millis(mark_interval_ms),
             batch: BatchSettings {
                 max_records: 1 + (seed % 40) as usize,
                 ..Default::default()
@@ -99,9 +101,12 @@ proptest! {
         unordered in any::<bool>(),
         commit_every in 1u64..200,
         positional in any::<bool>(),
+        mark_interval in 0u64..6,
     ) {
         let ordering = if unordered { Ordering::Unordered } else { Ordering::Partition };
-        let store = run_pipeline(positional, seed, latency, mark_delay, ordering, commit_every);
+        let store = run_pipeline(
+            positional, seed, latency, mark_delay, ordering, commit_every, mark_interval,
+        );
         let ops = store.ops.lock().unwrap().clone();
         let mut marked: HashSet<IdempotencyKey> = HashSet::new();
         let mut checkpoints: HashMap<PartitionId, Position> = HashMap::new();
@@ -342,4 +347,66 @@ async fn a_partition_owned_anew_while_its_lost_batch_runs_looks_every_record_up(
         .unwrap();
     assert_eq!(sink.len(), 100, "the replay was not written again");
     assert_eq!(summary.stats.dedup_hits, 100);
+}
+
+/// Marks are committed at most once per `dedup_mark_interval` (batches confirmed meanwhile
+/// share a commit), and every record is still marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marks_are_committed_at_most_once_per_interval() {
+    let interval = Duration::from_millis(40);
+    let store = Arc::new(MemoryStore::new().positional(true));
+    let sink = MemorySink::new();
+    Pipeline::builder("mark-interval")
+        .source(
+            GeneratorSource::new(GeneratorConfig {
+                partitions: 2,
+                records_per_partition: Some(3_000),
+                rate: Some(6_000.0),
+                ..Default::default()
+            })
+            .expect("gen"),
+        )
+        .sink(sink.clone())
+        .dedup(store.clone(), KeyExtractor::SourcePosition)
+        .settings(RuntimeSettings {
+            dedup_mark_interval: interval,
+            batch: BatchSettings {
+                max_records: 10,
+                linger: Duration::ZERO,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .build()
+        .expect("build")
+        .run(Shutdown::never())
+        .await
+        .expect("run");
+    let calls = store.mark_calls.lock().unwrap().clone();
+    // ~1 s of records in batches of at most 10: hundreds of batches, a few dozen commits.
+    assert!(calls.len() >= 5, "{} mark calls", calls.len());
+    assert!(
+        calls.len() <= 40,
+        "{} mark calls for ~1 s at one per 40 ms",
+        calls.len()
+    );
+    for w in calls.windows(2) {
+        let gap = w[1].duration_since(w[0]);
+        assert!(
+            gap + Duration::from_millis(2) >= interval,
+            "two mark commits {gap:?} apart (interval {interval:?})"
+        );
+    }
+    let mut marked = HashSet::new();
+    for op in store.ops.lock().unwrap().iter() {
+        if let Op::MarkRanges(ranges) = op {
+            for r in ranges {
+                for pos in r.first.as_u64().unwrap()..=r.last.as_u64().unwrap() {
+                    marked.insert((r.partition.clone(), pos));
+                }
+            }
+        }
+    }
+    assert_eq!(marked.len(), 6_000, "every record marked");
+    assert_eq!(sink.records().len(), 6_000);
 }

@@ -28,6 +28,8 @@ pub struct MemoryStore {
     marks: Mutex<HashSet<(String, IdempotencyKey)>>,
     ranges: Mutex<Vec<PositionRange>>,
     pub ops: Mutex<Vec<Op>>,
+    /// When each `mark` / `mark_ranges` call started.
+    pub mark_calls: Mutex<Vec<std::time::Instant>>,
     pub mark_delay: Duration,
     /// Keep positional marks (ranges) instead of only keys.
     pub positional: bool,
@@ -159,6 +161,10 @@ impl DedupStore for MemoryStore {
         ranges: &[PositionRange],
         _ttl: Duration,
     ) -> Result<(), Error> {
+        self.mark_calls
+            .lock()
+            .unwrap()
+            .push(std::time::Instant::now());
         if !self.mark_delay.is_zero() {
             tokio::time::sleep(self.mark_delay).await;
         }
