@@ -197,7 +197,7 @@ impl Pipeline {
                 store.clone(),
                 name.clone(),
                 settings.dedup_ttl,
-                settings.dedup_mark_interval,
+                (settings.dedup_mark_interval, stats.clone()),
                 settings.retry.clone(),
                 rx,
             ));

@@ -45,8 +45,9 @@ pub struct RuntimeSettings {
     /// Dedup marks are committed to the store at most once per this interval: marks of
     /// batches confirmed meanwhile share the next commit (one durable write, one `fsync` for
     /// the embedded store). A mark is never delayed more than this past the previous commit,
-    /// and not at all when the store was idle that long. `0ms` commits as soon as the previous
-    /// commit finished. Default 5 ms.
+    /// and not at all when the store was idle that long; nor once a quarter of the current
+    /// concurrency limit waits for its marks (those batches hold credit and concurrency).
+    /// `0ms` commits as soon as the previous commit finished. Default 5 ms.
     #[serde(with = "humantime_serde")]
     pub dedup_mark_interval: Duration,
 }

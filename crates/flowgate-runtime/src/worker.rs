@@ -93,23 +93,35 @@ pub(crate) struct MarkRequest {
 }
 
 /// Coalesces concurrent mark requests into one store call: with a durable store each call
-/// costs an fsync, so batches confirmed while one call runs share the next one, and calls
-/// start at most once per `interval` (those confirmed meanwhile wait and share it).
+/// costs an fsync, so batches confirmed while one call runs share the next one. Calls start
+/// at most once per `interval` — those confirmed meanwhile wait and share it — unless a
+/// quarter of the current concurrency limit (`stats`) is waiting already: a waiting batch
+/// holds its credit and a slot of the limit, so waiting longer would slow the pipeline down.
 pub(crate) async fn marker_task(
     store: Arc<dyn DedupStore>,
     pipeline: String,
     ttl: Duration,
-    interval: Duration,
+    (interval, stats): (Duration, Arc<Stats>),
     retry: RetrySettings,
     mut rx: mpsc::UnboundedReceiver<MarkRequest>,
 ) {
     let mut last_call: Option<tokio::time::Instant> = None;
     while let Some(first) = rx.recv().await {
+        let mut reqs = vec![first];
         if let Some(due) = last_call.map(|at| at + interval) {
-            tokio::time::sleep_until(due).await;
+            let limit = stats.concurrency.load(std::sync::atomic::Ordering::Relaxed);
+            let max_waiting = usize::try_from(limit / 4).unwrap_or(usize::MAX).max(1);
+            while reqs.len() < max_waiting {
+                tokio::select! {
+                    r = rx.recv() => match r {
+                        Some(r) => reqs.push(r),
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(due) => break,
+                }
+            }
         }
         last_call = Some(tokio::time::Instant::now());
-        let mut reqs = vec![first];
         while let Ok(r) = rx.try_recv() {
             reqs.push(r);
         }

@@ -10,8 +10,8 @@ use flowgate_runtime::adapters::{
     FaultConfig, FaultInjectingSink, GeneratorConfig, GeneratorSource, MemorySink,
 };
 use flowgate_runtime::{
-    BatchSettings, CommitSettings, ConcurrencySettings, KeyExtractor, Ordering, Pipeline,
-    RuntimeSettings, Shutdown,
+    BatchSettings, CommitSettings, ConcurrencyMode, ConcurrencySettings, KeyExtractor, Ordering,
+    Pipeline, RuntimeSettings, Shutdown,
 };
 use proptest::prelude::*;
 
@@ -356,6 +356,7 @@ async fn marks_are_committed_at_most_once_per_interval() {
     let interval = Duration::from_millis(40);
     let store = Arc::new(MemoryStore::new().positional(true));
     let sink = MemorySink::new();
+    let started = std::time::Instant::now();
     Pipeline::builder("mark-interval")
         .source(
             GeneratorSource::new(GeneratorConfig {
@@ -372,7 +373,13 @@ async fn marks_are_committed_at_most_once_per_interval() {
             dedup_mark_interval: interval,
             batch: BatchSettings {
                 max_records: 10,
-                linger: Duration::ZERO,
+                ..Default::default()
+            },
+            // A quarter of the limit (32) is more than arrive within an interval (~24).
+            concurrency: ConcurrencySettings {
+                mode: ConcurrencyMode::Fixed,
+                initial: 128,
+                max: 128,
                 ..Default::default()
             },
             ..Default::default()
@@ -382,12 +389,14 @@ async fn marks_are_committed_at_most_once_per_interval() {
         .run(Shutdown::never())
         .await
         .expect("run");
+    let elapsed = started.elapsed();
     let calls = store.mark_calls.lock().unwrap().clone();
     // ~1 s of records in batches of at most 10: hundreds of batches, a few dozen commits.
     assert!(calls.len() >= 5, "{} mark calls", calls.len());
+    let most = (elapsed.as_millis() / interval.as_millis()) as usize + 1;
     assert!(
-        calls.len() <= 40,
-        "{} mark calls for ~1 s at one per 40 ms",
+        calls.len() <= most,
+        "{} mark calls in {elapsed:?} at one per {interval:?}",
         calls.len()
     );
     for w in calls.windows(2) {
@@ -409,4 +418,53 @@ async fn marks_are_committed_at_most_once_per_interval() {
     }
     assert_eq!(marked.len(), 6_000, "every record marked");
     assert_eq!(sink.records().len(), 6_000);
+}
+
+/// Batches waiting for their marks hold credit and concurrency: once a quarter of
+/// `concurrency.max` of them wait, the marks are committed without waiting for the interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_batches_cut_the_mark_interval_short() {
+    let store = Arc::new(MemoryStore::new().positional(true));
+    let sink = MemorySink::new();
+    let started = std::time::Instant::now();
+    Pipeline::builder("mark-interval-cap")
+        .source(
+            GeneratorSource::new(GeneratorConfig {
+                partitions: 2,
+                records_per_partition: Some(500),
+                ..Default::default()
+            })
+            .expect("gen"),
+        )
+        .sink(sink.clone())
+        .dedup(store.clone(), KeyExtractor::SourcePosition)
+        .settings(RuntimeSettings {
+            // Were every commit to wait for it, the ≥ 12 commits below would take ≥ 24 s.
+            dedup_mark_interval: Duration::from_secs(2),
+            batch: BatchSettings {
+                max_records: 10,
+                ..Default::default()
+            },
+            concurrency: ConcurrencySettings {
+                initial: 8,
+                max: 8,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .build()
+        .expect("build")
+        .run(Shutdown::never())
+        .await
+        .expect("run");
+    // 100 batches, at most 8 in flight: at least 12 commits. A lone batch (the last one,
+    // say) may still wait for the interval.
+    let calls = store.mark_calls.lock().unwrap().len();
+    assert!(calls >= 12, "{calls} mark calls");
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "took {:?} for {calls} mark calls: they waited for the interval",
+        started.elapsed()
+    );
+    assert_eq!(sink.records().len(), 1_000);
 }
