@@ -349,46 +349,58 @@ async fn a_partition_owned_anew_while_its_lost_batch_runs_looks_every_record_up(
     assert_eq!(summary.stats.dedup_hits, 100);
 }
 
-/// Marks are committed at most once per `dedup_mark_interval` (batches confirmed meanwhile
-/// share a commit), and every record is still marked.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn marks_are_committed_at_most_once_per_interval() {
-    let interval = Duration::from_millis(40);
+/// Runs `partitions` × `per_partition` generated records (at `rate`, if any) through a
+/// pipeline with positional dedup into a memory sink; returns the store and the sink.
+async fn run_with_marks(
+    name: &str,
+    (partitions, per_partition, rate): (u32, u64, Option<f64>),
+    settings: RuntimeSettings,
+) -> (Arc<MemoryStore>, MemorySink) {
     let store = Arc::new(MemoryStore::new().positional(true));
     let sink = MemorySink::new();
-    let started = std::time::Instant::now();
-    Pipeline::builder("mark-interval")
+    Pipeline::builder(name)
         .source(
             GeneratorSource::new(GeneratorConfig {
-                partitions: 2,
-                records_per_partition: Some(3_000),
-                rate: Some(6_000.0),
+                partitions,
+                records_per_partition: Some(per_partition),
+                rate,
                 ..Default::default()
             })
             .expect("gen"),
         )
         .sink(sink.clone())
         .dedup(store.clone(), KeyExtractor::SourcePosition)
-        .settings(RuntimeSettings {
-            dedup_mark_interval: interval,
-            batch: BatchSettings {
-                max_records: 10,
-                ..Default::default()
-            },
-            // A quarter of the limit (32) is more than arrive within an interval (~24).
-            concurrency: ConcurrencySettings {
-                mode: ConcurrencyMode::Fixed,
-                initial: 128,
-                max: 128,
-                ..Default::default()
-            },
-            ..Default::default()
-        })
+        .settings(settings)
         .build()
         .expect("build")
         .run(Shutdown::never())
         .await
         .expect("run");
+    (store, sink)
+}
+
+/// Marks are committed at most once per `dedup_mark_interval` (batches confirmed meanwhile
+/// share a commit), and every record is still marked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn marks_are_committed_at_most_once_per_interval() {
+    let interval = Duration::from_millis(40);
+    let started = std::time::Instant::now();
+    let settings = RuntimeSettings {
+        dedup_mark_interval: interval,
+        batch: BatchSettings {
+            max_records: 10,
+            ..Default::default()
+        },
+        // A quarter of the limit (32) is more than arrive within an interval (~24).
+        concurrency: ConcurrencySettings {
+            mode: ConcurrencyMode::Fixed,
+            initial: 128,
+            max: 128,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (store, sink) = run_with_marks("mark-interval", (2, 3_000, Some(6_000.0)), settings).await;
     let elapsed = started.elapsed();
     let calls = store.mark_calls.lock().unwrap().clone();
     // ~1 s of records in batches of at most 10: hundreds of batches, a few dozen commits.
@@ -420,43 +432,26 @@ async fn marks_are_committed_at_most_once_per_interval() {
     assert_eq!(sink.records().len(), 6_000);
 }
 
-/// Batches waiting for their marks hold credit and concurrency: once a quarter of
-/// `concurrency.max` of them wait, the marks are committed without waiting for the interval.
+/// Batches waiting for their marks hold credit and concurrency: once a quarter of the current
+/// concurrency limit waits, the marks are committed without waiting for the interval.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_batches_cut_the_mark_interval_short() {
-    let store = Arc::new(MemoryStore::new().positional(true));
-    let sink = MemorySink::new();
     let started = std::time::Instant::now();
-    Pipeline::builder("mark-interval-cap")
-        .source(
-            GeneratorSource::new(GeneratorConfig {
-                partitions: 2,
-                records_per_partition: Some(500),
-                ..Default::default()
-            })
-            .expect("gen"),
-        )
-        .sink(sink.clone())
-        .dedup(store.clone(), KeyExtractor::SourcePosition)
-        .settings(RuntimeSettings {
-            // Were every commit to wait for it, the ≥ 12 commits below would take ≥ 24 s.
-            dedup_mark_interval: Duration::from_secs(2),
-            batch: BatchSettings {
-                max_records: 10,
-                ..Default::default()
-            },
-            concurrency: ConcurrencySettings {
-                initial: 8,
-                max: 8,
-                ..Default::default()
-            },
+    let settings = RuntimeSettings {
+        // Were every commit to wait for it, the ≥ 12 commits below would take ≥ 24 s.
+        dedup_mark_interval: Duration::from_secs(2),
+        batch: BatchSettings {
+            max_records: 10,
             ..Default::default()
-        })
-        .build()
-        .expect("build")
-        .run(Shutdown::never())
-        .await
-        .expect("run");
+        },
+        concurrency: ConcurrencySettings {
+            initial: 8,
+            max: 8,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (store, sink) = run_with_marks("mark-interval-cap", (2, 500, None), settings).await;
     // 100 batches, at most 8 in flight: at least 12 commits. A lone batch (the last one,
     // say) may still wait for the interval.
     let calls = store.mark_calls.lock().unwrap().len();
