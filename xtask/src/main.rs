@@ -30,7 +30,8 @@ cargo xtask <task>
                            flowgate Kafka source (with and without dedup), side by side; then
                            the consumer's RSS behind a 10x slower sink while the backlog grows,
                            and end-to-end latency at fixed rates. --records=N --rounds=N
-                           --rss-records=N --throughput-only
+                           --rss-records=N --throughput-only, --latency-only (with
+                           --rounds=N: N runs of each latency row, at most 5)
   bench rabbitmq           raw lapin publisher and consumer against the flowgate RabbitMQ sink
                            and source on a classic queue, side by side. --records=N --rounds=N
   bench kinesis            a raw GetRecords loop against the flowgate Kinesis source on a
@@ -434,6 +435,19 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
             .map(|d| d.as_secs())
             .unwrap_or_default()
     );
+    // The bench's topics hold gigabytes (10 M records for the memory runs): gone afterwards.
+    let drop_topics = || {
+        output(
+            Command::new(bin)
+                .args(["drop", &topic, "0"])
+                .envs(env.iter().cloned()),
+        )
+        .map(|_| ())
+    };
+    if rest.contains(&"--latency-only") {
+        bench_kafka_latency(bin, &env, &topic, rounds.min(5))?;
+        return drop_topics();
+    }
     let n = records.to_string();
     output(
         Command::new(bin)
@@ -479,15 +493,6 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
             col(i, 3) / col(0, 3)
         );
     }
-    // The bench's topics hold gigabytes (10 M records for the memory runs): gone afterwards.
-    let drop_topics = || {
-        output(
-            Command::new(bin)
-                .args(["drop", &topic, "0"])
-                .envs(env.iter().cloned()),
-        )
-        .map(|_| ())
-    };
     if rest.contains(&"--throughput-only") {
         return drop_topics();
     }
@@ -518,6 +523,18 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
         )?;
         println!("| {label} | {} |", out.trim());
     }
+    bench_kafka_latency(bin, &env, &topic, 3)?;
+    drop_topics()
+}
+
+/// End-to-end capacity, then latency at fixed rates and at half the capacity, `rounds` runs
+/// of each of the pipeline and the raw loop, alternately.
+fn bench_kafka_latency(
+    bin: &str,
+    env: &[(String, String)],
+    topic: &str,
+    rounds: usize,
+) -> Result<(), String> {
     // Capacity end to end: the latency pipeline behind a producer sending as fast as it can.
     // On this machine the producer, the broker and the consumer share 2 cores, so this is what
     // the machine delivers end to end, below what the consumer reads alone (table above).
@@ -527,13 +544,26 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(f64::NAN)
     };
+    // Each run's topic (up to a gigabyte) is dropped as soon as the run ends, so that the disk
+    // holds one at a time and its deletion is over before the next run starts.
+    let run_and_drop = |cmd: &mut Command, run_topic: &str| -> Result<String, String> {
+        let out = output(cmd.envs(env.iter().cloned()))?;
+        output(
+            Command::new(bin)
+                .args(["drop", run_topic, "0"])
+                .envs(env.iter().cloned()),
+        )?;
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        Ok(out)
+    };
     let mut caps = Vec::new();
     for i in 0..3 {
-        let out = output(
+        let run_topic = format!("{topic}-cap-{i}");
+        let out = run_and_drop(
             Command::new(bin)
-                .args(["capacity", &format!("{topic}-cap-{i}"), "3000000"])
-                .env("BENCH_LINGER_US", "0")
-                .envs(env.iter().cloned()),
+                .args(["capacity", &run_topic, "3000000"])
+                .env("BENCH_LINGER_US", "0"),
+            &run_topic,
         )?;
         caps.push(field(&out, "delivered_per_s="));
     }
@@ -556,7 +586,7 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
     // through a raw consumer loop (what the client alone adds here). The topics carry the
     // broker's append time, which gives the broker -> sink part (the consumer's own). The
     // producer shares the 2 cores with the broker and the consumer, so single runs' p99 vary a
-    // lot: three runs each, alternately, the medians reported.
+    // lot: `rounds` runs each, alternately, the medians reported.
     println!(
         "\n| end-to-end latency, batch linger 0 | flowgate runs (p50 / p99 µs) | median p99 µs | broker → sink median p99 µs | raw loop runs (p50 / p99 µs) | median p99 µs | broker → sink median p99 µs |"
     );
@@ -574,19 +604,15 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
     ];
     for (label, rate, commit_every) in rows {
         let mut results: [(Vec<f64>, Vec<f64>, Vec<String>); 2] = Default::default();
-        for i in 0..3 {
+        for i in 0..rounds {
             for (m, mode) in ["latency", "latency-raw"].into_iter().enumerate() {
-                let out = output(
+                let run_topic = format!("{topic}-lat-{rate}-{commit_every}-{m}-{i}");
+                let out = run_and_drop(
                     Command::new(bin)
-                        .args([
-                            mode,
-                            &format!("{topic}-lat-{rate}-{commit_every}-{m}-{i}"),
-                            rate,
-                            "10",
-                        ])
+                        .args([mode, &run_topic, rate, "10"])
                         .env("BENCH_LINGER_US", "0")
-                        .env("BENCH_COMMIT_EVERY", commit_every)
-                        .envs(env.iter().cloned()),
+                        .env("BENCH_COMMIT_EVERY", commit_every),
+                    &run_topic,
                 )?;
                 results[m].0.push(field(&out, "p99_us="));
                 results[m].1.push(field(&out, "broker_p99_us="));
@@ -610,7 +636,7 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
             .collect();
         println!("| {label}{rate}/s | {} |", cols.join(" | "));
     }
-    drop_topics()
+    Ok(())
 }
 
 fn bench_rabbitmq(rest: &[&str]) -> Result<(), String> {

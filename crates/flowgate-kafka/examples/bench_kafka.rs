@@ -26,11 +26,13 @@
 //! FLOWGATE_TEST_KAFKA_BOOTSTRAP.
 //!
 //! Knobs for investigating (environment): `BENCH_PROPS=k=v;…` librdkafka properties of the
-//! flowgate source, `BENCH_RAW_PROPS=k=v;…` of the raw loop, `BENCH_QKB` the source's
+//! flowgate source, `BENCH_RAW_PROPS=k=v;…` of the raw loop, `BENCH_PRODUCER_PROPS=k=v;…` of
+//! the producer, `BENCH_WORKERS` the tokio worker threads (2), `BENCH_QKB` the source's
 //! `queued_max_messages_kbytes`, `BENCH_COMMIT_EVERY` the runtime's commit cadence,
 //! `BENCH_TRACE=MS` a stats line every MS milliseconds, `BENCH_DEDUP_STORE=memory` dedup marks
 //! in memory (no fsync), `=separate` in an embedded store of their own, `BENCH_MARK_INTERVAL_US`
 //! the runtime's `dedup_mark_interval`. Mode `flowgate-nostore` runs without a store;
+//! `BENCH_NO_STORE=1` latency runs without a checkpoint store (Kafka commits only);
 //! mode `source-only` drives `KafkaSource::next` alone with unlimited credit (no runtime).
 #![allow(clippy::expect_used)]
 
@@ -165,12 +167,8 @@ fn raw(started: Instant, topic: &str, records: u64, tuned: bool) -> Run {
             .set("queued.max.messages.kbytes", "4096")
             .set("fetch.max.bytes", "8388608");
     }
-    if let Ok(list) = std::env::var("BENCH_RAW_PROPS") {
-        for kv in list.split(';') {
-            if let Some((k, v)) = kv.split_once('=') {
-                cc.set(k, v);
-            }
-        }
+    for (k, v) in env_props("BENCH_RAW_PROPS") {
+        cc.set(k, v);
     }
     let consumer: BaseConsumer = cc.create().expect("consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
@@ -245,6 +243,16 @@ impl Run {
 }
 
 /// A number from the environment (an investigation knob), else `default`.
+/// librdkafka properties from an environment variable holding `k=v;k=v`.
+fn env_props(name: &str) -> Vec<(String, String)> {
+    std::env::var(name)
+        .unwrap_or_default()
+        .split(';')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
@@ -260,12 +268,7 @@ fn source_config(topic: &str) -> KafkaSourceConfig {
     let mut cfg = KafkaSourceConfig {
         bootstrap_servers: bootstrap(),
         topics: vec![topic.to_string()],
-        properties: std::env::var("BENCH_PROPS")
-            .unwrap_or_default()
-            .split(';')
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        properties: env_props("BENCH_PROPS").into_iter().collect(),
         ..Default::default()
     };
     if let Some(kb) = std::env::var("BENCH_QKB").ok().and_then(|v| v.parse().ok()) {
@@ -443,14 +446,22 @@ fn now_nanos() -> u64 {
 fn produce(topic: &str, records: u64, rate: f64, stamp: bool) {
     use rdkafka::error::{KafkaError, RDKafkaErrorCode};
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .set("linger.ms", if stamp { "1" } else { "20" })
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .expect("producer");
+    // Latency runs: 2 ms linger. At 450,000 records/s, 1 ms doubles the produce requests the
+    // broker handles on the shared cores and its p99 (raw loop, alternate runs: 14–59 ms with
+    // 1 ms, 8–14 ms with 2 ms); 0 overloads the broker.
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", bootstrap())
+        .set("linger.ms", if stamp { "2" } else { "20" })
+        .set("queue.buffering.max.messages", "1000000");
+    for (k, v) in env_props("BENCH_PRODUCER_PROPS") {
+        cc.set(k, v);
+    }
+    let producer: ThreadedProducer<DefaultProducerContext> = cc.create().expect("producer");
     let started = Instant::now();
     let mut payload = vec![b'x'; 100];
+    // Keys made once: the producer shares the machine's two cores with the broker and the
+    // consumer under test, so it should spend as little as it can per record.
+    let keys: Vec<String> = (0..1024).map(|i| format!("k{i}")).collect();
     let mut sent = 0u64;
     while sent < records {
         let due = ((started.elapsed().as_secs_f64() * rate) as u64).min(records);
@@ -462,8 +473,8 @@ fn produce(topic: &str, records: u64, rate: f64, stamp: bool) {
             if stamp {
                 payload[..8].copy_from_slice(&now_nanos().to_le_bytes());
             }
-            let key = format!("k{}", sent % 1024);
-            match producer.send(BaseRecord::to(topic).key(&key).payload(&payload)) {
+            let key = &keys[(sent % 1024) as usize];
+            match producer.send(BaseRecord::to(topic).key(key).payload(&payload)) {
                 Ok(()) => sent += 1,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     std::thread::sleep(Duration::from_millis(1));
@@ -578,6 +589,8 @@ struct LatencySink {
     /// From the broker's append time (millisecond clock) to the sink, µs.
     from_broker: std::sync::Mutex<Vec<u32>>,
     records: std::sync::atomic::AtomicU64,
+    /// Writes (batches) the sink received; the raw loop counts each record as one.
+    writes: std::sync::atomic::AtomicU64,
     /// Records sent before this (nanoseconds) are warm-up, not sampled.
     from: std::sync::atomic::AtomicU64,
     /// When the first and the latest record arrived (nanoseconds; 0: none yet).
@@ -627,6 +640,7 @@ impl LatencySink {
         let _ = self.first_ns.compare_exchange(0, now, Relaxed, Relaxed);
         self.last_ns.store(now, Relaxed);
         self.records.fetch_add(n, Relaxed);
+        self.writes.fetch_add(1, Relaxed);
     }
 
     /// Records per second from the first arrival to the last.
@@ -686,7 +700,7 @@ async fn latency_pipeline(mode: &str, topic: &str, rate: f64, records: u64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(EmbeddedStore::open_dir(dir.path()).await.expect("store"));
     let sink = Arc::new(LatencySink::default());
-    let pipeline = Pipeline::builder(group("latency"))
+    let mut builder = Pipeline::builder(group("latency"))
         .source(
             KafkaSource::new(KafkaSourceConfig {
                 auto_offset_reset: "latest".into(),
@@ -694,8 +708,12 @@ async fn latency_pipeline(mode: &str, topic: &str, rate: f64, records: u64) {
             })
             .expect("source"),
         )
-        .sink(sink.clone())
-        .checkpoint_store(store)
+        .sink(sink.clone());
+    // BENCH_NO_STORE=1: offsets committed to Kafka only, to tell the store's cost.
+    if std::env::var_os("BENCH_NO_STORE").is_none() {
+        builder = builder.checkpoint_store(store);
+    }
+    let pipeline = builder
         .settings(flowgate_runtime::RuntimeSettings {
             batch: flowgate_runtime::BatchSettings {
                 linger: Duration::from_micros(
@@ -794,7 +812,7 @@ fn print_latency(mode: &str, rate: f64, sink: &LatencySink, v: Vec<u32>) {
     let mut b = std::mem::take(&mut *sink.from_broker.lock().expect("lock"));
     b.sort_unstable();
     println!(
-        "{mode} rate={rate:.0} delivered_per_s={:.0} sampled={} p50_us={} p99_us={} p999_us={} max_us={} broker_p50_us={} broker_p99_us={} cpu_us_per_record={:.2}",
+        "{mode} rate={rate:.0} delivered_per_s={:.0} sampled={} p50_us={} p99_us={} p999_us={} max_us={} broker_p50_us={} broker_p99_us={} cpu_us_per_record={:.2} records_per_write={:.1}",
         sink.delivered_per_s(),
         v.len(),
         quantile(&v, 0.50),
@@ -806,6 +824,11 @@ fn print_latency(mode: &str, rate: f64, sink: &LatencySink, v: Vec<u32>) {
         cpu_seconds() * 1e6
             / sink
                 .records
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .max(1) as f64,
+        sink.records.load(std::sync::atomic::Ordering::Relaxed) as f64
+            / sink
+                .writes
                 .load(std::sync::atomic::Ordering::Relaxed)
                 .max(1) as f64,
     );
@@ -825,7 +848,7 @@ fn main() {
         args[0] = mode.to_string();
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(env_or("BENCH_WORKERS", 2))
         .enable_all()
         .build()
         .expect("runtime");
