@@ -32,7 +32,8 @@
 //! `BENCH_TRACE=MS` a stats line every MS milliseconds, `BENCH_DEDUP_STORE=memory` dedup marks
 //! in memory (no fsync), `=separate` in an embedded store of their own, `BENCH_MARK_INTERVAL_US`
 //! the runtime's `dedup_mark_interval`. Mode `flowgate-nostore` runs without a store;
-//! `BENCH_NO_STORE=1` latency runs without a checkpoint store (Kafka commits only);
+//! `BENCH_COMMIT_MIN_US` the runtime's `commit.min_interval` (throughput modes: 0, latency
+//! runs: the default), `BENCH_NO_STORE=1` latency runs without a checkpoint store (Kafka commits only);
 //! mode `source-only` drives `KafkaSource::next` alone with unlimited credit (no runtime).
 #![allow(clippy::expect_used)]
 
@@ -288,11 +289,10 @@ async fn flowgate(started: Instant, topic: &str, records: u64, dedup: bool, stor
         .source(KafkaSource::new(source_config(topic)).expect("source"))
         .sink(sink.clone())
         .settings(flowgate_runtime::RuntimeSettings {
+            // The (b): a checkpoint every 1000 records, no time floor.
             commit: flowgate_runtime::CommitSettings {
-                every_records: std::env::var("BENCH_COMMIT_EVERY")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(1000),
+                every_records: env_or("BENCH_COMMIT_EVERY", 1000),
+                min_interval: Duration::from_micros(env_or("BENCH_COMMIT_MIN_US", 0)),
                 ..Default::default()
             },
             batch: flowgate_runtime::BatchSettings {
@@ -726,6 +726,11 @@ async fn latency_pipeline(mode: &str, topic: &str, rate: f64, records: u64) {
             },
             commit: flowgate_runtime::CommitSettings {
                 every_records: env_or("BENCH_COMMIT_EVERY", 1000),
+                min_interval: std::env::var("BENCH_COMMIT_MIN_US")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .map(Duration::from_micros)
+                    .unwrap_or(flowgate_runtime::CommitSettings::default().min_interval),
                 ..Default::default()
             },
             ..Default::default()

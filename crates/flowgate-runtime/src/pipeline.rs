@@ -557,7 +557,9 @@ impl State {
                 }
             }
         }
-        if self.uncommitted > 0 {
+        if self.uncommitted >= self.settings.commit.every_records {
+            d = d.min(self.last_commit_at + self.settings.commit.min_interval);
+        } else if self.uncommitted > 0 {
             d = d.min(self.last_commit_at + self.settings.commit.every);
         }
         for r in &self.revokes {
@@ -1223,10 +1225,11 @@ impl State {
         now: Instant,
         source: &mut Box<dyn Source>,
     ) -> Option<JoinHandle<CommitOutput>> {
+        let since = now.duration_since(self.last_commit_at);
         let due = self.force_commit
-            || self.uncommitted >= self.settings.commit.every_records
-            || (self.uncommitted > 0
-                && now.duration_since(self.last_commit_at) >= self.settings.commit.every);
+            || (since >= self.settings.commit.min_interval
+                && (self.uncommitted >= self.settings.commit.every_records
+                    || (self.uncommitted > 0 && since >= self.settings.commit.every)));
         if !due {
             return None;
         }

@@ -105,6 +105,12 @@ impl RuntimeSettings {
         if self.commit.every_records == 0 {
             return Err(bad("commit.every_records", "must be at least 1"));
         }
+        if self.commit.min_interval > self.commit.every {
+            return Err(bad(
+                "commit.min_interval",
+                "must not exceed commit.every (the floor would defer every timed checkpoint)",
+            ));
+        }
         if self.retry.max_attempts == 0 {
             return Err(bad(
                 "retry.max_attempts",
@@ -268,6 +274,12 @@ pub struct CommitSettings {
     /// Time. Default 5 s.
     #[serde(with = "humantime_serde")]
     pub every: Duration,
+    /// The least time from the start of one checkpoint write to the start of the next, however
+    /// fast records are acknowledged. Default 10 ms. Each write is an `fsync` (embedded store)
+    /// or a round trip (PostgreSQL, Redis): at 400,000 records/s, `every_records = 1000` alone
+    /// asks for 400 of them a second. Revocation and shutdown write at once. 0: no floor.
+    #[serde(with = "humantime_serde")]
+    pub min_interval: Duration,
 }
 
 impl Default for CommitSettings {
@@ -275,6 +287,7 @@ impl Default for CommitSettings {
         CommitSettings {
             every_records: 1000,
             every: Duration::from_secs(5),
+            min_interval: Duration::from_millis(10),
         }
     }
 }

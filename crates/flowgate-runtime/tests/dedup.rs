@@ -60,6 +60,7 @@ fn run_pipeline(
             commit: CommitSettings {
                 every_records: commit_every,
                 every: Duration::from_millis(20),
+                min_interval: Duration::ZERO,
             },
             ..Default::default()
         };

@@ -18,8 +18,8 @@ use flowgate_runtime::adapters::{
     NullSink,
 };
 use flowgate_runtime::{
-    BatchSettings, ConcurrencySettings, Health, KeyExtractor, Ordering, OverflowPolicy, Pipeline,
-    RuntimeSettings, Shutdown,
+    BatchSettings, CommitSettings, ConcurrencySettings, Health, KeyExtractor, Ordering,
+    OverflowPolicy, Pipeline, RuntimeSettings, Shutdown,
 };
 
 mod common;
@@ -402,6 +402,24 @@ async fn throttling_lowers_concurrency_and_is_counted() {
     );
 }
 
+/// The stored checkpoint of each partition is the last record the sink received.
+async fn assert_final_checkpoints(store: &MemoryStore, pipeline: &str, sink: &MemorySink) {
+    let stored: HashMap<PartitionId, Position> = store
+        .load(pipeline)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.partition, c.position))
+        .collect();
+    for (p, pos) in by_partition(&sink.records()) {
+        assert_eq!(
+            stored.get(&p),
+            Some(&Position::from(*pos.last().unwrap())),
+            "{p}: final checkpoint = last written"
+        );
+    }
+}
+
 /// Shutdown drains in-flight records and writes the final checkpoint: the checkpoint of each
 /// partition is exactly the last record the sink received.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,20 +453,7 @@ async fn shutdown_drains_and_commits() {
     let summary = handle.await.unwrap().unwrap();
     assert!(summary.drained);
     assert!(sink.len() > 1_000);
-    let stored: HashMap<PartitionId, Position> = store
-        .load("drain")
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|c| (c.partition, c.position))
-        .collect();
-    for (p, pos) in by_partition(&sink.records()) {
-        assert_eq!(
-            stored.get(&p),
-            Some(&Position::from(*pos.last().unwrap())),
-            "{p}: final checkpoint = last written"
-        );
-    }
+    assert_final_checkpoints(&store, "drain", &sink).await;
     assert_eq!(summary.stats.in_flight, 0);
 }
 
@@ -970,4 +975,65 @@ async fn batches_respect_the_record_and_byte_limits() {
             assert!(fullest.1 > max_bytes / 2, "{fullest:?}");
         }
     }
+}
+
+/// However fast records are acknowledged, checkpoint writes start at least
+/// `commit.min_interval` apart (the final one on shutdown excepted), the cadence still
+/// follows `every_records` above that floor, and the final checkpoint is the last record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_writes_start_at_least_min_interval_apart() {
+    let min_interval = Duration::from_millis(20);
+    let store = Arc::new(MemoryStore::new());
+    let sink = MemorySink::new();
+    let (trigger, shutdown) = Shutdown::manual();
+    let pipeline = Pipeline::builder("floor")
+        .source(generator(2, 200_000, Some(200_000.0)))
+        .sink(sink.clone())
+        .checkpoint_store(store.clone())
+        .settings(RuntimeSettings {
+            commit: CommitSettings {
+                every_records: 10,
+                min_interval,
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let run = tokio::spawn(pipeline.run(shutdown));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    trigger.trigger();
+    run.await.unwrap().unwrap();
+    let calls = store.commit_calls.lock().unwrap().clone();
+    // Without the floor, 10 records per checkpoint at this rate would ask for thousands.
+    assert!(
+        calls.len() >= 5 && calls.len() <= 600 / 20 + 3,
+        "{} checkpoint writes in 600 ms",
+        calls.len()
+    );
+    // The floor applies to when the runtime starts a write; the store sees each call once
+    // its task runs, behind the batches queued on the busy workers, which shifts single gaps
+    // by a few milliseconds either way. Their mean holds the floor.
+    let before_shutdown = &calls[..calls.len() - 1];
+    let gaps: Vec<Duration> = before_shutdown.windows(2).map(|w| w[1] - w[0]).collect();
+    let mean = gaps.iter().sum::<Duration>() / gaps.len() as u32;
+    assert!(mean >= min_interval, "writes {mean:?} apart on average");
+    for gap in &gaps {
+        assert!(*gap >= min_interval / 2, "writes {gap:?} apart");
+    }
+    assert_final_checkpoints(&store, "floor", &sink).await;
+}
+
+/// `commit.min_interval` above `commit.every` is refused, naming the key.
+#[test]
+fn a_commit_floor_above_the_interval_is_refused() {
+    let settings = RuntimeSettings {
+        commit: CommitSettings {
+            min_interval: Duration::from_secs(10),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let e = settings.validate().unwrap_err();
+    assert!(e.to_string().contains("commit.min_interval"), "{e}");
 }

@@ -30,6 +30,8 @@ pub struct MemoryStore {
     pub ops: Mutex<Vec<Op>>,
     /// When each `mark` / `mark_ranges` call started.
     pub mark_calls: Mutex<Vec<std::time::Instant>>,
+    /// When each checkpoint `commit` call started.
+    pub commit_calls: Mutex<Vec<std::time::Instant>>,
     pub mark_delay: Duration,
     /// Keep positional marks (ranges) instead of only keys.
     pub positional: bool,
@@ -66,6 +68,10 @@ impl CheckpointStore for MemoryStore {
             .unwrap_or_default())
     }
     async fn commit(&self, pipeline: &str, cps: &[Checkpoint]) -> Result<(), Error> {
+        self.commit_calls
+            .lock()
+            .unwrap()
+            .push(std::time::Instant::now());
         let mut all = self.checkpoints.lock().unwrap();
         let m = all.entry(pipeline.to_string()).or_default();
         for c in cps {
