@@ -30,8 +30,8 @@ cargo xtask <task>
                            flowgate Kafka source (with and without dedup), side by side; then
                            the consumer's RSS behind a 10x slower sink while the backlog grows,
                            and end-to-end latency at fixed rates. --records=N --rounds=N
-                           --rss-records=N --throughput-only, --latency-only (with
-                           --rounds=N: N runs of each latency row, at most 5)
+                           --rss-records=N --throughput-only, --latency-only (each
+                           latency row runs min(rounds, 5) times)
   bench rabbitmq           raw lapin publisher and consumer against the flowgate RabbitMQ sink
                            and source on a classic queue, side by side. --records=N --rounds=N
   bench kinesis            a raw GetRecords loop against the flowgate Kinesis source on a
@@ -523,7 +523,7 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
         )?;
         println!("| {label} | {} |", out.trim());
     }
-    bench_kafka_latency(bin, &env, &topic, 3)?;
+    bench_kafka_latency(bin, &env, &topic, rounds.min(5))?;
     drop_topics()
 }
 
