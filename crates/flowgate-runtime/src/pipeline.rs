@@ -329,7 +329,7 @@ impl Pipeline {
                 break;
             }
             let want_source = !st.source_done && st.drain_deadline.is_none();
-            let deadline = st.next_deadline(now).min(next_tick);
+            let deadline = st.next_deadline(now, commit_task.is_none()).min(next_tick);
             tokio::select! {
                 biased;
                 Some(ev) = events_rx.recv() => {
@@ -545,7 +545,10 @@ impl State {
         }
     }
 
-    fn next_deadline(&self, now: Instant) -> Instant {
+    /// When the loop must wake without an event: a lane's linger ending, a checkpoint
+    /// falling due (only while no write is in flight: its completion wakes the loop, and a
+    /// past deadline meanwhile would spin it), a revocation or drain deadline.
+    fn next_deadline(&self, now: Instant, commit_idle: bool) -> Instant {
         let mut d = now + Duration::from_secs(1);
         let linger = self.linger();
         for p in self.partitions.values() {
@@ -557,10 +560,12 @@ impl State {
                 }
             }
         }
-        if self.uncommitted >= self.settings.commit.every_records {
-            d = d.min(self.last_commit_at + self.settings.commit.min_interval);
-        } else if self.uncommitted > 0 {
-            d = d.min(self.last_commit_at + self.settings.commit.every);
+        if commit_idle {
+            if self.uncommitted >= self.settings.commit.every_records {
+                d = d.min(self.last_commit_at + self.settings.commit.min_interval);
+            } else if self.uncommitted > 0 {
+                d = d.min(self.last_commit_at + self.settings.commit.every);
+            }
         }
         for r in &self.revokes {
             d = d.min(r.deadline);

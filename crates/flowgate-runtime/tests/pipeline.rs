@@ -1037,3 +1037,73 @@ fn a_commit_floor_above_the_interval_is_refused() {
     let e = settings.validate().unwrap_err();
     assert!(e.to_string().contains("commit.min_interval"), "{e}");
 }
+
+/// A source that counts the calls of `next`: a loop spinning on a past deadline calls it
+/// over and over.
+struct CountingSource<S> {
+    inner: S,
+    calls: Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[async_trait]
+impl<S: Source> Source for CountingSource<S> {
+    fn capabilities(&self) -> SourceCapabilities {
+        self.inner.capabilities()
+    }
+    async fn open(&mut self, ctx: SourceContext) -> Result<(), Error> {
+        self.inner.open(ctx).await
+    }
+    async fn next(&mut self) -> Result<SourceEvent, Error> {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.next().await
+    }
+    async fn start(&mut self, starts: Vec<StartPosition>) -> Result<(), Error> {
+        self.inner.start(starts).await
+    }
+    async fn commit(&mut self, checkpoints: &[Checkpoint]) -> Result<(), Error> {
+        self.inner.commit(checkpoints).await
+    }
+    async fn close(&mut self) -> Result<(), Error> {
+        self.inner.close().await
+    }
+}
+
+/// A checkpoint write slower than `commit.min_interval` does not make the loop spin while it
+/// is in flight (a due checkpoint cannot start before it ends), and checkpoints still follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_checkpoint_write_does_not_spin_the_loop() {
+    let store = Arc::new(MemoryStore::with_commit_delay(Duration::from_millis(200)));
+    let calls = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sink = MemorySink::new();
+    let (trigger, shutdown) = Shutdown::manual();
+    let pipeline = Pipeline::builder("slow-store")
+        .source(CountingSource {
+            inner: generator(2, 100_000, Some(200.0)),
+            calls: calls.clone(),
+        })
+        .sink(sink.clone())
+        .checkpoint_store(store.clone())
+        .settings(RuntimeSettings {
+            commit: CommitSettings {
+                every_records: 10,
+                min_interval: Duration::from_millis(1),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let run = tokio::spawn(pipeline.run(shutdown));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    trigger.trigger();
+    run.await.unwrap().unwrap();
+    let writes = store.commit_calls.lock().unwrap().len();
+    assert!(writes >= 5, "{writes} checkpoint writes");
+    // 200 records arrive in the second. The loop asked the source ~375 times; spinning on
+    // the past deadline of a due checkpoint while the write was in flight (every 1 ms: the
+    // timer's resolution), it asked ~910 times.
+    let n = calls.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(n < 600, "the source was asked {n} times");
+    assert_final_checkpoints(&store, "slow-store", &sink).await;
+}

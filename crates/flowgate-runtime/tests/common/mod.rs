@@ -33,6 +33,8 @@ pub struct MemoryStore {
     /// When each checkpoint `commit` call started.
     pub commit_calls: Mutex<Vec<std::time::Instant>>,
     pub mark_delay: Duration,
+    /// How long each checkpoint `commit` takes.
+    pub commit_delay: Duration,
     /// Keep positional marks (ranges) instead of only keys.
     pub positional: bool,
 }
@@ -44,6 +46,12 @@ impl MemoryStore {
     pub fn with_mark_delay(d: Duration) -> Self {
         MemoryStore {
             mark_delay: d,
+            ..Default::default()
+        }
+    }
+    pub fn with_commit_delay(d: Duration) -> Self {
+        MemoryStore {
+            commit_delay: d,
             ..Default::default()
         }
     }
@@ -72,6 +80,7 @@ impl CheckpointStore for MemoryStore {
             .lock()
             .unwrap()
             .push(std::time::Instant::now());
+        tokio::time::sleep(self.commit_delay).await;
         let mut all = self.checkpoints.lock().unwrap();
         let m = all.entry(pipeline.to_string()).or_default();
         for c in cps {
