@@ -716,21 +716,17 @@ async fn latency_pipeline(mode: &str, topic: &str, rate: f64, records: u64) {
     let pipeline = builder
         .settings(flowgate_runtime::RuntimeSettings {
             batch: flowgate_runtime::BatchSettings {
-                linger: Duration::from_micros(
-                    std::env::var("BENCH_LINGER_US")
-                        .ok()
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(5000),
-                ),
+                linger: Duration::from_micros(env_or("BENCH_LINGER_US", 5000)),
                 ..Default::default()
             },
             commit: flowgate_runtime::CommitSettings {
                 every_records: env_or("BENCH_COMMIT_EVERY", 1000),
-                min_interval: std::env::var("BENCH_COMMIT_MIN_US")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .map(Duration::from_micros)
-                    .unwrap_or(flowgate_runtime::CommitSettings::default().min_interval),
+                min_interval: Duration::from_micros(env_or(
+                    "BENCH_COMMIT_MIN_US",
+                    flowgate_runtime::CommitSettings::default()
+                        .min_interval
+                        .as_micros() as u64,
+                )),
                 ..Default::default()
             },
             ..Default::default()
