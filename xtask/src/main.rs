@@ -4,6 +4,7 @@
 
 mod rig;
 
+use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
 
@@ -445,7 +446,7 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
         .map(|_| ())
     };
     if rest.contains(&"--latency-only") {
-        bench_kafka_latency(bin, &env, &topic, rounds.min(5))?;
+        bench_kafka_latency(bin, &env, &topic, rounds.min(5), &rig.kafka_log_dir())?;
         return drop_topics();
     }
     let n = records.to_string();
@@ -523,7 +524,7 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
         )?;
         println!("| {label} | {} |", out.trim());
     }
-    bench_kafka_latency(bin, &env, &topic, rounds.min(5))?;
+    bench_kafka_latency(bin, &env, &topic, rounds.min(5), &rig.kafka_log_dir())?;
     drop_topics()
 }
 
@@ -534,7 +535,35 @@ fn bench_kafka_latency(
     env: &[(String, String)],
     topic: &str,
     rounds: usize,
+    log_dir: &Path,
 ) -> Result<(), String> {
+    // Where the broker's log is: on a disk, the kernel writes each run's hundreds of megabytes
+    // back (30 s after they were written, so during a later run), and that shares the cores
+    // and the disk with the producer, the broker and the consumer under test.
+    let fs_type = String::from_utf8_lossy(
+        &Command::new("stat")
+            .args(["-f", "-c", "%T"])
+            .arg(log_dir)
+            .output()
+            .map(|o| o.stdout)
+            .unwrap_or_default(),
+    )
+    .trim()
+    .to_string();
+    println!(
+        "\nThe broker's log: {} (file system: {})",
+        log_dir.display(),
+        if fs_type.is_empty() {
+            "unknown"
+        } else {
+            &fs_type
+        }
+    );
+    if fs_type != "tmpfs" {
+        println!(
+            "(its writeback shares the machine with the runs; `FLOWGATE_RIG_KAFKA_LOG_DIR=/dev/shm/flowgate-kafka cargo xtask brokers up --only kafka` puts it in memory)"
+        );
+    }
     // Capacity end to end: the latency pipeline behind a producer sending as fast as it can.
     // On this machine the producer, the broker and the consumer share 2 cores, so this is what
     // the machine delivers end to end, below what the consumer reads alone (table above).
@@ -556,8 +585,11 @@ fn bench_kafka_latency(
         std::thread::sleep(std::time::Duration::from_secs(3));
         Ok(out)
     };
+    // A broker just started runs its code interpreted until the JIT compiles it: the first
+    // capacity run after `up` measured 527,000/s where the next ones measured 696,000 and
+    // more (2026-11-28). One run (0) warms it up and is not counted.
     let mut caps = Vec::new();
-    for i in 0..3 {
+    for i in 0..4 {
         let run_topic = format!("{topic}-cap-{i}");
         let out = run_and_drop(
             Command::new(bin)
@@ -565,7 +597,12 @@ fn bench_kafka_latency(
                 .env("BENCH_LINGER_US", "0"),
             &run_topic,
         )?;
-        caps.push(field(&out, "delivered_per_s="));
+        let rate = field(&out, "delivered_per_s=");
+        if i == 0 {
+            println!("(warm-up run, not counted: {rate:.0} records/s)");
+        } else {
+            caps.push(rate);
+        }
     }
     let capacity = median(&caps);
     let half = ((capacity / 2.0 / 10_000.0).round() * 10_000.0).max(10_000.0) as u64;

@@ -5,6 +5,11 @@
 //! jars, the kinesis-local npm package) in `$FLOWGATE_RIG_CACHE` (default
 //! `~/.cache/flowgate-rig`), so a second `up` downloads nothing. `down` stops only the
 //! processes whose PID files `up` wrote, never by name.
+//!
+//! `$FLOWGATE_RIG_KAFKA_LOG_DIR` puts the native Kafka broker's log (its topics' data)
+//! elsewhere than `target/flowgate-rig/kafka/data`, until it is set again; on a RAM
+//! filesystem (`/dev/shm/…`) the kernel's writeback of the log no longer shares the machine
+//! with what a latency bench measures.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -186,6 +191,19 @@ impl Rig {
         Ok(Rig { root, state, cache })
     }
 
+    /// Where the native Kafka broker keeps its log: as its `server.properties` says (the last
+    /// `up`), else where `up` would put it.
+    pub(crate) fn kafka_log_dir(&self) -> PathBuf {
+        let dir = self.state_dir(Broker::Kafka);
+        fs::read_to_string(dir.join("server.properties"))
+            .ok()
+            .and_then(|p| {
+                p.lines()
+                    .find_map(|l| l.strip_prefix("log.dirs=").map(PathBuf::from))
+            })
+            .unwrap_or_else(|| dir.join("data"))
+    }
+
     pub(crate) fn state_dir(&self, b: Broker) -> PathBuf {
         self.state.join(b.name())
     }
@@ -268,7 +286,12 @@ impl Rig {
 
     fn start_kafka(&self, dir: &Path) -> Res {
         self.ensure_kafka_jars()?;
-        let data = dir.join("data");
+        // `$FLOWGATE_RIG_KAFKA_LOG_DIR`, else the previous start's: a broker restarted by a
+        // test (`up --only kafka`, without the variable) finds its topics again.
+        let data = match std::env::var_os("FLOWGATE_RIG_KAFKA_LOG_DIR") {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => self.kafka_log_dir(),
+        };
         // `file.delete.delay.ms`: a deleted topic's files go after 1 s, not 60 s, so the
         // benches can drop each run's topic (gigabytes) before the next run starts.
         let props = format!(
