@@ -623,9 +623,10 @@ fn bench_kafka_latency(
     // through a raw consumer loop (what the client alone adds here). The topics carry the
     // broker's append time, which gives the broker -> sink part (the consumer's own). The
     // producer shares the 2 cores with the broker and the consumer, so single runs' p99 vary a
-    // lot: `rounds` runs each, alternately, the medians reported.
+    // lot: `rounds` runs each, alternately, the medians reported. Each run also shows how busy
+    // the machine's two cores were and how much of their time went waiting for the disk.
     println!(
-        "\n| end-to-end latency, batch linger 0 | flowgate runs (p50 / p99 µs) | median p99 µs | broker → sink median p99 µs | raw loop runs (p50 / p99 µs) | median p99 µs | broker → sink median p99 µs |"
+        "\n| end-to-end latency, batch linger 0 | flowgate runs (p50 / p99 µs, machine) | median p99 µs | broker → sink median p99 µs | raw loop runs (p50 / p99 µs, machine) | median p99 µs | broker → sink median p99 µs |"
     );
     println!("|---|---|---:|---:|---|---:|---:|");
     let half_rate = half.to_string();
@@ -654,9 +655,11 @@ fn bench_kafka_latency(
                 results[m].0.push(field(&out, "p99_us="));
                 results[m].1.push(field(&out, "broker_p99_us="));
                 results[m].2.push(format!(
-                    "{:.0} / {:.0}",
+                    "{:.0} / {:.0} ({:.0} % busy, {:.1} % I/O wait)",
                     field(&out, "p50_us="),
-                    field(&out, "p99_us=")
+                    field(&out, "p99_us="),
+                    field(&out, "machine_busy_pct="),
+                    field(&out, "iowait_pct=")
                 ));
             }
         }

@@ -289,7 +289,12 @@ impl Rig {
         // `$FLOWGATE_RIG_KAFKA_LOG_DIR`, else the previous start's: a broker restarted by a
         // test (`up --only kafka`, without the variable) finds its topics again.
         let data = match std::env::var_os("FLOWGATE_RIG_KAFKA_LOG_DIR") {
-            Some(p) if !p.is_empty() => PathBuf::from(p),
+            Some(p) if !p.is_empty() => std::path::absolute(&p).map_err(|e| {
+                format!(
+                    "FLOWGATE_RIG_KAFKA_LOG_DIR={}: not a usable path: {e}",
+                    Path::new(&p).display()
+                )
+            })?,
             _ => self.kafka_log_dir(),
         };
         // `file.delete.delay.ms`: a deleted topic's files go after 1 s, not 60 s, so the

@@ -434,6 +434,50 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// The machine's CPU time so far, from the `cpu` line of `/proc/stat` (clock ticks): busy
+/// (user, nice, system, irq, softirq), I/O wait, stolen by the hypervisor, and the total.
+#[derive(Clone, Copy, Default)]
+struct MachineTicks {
+    busy: u64,
+    iowait: u64,
+    steal: u64,
+    total: u64,
+}
+
+impl MachineTicks {
+    fn now() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let v: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        let at = |i: usize| v.get(i).copied().unwrap_or(0);
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        MachineTicks {
+            busy: at(0) + at(1) + at(2) + at(5) + at(6),
+            iowait: at(4),
+            steal: at(7),
+            total: (0..8).map(at).sum(),
+        }
+    }
+
+    /// Shares (%) of the machine's CPU time between `self` and `later`: busy, I/O wait,
+    /// stolen. A run whose tail is the host's or the disk's shows it here.
+    fn shares(self, later: MachineTicks) -> (f64, f64, f64) {
+        let total = later.total.saturating_sub(self.total).max(1) as f64;
+        let pct = |a: u64, b: u64| b.saturating_sub(a) as f64 * 100.0 / total;
+        (
+            pct(self.busy, later.busy),
+            pct(self.iowait, later.iowait),
+            pct(self.steal, later.steal),
+        )
+    }
+}
+
 fn now_nanos() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -741,10 +785,10 @@ async fn latency_pipeline(mode: &str, topic: &str, rate: f64, records: u64) {
     while stats.snapshot().rebalances == 0 && joined.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let v = produce_and_wait(topic, rate, records, &sink).await;
+    let (v, machine) = produce_and_wait(topic, rate, records, &sink).await;
     trigger.trigger();
     let _ = run.await;
-    print_latency(mode, rate, &sink, v);
+    print_latency(mode, rate, &sink, v, machine);
 }
 
 /// The same measurement with a raw `BaseConsumer` loop (librdkafka defaults) in place of the
@@ -770,16 +814,22 @@ async fn latency_raw(topic: &str, rate: f64, seconds: f64) {
             }
         }
     });
-    let v = produce_and_wait(topic, rate, (rate * seconds) as u64, &sink).await;
+    let (v, machine) = produce_and_wait(topic, rate, (rate * seconds) as u64, &sink).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = poller.join();
-    print_latency("latency-raw", rate, &sink, v);
+    print_latency("latency-raw", rate, &sink, v, machine);
 }
 
 /// Starts the stamped producer once the consumer had time to join, waits until every record
 /// arrived (at most 30 s more), and returns the sampled latencies, sorted.
-async fn produce_and_wait(topic: &str, rate: f64, records: u64, sink: &LatencySink) -> Vec<u32> {
+async fn produce_and_wait(
+    topic: &str,
+    rate: f64,
+    records: u64,
+    sink: &LatencySink,
+) -> (Vec<u32>, (f64, f64, f64)) {
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = MachineTicks::now();
     sink.from.store(
         now_nanos() + 1_000_000_000,
         std::sync::atomic::Ordering::Relaxed,
@@ -789,6 +839,7 @@ async fn produce_and_wait(topic: &str, rate: f64, records: u64, sink: &LatencySi
         .await
         .expect("join")
         .expect("producer");
+    let machine = before.shares(MachineTicks::now());
     let waited = Instant::now();
     while sink.records.load(std::sync::atomic::Ordering::Relaxed) < records
         && waited.elapsed() < Duration::from_secs(30)
@@ -797,7 +848,7 @@ async fn produce_and_wait(topic: &str, rate: f64, records: u64, sink: &LatencySi
     }
     let mut v = std::mem::take(&mut *sink.micros.lock().expect("lock"));
     v.sort_unstable();
-    v
+    (v, machine)
 }
 
 /// The `p`-quantile of sorted samples.
@@ -808,12 +859,19 @@ fn quantile(v: &[u32], p: f64) -> u32 {
 }
 
 /// Send → sink percentiles, and broker append → sink ones (`broker_…`: the consumer's part,
-/// on the broker's millisecond clock).
-fn print_latency(mode: &str, rate: f64, sink: &LatencySink, v: Vec<u32>) {
+/// on the broker's millisecond clock), then the machine's shares of CPU time while the
+/// producer ran (`machine_busy_pct`, `iowait_pct`, `steal_pct`, of both cores).
+fn print_latency(
+    mode: &str,
+    rate: f64,
+    sink: &LatencySink,
+    v: Vec<u32>,
+    (busy, iowait, steal): (f64, f64, f64),
+) {
     let mut b = std::mem::take(&mut *sink.from_broker.lock().expect("lock"));
     b.sort_unstable();
     println!(
-        "{mode} rate={rate:.0} delivered_per_s={:.0} sampled={} p50_us={} p99_us={} p999_us={} max_us={} broker_p50_us={} broker_p99_us={} cpu_us_per_record={:.2} records_per_write={:.1}",
+        "{mode} rate={rate:.0} delivered_per_s={:.0} sampled={} p50_us={} p99_us={} p999_us={} max_us={} broker_p50_us={} broker_p99_us={} cpu_us_per_record={:.2} records_per_write={:.1} machine_busy_pct={busy:.0} iowait_pct={iowait:.1} steal_pct={steal:.1}",
         sink.delivered_per_s(),
         v.len(),
         quantile(&v, 0.50),
