@@ -436,7 +436,7 @@ fn cpu_seconds() -> f64 {
 
 /// The machine's CPU time so far, from the `cpu` line of `/proc/stat` (clock ticks): busy
 /// (user, nice, system, irq, softirq), I/O wait, stolen by the hypervisor, and the total.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct MachineTicks {
     busy: u64,
     iowait: u64,
