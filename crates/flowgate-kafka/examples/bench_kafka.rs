@@ -496,7 +496,6 @@ fn produce(topic: &str, records: u64, rate: f64, stamp: bool) {
     // broker handles on the shared cores and its p99 (raw loop, alternate runs: 14–59 ms with
     // 1 ms, 8–14 ms with 2 ms); 0 overloads the broker.
     //
-    //
     // A paced producer is the load, not the system under test, yet it shares the two cores
     // with the broker and the consumer: at 440,000 records/s it used more CPU than either. So
     // it asks for delivery reports of failed records only (the others would cross to its poll
@@ -505,9 +504,10 @@ fn produce(topic: &str, records: u64, rate: f64, stamp: bool) {
     // linger batches across the bursts anyway. Measured, four alternating pairs of raw-loop
     // runs at 440,000/s: producer 384–508 ms of CPU a second against 468–528, broker 484–512
     // against 548–580, cores 63–65 % busy against 68–71 %. The unpaced producer of capacity
-    // runs keeps every delivery report, as before: with it, six alternating pairs measured
-    // 543,000–737,000 records/s against 619,000–775,000, too close to call, and "half
-    // capacity" must not move because the load generator changed.
+    // runs keeps every delivery report, as before: six alternating pairs measured
+    // 543,000–737,000 records/s with failed reports only against 619,000–775,000 with all,
+    // too close to call, and "half capacity" must not move because the load generator
+    // changed.
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", bootstrap())
         .set("linger.ms", if stamp { "2" } else { "20" })
