@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Toml, Yaml};
+use figment::value::Value;
 use flowgate_core::Error;
 use flowgate_runtime::adapters::{FaultConfig, GeneratorConfig};
 use flowgate_runtime::{KeyExtractor, RuntimeSettings};
@@ -99,35 +100,12 @@ pub(crate) struct NotCompiled {}
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub(crate) enum SinkConfig {
     /// Discards records (benchmarks, demos).
-    Null {
-        /// Optional fault injection (latency, capacity, throttling…).
-        #[serde(default)]
-        faults: Option<FaultConfig>,
-    },
+    Null(NullSinkConfig),
     /// JSON lines appended to a file.
-    Jsonl {
-        /// The file.
-        path: PathBuf,
-        /// fdatasync every batch.
-        #[serde(default)]
-        fsync: bool,
-        /// Optional fault injection.
-        #[serde(default)]
-        faults: Option<FaultConfig>,
-    },
+    Jsonl(JsonlSinkConfig),
     /// Rows in a table of the pipeline's store (embedded or PostgreSQL), committed with the
     /// dedup marks in one transaction (exactly-once). Needs `dedup`.
-    Table {
-        /// Table name.
-        table: String,
-        /// `insert` (one row per record, the default) or `upsert` (one row per record key;
-        /// PostgreSQL store only).
-        #[serde(default)]
-        mode: flowgate_checkpoint::TableMode,
-        /// Optional fault injection.
-        #[serde(default)]
-        faults: Option<FaultConfig>,
-    },
+    Table(TableSinkConfig),
     /// Apache Kafka.
     #[cfg(feature = "kafka")]
     Kafka(flowgate_kafka::KafkaSinkConfig),
@@ -148,16 +126,50 @@ pub(crate) enum SinkConfig {
     Rabbitmq(NotCompiled),
 }
 
+/// `type = "null"`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NullSinkConfig {
+    /// Optional fault injection (latency, capacity, throttling…).
+    #[serde(default)]
+    pub(crate) faults: Option<FaultConfig>,
+}
+
+/// `type = "jsonl"`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct JsonlSinkConfig {
+    /// The file.
+    pub(crate) path: PathBuf,
+    /// fdatasync every batch.
+    #[serde(default)]
+    pub(crate) fsync: bool,
+    /// Optional fault injection.
+    #[serde(default)]
+    pub(crate) faults: Option<FaultConfig>,
+}
+
+/// `type = "table"`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TableSinkConfig {
+    /// Table name.
+    pub(crate) table: String,
+    /// `insert` (one row per record, the default) or `upsert` (one row per record key;
+    /// PostgreSQL store only).
+    #[serde(default)]
+    pub(crate) mode: flowgate_checkpoint::TableMode,
+    /// Optional fault injection.
+    #[serde(default)]
+    pub(crate) faults: Option<FaultConfig>,
+}
+
 /// Checkpoint store by type.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub(crate) enum StoreConfig {
     /// The embedded redb store in a directory.
-    Embedded {
-        /// Data directory. Default `./flowgate-data`.
-        #[serde(default = "default_data")]
-        path: PathBuf,
-    },
+    Embedded(EmbeddedStoreConfig),
     /// PostgreSQL, shared by several workers (docs/stores.md).
     Postgres(flowgate_checkpoint::PostgresConfig),
     /// Redis, shared by several workers (docs/stores.md).
@@ -168,15 +180,87 @@ pub(crate) enum StoreConfig {
     None,
 }
 
+/// `type = "embedded"`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EmbeddedStoreConfig {
+    /// Data directory. Default `./flowgate-data`.
+    #[serde(default = "default_data")]
+    pub(crate) path: PathBuf,
+}
+
 fn default_data() -> PathBuf {
     PathBuf::from("./flowgate-data")
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig::Embedded {
+        StoreConfig::Embedded(EmbeddedStoreConfig {
             path: default_data(),
-        }
+        })
+    }
+}
+
+/// A section without keys of its own besides `type` (`store.type = "memory"`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoKeys {}
+
+/// Reads a `type`-tagged section variant by variant, so that an invalid value deep inside
+/// names its whole key path (serde's internally tagged enums buffer the section and lose it).
+trait Tagged: Sized {
+    /// The `type` values, for the error on an unknown one.
+    const TYPES: &'static [&'static str];
+    /// The variant `kind` read from `rest` (the section without its `type` key).
+    fn from_parts(kind: &str, rest: &Value) -> Result<Option<Self>, figment::Error>;
+}
+
+impl Tagged for SourceConfig {
+    const TYPES: &'static [&'static str] = &["generator", "kafka", "kinesis", "rabbitmq"];
+    fn from_parts(kind: &str, rest: &Value) -> Result<Option<Self>, figment::Error> {
+        Ok(Some(match kind {
+            "generator" => SourceConfig::Generator(rest.deserialize()?),
+            "kafka" => SourceConfig::Kafka(rest.deserialize()?),
+            "kinesis" => SourceConfig::Kinesis(rest.deserialize()?),
+            "rabbitmq" => SourceConfig::Rabbitmq(rest.deserialize()?),
+            _ => return Ok(None),
+        }))
+    }
+}
+
+impl Tagged for SinkConfig {
+    const TYPES: &'static [&'static str] =
+        &["null", "jsonl", "table", "kafka", "kinesis", "rabbitmq"];
+    fn from_parts(kind: &str, rest: &Value) -> Result<Option<Self>, figment::Error> {
+        Ok(Some(match kind {
+            "null" => SinkConfig::Null(rest.deserialize()?),
+            "jsonl" => SinkConfig::Jsonl(rest.deserialize()?),
+            "table" => SinkConfig::Table(rest.deserialize()?),
+            "kafka" => SinkConfig::Kafka(rest.deserialize()?),
+            "kinesis" => SinkConfig::Kinesis(rest.deserialize()?),
+            "rabbitmq" => SinkConfig::Rabbitmq(rest.deserialize()?),
+            _ => return Ok(None),
+        }))
+    }
+}
+
+impl Tagged for StoreConfig {
+    const TYPES: &'static [&'static str] = &["embedded", "postgres", "redis", "memory", "none"];
+    fn from_parts(kind: &str, rest: &Value) -> Result<Option<Self>, figment::Error> {
+        Ok(Some(match kind {
+            "embedded" => StoreConfig::Embedded(rest.deserialize()?),
+            "postgres" => StoreConfig::Postgres(rest.deserialize()?),
+            "redis" => StoreConfig::Redis(rest.deserialize()?),
+            "memory" => {
+                rest.deserialize::<NoKeys>()?;
+                StoreConfig::Memory
+            }
+            "none" => {
+                rest.deserialize::<NoKeys>()?;
+                StoreConfig::None
+            }
+            _ => return Ok(None),
+        }))
     }
 }
 
@@ -263,24 +347,118 @@ fn env() -> Env {
         .split("__")
 }
 
+/// The file's top level, with the `type`-tagged sections kept as raw values.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Frame {
+    name: String,
+    source: Value,
+    sink: Value,
+    #[serde(default)]
+    dead_letter: Option<Value>,
+    #[serde(default)]
+    store: Option<Value>,
+    #[serde(default)]
+    dedup: Option<DedupConfig>,
+    #[serde(default)]
+    runtime: RuntimeSettings,
+}
+
 /// Extracts and validates a configuration.
 pub(crate) fn from_figment(figment: Figment, origin: &Path) -> Result<PipelineConfig, Error> {
-    let cfg: PipelineConfig = figment.extract().map_err(|e| {
-        let keys: Vec<String> = e
-            .clone()
-            .into_iter()
-            .map(|e| e.path.join("."))
-            .filter(|k| !k.is_empty())
-            .collect();
-        let mut err = Error::config(format!("invalid configuration: {e}"))
-            .with_context("file", origin.display());
-        if !keys.is_empty() {
-            err = err.with_context("key", keys.join(", "));
-        }
-        err
-    })?;
+    let invalid = |e: figment::Error| invalid_config(e, origin);
+    let frame: Frame = figment.extract().map_err(invalid)?;
+    let store = match &frame.store {
+        Some(v) => tagged(v, "store").map_err(invalid)?,
+        None => StoreConfig::default(),
+    };
+    let cfg = PipelineConfig {
+        name: frame.name,
+        source: tagged(&frame.source, "source").map_err(invalid)?,
+        sink: tagged(&frame.sink, "sink").map_err(invalid)?,
+        dead_letter: match &frame.dead_letter {
+            Some(v) => Some(tagged(v, "dead_letter").map_err(invalid)?),
+            None => None,
+        },
+        store,
+        dedup: frame.dedup,
+        runtime: frame.runtime,
+    };
     cfg.runtime.validate()?;
     Ok(cfg)
+}
+
+/// One `type`-tagged section: its `type`, then the variant's own keys.
+fn tagged<T: Tagged>(value: &Value, section: &str) -> Result<T, figment::Error> {
+    let at = |e: figment::Error| e.with_path(section);
+    let Value::Dict(tag, dict) = value else {
+        return Err(at(figment::Error::from(format!(
+            "expected a table with a `type` key, found {}",
+            value.to_actual()
+        ))));
+    };
+    let kind = match dict.get("type") {
+        Some(Value::String(_, k)) => k.clone(),
+        Some(other) => {
+            return Err(figment::Error::from(format!(
+                "invalid type: found {}, expected a string (one of {})",
+                other.to_actual(),
+                T::TYPES.join(", ")
+            ))
+            .with_path(&format!("{section}.type")));
+        }
+        None => {
+            return Err(figment::Error::from(format!(
+                "missing `type`: expected one of {}",
+                T::TYPES.join(", ")
+            ))
+            .with_path(section));
+        }
+    };
+    let mut rest = dict.clone();
+    rest.remove("type");
+    let rest = Value::Dict(*tag, rest);
+    match T::from_parts(&kind, &rest) {
+        Ok(Some(v)) => Ok(v),
+        Ok(None) => Err(figment::Error::from(format!(
+            "unknown type {kind:?}: expected one of {}",
+            T::TYPES.join(", ")
+        ))
+        .with_path(&format!("{section}.type"))),
+        // The variant's errors carry paths inside the section: put the section in front.
+        Err(e) => Err(e
+            .into_iter()
+            .map(|mut e| {
+                e.path.insert(0, section.to_string());
+                e
+            })
+            .reduce(|a, b| a.chain(b))
+            .unwrap_or_else(|| figment::Error::from(String::from("invalid section")))),
+    }
+}
+
+/// A figment error as flowgate's: every failing key in full (`source.max_batch`), what was
+/// expected, and the file.
+fn invalid_config(e: figment::Error, origin: &Path) -> Error {
+    let mut keys = Vec::new();
+    let mut details = Vec::new();
+    for one in e.into_iter() {
+        let key = one.path.join(".");
+        details.push(if key.is_empty() {
+            one.kind.to_string()
+        } else {
+            format!("`{key}`: {}", one.kind)
+        });
+        if !key.is_empty() {
+            keys.push(key);
+        }
+    }
+    let mut err = Error::config(format!("invalid configuration: {}", details.join("; ")))
+        .with_context("file", origin.display());
+    if !keys.is_empty() {
+        err = err.with_context("key", keys.join(", "));
+    }
+    err
 }
 
 #[cfg(test)]
@@ -330,8 +508,136 @@ mod tests {
             )?;
             assert!(matches!(
                 load(Path::new("y.yaml")).map_err(|e| e.to_string())?.sink,
-                SinkConfig::Jsonl { .. }
+                SinkConfig::Jsonl(_)
             ));
+            Ok(())
+        });
+    }
+
+    /// Loads `body` as `f.toml` and returns the error text, which must name `key`.
+    fn load_err(jail: &mut Jail, body: &str) -> Result<String, figment::Error> {
+        jail.create_file("f.toml", body)?;
+        match load(Path::new("f.toml")) {
+            Ok(cfg) => Err(format!("accepted: {cfg:?}").into()),
+            Err(e) => Ok(e.to_string()),
+        }
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn every_invalid_value_names_its_full_key_the_expected_type_and_the_file() {
+        Jail::expect_with(|jail| {
+            let base_source = "[source]\ntype = \"generator\"\n";
+            let base_sink = "[sink]\ntype = \"null\"\n";
+            let cases: Vec<(String, &str, &str)> = vec![
+                (
+                    format!(
+                        "name = \"t\"\n[source]\ntype = \"kafka\"\ntopics = [\"a\"]\nmax_batch = \"lots\"\n{base_sink}"
+                    ),
+                    "source.max_batch",
+                    "usize",
+                ),
+                (
+                    format!(
+                        "name = \"t\"\n[source]\ntype = \"kafka\"\ntopics = \"hk1\"\n{base_sink}"
+                    ),
+                    "source.topics",
+                    "sequence",
+                ),
+                (
+                    format!(
+                        "name = \"t\"\n[source]\ntype = \"kafka\"\ntopics = [\"a\"]\nsession_timeout = 45\n{base_sink}"
+                    ),
+                    "source.session_timeout",
+                    "45",
+                ),
+                (
+                    format!(
+                        "name = \"t\"\n[source]\ntype = \"generator\"\npartitions = -1\n{base_sink}"
+                    ),
+                    "source.partitions",
+                    "-1",
+                ),
+                (
+                    format!("name = \"t\"\n[source]\ntype = \"kafak\"\n{base_sink}"),
+                    "source.type",
+                    "generator, kafka",
+                ),
+                (
+                    format!("name = \"t\"\n[source]\npartitions = 2\n{base_sink}"),
+                    "source",
+                    "missing `type`",
+                ),
+                (
+                    format!(
+                        "name = \"t\"\n{base_source}[sink]\ntype = \"jsonl\"\npath = \"o\"\nfsync = \"yes\"\n"
+                    ),
+                    "sink.fsync",
+                    "bool",
+                ),
+                (
+                    format!(
+                        "name = \"t\"\n{base_source}[sink]\ntype = \"rabbitmq\"\nexchange = 5\n"
+                    ),
+                    "sink.exchange",
+                    "string",
+                ),
+                (
+                    format!(
+                        "name = \"t\"\n{base_source}{base_sink}[dead_letter]\ntype = \"jsonl\"\npath = \"d\"\nfaults = 3\n"
+                    ),
+                    "dead_letter.faults",
+                    "3",
+                ),
+                (
+                    format!(
+                        "name = \"t\"\n{base_source}{base_sink}[store]\ntype = \"embedded\"\npath = 7\n"
+                    ),
+                    "store.path",
+                    "7",
+                ),
+                (
+                    format!(
+                        "name = \"t\"\n{base_source}{base_sink}[store]\ntype = \"memory\"\npath = \"x\"\n"
+                    ),
+                    "store.path",
+                    "unknown field",
+                ),
+                (
+                    format!(
+                        "name = \"t\"\n{base_source}{base_sink}[store]\ntype = \"postgres\"\nurl = \"postgres://h/d\"\npool_size = \"many\"\n"
+                    ),
+                    "store.pool_size",
+                    "many",
+                ),
+                (
+                    format!("name = \"t\"\n{base_source}{base_sink}[dedup]\nkey = 3\n"),
+                    "dedup.key",
+                    "string",
+                ),
+                (
+                    format!(
+                        "name = \"t\"\n{base_source}{base_sink}[runtime.batch]\nmax_records = \"x\"\n"
+                    ),
+                    "runtime.batch.max_records",
+                    "usize",
+                ),
+                (
+                    format!("name = 5\n{base_source}{base_sink}"),
+                    "name",
+                    "string",
+                ),
+            ];
+            for (body, key, expected) in cases {
+                let err = load_err(jail, &body)?;
+                assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+                assert!(err.contains(expected), "{key} ({expected}): {err}");
+                assert!(err.contains("f.toml"), "{key}: no file in {err}");
+            }
+            // The environment's values are named by key too.
+            jail.set_env("FLOWGATE_SOURCE__RATE", "fast");
+            let err = load_err(jail, &format!("name = \"t\"\n{base_source}{base_sink}"))?;
+            assert!(err.contains("`source.rate`"), "{err}");
             Ok(())
         });
     }

@@ -140,8 +140,8 @@ struct Stores {
 
 async fn open_store(cfg: &StoreConfig) -> Result<Stores, Error> {
     Ok(match cfg {
-        StoreConfig::Embedded { path } => {
-            let s = EmbeddedStore::open_dir(path).await?;
+        StoreConfig::Embedded(e) => {
+            let s = EmbeddedStore::open_dir(&e.path).await?;
             Stores {
                 checkpoint: Some(Arc::new(s.clone())),
                 dedup: Some(Arc::new(s.clone())),
@@ -197,26 +197,19 @@ async fn make_sink(
     key: &str,
 ) -> Result<Box<dyn Sink>, Error> {
     let (sink, faults): (Box<dyn Sink>, &Option<FaultConfig>) = match cfg {
-        SinkConfig::Null { faults } => (Box::new(NullSink::default()), faults),
-        SinkConfig::Jsonl {
-            path,
-            fsync,
-            faults,
-        } => (
+        SinkConfig::Null(n) => (Box::new(NullSink::default()), &n.faults),
+        SinkConfig::Jsonl(j) => (
             Box::new(
                 JsonLinesSink::open(JsonLinesConfig {
-                    path: path.clone(),
-                    fsync: *fsync,
+                    path: j.path.clone(),
+                    fsync: j.fsync,
                 })
                 .await?,
             ),
-            faults,
+            &j.faults,
         ),
-        SinkConfig::Table {
-            table,
-            mode,
-            faults,
-        } => {
+        SinkConfig::Table(t) => {
+            let (table, mode, faults) = (&t.table, &t.mode, &t.faults);
             let sink: Box<dyn Sink> = match (&stores.embedded, &stores.postgres) {
                 (Some(store), _) if *mode == TableMode::Insert => Box::new(store.table_sink(table)),
                 (_, Some(store)) => Box::new(store.table_sink(pipeline, table, *mode).await?),
@@ -421,16 +414,16 @@ async fn quickstart(data: &Path, duration: Duration) -> Result<(), Error> {
             }],
             ..Default::default()
         }),
-        sink: SinkConfig::Null {
+        sink: SinkConfig::Null(config::NullSinkConfig {
             faults: Some(FaultConfig {
                 capacity_per_sec: Some(14_000.0),
                 ..Default::default()
             }),
-        },
+        }),
         dead_letter: None,
-        store: StoreConfig::Embedded {
+        store: StoreConfig::Embedded(config::EmbeddedStoreConfig {
             path: data.to_path_buf(),
-        },
+        }),
         dedup: Some(config::DedupConfig {
             key: "source_position".into(),
         }),

@@ -27,6 +27,12 @@ pub struct SourceCapabilities {
     pub native_dead_letter: bool,
     /// Partitions are assigned and revoked at run time (consumer groups, leases).
     pub dynamic_assignment: bool,
+    /// The broker keeps committed positions of its own (Kafka's group offsets), reported in
+    /// [`Assignment::broker_position`](crate::Assignment::broker_position) and moved by
+    /// [`Source::commit`](crate::Source::commit). When the checkpoint store is ahead of them
+    /// (or the broker has none), the runtime commits the stored position at once, so the
+    /// broker's own tools show the true lag after a crash.
+    pub broker_positions: bool,
     /// The unit of the lag samples this source emits, if any.
     pub lag_unit: Option<LagUnit>,
 }
@@ -40,6 +46,7 @@ impl SourceCapabilities {
             eager_commit: false,
             native_dead_letter: false,
             dynamic_assignment: false,
+            broker_positions: false,
             lag_unit: Some(LagUnit::Records),
         }
     }
@@ -59,6 +66,12 @@ impl SourceCapabilities {
     /// Builder-style setter for `dynamic_assignment`.
     pub const fn with_dynamic_assignment(mut self, dynamic: bool) -> Self {
         self.dynamic_assignment = dynamic;
+        self
+    }
+
+    /// Builder-style setter for `broker_positions`.
+    pub const fn with_broker_positions(mut self, kept: bool) -> Self {
+        self.broker_positions = kept;
         self
     }
 

@@ -39,8 +39,8 @@ pub use record::{Header, Headers, IdempotencyKey, PartitionId, Record};
 pub use secret::redact_url;
 pub use sink::{Sink, TxContext, WriteError};
 pub use source::{
-    Assignment, LagSample, Revocation, RevocationWaiter, Source, SourceContext, SourceEvent,
-    StartPosition,
+    Assignment, Connection, LagSample, Revocation, RevocationWaiter, Source, SourceContext,
+    SourceEvent, StartPosition,
 };
 pub use store::{CheckpointStore, DedupStore, PositionRange};
 

@@ -83,6 +83,20 @@ pub struct LagSample {
     pub unit: LagUnit,
 }
 
+/// Whether a source can reach its broker; see [`SourceEvent::Connection`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Connection {
+    /// The broker answers again.
+    Up,
+    /// The broker cannot be reached.
+    Down {
+        /// What was being reached (bootstrap servers, URL without credentials, endpoint).
+        endpoint: String,
+        /// Why, as the client library said it.
+        cause: String,
+    },
+}
+
 /// A revocation in progress: the source gives up these partitions once the runtime has
 /// drained them and hands back their final checkpoints.
 ///
@@ -171,6 +185,11 @@ pub enum SourceEvent {
     Revoked(Revocation),
     /// Lag readings.
     Lag(Vec<LagSample>),
+    /// The connection to the broker went down or came back. A source reports
+    /// [`Connection::Down`] when it cannot reach its broker (at start or mid-run) and
+    /// [`Connection::Up`] once it can again; the runtime turns this into health, a metric,
+    /// repeated warnings and, after its disconnect timeout, a fatal error naming the endpoint.
+    Connection(Connection),
     /// The source is finite and has delivered everything.
     End,
 }

@@ -254,3 +254,36 @@ unsafe fn bytes_of<'a>(p: *mut c_void, len: usize) -> Option<&'a [u8]> {
         Some(unsafe { std::slice::from_raw_parts(p as *const u8, len) })
     }
 }
+
+/// Commits `offsets` asynchronously with the result delivered to the consumer's own queue.
+///
+/// `rd_kafka_commit(.., async)` posts its result only to an `offset_commit_cb` set in the
+/// configuration before the client is created, which rust-rdkafka never sets (it enables the
+/// offset-commit *event* instead): its asynchronous commits are never answered. Handed the
+/// consumer queue, `rd_kafka_commit_queue` answers with an `OFFSET_COMMIT` event there, which
+/// the poll thread serves and rust-rdkafka turns into `ConsumerContext::commit_callback`.
+pub(crate) fn commit_async<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    offsets: &rdkafka::TopicPartitionList,
+) -> Result<(), rdkafka::error::KafkaError> {
+    let rk = consumer.client().native_ptr();
+    // SAFETY: `rk` is a live client; the returned handle is ours and destroyed below.
+    let queue = unsafe { rd::rd_kafka_queue_get_consumer(rk) };
+    if queue.is_null() {
+        // Not a group member (no `group.id`): fall back to the main queue.
+        return consumer.commit(offsets, rdkafka::consumer::CommitMode::Async);
+    }
+    // SAFETY: valid client, list (copied by librdkafka) and queue; no callback, so the result
+    // arrives as an event on `queue`, which the consumer's poll serves. The handle is only a
+    // reference: destroying it leaves the queue itself alive.
+    let err = unsafe {
+        let err = rd::rd_kafka_commit_queue(rk, offsets.ptr(), queue, None, ptr::null_mut());
+        rd::rd_kafka_queue_destroy(queue);
+        err
+    };
+    if err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+        Ok(())
+    } else {
+        Err(rdkafka::error::KafkaError::ConsumerCommit(err.into()))
+    }
+}

@@ -27,8 +27,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 use flowgate_core::{
-    Assignment, Checkpoint, Credits, Error, Headers, LagSample, LagUnit, PartitionId, Position,
-    Record, Revocation, Source, SourceCapabilities, SourceContext, SourceEvent, StartPosition,
+    Assignment, Checkpoint, Connection, Credits, Error, Headers, LagSample, LagUnit, PartitionId,
+    Position, Record, Revocation, Source, SourceCapabilities, SourceContext, SourceEvent,
+    StartPosition,
 };
 use rdkafka::Message;
 use rdkafka::client::ClientContext;
@@ -83,6 +84,8 @@ struct Shared {
     parts: Vec<Part>,
     events: VecDeque<SourceEvent>,
     error: Option<Error>,
+    /// The last error librdkafka reported on the consumer (a refused connection, say).
+    client_error: Option<String>,
     rr: usize,
 }
 
@@ -120,6 +123,9 @@ struct Commits {
     in_flight_since: Option<Instant>,
 }
 
+/// How long a lag reading or reachability probe waits for the brokers.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// An asynchronous commit without an answer for this long no longer holds the next one back.
 const COMMIT_STALL: Duration = Duration::from_secs(5);
 
@@ -130,10 +136,32 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl ClientContext for Ctx {}
 
 impl ConsumerContext for Ctx {
-    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, _: &TopicPartitionList) {
-        lock(&self.commits).in_flight_since = None;
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "kafka: offset commit failed; the next commit covers it");
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        match result {
+            Ok(()) => lock(&self.commits).in_flight_since = None,
+            Err(e) => {
+                tracing::warn!(error = %e, "kafka: offset commit failed; retrying it with the next one");
+                // Put the offsets back for the partitions still owned, so the broker catches up
+                // even if no newer checkpoint comes (an idle partition).
+                let owned: Vec<Key> = lock(&self.shared)
+                    .parts
+                    .iter()
+                    .map(|p| p.key.clone())
+                    .collect();
+                let mut c = lock(&self.commits);
+                c.in_flight_since = None;
+                for el in offsets.elements() {
+                    let key = (el.topic().to_string(), el.partition());
+                    if let (Offset::Offset(o), true) = (el.offset(), owned.contains(&key)) {
+                        let e = c.pending.entry(key).or_insert(o);
+                        *e = (*e).max(o);
+                    }
+                }
+            }
         }
     }
 
@@ -189,7 +217,9 @@ impl Ctx {
             }
             std::mem::take(&mut c.pending)
         };
-        commit(consumer, pending, mode);
+        if !commit(consumer, pending, mode) {
+            lock(&self.commits).in_flight_since = None;
+        }
     }
 
     /// Drains the command channel (outside the assignment wait): commits are absorbed.
@@ -398,7 +428,7 @@ impl Ctx {
                 self.drain_commands();
                 lock(&self.commits).pending.retain(|k, _| !keys.contains(k));
                 if !self.transactional.load(Ordering::Acquire) {
-                    commit(consumer, finals, CommitMode::Sync);
+                    let _ = commit(consumer, finals, CommitMode::Sync);
                 }
             }
         }
@@ -413,11 +443,12 @@ impl Ctx {
     }
 }
 
+/// Commits `offsets`; `false` if the commit could not even be sent.
 fn commit<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     offsets: HashMap<Key, i64>,
     mode: CommitMode,
-) {
+) -> bool {
     let mut tpl = TopicPartitionList::new();
     for ((t, p), next) in offsets {
         if tpl
@@ -428,10 +459,18 @@ fn commit<C: ConsumerContext>(
         }
     }
     if tpl.count() == 0 {
-        return;
+        return true;
     }
-    if let Err(e) = consumer.commit(&tpl, mode) {
-        tracing::warn!(error = %e, "kafka: offset commit failed; the next commit covers it");
+    let res = match mode {
+        CommitMode::Async => crate::queue::commit_async(consumer, &tpl),
+        CommitMode::Sync => consumer.commit(&tpl, mode),
+    };
+    match res {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "kafka: offset commit failed; the next commit covers it");
+            false
+        }
     }
 }
 
@@ -567,7 +606,9 @@ impl KafkaSource {
 #[async_trait]
 impl Source for KafkaSource {
     fn capabilities(&self) -> SourceCapabilities {
-        SourceCapabilities::replayable_ordered().with_dynamic_assignment(true)
+        SourceCapabilities::replayable_ordered()
+            .with_dynamic_assignment(true)
+            .with_broker_positions(true)
     }
 
     async fn open(&mut self, ctx: SourceContext) -> Result<(), Error> {
@@ -621,6 +662,8 @@ impl Source for KafkaSource {
         let lag = LagReader {
             helper,
             topics: self.cfg.topics.clone(),
+            endpoint: self.cfg.bootstrap_servers.clone(),
+            reachable: Mutex::new(None),
             shared: self.shared.clone(),
             notify: self.notify.clone(),
             closing: self.closing.clone(),
@@ -824,7 +867,10 @@ impl Poller {
                     drop(sh);
                     self.notify.notify_one();
                 }
-                Some(Err(e)) => tracing::warn!(error = %e, "kafka: consumer error"),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "kafka: consumer error");
+                    lock(&self.shared).client_error = Some(e.to_string());
+                }
                 None => {}
             }
         }
@@ -882,10 +928,16 @@ fn reset_offset(value: &str) -> Offset {
 }
 
 /// Samples lag once a second on a thread of its own, through the unsubscribed helper
-/// client, so a slow `ListOffsets` answer never holds up the poll thread.
+/// client, so a slow `ListOffsets` answer never holds up the poll thread. The same answers
+/// tell whether the brokers can be reached: librdkafka reports "all brokers down" once and then
+/// retries silently, so without this an unreachable cluster looked like an idle topic.
 struct LagReader {
     helper: Arc<Mutex<Option<BaseConsumer>>>,
     topics: Vec<String>,
+    /// The bootstrap servers, named in the connection events.
+    endpoint: String,
+    /// The last reachability reported (`None` before the first probe).
+    reachable: Mutex<Option<bool>>,
     shared: Arc<Mutex<Shared>>,
     notify: Arc<Notify>,
     closing: Arc<AtomicBool>,
@@ -920,7 +972,8 @@ impl LagReader {
         }
     }
 
-    /// Records behind the high watermark, per partition.
+    /// Records behind the high watermark, per partition; with nothing assigned, a metadata
+    /// request stands in as the reachability probe.
     fn sample(&self) {
         let parts: Vec<(Key, PartitionId, i64)> = lock(&self.shared)
             .parts
@@ -928,23 +981,56 @@ impl LagReader {
             .map(|p| (p.key.clone(), p.id.clone(), p.next_offset))
             .collect();
         let mut samples = Vec::new();
-        for ((t, p), id, next) in parts {
-            let watermarks = match lock(&self.helper).as_ref() {
-                Some(h) => h.fetch_watermarks(&t, p, Duration::from_secs(1)),
+        let mut failure = None;
+        if parts.is_empty() {
+            let probe = match lock(&self.helper).as_ref() {
+                Some(h) => h
+                    .fetch_metadata(self.topics.first().map(String::as_str), PROBE_TIMEOUT)
+                    .map(|_| ()),
                 None => return,
             };
-            if let Ok((_, high)) = watermarks {
-                samples.push(LagSample {
+            failure = probe.err();
+        }
+        for ((t, p), id, next) in parts {
+            let watermarks = match lock(&self.helper).as_ref() {
+                Some(h) => h.fetch_watermarks(&t, p, PROBE_TIMEOUT),
+                None => return,
+            };
+            match watermarks {
+                Ok((_, high)) => samples.push(LagSample {
                     partition: id,
                     lag: crate::lag::records_behind(high, next),
                     unit: LagUnit::Records,
-                });
+                }),
+                Err(e) => failure = Some(e),
             }
         }
+        let reachable = !samples.is_empty() || failure.is_none();
+        let changed = lock(&self.reachable).replace(reachable) != Some(reachable);
+        let mut sh = lock(&self.shared);
+        if reachable {
+            sh.client_error = None;
+        }
+        if changed {
+            let event = if reachable {
+                Connection::Up
+            } else {
+                Connection::Down {
+                    endpoint: self.endpoint.clone(),
+                    // librdkafka's own word on the connection is clearer than a timeout.
+                    cause: sh
+                        .client_error
+                        .clone()
+                        .unwrap_or_else(|| failure.map_or_else(String::new, |e| e.to_string())),
+                }
+            };
+            sh.events.push_back(SourceEvent::Connection(event));
+        }
         if !samples.is_empty() {
-            lock(&self.shared)
-                .events
-                .push_back(SourceEvent::Lag(samples));
+            sh.events.push_back(SourceEvent::Lag(samples));
+        }
+        drop(sh);
+        if changed || reachable {
             self.notify.notify_one();
         }
     }

@@ -40,6 +40,8 @@ pub mod names {
     pub const CONCURRENCY: &str = "flowgate_sink_concurrency";
     /// Gauge: 1 healthy, 0 unhealthy.
     pub const HEALTHY: &str = "flowgate_healthy";
+    /// Gauge: 1 while the source reaches its broker, 0 while it cannot.
+    pub const SOURCE_CONNECTED: &str = "flowgate_source_connected";
 }
 
 /// Metric handles of one pipeline, registered once.
@@ -60,6 +62,7 @@ pub(crate) struct Metrics {
     pub(crate) commits: Counter,
     pub(crate) concurrency: Gauge,
     pub(crate) healthy: Gauge,
+    pub(crate) source_connected: Gauge,
 }
 
 impl Metrics {
@@ -80,7 +83,8 @@ impl Metrics {
             rebalances: metrics::counter!(names::REBALANCES, "pipeline" => p.clone()),
             commits: metrics::counter!(names::COMMITS, "pipeline" => p.clone()),
             concurrency: metrics::gauge!(names::CONCURRENCY, "pipeline" => p.clone()),
-            healthy: metrics::gauge!(names::HEALTHY, "pipeline" => p),
+            healthy: metrics::gauge!(names::HEALTHY, "pipeline" => p.clone()),
+            source_connected: metrics::gauge!(names::SOURCE_CONNECTED, "pipeline" => p),
         }
     }
 }

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flowgate_core::{
-    Assignment, Checkpoint, CheckpointStore, Credits, DedupStore, Error, ErrorKind, LagSample,
-    LagUnit, PartitionId, Position, Record, Revocation, Sink, Source, SourceCapabilities,
-    SourceContext, SourceEvent, StartPosition,
+    Assignment, Checkpoint, CheckpointStore, Connection, Credits, DedupStore, Error, ErrorKind,
+    LagSample, LagUnit, PartitionId, Position, Record, Revocation, Sink, Source,
+    SourceCapabilities, SourceContext, SourceEvent, StartPosition,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -453,7 +453,21 @@ struct HealthTracker {
     last_acked: u64,
     last_progress_at: Instant,
     lag_at_progress: u64,
+    /// Set while the source reports its broker unreachable.
+    disconnected: Option<Disconnected>,
 }
+
+/// A source that cannot reach its broker: since when, and when to warn again.
+struct Disconnected {
+    endpoint: String,
+    cause: String,
+    since: Instant,
+    next_warning: Instant,
+    warning_every: Duration,
+}
+
+/// The longest gap between two warnings about the same disconnection.
+const MAX_DISCONNECT_WARNING_GAP: Duration = Duration::from_secs(30);
 
 impl HealthTracker {
     fn new() -> Self {
@@ -461,6 +475,7 @@ impl HealthTracker {
             last_acked: 0,
             last_progress_at: Instant::now(),
             lag_at_progress: 0,
+            disconnected: None,
         }
     }
 }
@@ -588,6 +603,7 @@ impl State {
             }
             SourceEvent::Revoked(rev) => self.revoke(rev),
             SourceEvent::Lag(samples) => self.on_lag(samples),
+            SourceEvent::Connection(c) => self.on_connection(c, Instant::now()),
             SourceEvent::End => {
                 tracing::info!(pipeline = %self.name, "source ended: draining");
                 self.source_done = true;
@@ -627,6 +643,10 @@ impl State {
             _ => "records",
         };
         let mut starts = Vec::with_capacity(assignments.len());
+        // Stored checkpoints the broker does not know yet: committed to it right after the
+        // start, so the broker's own tools (and lag exporters reading them) show the true lag
+        // after any crash.
+        let mut align = Vec::new();
         for mut a in assignments {
             let stored_fence = stored.get(&a.partition).and_then(|c| c.fence);
             if a.fence.is_some() && stored_fence > a.fence {
@@ -642,7 +662,14 @@ impl State {
             let after = match (&from_store, &a.broker_position) {
                 (Some(s), Some(b)) if s != b => {
                     tracing::warn!(pipeline = %self.name, partition = %a.partition, checkpoint = %s, broker = %b,
-                        "checkpoint store and broker disagree; the checkpoint store is the source of truth");
+                        "checkpoint store and broker disagree; the checkpoint store is the source of truth: committing its position to the broker");
+                    align.push(Checkpoint::new(a.partition.clone(), s.clone()).with_fence(a.fence));
+                    Some(s.clone())
+                }
+                (Some(s), None) if self.caps.broker_positions => {
+                    tracing::info!(pipeline = %self.name, partition = %a.partition, after = %s,
+                        "starting after the stored checkpoint; the broker has no committed position: committing it there");
+                    align.push(Checkpoint::new(a.partition.clone(), s.clone()).with_fence(a.fence));
                     Some(s.clone())
                 }
                 (Some(s), _) => {
@@ -700,7 +727,11 @@ impl State {
                 after,
             });
         }
-        source.start(starts).await
+        source.start(starts).await?;
+        if !align.is_empty() {
+            source.commit(&align).await?;
+        }
+        Ok(())
     }
 
     /// Where positional dedup starts looking records up for a newly assigned partition: at
@@ -1378,7 +1409,74 @@ impl State {
 
     // ---- health ----------------------------------------------------------------------
 
+    fn on_connection(&mut self, c: Connection, now: Instant) {
+        match c {
+            Connection::Down { endpoint, cause } => {
+                self.metrics.source_connected.set(0.0);
+                match &mut self.health.disconnected {
+                    Some(d) => {
+                        d.endpoint = endpoint;
+                        d.cause = cause;
+                    }
+                    None => {
+                        tracing::warn!(pipeline = %self.name, %endpoint, %cause,
+                            timeout = ?self.settings.health.disconnect_timeout,
+                            "the source cannot reach its broker; retrying");
+                        self.health.disconnected = Some(Disconnected {
+                            endpoint,
+                            cause,
+                            since: now,
+                            next_warning: now + Duration::from_secs(1),
+                            warning_every: Duration::from_secs(1),
+                        });
+                    }
+                }
+            }
+            Connection::Up => {
+                self.metrics.source_connected.set(1.0);
+                if let Some(d) = self.health.disconnected.take() {
+                    tracing::info!(pipeline = %self.name, endpoint = %d.endpoint,
+                        after = ?now.duration_since(d.since), "the source reaches its broker again");
+                    // The outage is not a stall of the sink: progress is measured afresh.
+                    self.health.last_progress_at = now;
+                }
+            }
+        }
+        self.on_tick(now);
+    }
+
+    /// Repeats the disconnection warning with a growing gap; fails the pipeline once the
+    /// disconnection has lasted `health.disconnect_timeout`.
+    fn check_disconnected(&mut self, now: Instant) {
+        let timeout = self.settings.health.disconnect_timeout;
+        let Some(d) = &mut self.health.disconnected else {
+            return;
+        };
+        let down_for = now.duration_since(d.since);
+        if down_for >= timeout {
+            let err = Error::fatal(format!(
+                "the source could not reach its broker for {down_for:.0?}: {}",
+                d.cause
+            ))
+            .with_context("endpoint", &d.endpoint)
+            .with_hint(format!(
+                "check that the broker at {} is running and reachable from here (address, port, TLS and credentials); `runtime.health.disconnect_timeout` ({timeout:?}) sets how long flowgate waits",
+                d.endpoint
+            ));
+            if self.fatal.is_none() {
+                self.fail(err);
+            }
+        } else if now >= d.next_warning {
+            tracing::warn!(pipeline = %self.name, endpoint = %d.endpoint, cause = %d.cause,
+                down_for = ?down_for, gives_up_in = ?(timeout - down_for),
+                "the source still cannot reach its broker");
+            d.warning_every = (d.warning_every * 2).min(MAX_DISCONNECT_WARNING_GAP);
+            d.next_warning = now + d.warning_every;
+        }
+    }
+
     fn on_tick(&mut self, now: Instant) {
+        self.check_disconnected(now);
         let acked = self
             .stats
             .records_acked
@@ -1396,7 +1494,9 @@ impl State {
         let stalled =
             now.duration_since(self.health.last_progress_at) >= self.settings.health.stall_window;
         let growing = lag > self.health.lag_at_progress || in_flight > 0;
-        let health = if stalled && growing {
+        let health = if self.health.disconnected.is_some() {
+            Health::Disconnected
+        } else if stalled && growing {
             Health::Unhealthy
         } else {
             Health::Healthy
@@ -1406,6 +1506,7 @@ impl State {
                 Health::Unhealthy => {
                     tracing::warn!(pipeline = %self.name, lag, stalled_for = ?now.duration_since(self.health.last_progress_at), "unhealthy: lag grows and nothing is acknowledged")
                 }
+                Health::Disconnected => {}
                 _ => {
                     tracing::info!(pipeline = %self.name, "healthy again: records are being acknowledged")
                 }

@@ -293,19 +293,24 @@ impl Default for CommitSettings {
 }
 
 /// Health: the pipeline is unhealthy when lag grows while nothing is acknowledged for
-/// `stall_window`.
+/// `stall_window`, and disconnected while its source cannot reach the broker.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HealthSettings {
     /// Default 30 s.
     #[serde(with = "humantime_serde")]
     pub stall_window: Duration,
+    /// How long the source may stay unable to reach its broker (at start or mid-run) before
+    /// the pipeline stops with a fatal error naming the endpoint. Default 120 s.
+    #[serde(with = "humantime_serde")]
+    pub disconnect_timeout: Duration,
 }
 
 impl Default for HealthSettings {
     fn default() -> Self {
         HealthSettings {
             stall_window: Duration::from_secs(30),
+            disconnect_timeout: Duration::from_secs(120),
         }
     }
 }

@@ -17,6 +17,8 @@ pub enum Health {
     Healthy,
     /// Lag grew while nothing was acknowledged for the stall window.
     Unhealthy,
+    /// The source cannot reach its broker (or the checkpoint store cannot be reached).
+    Disconnected,
     /// Finished.
     Stopped,
 }
@@ -27,6 +29,7 @@ impl Health {
             1 => Health::Healthy,
             2 => Health::Unhealthy,
             3 => Health::Stopped,
+            4 => Health::Disconnected,
             _ => Health::Starting,
         }
     }
@@ -36,6 +39,7 @@ impl Health {
             Health::Healthy => 1,
             Health::Unhealthy => 2,
             Health::Stopped => 3,
+            Health::Disconnected => 4,
         }
     }
 }
@@ -47,6 +51,7 @@ impl fmt::Display for Health {
             Health::Healthy => "healthy",
             Health::Unhealthy => "unhealthy",
             Health::Stopped => "stopped",
+            Health::Disconnected => "disconnected",
         })
     }
 }

@@ -115,7 +115,7 @@ impl<S: Source> Driver<S> {
                 rev.complete(Vec::new());
                 Some(Vec::new())
             }
-            SourceEvent::Lag(_) => Some(Vec::new()),
+            SourceEvent::Lag(_) | SourceEvent::Connection(_) => Some(Vec::new()),
             SourceEvent::End => None,
         }
     }
