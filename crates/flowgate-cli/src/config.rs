@@ -206,6 +206,10 @@ impl Default for StoreConfig {
 #[serde(deny_unknown_fields)]
 struct NoKeys {}
 
+#[allow(
+    clippy::result_large_err,
+    reason = "figment's own error, once per file at start-up"
+)]
 /// Reads a `type`-tagged section variant by variant, so that an invalid value deep inside
 /// names its whole key path (serde's internally tagged enums buffer the section and lose it).
 trait Tagged: Sized {
@@ -389,6 +393,10 @@ pub(crate) fn from_figment(figment: Figment, origin: &Path) -> Result<PipelineCo
 }
 
 /// One `type`-tagged section: its `type`, then the variant's own keys.
+#[allow(
+    clippy::result_large_err,
+    reason = "figment's own error, once per file at start-up"
+)]
 fn tagged<T: Tagged>(value: &Value, section: &str) -> Result<T, figment::Error> {
     let at = |e: figment::Error| e.with_path(section);
     let Value::Dict(tag, dict) = value else {
@@ -515,6 +523,7 @@ mod tests {
     }
 
     /// Loads `body` as `f.toml` and returns the error text, which must name `key`.
+    #[allow(clippy::result_large_err)]
     fn load_err(jail: &mut Jail, body: &str) -> Result<String, figment::Error> {
         jail.create_file("f.toml", body)?;
         match load(Path::new("f.toml")) {

@@ -503,3 +503,112 @@ async fn checkpoints(action: CheckpointAction) -> Result<(), Error> {
         }
     }
 }
+
+#[cfg(test)]
+mod docs_commands {
+    //! Every `flowgate …` command line shown in the docs parses: an unknown flag or
+    //! subcommand there fails this test, naming the file and line.
+    use super::Cli;
+    use clap::Parser;
+    use clap::error::ErrorKind as ClapKind;
+    use std::path::{Path, PathBuf};
+
+    /// The Markdown files users read: README, docs/, each adapter's docs.md.
+    fn documents(root: &Path) -> Vec<PathBuf> {
+        let mut out = vec![root.join("README.md")];
+        let mut dirs = vec![root.join("docs")];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else if p.extension().is_some_and(|x| x == "md") {
+                    out.push(p);
+                }
+            }
+        }
+        for e in std::fs::read_dir(root.join("crates")).unwrap().flatten() {
+            let p = e.path().join("src/docs.md");
+            if p.exists() {
+                out.push(p);
+            }
+        }
+        out
+    }
+
+    /// Command lines in a document: inline code spans and lines of code blocks that start
+    /// with `flowgate ` (or run the binary through cargo).
+    fn commands(text: &str) -> Vec<(usize, String)> {
+        let mut out = Vec::new();
+        // Inside a fenced block: whether it is a shell block (```sh, ```console, …).
+        let mut fenced: Option<bool> = None;
+        for (n, line) in text.lines().enumerate() {
+            let trimmed = line.trim_start();
+            if let Some(lang) = trimmed.strip_prefix("```") {
+                fenced = match fenced {
+                    Some(_) => None,
+                    None => Some(matches!(lang.trim(), "sh" | "bash" | "console" | "shell")),
+                };
+                continue;
+            }
+            let candidates: Vec<&str> = match fenced {
+                Some(true) => vec![trimmed.trim_start_matches("$ ")],
+                Some(false) => Vec::new(),
+                None => line.split('`').skip(1).step_by(2).collect(),
+            };
+            for c in candidates {
+                let c = c.split(" #").next().unwrap_or(c).trim();
+                let c = c
+                    .strip_prefix("cargo run --release --bin flowgate -- ")
+                    .map(|rest| format!("flowgate {rest}"))
+                    .unwrap_or_else(|| c.to_string());
+                if c.starts_with("flowgate ") && !c.contains('|') {
+                    out.push((n + 1, c));
+                }
+            }
+        }
+        out
+    }
+
+    /// Placeholders filled with sample values; optional parts (`[--data PATH]`) kept.
+    fn fill(word: &str) -> String {
+        let word = word.trim_matches(|c| c == '[' || c == ']');
+        match word {
+            "NAME" | "PIPELINE" => "demo".into(),
+            "PATH" | "DIR" => "./flowgate-data".into(),
+            "FILE" => "pipeline.toml".into(),
+            "ADDR" => "127.0.0.1:9464".into(),
+            "POSITION" | "N" => "42".into(),
+            "PARTITION" => "orders/0".into(),
+            w => w.to_string(),
+        }
+    }
+
+    #[test]
+    fn every_command_line_in_the_docs_parses() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut checked = 0;
+        let mut failures = Vec::new();
+        for doc in documents(&root) {
+            let text = std::fs::read_to_string(&doc).unwrap();
+            for (line, cmd) in commands(&text) {
+                let args: Vec<String> = cmd.split_whitespace().map(fill).collect();
+                checked += 1;
+                if let Err(e) = Cli::try_parse_from(&args) {
+                    // A mention of a command by name (`flowgate run`) is not a full line.
+                    let mention = matches!(
+                        e.kind(),
+                        ClapKind::MissingRequiredArgument
+                            | ClapKind::MissingSubcommand
+                            | ClapKind::DisplayHelpOnMissingArgumentOrSubcommand
+                    );
+                    if !mention {
+                        failures.push(format!("{}:{line}: `{cmd}`: {}", doc.display(), e.kind()));
+                    }
+                }
+            }
+        }
+        assert!(checked > 0, "no command line found in the docs");
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+}

@@ -141,30 +141,17 @@ fn sigkill_loop_against_kafka_loses_nothing() {
 
     // Kafka's own tool: everything committed, lag 0; the log-end offsets say what exists
     // (records spread over partitions by key, not evenly).
-    let tool = Command::new("java")
-        .args([
-            "-cp",
-            &classpath,
-            "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
-        ])
-        .args([
-            "--bootstrap-server",
-            &bootstrap,
-            "--describe",
-            "--group",
-            &group,
-        ])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&tool.stdout);
+    let rows = describe(&classpath, &bootstrap, &group, &topic);
     let mut ends: BTreeMap<String, u64> = BTreeMap::new();
-    for row in text.lines().filter(|l| l.contains(&topic)) {
-        let cols: Vec<&str> = row.split_whitespace().collect();
-        assert_eq!(cols[5], "0", "lag must be 0: {row}");
-        assert_eq!(cols[3], cols[4], "committed = log end: {row}");
-        ends.insert(format!("{topic}/{}", cols[2]), cols[4].parse().unwrap());
+    for row in &rows {
+        assert_eq!(
+            row.current,
+            Some(row.end),
+            "committed = log end, lag 0: {row:?}"
+        );
+        ends.insert(format!("{topic}/{}", row.partition), row.end);
     }
-    assert_eq!(ends.len() as u64, PARTITIONS, "{text}");
+    assert_eq!(ends.len() as u64, PARTITIONS, "{rows:?}");
     assert_eq!(
         ends.values().sum::<u64>(),
         total,
@@ -204,6 +191,150 @@ fn sigkill_loop_against_kafka_loses_nothing() {
     assert!(
         duplicates <= KILLS * 4 * 100,
         "duplicates beyond the documented window"
+    );
+}
+
+/// One row of `kafka-consumer-groups --describe`.
+#[derive(Debug)]
+struct GroupRow {
+    partition: u32,
+    /// CURRENT-OFFSET; `None` for `-` (nothing committed).
+    current: Option<u64>,
+    /// LOG-END-OFFSET.
+    end: u64,
+}
+
+/// The group's committed offsets and log ends of `topic`, as Kafka's own consumer-groups
+/// tool shows them.
+fn describe(classpath: &str, bootstrap: &str, group: &str, topic: &str) -> Vec<GroupRow> {
+    let tool = Command::new("java")
+        .args([
+            "-cp",
+            classpath,
+            "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
+        ])
+        .args([
+            "--bootstrap-server",
+            bootstrap,
+            "--describe",
+            "--group",
+            group,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&tool.stdout);
+    let mut rows: Vec<GroupRow> = text
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some(topic))
+        .map(|row| {
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            GroupRow {
+                partition: cols[2].parse().unwrap(),
+                current: cols[3].parse().ok(),
+                end: cols[4].parse().unwrap(),
+            }
+        })
+        .collect();
+    rows.sort_by_key(|r| r.partition);
+    rows
+}
+
+/// The checkpoint store is ahead of the group's committed offsets (here: the offsets were
+/// reset to the beginning by Kafka's own tool, as a crash between the checkpoint write and
+/// the broker commit leaves them). A run that has nothing new to read still brings the
+/// broker's offsets to the checkpoints at once, so `kafka-consumer-groups`, Burrow, lag
+/// exporters and KEDA see the true lag (0) — checked while the run is alive and after a
+/// SIGKILL, without a clean shutdown's final commit.
+#[test]
+fn broker_offsets_follow_the_checkpoints_when_nothing_new_is_read() {
+    let bootstrap = env("FLOWGATE_TEST_KAFKA_BOOTSTRAP");
+    let classpath = env("FLOWGATE_TEST_KAFKA_CLASSPATH");
+    let dir = tempfile::tempdir().unwrap();
+    let nanos = nanos();
+    let topic = format!("converge-{nanos}");
+    let group = format!("converge-group-{nanos}");
+    let total = produce(dir.path(), &bootstrap, &topic);
+    let jsonl = dir.path().join("out.jsonl");
+    let cfg = format!(
+        "name = \"{group}\"\n\
+         [source]\ntype = \"kafka\"\nbootstrap_servers = \"{bootstrap}\"\ntopics = [\"{topic}\"]\n\
+         [sink]\ntype = \"jsonl\"\npath = \"{}\"\n\
+         [store]\ntype = \"embedded\"\npath = \"{}\"\n",
+        jsonl.display(),
+        dir.path().join("data").display()
+    );
+    run_to_end(dir.path(), "first", &cfg, &["--duration", "8s"]);
+    assert_eq!(JsonLinesSink::read(&jsonl).unwrap().len() as u64, total);
+
+    let reset = Command::new("java")
+        .args([
+            "-cp",
+            &classpath,
+            "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
+        ])
+        .args([
+            "--bootstrap-server",
+            &bootstrap,
+            "--reset-offsets",
+            "--to-earliest",
+        ])
+        .args(["--execute", "--group", &group, "--topic", &topic])
+        .output()
+        .unwrap();
+    assert!(
+        reset.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reset.stderr)
+    );
+    let behind = describe(&classpath, &bootstrap, &group, &topic);
+    assert!(
+        behind.iter().all(|r| r.current == Some(0)) && behind.len() as u64 == PARTITIONS,
+        "the reset put the group back: {behind:?}"
+    );
+
+    let path = dir.path().join("second.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let log = dir.path().join("second.log");
+    let mut child = Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(&path)
+        .env("FLOWGATE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let converged = loop {
+        let rows = describe(&classpath, &bootstrap, &group, &topic);
+        if rows.len() as u64 == PARTITIONS && rows.iter().all(|r| r.current == Some(r.end)) {
+            break Some(started.elapsed());
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let after_kill = describe(&classpath, &bootstrap, &group, &topic);
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let converged = converged.unwrap_or_else(|| {
+        panic!("the broker's offsets never reached the checkpoints: {after_kill:?}\n{log_text}")
+    });
+    eprintln!(
+        "kafka/converge: the group's offsets reached the checkpoints {converged:?} after the start"
+    );
+    for row in &after_kill {
+        assert_eq!(
+            row.current,
+            Some(row.end),
+            "lag 0 after the SIGKILL: {row:?}"
+        );
+    }
+    assert_eq!(
+        JsonLinesSink::read(&jsonl).unwrap().len() as u64,
+        total,
+        "nothing was read again: the checkpoints decided where to start"
     );
 }
 
@@ -303,4 +434,85 @@ fn read_output(bootstrap: &str, topic: &str, isolation: &str) -> (usize, BTreeMa
         }
     }
     (count, seen)
+}
+
+/// Seconds from the start of `flowgate run` on `config` until its first assignment (the
+/// "partitions assigned" log line), at most `limit`; the run is SIGKILLed then.
+fn time_to_assignment(config: &Path, limit: Duration) -> Option<Duration> {
+    use std::io::{BufRead, BufReader};
+    let started = Instant::now();
+    let mut child = Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(config)
+        .env("FLOWGATE_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("partitions assigned") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let got = rx.recv_timeout(limit).ok().map(|()| started.elapsed());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    got
+}
+
+/// A member SIGKILLed (without static membership) leaves the group only when its session
+/// times out; with flowgate's defaults (10 s session, 60 s rebalance timeout) a restarted
+/// member gets its partitions within about that long, after one kill and after several in a
+/// row (librdkafka's own defaults, 45 s and 300 s, made it wait 44 s after one kill and 68 s
+/// after eight). With static membership the restart takes its partitions back at once.
+#[test]
+fn a_restarted_member_gets_its_partitions_within_the_session_timeout() {
+    let bootstrap = env("FLOWGATE_TEST_KAFKA_BOOTSTRAP");
+    let dir = tempfile::tempdir().unwrap();
+    let nanos = nanos();
+    let topic = format!("restart-{nanos}");
+    produce(dir.path(), &bootstrap, &topic);
+    for (name, extra, bound) in [
+        ("dynamic", "", Duration::from_secs(20)),
+        (
+            "static",
+            "group_instance_id = \"restart-member\"\n",
+            Duration::from_secs(5),
+        ),
+    ] {
+        let config = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "name = \"restart-{name}-{nanos}\"\n\
+                 [source]\ntype = \"kafka\"\nbootstrap_servers = \"{bootstrap}\"\ntopics = [\"{topic}\"]\n{extra}\
+                 [sink]\ntype = \"null\"\nfaults = {{ capacity_per_sec = 500 }}\n\
+                 [store]\ntype = \"embedded\"\npath = \"{}\"\n",
+                dir.path().join(format!("data-{name}")).display()
+            ),
+        )
+        .unwrap();
+        // A first member, killed once it holds its partitions; then three more in a row.
+        for kill in 0..4 {
+            let took = time_to_assignment(&config, Duration::from_secs(60));
+            assert!(
+                took.is_some(),
+                "{name}: run {kill} got no partitions in 60 s"
+            );
+        }
+        let last = time_to_assignment(&config, Duration::from_secs(60));
+        eprintln!(
+            "kafka/restart: {name} membership, after 4 kills in a row: partitions after {last:?}"
+        );
+        let last = last.unwrap_or_else(|| panic!("{name}: no partitions in 60 s after 4 kills"));
+        assert!(
+            last < bound,
+            "{name}: waited {last:?} for its partitions (bound {bound:?})"
+        );
+    }
 }

@@ -17,6 +17,20 @@ pub enum AssignmentStrategy {
     Eager,
 }
 
+/// The consumer group protocol (`group.protocol`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupProtocol {
+    /// The classic protocol (JoinGroup/SyncGroup), with `assignment` choosing the strategy.
+    /// The default: every Kafka broker speaks it.
+    #[default]
+    Classic,
+    /// Kafka 4's consumer protocol (KIP-848): the broker assigns partitions incrementally and
+    /// the session timeout is the broker's `group.consumer.session.timeout.ms`
+    /// (`session_timeout` and `assignment` do not apply). Needs Apache Kafka 4.0 or later.
+    Consumer,
+}
+
 /// Settings of the [`KafkaSource`](crate::KafkaSource).
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -32,14 +46,21 @@ pub struct KafkaSourceConfig {
     pub group_instance_id: Option<String>,
     /// Default `cooperative`.
     pub assignment: AssignmentStrategy,
+    /// `classic` (default) or `consumer` (KIP-848, Kafka 4+).
+    pub group_protocol: GroupProtocol,
     /// Where a partition without checkpoint or committed offset starts: `earliest` (default)
     /// or `latest`.
     pub auto_offset_reset: String,
-    /// `session.timeout.ms`. Default 45 s.
+    /// `session.timeout.ms`. Default 10 s (librdkafka's: 45 s). Heartbeats come from
+    /// librdkafka's own thread, so a busy pipeline never misses them; a member that crashed
+    /// without static membership holds its partitions (and the whole classic rebalance) this
+    /// long, so the default is short (docs/brokers/kafka.md, "Restarts and rebalances").
     #[serde(with = "humantime_serde")]
     pub session_timeout: Duration,
-    /// `max.poll.interval.ms`. Default 300 s. flowgate keeps polling while partitions are
-    /// paused, so a slow sink never exceeds it.
+    /// `max.poll.interval.ms`, also the classic protocol's rebalance timeout: how long the
+    /// group waits for a member to rejoin. Default 60 s (librdkafka's: 300 s). flowgate keeps
+    /// polling while partitions are paused; only a revocation's drain (bounded by
+    /// `rebalance_timeout`, which must be shorter) holds the poll loop.
     #[serde(with = "humantime_serde")]
     pub max_poll_interval: Duration,
     /// `queued.max.messages.kbytes`: librdkafka's own prefetch per partition in payload
@@ -78,9 +99,10 @@ impl Default for KafkaSourceConfig {
             group_id: None,
             group_instance_id: None,
             assignment: AssignmentStrategy::Cooperative,
+            group_protocol: GroupProtocol::Classic,
             auto_offset_reset: "earliest".into(),
-            session_timeout: Duration::from_secs(45),
-            max_poll_interval: Duration::from_secs(300),
+            session_timeout: Duration::from_secs(10),
+            max_poll_interval: Duration::from_secs(60),
             queued_max_messages_kbytes: 4096,
             prefetch_records: 5_000,
             fetch_max_bytes: 8 * 1024 * 1024,

@@ -19,6 +19,6 @@ mod queue;
 mod sink;
 mod source;
 
-pub use config::{AssignmentStrategy, KafkaSinkConfig, KafkaSourceConfig};
+pub use config::{AssignmentStrategy, GroupProtocol, KafkaSinkConfig, KafkaSourceConfig};
 pub use sink::KafkaSink;
 pub use source::{KafkaSource, OffsetsLink, partition_id};

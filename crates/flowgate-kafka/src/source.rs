@@ -42,7 +42,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use tokio::sync::Notify;
 
-use crate::config::{AssignmentStrategy, KafkaSourceConfig, is_secret};
+use crate::config::{AssignmentStrategy, GroupProtocol, KafkaSourceConfig, is_secret};
 use crate::error::map;
 use crate::queue::PartitionFeed;
 
@@ -530,6 +530,14 @@ impl KafkaSource {
             return Err(Error::config("kafka source: max_batch must be at least 1")
                 .with_context("key", "source.max_batch"));
         }
+        if cfg.rebalance_timeout >= cfg.max_poll_interval {
+            return Err(Error::config(format!(
+                "kafka source: rebalance_timeout ({:?}) must be shorter than max_poll_interval ({:?})",
+                cfg.rebalance_timeout, cfg.max_poll_interval
+            ))
+            .with_context("key", "source.rebalance_timeout")
+            .with_hint("a revocation's drain runs inside the poll loop: librdkafka would leave the group while it waits"));
+        }
         Ok(KafkaSource {
             cfg,
             shared: Arc::default(),
@@ -558,10 +566,6 @@ impl KafkaSource {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", &c.auto_offset_reset)
             .set(
-                "session.timeout.ms",
-                c.session_timeout.as_millis().to_string(),
-            )
-            .set(
                 "max.poll.interval.ms",
                 c.max_poll_interval.as_millis().to_string(),
             )
@@ -582,14 +586,26 @@ impl KafkaSource {
             // this long, and the partitions whose prefetch drained meanwhile wait for it: at the
             // default (500 ms) this stalled a catching-up partition for half a second. The
             // price is one empty fetch per broker per 100 ms while idle.
-            .set("fetch.wait.max.ms", "100")
-            .set(
-                "partition.assignment.strategy",
-                match c.assignment {
-                    AssignmentStrategy::Cooperative => "cooperative-sticky",
-                    AssignmentStrategy::Eager => "range",
-                },
-            );
+            .set("fetch.wait.max.ms", "100");
+        match c.group_protocol {
+            GroupProtocol::Classic => {
+                cc.set(
+                    "session.timeout.ms",
+                    c.session_timeout.as_millis().to_string(),
+                )
+                .set(
+                    "partition.assignment.strategy",
+                    match c.assignment {
+                        AssignmentStrategy::Cooperative => "cooperative-sticky",
+                        AssignmentStrategy::Eager => "range",
+                    },
+                );
+            }
+            // The broker assigns, incrementally, and owns the session timeout.
+            GroupProtocol::Consumer => {
+                cc.set("group.protocol", "consumer");
+            }
+        }
         if let Some(id) = &c.group_instance_id {
             cc.set("group.instance.id", id);
         }
@@ -632,7 +648,10 @@ impl Source for KafkaSource {
             commits: Mutex::default(),
             me: Mutex::new(Weak::new()),
             transactional: self.link.transactional.clone(),
-            strategy: self.cfg.assignment,
+            strategy: match self.cfg.group_protocol {
+                GroupProtocol::Classic => self.cfg.assignment,
+                GroupProtocol::Consumer => AssignmentStrategy::Cooperative,
+            },
             rebalance_timeout: self.cfg.rebalance_timeout,
             reset: reset_offset(
                 self.cfg

@@ -19,9 +19,9 @@ use aws_sdk_kinesis::primitives::DateTime;
 use aws_sdk_kinesis::types::ShardIteratorType;
 use bytes::Bytes;
 use flowgate_core::{
-    Assignment, Checkpoint, Credits, Error, ErrorKind, LagSample, LagUnit, Lease, LeaseStore,
-    PartitionId, Position, Record, Revocation, Source, SourceCapabilities, SourceContext,
-    SourceEvent, StartPosition,
+    Assignment, Checkpoint, Connection, Credits, Error, ErrorKind, LagSample, LagUnit, Lease,
+    LeaseStore, PartitionId, Position, Record, Revocation, Source, SourceCapabilities,
+    SourceContext, SourceEvent, StartPosition,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
@@ -230,25 +230,21 @@ impl Source for KinesisSource {
 
     async fn open(&mut self, ctx: SourceContext) -> Result<(), Error> {
         let client = crate::client::build(&self.cfg.connection).await;
-        // Fail early and clearly: the stream must exist and be reachable.
-        let deadline = Instant::now() + self.cfg.give_up_after;
-        let mut wait = Duration::from_millis(100);
-        loop {
-            match list_shards(&client, &self.cfg.stream).await {
-                Ok(_) => break,
-                Err(e) if e.is_temporary() && Instant::now() < deadline => {
-                    tracing::warn!(stream = %self.cfg.stream, error = %e, retry_in = ?wait, "kinesis: cannot list the shards; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => {
-                    return Err(e.with_hint(
-                        "check that the stream exists and endpoint_url, region and credentials are right",
-                    ));
-                }
-            }
-        }
         let (tx, rx) = mpsc::unbounded_channel();
+        // Fail early and clearly when the stream does not exist or the credentials are
+        // refused; an endpoint that cannot be reached is reported as a disconnection, and the
+        // lease loop keeps trying (up to `give_up_after`).
+        if let Err(e) = list_shards(&client, &self.cfg.stream).await {
+            if !e.is_temporary() {
+                return Err(e.with_hint(
+                    "check that the stream exists and endpoint_url, region and credentials are right",
+                ));
+            }
+            let _ = tx.send(Ok(SourceEvent::Connection(Connection::Down {
+                endpoint: endpoint(&self.cfg),
+                cause: e.to_string(),
+            })));
+        }
         let run = Arc::new(Ctx {
             cfg: self.cfg.clone(),
             client,
@@ -432,6 +428,15 @@ async fn list_shards(
     }
 }
 
+/// What a connection event names: the endpoint override, or the region's AWS endpoint.
+fn endpoint(cfg: &KinesisSourceConfig) -> String {
+    match (&cfg.connection.endpoint_url, &cfg.connection.region) {
+        (Some(url), _) => format!("{url} (stream {})", cfg.stream),
+        (None, Some(region)) => format!("Kinesis in {region} (stream {})", cfg.stream),
+        (None, None) => format!("Kinesis in the default region (stream {})", cfg.stream),
+    }
+}
+
 /// The lease loop: every third of the lease ttl.
 async fn coordinate(ctx: Arc<Ctx>) {
     let tick = (ctx.cfg.lease_ttl / 3).max(Duration::from_millis(100));
@@ -441,8 +446,20 @@ async fn coordinate(ctx: Arc<Ctx>) {
     loop {
         let started = Instant::now();
         match round(&ctx, &mut shards, &mut listed_at).await {
-            Ok(()) => failing_since = None,
+            Ok(()) => {
+                if failing_since.take().is_some() {
+                    let _ = ctx.events.send(Ok(SourceEvent::Connection(Connection::Up)));
+                }
+            }
             Err(e) => {
+                if failing_since.is_none() {
+                    let _ = ctx
+                        .events
+                        .send(Ok(SourceEvent::Connection(Connection::Down {
+                            endpoint: endpoint(&ctx.cfg),
+                            cause: e.to_string(),
+                        })));
+                }
                 let since = *failing_since.get_or_insert(started);
                 if !e.is_temporary() || since.elapsed() > ctx.cfg.give_up_after {
                     let _ = ctx

@@ -27,9 +27,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 use flowgate_core::{
-    Assignment, Checkpoint, Credits, Error, ErrorKind, Headers, IdempotencyKey, LagSample, LagUnit,
-    PartitionId, Position, Record, Revocation, Source, SourceCapabilities, SourceContext,
-    SourceEvent, StartPosition,
+    Assignment, Checkpoint, Connection as BrokerConnection, Credits, Error, ErrorKind, Headers,
+    IdempotencyKey, LagSample, LagUnit, PartitionId, Position, Record, Revocation, Source,
+    SourceCapabilities, SourceContext, SourceEvent, StartPosition,
 };
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -223,12 +223,25 @@ impl Source for RabbitSource {
             closing: self.closing.subscribe(),
             tag: format!("flowgate-{}", ctx.pipeline),
         };
-        // The first connection is made here, so a wrong URL or password fails `open`.
-        let conn = driver.connect_once().await?;
+        // The first connection is tried here, so a wrong URL or password fails `open`; a
+        // broker that is down is reported as a disconnection and retried by the driver.
+        let conn = match driver.connect_once().await {
+            Ok(c) => {
+                tracing::info!(queue = %self.cfg.queue, url = %redact(&self.cfg.url), "rabbitmq: source connected");
+                Some(c)
+            }
+            Err(e) if e.kind() == ErrorKind::Config => return Err(e),
+            Err(e) => {
+                driver.push(SourceEvent::Connection(BrokerConnection::Down {
+                    endpoint: redact(&self.cfg.url),
+                    cause: e.to_string(),
+                }));
+                None
+            }
+        };
         self.task = Some(tokio::spawn(driver.run(conn)));
         self.starts = Some(start_tx);
         self.credits = Some(ctx.credits);
-        tracing::info!(queue = %self.cfg.queue, url = %redact(&self.cfg.url), "rabbitmq: source connected");
         Ok(())
     }
 
@@ -415,14 +428,21 @@ impl Driver {
         push_event(&self.shared, &self.notify, ev);
     }
 
-    async fn run(mut self, first: Connection) {
-        let mut conn = Some(first);
+    async fn run(mut self, first: Option<Connection>) {
+        let mut down = first.is_none();
+        let mut conn = first;
         let mut epoch = 0u64;
         loop {
             let c = match conn.take() {
                 Some(c) => c,
                 None => match self.connect().await {
-                    Ok(Some(c)) => c,
+                    Ok(Some(c)) => {
+                        if std::mem::take(&mut down) {
+                            tracing::info!(queue = %self.cfg.queue, url = %redact(&self.cfg.url), "rabbitmq: source connected");
+                            self.push(SourceEvent::Connection(BrokerConnection::Up));
+                        }
+                        c
+                    }
                     Ok(None) => return,
                     Err(e) => {
                         lock(&self.shared).error = Some(e);
@@ -455,6 +475,11 @@ impl Driver {
                     tracing::warn!(queue = %self.cfg.queue, error = %e, "rabbitmq: connection lost; reconnecting (unacknowledged messages will be redelivered)");
                     let (rev, _waiter) = Revocation::new(vec![self.partition.clone()], true);
                     self.push(SourceEvent::Revoked(rev));
+                    down = true;
+                    self.push(SourceEvent::Connection(BrokerConnection::Down {
+                        endpoint: redact(&self.cfg.url),
+                        cause: e.to_string(),
+                    }));
                 }
             }
         }

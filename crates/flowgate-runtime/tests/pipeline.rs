@@ -1107,3 +1107,128 @@ async fn a_slow_checkpoint_write_does_not_spin_the_loop() {
     assert!(n < 600, "the source was asked {n} times");
     assert_final_checkpoints(&store, "slow-store", &sink).await;
 }
+
+/// A source whose broker goes away `down_at` after the open and, unless `up_at` is `None`,
+/// comes back then; records flow only while it is up.
+struct OutageSource<S> {
+    inner: S,
+    opened: Option<Instant>,
+    down_at: Duration,
+    up_at: Option<Duration>,
+    reported: (bool, bool),
+}
+
+#[async_trait]
+impl<S: Source> Source for OutageSource<S> {
+    fn capabilities(&self) -> SourceCapabilities {
+        self.inner.capabilities()
+    }
+    async fn open(&mut self, ctx: SourceContext) -> Result<(), Error> {
+        self.opened = Some(Instant::now());
+        self.inner.open(ctx).await
+    }
+    async fn next(&mut self) -> Result<SourceEvent, Error> {
+        let since = self.opened.map_or(Duration::ZERO, |t| t.elapsed());
+        if since >= self.down_at && !self.reported.0 {
+            self.reported.0 = true;
+            return Ok(SourceEvent::Connection(flowgate_core::Connection::Down {
+                endpoint: "broker.test:9092".into(),
+                cause: "connection refused".into(),
+            }));
+        }
+        let up = self.up_at.is_some_and(|u| since >= u);
+        if up && !self.reported.1 {
+            self.reported.1 = true;
+            return Ok(SourceEvent::Connection(flowgate_core::Connection::Up));
+        }
+        if self.reported.0 && !up {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            return Ok(SourceEvent::Lag(Vec::new()));
+        }
+        self.inner.next().await
+    }
+    async fn start(&mut self, starts: Vec<StartPosition>) -> Result<(), Error> {
+        self.inner.start(starts).await
+    }
+    async fn commit(&mut self, checkpoints: &[Checkpoint]) -> Result<(), Error> {
+        self.inner.commit(checkpoints).await
+    }
+    async fn close(&mut self) -> Result<(), Error> {
+        self.inner.close().await
+    }
+}
+
+fn outage_pipeline(up_at: Option<Duration>, timeout: Duration) -> (Pipeline, MemorySink) {
+    let sink = MemorySink::new();
+    let mut settings = RuntimeSettings::default();
+    settings.health.disconnect_timeout = timeout;
+    let pipeline = Pipeline::builder("outage")
+        .source(OutageSource {
+            inner: generator(2, 1_000_000, Some(2_000.0)),
+            opened: None,
+            down_at: Duration::from_millis(300),
+            up_at,
+            reported: (false, false),
+        })
+        .sink(sink.clone())
+        .settings(settings)
+        .build()
+        .unwrap();
+    (pipeline, sink)
+}
+
+/// A broker lost mid-run reads as "disconnected" (never "healthy") while it is away, and the
+/// pipeline carries on once it is back within the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_broker_reads_as_disconnected_until_it_is_back() {
+    let (pipeline, sink) =
+        outage_pipeline(Some(Duration::from_millis(1500)), Duration::from_secs(30));
+    let stats = pipeline.stats();
+    let (trigger, shutdown) = Shutdown::manual();
+    let handle = tokio::spawn(pipeline.run(shutdown));
+    let mut seen = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        let h = stats.health();
+        if seen.last() != Some(&h) {
+            seen.push(h);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before_stop = sink.len();
+    trigger.trigger();
+    handle.await.unwrap().unwrap();
+    let i = seen
+        .iter()
+        .position(|h| *h == Health::Disconnected)
+        .unwrap_or_else(|| panic!("never disconnected: {seen:?}"));
+    assert!(seen[..i].contains(&Health::Healthy), "{seen:?}");
+    assert!(
+        seen[i..].contains(&Health::Healthy),
+        "healthy once back: {seen:?}"
+    );
+    assert!(!seen.contains(&Health::Unhealthy), "{seen:?}");
+    assert!(before_stop > 0);
+}
+
+/// A broker that stays away stops the pipeline after `health.disconnect_timeout` with a fatal
+/// error that names the endpoint and the cause, and says how to fix it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_away_past_the_timeout_is_a_fatal_error_naming_the_endpoint() {
+    let (pipeline, _sink) = outage_pipeline(None, Duration::from_millis(1200));
+    let started = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(20), pipeline.run(Shutdown::manual().1))
+        .await
+        .expect("the pipeline must stop by itself")
+        .unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(err.kind(), ErrorKind::Fatal, "{err}");
+    let text = err.to_string();
+    assert!(text.contains("broker.test:9092"), "{text}");
+    assert!(text.contains("connection refused"), "{text}");
+    assert!(text.contains("disconnect_timeout"), "{text}");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+}
