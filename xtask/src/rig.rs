@@ -25,6 +25,15 @@ const KAFKA_CLUSTER_ID: &str = "4L6g3nShT-eMCtK--X86sw";
 const KINESIS_LOCAL_VERSION: &str = "0.6.2";
 const KAFKA_PORT: u16 = 9092;
 const KAFKA_CONTROLLER_PORT: u16 = 9093;
+/// TLS only (the rig's CA; client certificates requested, not required).
+const KAFKA_SSL_PORT: u16 = 9094;
+/// SASL over TLS: SCRAM-SHA-512, SCRAM-SHA-256 and PLAIN.
+const KAFKA_SASL_SSL_PORT: u16 = 9095;
+/// SASL without TLS.
+const KAFKA_SASL_PLAINTEXT_PORT: u16 = 9096;
+/// The SASL user the rig creates (SCRAM credentials and a PLAIN entry).
+const KAFKA_SASL_USER: &str = "flowgate";
+const KAFKA_SASL_PASSWORD: &str = "flowgate-rig-secret";
 const RABBITMQ_PORT: u16 = 5672;
 const RABBITMQ_MGMT_PORT: u16 = 15672;
 const RABBITMQ_STREAM_PORT: u16 = 5552;
@@ -83,6 +92,38 @@ impl Broker {
                 v(
                     "FLOWGATE_TEST_KAFKA_CLASSPATH",
                     format!("{}/*", rig.kafka_jars().display()),
+                ),
+                v(
+                    "FLOWGATE_TEST_KAFKA_SSL_BOOTSTRAP",
+                    format!("127.0.0.1:{KAFKA_SSL_PORT}"),
+                ),
+                v(
+                    "FLOWGATE_TEST_KAFKA_SASL_SSL_BOOTSTRAP",
+                    format!("127.0.0.1:{KAFKA_SASL_SSL_PORT}"),
+                ),
+                v(
+                    "FLOWGATE_TEST_KAFKA_SASL_PLAINTEXT_BOOTSTRAP",
+                    format!("127.0.0.1:{KAFKA_SASL_PLAINTEXT_PORT}"),
+                ),
+                v("FLOWGATE_TEST_KAFKA_SASL_USER", KAFKA_SASL_USER.into()),
+                v(
+                    "FLOWGATE_TEST_KAFKA_SASL_PASSWORD",
+                    KAFKA_SASL_PASSWORD.into(),
+                ),
+                v(
+                    "FLOWGATE_TEST_KAFKA_CA",
+                    rig.state_dir(Broker::Kafka)
+                        .join("tls")
+                        .join("ca.pem")
+                        .display()
+                        .to_string(),
+                ),
+                v(
+                    "FLOWGATE_TEST_KAFKA_TLS_DIR",
+                    rig.state_dir(Broker::Kafka)
+                        .join("tls")
+                        .display()
+                        .to_string(),
                 ),
             ],
             Broker::Rabbitmq => vec![
@@ -148,7 +189,13 @@ impl Broker {
 
     fn ports(self) -> Vec<u16> {
         match self {
-            Broker::Kafka => vec![KAFKA_PORT, KAFKA_CONTROLLER_PORT],
+            Broker::Kafka => vec![
+                KAFKA_PORT,
+                KAFKA_CONTROLLER_PORT,
+                KAFKA_SSL_PORT,
+                KAFKA_SASL_SSL_PORT,
+                KAFKA_SASL_PLAINTEXT_PORT,
+            ],
             Broker::Rabbitmq => vec![
                 RABBITMQ_PORT,
                 RABBITMQ_MGMT_PORT,
@@ -297,17 +344,50 @@ impl Rig {
             })?,
             _ => self.kafka_log_dir(),
         };
+        // TLS and SASL listeners beside the plain one, with a certificate of the rig's CA
+        // (Kafka reads a PEM file holding the key and the chain).
+        let tls = dir.join("tls");
+        make_tls_certificates(&tls)?;
+        let keystore = tls.join("kafka-keystore.pem");
+        let read =
+            |f: &str| fs::read_to_string(tls.join(f)).map_err(|e| format!("cannot read {f}: {e}"));
+        write(
+            &keystore,
+            &format!("{}{}", read("server.key")?, read("server.pem")?),
+        )?;
+        let scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;";
+        let plain = format!(
+            "org.apache.kafka.common.security.plain.PlainLoginModule required user_{KAFKA_SASL_USER}=\"{KAFKA_SASL_PASSWORD}\";"
+        );
+        let mut sasl = String::from("sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512\n");
+        for l in ["sasl_ssl", "sasl_plaintext"] {
+            sasl.push_str(&format!(
+                "listener.name.{l}.scram-sha-512.sasl.jaas.config={scram}\n\
+                 listener.name.{l}.scram-sha-256.sasl.jaas.config={scram}\n\
+                 listener.name.{l}.plain.sasl.jaas.config={plain}\n"
+            ));
+        }
         // `file.delete.delay.ms`: a deleted topic's files go after 1 s, not 60 s, so the
         // benches can drop each run's topic (gigabytes) before the next run starts.
         let props = format!(
             "process.roles=broker,controller\n\
              node.id=1\n\
              controller.quorum.bootstrap.servers=127.0.0.1:{KAFKA_CONTROLLER_PORT}\n\
-             listeners=PLAINTEXT://127.0.0.1:{KAFKA_PORT},CONTROLLER://127.0.0.1:{KAFKA_CONTROLLER_PORT}\n\
-             advertised.listeners=PLAINTEXT://127.0.0.1:{KAFKA_PORT}\n\
+             listeners=PLAINTEXT://127.0.0.1:{KAFKA_PORT},CONTROLLER://127.0.0.1:{KAFKA_CONTROLLER_PORT},\
+             SSL://127.0.0.1:{KAFKA_SSL_PORT},SASL_SSL://127.0.0.1:{KAFKA_SASL_SSL_PORT},\
+             SASL_PLAINTEXT://127.0.0.1:{KAFKA_SASL_PLAINTEXT_PORT}\n\
+             advertised.listeners=PLAINTEXT://127.0.0.1:{KAFKA_PORT},SSL://127.0.0.1:{KAFKA_SSL_PORT},\
+             SASL_SSL://127.0.0.1:{KAFKA_SASL_SSL_PORT},SASL_PLAINTEXT://127.0.0.1:{KAFKA_SASL_PLAINTEXT_PORT}\n\
              controller.listener.names=CONTROLLER\n\
-             listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n\
+             listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL,\
+             SASL_SSL:SASL_SSL,SASL_PLAINTEXT:SASL_PLAINTEXT\n\
              inter.broker.listener.name=PLAINTEXT\n\
+             ssl.keystore.type=PEM\n\
+             ssl.keystore.location={keystore}\n\
+             ssl.truststore.type=PEM\n\
+             ssl.truststore.location={ca}\n\
+             ssl.client.auth=requested\n\
+             {sasl}\
              log.dirs={data}\n\
              num.partitions=4\n\
              offsets.topic.replication.factor=1\n\
@@ -320,7 +400,9 @@ impl Rig {
              group.initial.rebalance.delay.ms=0\n\
              auto.create.topics.enable=true\n\
              file.delete.delay.ms=1000\n",
-            data = data.display()
+            data = data.display(),
+            keystore = keystore.display(),
+            ca = tls.join("ca.pem").display(),
         );
         write(&dir.join("server.properties"), &props)?;
         let log4j = format!(
@@ -414,11 +496,17 @@ impl Rig {
     }
 
     fn start_rabbitmq(&self, dir: &Path) -> Res {
-        let server = first_existing(&["/usr/lib/rabbitmq/bin/rabbitmq-server"])
-            .unwrap_or_else(|| "rabbitmq-server".into());
-        if !Path::new(&server).exists() {
-            need_command("rabbitmq-server", &["rabbitmq-server"])?;
+        // The node runs as the rig's user from the package's own bin directory: the
+        // `/usr/sbin` wrapper switches to the `rabbitmq` user, which cannot read the rig's
+        // files (its TLS key among them). Chosen after installing, so a fresh machine starts
+        // the right one on the first run.
+        const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+        if !Path::new(SERVER).exists() {
+            apt_install(&["rabbitmq-server"])?;
         }
+        let server = first_existing(&[SERVER]).ok_or_else(|| {
+            format!("rabbitmq: installed rabbitmq-server but {SERVER} is missing")
+        })?;
         need_command("epmd", &["erlang-base"])?;
         let tls = dir.join("tls");
         make_tls_certificates(&tls)?;
@@ -701,23 +789,50 @@ impl Rig {
             }
         };
         match b {
-            // A metadata request through Kafka's own admin client.
-            Broker::Kafka => wait_until("kafka (metadata request)", timeout, || {
-                check_alive("kafka")?;
-                Ok(port_open(KAFKA_PORT)
-                    && self
-                        .kafka_java(&dir)
-                        .args([
-                            "org.apache.kafka.tools.TopicCommand",
+            // A metadata request through Kafka's own admin client, then the SASL user's
+            // SCRAM credentials (idempotent: set again on every start).
+            Broker::Kafka => {
+                wait_until("kafka (metadata request)", timeout, || {
+                    check_alive("kafka")?;
+                    Ok(port_open(KAFKA_PORT)
+                        && self
+                            .kafka_java(&dir)
+                            .args([
+                                "org.apache.kafka.tools.TopicCommand",
+                                "--bootstrap-server",
+                                &format!("127.0.0.1:{KAFKA_PORT}"),
+                                "--list",
+                            ])
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .status()
+                            .is_ok_and(|s| s.success()))
+                })?;
+                // One mechanism per request: the broker refuses two changes of one user's
+                // credentials in the same request.
+                for mechanism in ["SCRAM-SHA-256", "SCRAM-SHA-512"] {
+                    run_quiet(
+                        self.kafka_java(&dir).args([
+                            "kafka.admin.ConfigCommand",
                             "--bootstrap-server",
                             &format!("127.0.0.1:{KAFKA_PORT}"),
-                            "--list",
-                        ])
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .status()
-                        .is_ok_and(|s| s.success()))
-            }),
+                            "--alter",
+                            "--add-config",
+                            &format!("{mechanism}=[password={KAFKA_SASL_PASSWORD}]"),
+                            "--entity-type",
+                            "users",
+                            "--entity-name",
+                            KAFKA_SASL_USER,
+                        ]),
+                        "kafka: creating the SCRAM user",
+                    )?;
+                }
+                wait_until("kafka (TLS and SASL listeners)", timeout, || {
+                    Ok(port_open(KAFKA_SSL_PORT)
+                        && port_open(KAFKA_SASL_SSL_PORT)
+                        && port_open(KAFKA_SASL_PLAINTEXT_PORT))
+                })
+            }
             Broker::Rabbitmq => wait_until("rabbitmq (await_startup)", timeout, || {
                 check_alive("rabbitmq")?;
                 Ok(self
@@ -1006,77 +1121,92 @@ fn psql_db(db: &str, sql: &str) -> Res<String> {
 
 /// A CA and a server certificate for 127.0.0.1 signed by it (`ca.pem`, `server.pem`,
 /// `server.key`), made once with `openssl`.
+/// The rig's own CA, a server certificate for 127.0.0.1/localhost and a client certificate
+/// (`CN=flowgate`) for mutual TLS, each made once.
 fn make_tls_certificates(dir: &Path) -> Res {
-    if dir.join("server.pem").exists() && dir.join("ca.pem").exists() {
+    if ["ca.pem", "server.pem", "client.pem"]
+        .iter()
+        .all(|f| dir.join(f).exists())
+    {
         return Ok(());
     }
     need_command("openssl", &["openssl"])?;
     fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let ext = dir.join("san.ext");
-    fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        .map_err(|e| format!("cannot write {}: {e}", ext.display()))?;
     let openssl = |args: &[&str], what: &str| {
         run_quiet(Command::new("openssl").args(args).current_dir(dir), what)
     };
-    openssl(
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "3650",
-            "-subj",
-            "/CN=flowgate rig CA",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ],
-        "openssl: the rig's CA",
-    )?;
-    openssl(
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-        ],
-        "openssl: the server key",
-    )?;
-    openssl(
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "3650",
-            "-extfile",
-            "san.ext",
-            "-out",
-            "server.pem",
-        ],
-        "openssl: the server certificate",
-    )?;
-    // PostgreSQL refuses a key others can read.
-    fs::set_permissions(
-        dir.join("server.key"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .map_err(|e| format!("chmod server.key: {e}"))
+    if !dir.join("ca.pem").exists() {
+        openssl(
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "3650",
+                "-subj",
+                "/CN=flowgate rig CA",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+            ],
+            "openssl: the rig's CA",
+        )?;
+    }
+    let ext = dir.join("san.ext");
+    fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        .map_err(|e| format!("cannot write {}: {e}", ext.display()))?;
+    let client_ext = dir.join("client.ext");
+    fs::write(&client_ext, "extendedKeyUsage=clientAuth\n")
+        .map_err(|e| format!("cannot write {}: {e}", client_ext.display()))?;
+    for (name, cn, ext) in [
+        ("server", "/CN=127.0.0.1", "san.ext"),
+        ("client", "/CN=flowgate", "client.ext"),
+    ] {
+        if dir.join(format!("{name}.pem")).exists() {
+            continue;
+        }
+        let (key, csr, pem) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+        );
+        openssl(
+            &[
+                "req", "-newkey", "rsa:2048", "-nodes", "-subj", cn, "-keyout", &key, "-out", &csr,
+            ],
+            "openssl: a key",
+        )?;
+        openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "3650",
+                "-extfile",
+                ext,
+                "-out",
+                &pem,
+            ],
+            "openssl: a certificate",
+        )?;
+        // PostgreSQL refuses a key others can read (its own and a client's).
+        fs::set_permissions(
+            dir.join(&key),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .map_err(|e| format!("chmod {key}: {e}"))?;
+    }
+    Ok(())
 }
 
 fn run_quiet(cmd: &mut Command, what: &str) -> Res {

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,152 @@ pub enum AssignmentStrategy {
     Cooperative,
     /// Eager rebalancing (`range`): every partition is revoked and reassigned.
     Eager,
+}
+
+/// How the client talks to the brokers (`security.protocol`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    /// No TLS, no SASL.
+    Plaintext,
+    /// TLS (the broker's certificate verified against `tls.ca` or the system's roots).
+    Ssl,
+    /// SASL over a plain connection.
+    SaslPlaintext,
+    /// SASL over TLS: what managed clusters (Confluent Cloud, MSK, Aiven) ask for.
+    SaslSsl,
+}
+
+/// TLS settings (`ssl.*`): the broker's CA and, for mutual TLS, the client's certificate.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaTls {
+    /// PEM file of the CA that signed the brokers' certificates (`ssl.ca.location`); `None`
+    /// trusts the system's roots (managed clusters with public certificates).
+    pub ca: Option<PathBuf>,
+    /// PEM file of the client's certificate, for mutual TLS (`ssl.certificate.location`).
+    pub cert: Option<PathBuf>,
+    /// PEM file of the client's private key (`ssl.key.location`).
+    pub key: Option<PathBuf>,
+    /// Password of an encrypted `key` (`ssl.key.password`); never logged.
+    pub key_password: Option<String>,
+    /// Check that the broker's certificate names the host connected to. Default `true`.
+    pub verify_hostname: bool,
+}
+
+/// SASL mechanisms librdkafka is built with here (GSSAPI/Kerberos is not).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SaslMechanism {
+    /// `PLAIN` (Confluent Cloud API keys; always over TLS in production).
+    #[serde(rename = "PLAIN")]
+    Plain,
+    /// `SCRAM-SHA-256`.
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// `SCRAM-SHA-512` (Amazon MSK, Aiven, Redpanda).
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+    /// `OAUTHBEARER`; the token source (`sasl.oauthbearer.method = "oidc"` and its keys)
+    /// goes under `properties`.
+    #[serde(rename = "OAUTHBEARER")]
+    Oauthbearer,
+}
+
+impl SaslMechanism {
+    /// The name librdkafka and the broker use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+            SaslMechanism::Oauthbearer => "OAUTHBEARER",
+        }
+    }
+}
+
+/// SASL settings (`sasl.*`).
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSasl {
+    /// The mechanism.
+    pub mechanism: SaslMechanism,
+    /// User name (`sasl.username`; an API key for Confluent Cloud). Not needed for OAUTHBEARER.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password (`sasl.password`); never logged. Prefer `password_env`.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Name of an environment variable holding the password (read at start).
+    #[serde(default)]
+    pub password_env: Option<String>,
+}
+
+impl Default for KafkaTls {
+    fn default() -> Self {
+        KafkaTls {
+            ca: None,
+            cert: None,
+            key: None,
+            key_password: None,
+            verify_hostname: true,
+        }
+    }
+}
+
+impl fmt::Debug for KafkaTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaTls")
+            .field("ca", &self.ca)
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field(
+                "key_password",
+                &self.key_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("verify_hostname", &self.verify_hostname)
+            .finish()
+    }
+}
+
+impl fmt::Debug for KafkaSasl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaSasl")
+            .field("mechanism", &self.mechanism)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password_env", &self.password_env)
+            .finish()
+    }
+}
+
+/// Compression of produced batches (`compression.type`). Consumers read every codec.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// No compression (the default).
+    #[default]
+    None,
+    /// gzip.
+    Gzip,
+    /// Snappy.
+    Snappy,
+    /// LZ4.
+    Lz4,
+    /// Zstandard.
+    Zstd,
+}
+
+impl Compression {
+    /// librdkafka's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+            Compression::Zstd => "zstd",
+        }
+    }
 }
 
 /// The consumer group protocol (`group.protocol`).
@@ -86,8 +233,15 @@ pub struct KafkaSourceConfig {
     /// broker's next fetch round; shorter dips are cheaper to ride out. Default 1 s.
     #[serde(with = "humantime_serde")]
     pub pause_after: Duration,
-    /// Any other librdkafka property (SASL/SSL included), passed through as is. Values of
-    /// keys that look secret never appear in logs or `Debug`.
+    /// `security.protocol`; by default `sasl_ssl` with a `sasl` table, `ssl` with only a `tls`
+    /// table, else `plaintext`.
+    pub security_protocol: Option<SecurityProtocol>,
+    /// TLS settings.
+    pub tls: Option<KafkaTls>,
+    /// SASL settings.
+    pub sasl: Option<KafkaSasl>,
+    /// Any other librdkafka property, passed through as is. Values of keys that look secret
+    /// never appear in logs or `Debug`.
     pub properties: BTreeMap<String, String>,
 }
 
@@ -109,6 +263,9 @@ impl Default for KafkaSourceConfig {
             rebalance_timeout: Duration::from_secs(30),
             max_batch: 1000,
             pause_after: Duration::from_secs(1),
+            security_protocol: None,
+            tls: None,
+            sasl: None,
             properties: BTreeMap::new(),
         }
     }
@@ -144,6 +301,15 @@ pub struct KafkaSinkConfig {
     /// its producer abandoned. Default 60 s.
     #[serde(with = "humantime_serde")]
     pub transaction_timeout: Duration,
+    /// `compression.type` of produced batches: `none` (default), `gzip`, `snappy`, `lz4`,
+    /// `zstd`.
+    pub compression: Compression,
+    /// `security.protocol`, as for the source.
+    pub security_protocol: Option<SecurityProtocol>,
+    /// TLS settings.
+    pub tls: Option<KafkaTls>,
+    /// SASL settings.
+    pub sasl: Option<KafkaSasl>,
     /// Any other librdkafka property, passed through (secrets hidden in `Debug`).
     pub properties: BTreeMap<String, String>,
 }
@@ -159,6 +325,10 @@ impl Default for KafkaSinkConfig {
             linger: Duration::from_millis(5),
             transactional_id: None,
             transaction_timeout: Duration::from_secs(60),
+            compression: Compression::None,
+            security_protocol: None,
+            tls: None,
+            sasl: None,
             properties: BTreeMap::new(),
         }
     }
@@ -210,6 +380,10 @@ impl fmt::Debug for KafkaSourceConfig {
             .field("rebalance_timeout", &self.rebalance_timeout)
             .field("max_batch", &self.max_batch)
             .field("pause_after", &self.pause_after)
+            .field("group_protocol", &self.group_protocol)
+            .field("security_protocol", &self.security_protocol)
+            .field("tls", &self.tls)
+            .field("sasl", &self.sasl)
             .field("properties", &Redacted(&self.properties))
             .finish()
     }
@@ -226,6 +400,10 @@ impl fmt::Debug for KafkaSinkConfig {
             .field("linger", &self.linger)
             .field("transactional_id", &self.transactional_id)
             .field("transaction_timeout", &self.transaction_timeout)
+            .field("compression", &self.compression)
+            .field("security_protocol", &self.security_protocol)
+            .field("tls", &self.tls)
+            .field("sasl", &self.sasl)
             .field("properties", &Redacted(&self.properties))
             .finish()
     }

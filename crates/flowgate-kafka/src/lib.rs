@@ -12,6 +12,7 @@
 //!   delivery reports; the idempotency key travels as a header.
 #![doc = include_str!("docs.md")]
 
+mod client;
 mod config;
 mod error;
 mod lag;
@@ -19,6 +20,9 @@ mod queue;
 mod sink;
 mod source;
 
-pub use config::{AssignmentStrategy, GroupProtocol, KafkaSinkConfig, KafkaSourceConfig};
+pub use config::{
+    AssignmentStrategy, Compression, GroupProtocol, KafkaSasl, KafkaSinkConfig, KafkaSourceConfig,
+    KafkaTls, SaslMechanism, SecurityProtocol,
+};
 pub use sink::KafkaSink;
 pub use source::{KafkaSource, OffsetsLink, partition_id};

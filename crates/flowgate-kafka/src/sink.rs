@@ -3,10 +3,12 @@
 //! Kafka source committed inside it.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use flowgate_core::{Error, ErrorKind, Record, Sink, SinkCapabilities, WriteError, headers};
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -14,6 +16,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::util::Timeout;
 
+use crate::client::{Brokers, auth_error, is_auth_failure};
 use crate::config::KafkaSinkConfig;
 use crate::error::map;
 use crate::source::OffsetsLink;
@@ -24,10 +27,62 @@ use crate::source::OffsetsLink;
 /// `max_record_bytes` is poison.
 pub struct KafkaSink {
     cfg: KafkaSinkConfig,
-    producer: FutureProducer,
+    producer: FutureProducer<SinkContext>,
+    /// The producer's context, for its authentication failures.
+    auth: SinkContext,
     /// Transactional mode: one transaction at a time; `true` once `init_transactions` ran.
     tx: Option<tokio::sync::Mutex<bool>>,
     link: Option<OffsetsLink>,
+}
+
+/// Catches librdkafka's authentication and TLS failures, which it otherwise only logs while
+/// deliveries wait for their timeout: the sink stops with a configuration error instead.
+#[derive(Clone, Default)]
+struct SinkContext {
+    /// The endpoint as errors name it (servers, protocol, mechanism).
+    endpoint: String,
+    auth: Arc<(Mutex<Option<String>>, tokio::sync::Notify)>,
+}
+
+impl ClientContext for SinkContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if is_auth_failure(&error) {
+            let mut slot = self
+                .auth
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if slot.is_none() {
+                *slot = Some(format!("{error}: {reason}"));
+            }
+            self.auth.1.notify_waiters();
+        } else {
+            tracing::error!("librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl SinkContext {
+    fn failure(&self) -> Option<Error> {
+        let slot = self
+            .auth
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        slot.as_ref()
+            .map(|cause| auth_error(&self.endpoint, "sink", cause))
+    }
+
+    /// Resolves once an authentication or TLS failure is seen.
+    async fn failed(&self) -> Error {
+        loop {
+            let notified = self.auth.1.notified();
+            if let Some(e) = self.failure() {
+                return e;
+            }
+            notified.await;
+        }
+    }
 }
 
 impl KafkaSink {
@@ -52,9 +107,17 @@ impl KafkaSink {
             }
             _ => cfg.delivery_timeout,
         };
+        let conn = Brokers {
+            bootstrap_servers: &cfg.bootstrap_servers,
+            security_protocol: cfg.security_protocol,
+            tls: cfg.tls.as_ref(),
+            sasl: cfg.sasl.as_ref(),
+            side: "sink",
+        };
         let mut cc = ClientConfig::new();
-        cc.set("bootstrap.servers", &cfg.bootstrap_servers)
-            .set("enable.idempotence", "true")
+        conn.apply(&mut cc)?;
+        cc.set("enable.idempotence", "true")
+            .set("compression.type", cfg.compression.as_str())
             .set("acks", "all")
             .set(
                 "message.timeout.ms",
@@ -74,7 +137,13 @@ impl KafkaSink {
         for (k, v) in &cfg.properties {
             cc.set(k, v);
         }
-        let producer: FutureProducer = cc.create().map_err(|e| map(e, "creating the producer"))?;
+        let ctx = SinkContext {
+            endpoint: conn.describe(),
+            auth: Arc::default(),
+        };
+        let producer: FutureProducer<SinkContext> = cc
+            .create_with_context(ctx.clone())
+            .map_err(|e| map(e, "creating the producer"))?;
         let tx = cfg
             .transactional_id
             .as_ref()
@@ -82,6 +151,7 @@ impl KafkaSink {
         Ok(KafkaSink {
             cfg,
             producer,
+            auth: ctx,
             tx,
             link: None,
         })
@@ -179,6 +249,9 @@ impl KafkaSink {
             .map_err(|e| tx_error(e, "beginning a transaction"))?;
         let (pending, poison) = self.enqueue(batch);
         let written: Vec<usize> = pending.iter().map(|(i, _)| *i).collect();
+        if let Some(e) = self.auth.failure() {
+            return Err(WriteError::Batch(e));
+        }
         // Only poison may be left out: a record refused for another reason (a full queue)
         // must not be skipped by the offsets this transaction commits.
         let mut failure = poison
@@ -267,7 +340,7 @@ impl KafkaSink {
     /// A blocking producer call (transactions wait for the broker) off the async threads.
     async fn blocking(
         &self,
-        f: impl FnOnce(&FutureProducer) -> Result<(), KafkaError> + Send + 'static,
+        f: impl FnOnce(&FutureProducer<SinkContext>) -> Result<(), KafkaError> + Send + 'static,
         what: &'static str,
     ) -> Result<(), Error> {
         let p = self.producer.clone();
@@ -299,12 +372,25 @@ impl Sink for KafkaSink {
         if self.tx.is_some() {
             return self.write_in_transaction(batch).await;
         }
-        let (pending, mut failed) = self.enqueue(batch);
-        for (i, fut) in pending {
-            if let Err(e) = delivered(fut).await {
-                failed.push((i, e));
-            }
+        let ctx = &self.auth;
+        if let Some(e) = ctx.failure() {
+            return Err(WriteError::Batch(e));
         }
+        let (pending, failed) = self.enqueue(batch);
+        let deliveries = async move {
+            let mut failed = failed;
+            for (i, fut) in pending {
+                if let Err(e) = delivered(fut).await {
+                    failed.push((i, e));
+                }
+            }
+            failed
+        };
+        // Deliveries to a cluster that refused the credentials would wait for their timeout.
+        let failed = tokio::select! {
+            failed = deliveries => failed,
+            e = ctx.failed() => return Err(WriteError::Batch(e)),
+        };
         partial(failed)
     }
 

@@ -34,6 +34,7 @@ use flowgate_core::{
 use rdkafka::Message;
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, DefaultConsumerContext,
 };
@@ -42,6 +43,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use tokio::sync::Notify;
 
+use crate::client::{Brokers, auth_error, is_auth_failure};
 use crate::config::{AssignmentStrategy, GroupProtocol, KafkaSourceConfig, is_secret};
 use crate::error::map;
 use crate::queue::PartitionFeed;
@@ -86,6 +88,8 @@ struct Shared {
     error: Option<Error>,
     /// The last error librdkafka reported on the consumer (a refused connection, say).
     client_error: Option<String>,
+    /// librdkafka's last error log line, which says why.
+    client_log: Option<String>,
     rr: usize,
 }
 
@@ -133,7 +137,25 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl ClientContext for Ctx {}
+impl ClientContext for Ctx {
+    /// librdkafka's log, forwarded to `tracing` as rust-rdkafka does; the last error line is
+    /// kept, since the consumer's error events carry only a code ("Authentication") and the
+    /// log says why ("invalid credentials with SASL mechanism SCRAM-SHA-512").
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        use RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}");
+                lock(&self.shared).client_log = Some(message.to_string());
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}"),
+            L::Notice | L::Info => {
+                tracing::info!(target: "librdkafka", "librdkafka: {fac} {message}")
+            }
+            L::Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {message}"),
+        }
+    }
+}
 
 impl ConsumerContext for Ctx {
     fn commit_callback(
@@ -557,11 +579,22 @@ impl KafkaSource {
         self.link.clone()
     }
 
-    fn client_config(&self, group: &str) -> ClientConfig {
+    /// How the clients reach the brokers, as settings and as errors name it.
+    fn connection(&self) -> Brokers<'_> {
+        Brokers {
+            bootstrap_servers: &self.cfg.bootstrap_servers,
+            security_protocol: self.cfg.security_protocol,
+            tls: self.cfg.tls.as_ref(),
+            sasl: self.cfg.sasl.as_ref(),
+            side: "source",
+        }
+    }
+
+    fn client_config(&self, group: &str) -> Result<ClientConfig, Error> {
         let c = &self.cfg;
         let mut cc = ClientConfig::new();
-        cc.set("bootstrap.servers", &c.bootstrap_servers)
-            .set("group.id", group)
+        self.connection().apply(&mut cc)?;
+        cc.set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", &c.auto_offset_reset)
@@ -615,7 +648,7 @@ impl KafkaSource {
             }
             cc.set(k, v);
         }
-        cc
+        Ok(cc)
     }
 }
 
@@ -635,7 +668,7 @@ impl Source for KafkaSource {
             .unwrap_or_else(|| ctx.pipeline.clone());
         let (cmd_tx, cmd_rx) = std_mpsc::channel();
         let helper: BaseConsumer<DefaultConsumerContext> = self
-            .client_config(&group)
+            .client_config(&group)?
             .create()
             .map_err(|e| map(e, "creating the offsets reader"))?;
         let helper = Arc::new(Mutex::new(Some(helper)));
@@ -661,7 +694,7 @@ impl Source for KafkaSource {
             ),
         };
         let consumer: Arc<BaseConsumer<Ctx>> = Arc::new(
-            self.client_config(&group)
+            self.client_config(&group)?
                 .create_with_context(kctx)
                 .map_err(|e| map(e, "creating the consumer"))?,
         );
@@ -673,6 +706,7 @@ impl Source for KafkaSource {
             .map_err(|e| map(e, "subscribing").with_context("topics", self.cfg.topics.join(",")))?;
         let (done_tx, done_rx) = std_mpsc::channel();
         let poller = Poller {
+            endpoint: self.connection().describe(),
             credits: ctx.credits.clone(),
             shared: self.shared.clone(),
             notify: self.notify.clone(),
@@ -681,7 +715,7 @@ impl Source for KafkaSource {
         let lag = LagReader {
             helper,
             topics: self.cfg.topics.clone(),
-            endpoint: self.cfg.bootstrap_servers.clone(),
+            endpoint: self.connection().describe(),
             reachable: Mutex::new(None),
             shared: self.shared.clone(),
             notify: self.notify.clone(),
@@ -857,6 +891,8 @@ fn to_record(m: &BorrowedMessage<'_>, id: &PartitionId) -> Option<Record> {
 
 /// The poll thread: main queue, commits, pause/resume, lag.
 struct Poller {
+    /// The brokers as errors name them.
+    endpoint: String,
     credits: Credits,
     shared: Arc<Mutex<Shared>>,
     notify: Arc<Notify>,
@@ -886,9 +922,26 @@ impl Poller {
                     drop(sh);
                     self.notify.notify_one();
                 }
+                Some(Err(e)) if is_auth_failure(&e) => {
+                    // Retrying cannot fix credentials or certificates: stop with the cause.
+                    let mut sh = lock(&self.shared);
+                    if sh.error.is_none() {
+                        let cause = match &sh.client_log {
+                            Some(why) => format!("{e}: {why}"),
+                            None => e.to_string(),
+                        };
+                        sh.error = Some(auth_error(&self.endpoint, "source", &cause));
+                    }
+                    drop(sh);
+                    self.notify.notify_one();
+                }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "kafka: consumer error");
-                    lock(&self.shared).client_error = Some(e.to_string());
+                    let mut sh = lock(&self.shared);
+                    sh.client_error = Some(match &sh.client_log {
+                        Some(why) => format!("{e}: {why}"),
+                        None => e.to_string(),
+                    });
                 }
                 None => {}
             }
@@ -1029,6 +1082,7 @@ impl LagReader {
         let mut sh = lock(&self.shared);
         if reachable {
             sh.client_error = None;
+            sh.client_log = None;
         }
         if changed {
             let event = if reachable {

@@ -7,14 +7,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use flowgate_core::testkit::{sink::SinkHarness, source::SourceHarness};
-use flowgate_core::{Error, IdempotencyKey, PartitionId, Position, Record, headers};
+use flowgate_core::{Error, PartitionId, Position, Record};
 use flowgate_kafka::{KafkaSink, KafkaSinkConfig, KafkaSource, KafkaSourceConfig, partition_id};
 use rdkafka::Message;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
@@ -119,46 +117,7 @@ impl SinkHarness for SinkH {
         })
     }
     async fn read_back(&self) -> Result<Vec<Record>, Error> {
-        let topic = self.topic.clone();
-        Ok(tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", bootstrap())
-                .set("group.id", unique("conf-read"))
-                .set("enable.auto.commit", "false")
-                .create()
-                .unwrap();
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(&topic, 0, Offset::Beginning)
-                .unwrap();
-            consumer.assign(&tpl).unwrap();
-            let mut out = Vec::new();
-            let mut idle_since = Instant::now();
-            while idle_since.elapsed() < Duration::from_secs(3) {
-                if let Some(m) = consumer.poll(Duration::from_millis(100)) {
-                    let m = m.unwrap();
-                    let mut r = Record::new(
-                        PartitionId::new("read"),
-                        Position::from(m.offset() as u64),
-                        Bytes::copy_from_slice(m.payload().unwrap_or_default()),
-                    );
-                    r.key = m.key().map(Bytes::copy_from_slice);
-                    if let Some(hs) = m.headers() {
-                        for h in hs.iter() {
-                            if h.key == headers::IDEMPOTENCY_KEY {
-                                r.idempotency_key = h
-                                    .value
-                                    .map(|v| IdempotencyKey::new(Bytes::copy_from_slice(v)));
-                            }
-                        }
-                    }
-                    out.push(r);
-                    idle_since = Instant::now();
-                }
-            }
-            out
-        })
-        .await
-        .unwrap())
+        Ok(common::read_back(&self.topic).await)
     }
 }
 
