@@ -66,12 +66,12 @@ fn produce(dir: &Path, bootstrap: &str, topic: &str) -> u64 {
     PARTITIONS * PER_PARTITION
 }
 
-/// Starts `flowgate run` on `config` `KILLS` times and SIGKILLs it each time after 0.8–1.6 s,
-/// checking that it was still working.
-fn kill_loop(config: &Path, seed: u64) {
+/// Starts `flowgate run` on `config` `kills` times and SIGKILLs it each time after a random
+/// moment of `window` (milliseconds), checking that it was still working.
+fn kill_loop(config: &Path, seed: u64, kills: usize, window: std::ops::Range<u64>) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let started = Instant::now();
-    for _ in 0..KILLS {
+    for _ in 0..kills {
         assert!(
             started.elapsed() < Duration::from_secs(180),
             "kill loop took too long"
@@ -85,7 +85,7 @@ fn kill_loop(config: &Path, seed: u64) {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.u64(800..1600)));
+        std::thread::sleep(Duration::from_millis(rng.u64(window.clone())));
         assert!(
             child.try_wait().unwrap().is_none(),
             "the pipeline exited on its own: {}",
@@ -106,8 +106,21 @@ fn records_in(summary: &str) -> u64 {
         .unwrap_or_else(|| panic!("no input count in the summary: {summary}"))
 }
 
+/// With static membership a restarted member gets its partitions back at once, so the
+/// kills come every 0.8–1.6 s.
 #[test]
 fn sigkill_loop_against_kafka_loses_nothing() {
+    crash_loop(true);
+}
+
+/// Without it, each restart waits for the killed member's session (6 s here) to time out, so
+/// fewer kills, further apart.
+#[test]
+fn sigkill_loop_without_static_membership_loses_nothing() {
+    crash_loop(false);
+}
+
+fn crash_loop(static_membership: bool) {
     let bootstrap = env("FLOWGATE_TEST_KAFKA_BOOTSTRAP");
     let classpath = env("FLOWGATE_TEST_KAFKA_CLASSPATH");
     let dir = tempfile::tempdir().unwrap();
@@ -118,10 +131,15 @@ fn sigkill_loop_against_kafka_loses_nothing() {
 
     let jsonl = dir.path().join("out.jsonl");
     let consume = dir.path().join("consume.toml");
+    let membership = if static_membership {
+        "group_instance_id = \"crash-member\"\nsession_timeout = \"10s\"\n"
+    } else {
+        "session_timeout = \"6s\"\n"
+    };
     let consume_cfg = format!(
         "name = \"{group}\"\n\
              [source]\ntype = \"kafka\"\nbootstrap_servers = \"{bootstrap}\"\ntopics = [\"{topic}\"]\n\
-             group_instance_id = \"crash-member\"\nsession_timeout = \"10s\"\n\
+             {membership}\
              [sink]\ntype = \"jsonl\"\npath = \"{}\"\nfaults = {{ capacity_per_sec = 1000 }}\n\
              [store]\ntype = \"embedded\"\npath = \"{}\"\n\
              [dedup]\nkey = \"source_position\"\n\
@@ -130,7 +148,12 @@ fn sigkill_loop_against_kafka_loses_nothing() {
         dir.path().join("data").display()
     );
     std::fs::write(&consume, &consume_cfg).unwrap();
-    kill_loop(&consume, 11);
+    let (kills, window) = if static_membership {
+        (KILLS, 800..1600)
+    } else {
+        (4, 7_500..9_500)
+    };
+    kill_loop(&consume, 11, kills, window);
     let written_before_final = JsonLinesSink::read(&jsonl).map(|r| r.len()).unwrap_or(0);
     assert!(
         written_before_final > 0 && (written_before_final as u64) < total,
@@ -185,11 +208,11 @@ fn sigkill_loop_against_kafka_loses_nothing() {
     assert_eq!(seen.len() as u64, total);
     let duplicates = records.len() - seen.len();
     eprintln!(
-        "kafka/crash: {KILLS} SIGKILLs, {total} records, {duplicates} duplicates (window bound {})",
-        KILLS * 4 * 100
+        "kafka/crash: static membership {static_membership}, {kills} SIGKILLs, {total} records, {duplicates} duplicates (window bound {})",
+        kills * 4 * 100
     );
     assert!(
-        duplicates <= KILLS * 4 * 100,
+        duplicates <= kills * 4 * 100,
         "duplicates beyond the documented window"
     );
 }
@@ -362,7 +385,7 @@ fn sigkill_loop_through_the_transactional_bridge_is_exactly_once() {
     );
     let bridge_path = dir.path().join("bridge.toml");
     std::fs::write(&bridge_path, &bridge).unwrap();
-    kill_loop(&bridge_path, 17);
+    kill_loop(&bridge_path, 17, KILLS, 800..1600);
     let last = run_to_end(dir.path(), "bridge", &bridge, &["--duration", "30s"]);
     let finished = records_in(&last);
     assert!(
