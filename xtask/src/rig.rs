@@ -521,8 +521,8 @@ impl Rig {
              ssl_options.cacertfile = {ca}\n\
              ssl_options.certfile = {cert}\n\
              ssl_options.keyfile = {key}\n\
-             ssl_options.verify = verify_none\n\
-             ssl_options.fail_if_no_peer_cert = false\n",
+             ssl_options.verify = verify_peer\n\
+             ssl_options.fail_if_no_peer_cert = true\n",
             ca = tls.join("ca.pem").display(),
             cert = tls.join("server.pem").display(),
             key = tls.join("server.key").display(),
@@ -686,6 +686,22 @@ impl Rig {
             ]);
             run_quiet(&mut initdb, "initdb")?;
         }
+        // Plain connections are trusted; TLS ones must present a client certificate of the
+        // rig's CA whose CN is the user (`cert`), so mutual TLS is exercised for real.
+        let hba = dir.join("pg_hba.conf");
+        write(
+            &hba,
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 cert\n\
+             hostnossl all all 127.0.0.1/32 trust\n\
+             host all all ::1/128 trust\n",
+        )?;
+        if is_root() {
+            run_quiet(
+                Command::new("chown").arg("postgres:postgres").arg(&hba),
+                "chown pg_hba.conf",
+            )?;
+        }
         let mut cmd = as_postgres(&bin.join("postgres"));
         cmd.arg("-D")
             .arg(&data)
@@ -699,7 +715,11 @@ impl Rig {
                 tls.join("server.pem").display()
             ))
             .arg("-c")
-            .arg(format!("ssl_key_file={}", tls.join("server.key").display()));
+            .arg(format!("ssl_key_file={}", tls.join("server.key").display()))
+            .arg("-c")
+            .arg(format!("ssl_ca_file={}", tls.join("ca.pem").display()))
+            .arg("-c")
+            .arg(format!("hba_file={}", hba.display()));
         self.spawn(Broker::Postgres, "pid", &mut cmd, &dir.join("postgres.log"))?;
         wait_until("postgres", Duration::from_secs(60), || {
             Ok(psql("select 1").is_ok())
@@ -732,11 +752,12 @@ impl Rig {
             "no",
             "--protected-mode",
             "yes",
-            // TLS on a second port, with the rig's own CA; no client certificates.
+            // TLS on a second port, with the rig's own CA; clients must present a
+            // certificate of it (mutual TLS).
             "--tls-port",
             &REDIS_TLS_PORT.to_string(),
             "--tls-auth-clients",
-            "no",
+            "yes",
             "--tls-cert-file",
         ])
         .arg(tls.join("server.pem"))

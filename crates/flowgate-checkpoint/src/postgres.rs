@@ -61,6 +61,11 @@ pub struct PostgresTls {
     /// PEM file of the CA that signed the server's certificate. Default: the system's trusted
     /// roots.
     pub ca_file: Option<std::path::PathBuf>,
+    /// PEM file of the client certificate (libpq's `sslcert`), for servers that ask for one
+    /// (`hostssl … cert` in `pg_hba.conf`: its CN is the user name).
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM file of its private key (libpq's `sslkey`).
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for PostgresConfig {
@@ -272,6 +277,15 @@ impl PostgresStore {
                         .with_context("cause", chain(&e))
                         .with_hint("the server's certificate must be signed by store.tls.ca_file (or a system root) and name the url's host");
                 }
+                let cause = chain(&e);
+                if cause.contains("client certificate") {
+                    return Error::config(format!(
+                        "postgres store: {what} failed: the server asks for a client certificate and refused the one given (or none)"
+                    ))
+                    .with_context("store", self.describe_url())
+                    .with_context("cause", cause)
+                    .with_hint("set store.tls.cert_file and store.tls.key_file to a certificate the server's CA signed, whose CN is the user name");
+                }
                 let kind = if e
                     .code()
                     .is_some_and(|c| c.code().starts_with("28") || c.code().starts_with("3D"))
@@ -427,8 +441,31 @@ fn tls_connector(t: &PostgresTls) -> Result<tokio_postgres_rustls::MakeRustlsCon
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| Error::fatal("postgres store: TLS setup failed").with_source(e))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let config = match flowgate_core::tls::ClientIdentity::load(
+        t.cert_file.as_ref(),
+        t.key_file.as_ref(),
+        "store.tls",
+    )? {
+        None => config.with_no_client_auth(),
+        Some(id) => {
+            use rustls::pki_types::PrivateKeyDer;
+            let bad = |what: &str, e: &dyn std::fmt::Display| {
+                Error::config(format!(
+                    "postgres store: the client {what} cannot be parsed"
+                ))
+                .with_context("key", "store.tls")
+                .with_context("cause", e)
+            };
+            let certs = CertificateDer::pem_slice_iter(&id.cert_pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad("certificate", &e))?;
+            let key = PrivateKeyDer::from_pem_slice(&id.key_pem).map_err(|e| bad("key", &e))?;
+            config
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| bad("certificate and key", &e))?
+        }
+    };
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 

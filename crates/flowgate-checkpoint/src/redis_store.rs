@@ -52,6 +52,11 @@ pub struct RedisConfig {
 pub struct RedisTls {
     /// PEM file of the CA that signed the server's certificate. Default: the system's roots.
     pub ca_file: Option<std::path::PathBuf>,
+    /// PEM file of the client certificate, for servers that ask for one
+    /// (`tls-auth-clients yes`).
+    pub cert_file: Option<std::path::PathBuf>,
+    /// PEM file of its private key.
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for RedisConfig {
@@ -233,23 +238,30 @@ fn client(cfg: &RedisConfig) -> Result<redis::Client, Error> {
     match (&cfg.tls, tls) {
         (Some(_), false) => Err(Error::config("redis store: tls needs a rediss:// url")
             .with_context("key", "store.url")),
-        (
-            Some(RedisTls {
-                ca_file: Some(path),
-            }),
-            true,
-        ) => {
-            let pem = std::fs::read(path).map_err(|e| {
-                Error::config("redis store: the CA file cannot be read")
-                    .with_context("key", "store.tls.ca_file")
-                    .with_context("path", path.display())
-                    .with_source(e)
-            })?;
+        (Some(t), true) if t.ca_file.is_some() || t.cert_file.is_some() => {
+            let root_cert = match &t.ca_file {
+                Some(path) => Some(std::fs::read(path).map_err(|e| {
+                    Error::config("redis store: the CA file cannot be read")
+                        .with_context("key", "store.tls.ca_file")
+                        .with_context("path", path.display())
+                        .with_source(e)
+                })?),
+                None => None,
+            };
+            let client_tls = flowgate_core::tls::ClientIdentity::load(
+                t.cert_file.as_ref(),
+                t.key_file.as_ref(),
+                "store.tls",
+            )?
+            .map(|id| redis::ClientTlsConfig {
+                client_cert: id.cert_pem,
+                client_key: id.key_pem,
+            });
             redis::Client::build_with_tls(
                 cfg.url.as_str(),
                 redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem),
+                    client_tls,
+                    root_cert,
                 },
             )
             .map_err(bad_url)
@@ -283,7 +295,18 @@ impl RedisStore {
             });
             match attempt {
                 Ok(c) => break c,
-                // A certificate the configured CA did not sign does not fix itself.
+                // Certificates do not fix themselves: no retries.
+                Err(e)
+                    if e.to_string().contains("CertificateRequired")
+                        || e.to_string().contains("BadCertificate") =>
+                {
+                    return Err(Error::config(
+                        "redis store: the server asks for a client certificate and refused the one given (or none)",
+                    )
+                    .with_context("url", crate::redact_url(&cfg.url))
+                    .with_source(e)
+                    .with_hint("set store.tls.cert_file and store.tls.key_file to a certificate the server's CA signed"));
+                }
                 Err(e) if e.to_string().contains("certificate") => {
                     return Err(Error::config("redis store: TLS verification failed")
                         .with_context("url", crate::redact_url(&cfg.url))

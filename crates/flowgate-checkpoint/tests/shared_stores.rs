@@ -345,8 +345,11 @@ async fn postgres_store_over_tls_verifies_the_server() {
     let base = pg_config();
     let cfg = PostgresConfig {
         url: format!("{}?application_name={app}", base.url),
+        // The rig's server asks TLS clients for a certificate whose CN is the user.
         tls: Some(PostgresTls {
             ca_file: Some(ca.clone()),
+            cert_file: Some(ca.with_file_name("client.pem")),
+            key_file: Some(ca.with_file_name("client.key")),
         }),
         ..base.clone()
     };
@@ -377,10 +380,32 @@ async fn postgres_store_over_tls_verifies_the_server() {
         "every connection of the store uses TLS"
     );
 
+    // Without a client certificate the server refuses the connection, with its reason.
+    let anonymous = PostgresConfig {
+        tls: Some(PostgresTls {
+            ca_file: Some(ca.clone()),
+            ..Default::default()
+        }),
+        give_up_after: Duration::from_millis(500),
+        ..cfg.clone()
+    };
+    let err = PostgresStore::connect(anonymous)
+        .await
+        .err()
+        .expect("a TLS client without a certificate must be refused");
+    let anonymous_text = format!("{err:#}");
+    assert!(
+        anonymous_text.contains("client certificate"),
+        "{anonymous_text}"
+    );
+    assert_eq!(err.kind(), ErrorKind::Config, "{anonymous_text}");
+    eprintln!("postgres/tls: without a client certificate: {anonymous_text}");
+
     // The server's own certificate is not the CA that signed it: verification fails.
     let wrong = PostgresConfig {
         tls: Some(PostgresTls {
             ca_file: Some(ca.with_file_name("server.pem")),
+            ..Default::default()
         }),
         give_up_after: Duration::from_millis(500),
         ..cfg
@@ -407,8 +432,11 @@ async fn redis_store_over_tls_verifies_the_server() {
     let ca = std::path::PathBuf::from(flowgate_rig_tests::endpoint("FLOWGATE_TEST_REDIS_CA"));
     let cfg = RedisConfig {
         url: flowgate_rig_tests::endpoint("FLOWGATE_TEST_REDIS_TLS_URL"),
+        // The rig's TLS port asks for a client certificate of its CA.
         tls: Some(RedisTls {
             ca_file: Some(ca.clone()),
+            cert_file: Some(ca.with_file_name("client.pem")),
+            key_file: Some(ca.with_file_name("client.key")),
         }),
         ..redis_config()
     };
@@ -421,9 +449,25 @@ async fn redis_store_over_tls_verifies_the_server() {
         .await
         .unwrap();
     assert_eq!(store.load("tls").await.unwrap().len(), 1);
+    let anonymous = RedisConfig {
+        tls: Some(RedisTls {
+            ca_file: Some(ca.clone()),
+            ..Default::default()
+        }),
+        give_up_after: Duration::from_millis(500),
+        ..cfg.clone()
+    };
+    let err = RedisStore::connect(anonymous)
+        .await
+        .err()
+        .expect("a TLS client without a certificate must be refused");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err:#}");
+    assert!(err.to_string().contains("client certificate"), "{err:#}");
+    eprintln!("redis/tls: without a client certificate: {err:#}");
     let wrong = RedisConfig {
         tls: Some(RedisTls {
             ca_file: Some(ca.with_file_name("server.pem")),
+            ..Default::default()
         }),
         give_up_after: Duration::from_millis(500),
         ..cfg

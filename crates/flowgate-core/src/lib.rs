@@ -25,6 +25,7 @@ mod secret;
 mod sink;
 mod source;
 mod store;
+pub mod tls;
 
 #[cfg(feature = "testkit")]
 pub mod testkit;

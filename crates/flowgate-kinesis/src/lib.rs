@@ -18,6 +18,7 @@
 mod client;
 mod config;
 mod error;
+pub mod kpl;
 mod sink;
 mod source;
 

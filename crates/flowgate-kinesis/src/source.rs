@@ -28,6 +28,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{KinesisSourceConfig, StartAt};
 use crate::error::{code, map};
+use crate::kpl;
 
 type Event = Result<SourceEvent, Error>;
 
@@ -685,9 +686,13 @@ async fn read_shard(ctx: Arc<Ctx>, shard: PartitionId, after: Option<Position>) 
             },
         };
         match result {
-            Ok(batch) => {
+            Ok(mut batch) => {
                 failing_since = None;
                 backoff = Duration::from_millis(100);
+                // An iterator at the last record read returns it (or its aggregate) again.
+                if let Some(l) = &last {
+                    batch.records.retain(|r| r.position > *l);
+                }
                 if let Some(r) = batch.records.last() {
                     last = Some(r.position.clone());
                 }
@@ -810,22 +815,26 @@ async fn get_records(
     let mut bytes = 0;
     let mut records = Vec::with_capacity(out.records.len());
     for r in out.records {
-        let position = Position::parse_decimal(&r.sequence_number).map_err(|e| {
-            Failure::Error(
-                Error::fatal("kinesis: a sequence number is not a decimal number")
-                    .with_context("shard", shard)
-                    .with_context("sequence_number", &r.sequence_number)
-                    .with_context("cause", e),
-            )
-        })?;
         let data = r.data.into_inner();
         bytes += data.len() + r.partition_key.len();
-        let mut rec = Record::new(shard.clone(), position, Bytes::from(data))
-            .with_key(Bytes::from(r.partition_key.into_bytes()));
-        rec.timestamp = r
+        let timestamp = r
             .approximate_arrival_timestamp
             .and_then(|t| SystemTime::try_from(t).ok());
-        records.push(rec);
+        // KPL aggregates become their user records, each with a position of its own.
+        for part in kpl::split(Bytes::from(data), Bytes::from(r.partition_key.into_bytes())) {
+            let position =
+                kpl::position(&r.sequence_number, part.sub_sequence).ok_or_else(|| {
+                    Failure::Error(
+                        Error::fatal("kinesis: a sequence number is not a decimal number")
+                            .with_context("shard", shard)
+                            .with_context("sequence_number", &r.sequence_number),
+                    )
+                })?;
+            let mut rec =
+                Record::new(shard.clone(), position, part.data).with_key(part.partition_key);
+            rec.timestamp = timestamp;
+            records.push(rec);
+        }
     }
     Ok(Fetched {
         records,
@@ -847,9 +856,19 @@ async fn shard_iterator(
         .stream_name(&ctx.cfg.stream)
         .shard_id(shard.as_str());
     req = match (after, ctx.cfg.start) {
-        (Some(p), _) => req
-            .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
-            .starting_sequence_number(p.to_string()),
+        // *At* the record: after a checkpoint inside a KPL aggregate its remaining user records
+        // come next; the reader drops what is at or before `after`.
+        (Some(p), _) => {
+            let (seq, _) = kpl::sequence_of(p).ok_or_else(|| {
+                Failure::Error(
+                    Error::fatal("kinesis: a stored position is not a Kinesis position")
+                        .with_context("shard", shard)
+                        .with_context("position", p),
+                )
+            })?;
+            req.shard_iterator_type(ShardIteratorType::AtSequenceNumber)
+                .starting_sequence_number(seq)
+        }
         (None, StartAt::TrimHorizon) => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
         (None, StartAt::Latest) => req.shard_iterator_type(ShardIteratorType::Latest),
         (None, StartAt::AtTimestamp) => req

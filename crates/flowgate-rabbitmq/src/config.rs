@@ -74,6 +74,11 @@ pub struct RabbitTls {
     /// PEM file of the CA that signed the broker's certificate. Default: the system's trusted
     /// roots.
     pub ca_file: Option<PathBuf>,
+    /// PEM file of the client certificate, for brokers that ask for one (mutual TLS; with
+    /// RabbitMQ's `rabbitmq_auth_mechanism_ssl`, the certificate is also the login).
+    pub cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key.
+    pub key_file: Option<PathBuf>,
 }
 
 /// Settings of the [`RabbitSource`](crate::RabbitSource).

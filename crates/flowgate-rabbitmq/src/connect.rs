@@ -38,13 +38,33 @@ pub(crate) async fn connect(
         })?;
         config.cert_chain = Some(pem);
     }
+    if let Some(t) = tls {
+        let prefix = format!("{side}.tls");
+        if let Some(id) = flowgate_core::tls::ClientIdentity::load(
+            t.cert_file.as_ref(),
+            t.key_file.as_ref(),
+            &prefix,
+        )? {
+            config.identity = Some(lapin::tcp::OwnedIdentity::PKCS8 {
+                pem: id.cert_pem,
+                key: id.key_pem,
+            });
+        }
+    }
     let runtime = lapin::runtime::default_runtime().map_err(|e| map(e, "starting lapin"))?;
     Connection::connect_with_config(url, ConnectionProperties::default(), config, runtime)
         .await
         .map_err(|e| {
             let text = e.to_string();
             let mut err = map(e, "connecting").with_context("url", redact(url));
-            if text.contains("certificate") {
+            if text.contains("CertificateRequired") || text.contains("BadCertificate") {
+                err = Error::new(ErrorKind::Config, "rabbitmq: the broker asks for a client certificate and refused the one given (or none)")
+                    .with_context("url", redact(url))
+                    .with_context("cause", text)
+                    .with_hint(format!(
+                        "set {side}.tls.cert_file and {side}.tls.key_file to a certificate the broker's CA signed"
+                    ));
+            } else if text.contains("certificate") {
                 err = Error::new(ErrorKind::Config, "rabbitmq: the server's TLS certificate was refused")
                     .with_context("url", redact(url))
                     .with_context("cause", text)

@@ -199,8 +199,12 @@ async fn unroutable_publish_is_an_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_publish_and_consume_with_the_rigs_ca() {
     let tls_url = flowgate_rig_tests::endpoint("FLOWGATE_TEST_RABBITMQ_TLS_URL");
+    let ca = std::path::PathBuf::from(flowgate_rig_tests::endpoint("FLOWGATE_TEST_RABBITMQ_CA"));
+    // The rig's listener asks for a client certificate of its CA (mutual TLS).
     let tls = Some(RabbitTls {
-        ca_file: Some(flowgate_rig_tests::endpoint("FLOWGATE_TEST_RABBITMQ_CA").into()),
+        ca_file: Some(ca.clone()),
+        cert_file: Some(ca.with_file_name("client.pem")),
+        key_file: Some(ca.with_file_name("client.key")),
     });
     let queue = unique("tls");
     let sink = RabbitSink::new(RabbitSinkConfig {
@@ -261,6 +265,48 @@ async fn tls_publish_and_consume_with_the_rigs_ca() {
     assert_eq!(err.kind(), ErrorKind::Config, "{err}");
     assert!(err.to_string().contains("certificate"), "{err}");
     eprintln!("rabbitmq/tls: 100 published and consumed over amqps; without the CA: {err}");
+
+    // Without a client certificate the broker refuses the connection: a clear error.
+    let mut anonymous = RabbitSource::new(RabbitSourceConfig {
+        url: tls_url.clone(),
+        tls: Some(RabbitTls {
+            ca_file: Some(ca.clone()),
+            ..Default::default()
+        }),
+        ..source_config(&queue, QueueType::Classic)
+    })
+    .unwrap();
+    let started = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(20), async {
+        match flowgate_core::Source::open(
+            &mut anonymous,
+            flowgate_core::SourceContext::new("tls", flowgate_core::Credits::new()),
+        )
+        .await
+        {
+            Err(e) => e,
+            Ok(()) => loop {
+                // Reported as a connection failure with the broker's reason.
+                match flowgate_core::Source::next(&mut anonymous).await {
+                    Err(e) => break e,
+                    Ok(flowgate_core::SourceEvent::Connection(
+                        flowgate_core::Connection::Down { cause, .. },
+                    )) => break Error::config(cause),
+                    Ok(_) => {}
+                }
+            },
+        }
+    })
+    .await
+    .expect("a missing client certificate must be reported");
+    let text = err.to_string();
+    assert!(text.contains("client certificate"), "{text}");
+    assert!(text.contains("source.tls.cert_file"), "{text}");
+    assert_eq!(err.kind(), ErrorKind::Config, "{text}");
+    eprintln!(
+        "rabbitmq/tls: without a client certificate, after {:?}: {err}",
+        started.elapsed()
+    );
 
     let plain = RabbitSinkConfig {
         url: url(),
