@@ -25,6 +25,9 @@ cargo xtask <task>
   kafka TOOL [ARGS..]      run a Kafka command-line tool from the rig's jars: consumer-groups,
                            topics, console-producer, console-consumer, producer-perf-test,
                            consumer-perf-test, broker-api-versions
+  rabbitmqctl|psql|redis-cli [ARGS..]
+                           the broker's own client against the rig (node name and cookie,
+                           port, database filled in), e.g. `rabbitmqctl list_queues`
   bench runtime            generator -> null sink through a raw loop and through the runtime
                            (records/s side by side, ratios) and instructions per record
   bench kafka              a pre-filled 4-partition topic read by a raw rdkafka loop and by the
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         ["test"] => test(),
         ["brokers", rest @ ..] => brokers(rest),
         ["kafka", tool, rest @ ..] => kafka_tool(tool, rest),
+        [client @ ("rabbitmqctl" | "psql" | "redis-cli"), rest @ ..] => rig_client(client, rest),
         ["bench", "runtime", rest @ ..] => bench_runtime(rest),
         ["bench", "kafka", rest @ ..] => bench_kafka(rest),
         ["bench", "rabbitmq", rest @ ..] => bench_rabbitmq(rest),
@@ -269,6 +273,25 @@ fn kafka_tool(tool: &str, args: &[&str]) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("{tool} failed ({status})"))
+    }
+}
+
+fn rig_client(client: &str, args: &[&str]) -> Result<(), String> {
+    let rig = Rig::new()?;
+    let broker = match client {
+        "rabbitmqctl" => Broker::Rabbitmq,
+        "psql" => Broker::Postgres,
+        _ => Broker::Redis,
+    };
+    let status = rig
+        .client(broker)?
+        .args(args)
+        .status()
+        .map_err(|e| format!("cannot run {client}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{client} failed ({status})"))
     }
 }
 

@@ -240,6 +240,31 @@ impl Rig {
 
     /// Where the native Kafka broker keeps its log: as its `server.properties` says (the last
     /// `up`), else where `up` would put it.
+    /// The rig's own command-line client of `b`, connected to it: `rabbitmqctl` with the
+    /// rig's node name and cookie, `psql` on its port and database, `redis-cli` on its port.
+    pub(crate) fn client(&self, b: Broker) -> Res<Command> {
+        Ok(match b {
+            Broker::Rabbitmq => self.rabbitmqctl(&self.state_dir(b)),
+            Broker::Postgres => {
+                let mut c = Command::new("psql");
+                c.args(["-h", "127.0.0.1", "-p", &POSTGRES_PORT.to_string()])
+                    .args(["-U", "flowgate", "flowgate"]);
+                c
+            }
+            Broker::Redis => {
+                let mut c = Command::new("redis-cli");
+                c.args(["-h", "127.0.0.1", "-p", &REDIS_PORT.to_string()]);
+                c
+            }
+            other => {
+                return Err(format!(
+                    "no client for {}: use `cargo xtask kafka TOOL` for Kafka, the AWS CLI with --endpoint-url for Kinesis",
+                    other.name()
+                ));
+            }
+        })
+    }
+
     pub(crate) fn kafka_log_dir(&self) -> PathBuf {
         let dir = self.state_dir(Broker::Kafka);
         fs::read_to_string(dir.join("server.properties"))
@@ -575,7 +600,7 @@ impl Rig {
             );
     }
 
-    fn rabbitmqctl(&self, dir: &Path) -> Command {
+    pub(crate) fn rabbitmqctl(&self, dir: &Path) -> Command {
         let ctl = first_existing(&["/usr/lib/rabbitmq/bin/rabbitmqctl"])
             .unwrap_or_else(|| "rabbitmqctl".into());
         let mut cmd = Command::new(ctl);

@@ -42,6 +42,8 @@ pub mod names {
     pub const HEALTHY: &str = "flowgate_healthy";
     /// Gauge: 1 while the source reaches its broker, 0 while it cannot.
     pub const SOURCE_CONNECTED: &str = "flowgate_source_connected";
+    /// Gauge: 0 while the checkpoint store's last answer was a temporary failure, else 1.
+    pub const STORE_CONNECTED: &str = "flowgate_store_connected";
 }
 
 /// Metric handles of one pipeline, registered once.
@@ -63,6 +65,7 @@ pub(crate) struct Metrics {
     pub(crate) concurrency: Gauge,
     pub(crate) healthy: Gauge,
     pub(crate) source_connected: Gauge,
+    pub(crate) store_connected: Gauge,
 }
 
 impl Metrics {
@@ -84,7 +87,8 @@ impl Metrics {
             commits: metrics::counter!(names::COMMITS, "pipeline" => p.clone()),
             concurrency: metrics::gauge!(names::CONCURRENCY, "pipeline" => p.clone()),
             healthy: metrics::gauge!(names::HEALTHY, "pipeline" => p.clone()),
-            source_connected: metrics::gauge!(names::SOURCE_CONNECTED, "pipeline" => p),
+            source_connected: metrics::gauge!(names::SOURCE_CONNECTED, "pipeline" => p.clone()),
+            store_connected: metrics::gauge!(names::STORE_CONNECTED, "pipeline" => p),
         }
     }
 }

@@ -176,6 +176,13 @@ impl Pipeline {
         // A source that cannot start from a position (a RabbitMQ queue) has positions that
         // mean nothing to a later process: its broker keeps the progress (acks), so nothing
         // is written to the checkpoint store for it.
+        // Every answer of the store tells the pipeline's health whether it can be reached.
+        let store = store.map(|inner| -> Arc<dyn CheckpointStore> {
+            Arc::new(WatchedStore {
+                inner,
+                stats: stats.clone(),
+            })
+        });
         let store = if caps.replayable {
             store
         } else {
@@ -455,6 +462,8 @@ struct HealthTracker {
     lag_at_progress: u64,
     /// Set while the source reports its broker unreachable.
     disconnected: Option<Disconnected>,
+    /// The checkpoint store's last answer was a temporary failure.
+    store_down: bool,
 }
 
 /// A source that cannot reach its broker: since when, and when to warn again.
@@ -476,6 +485,7 @@ impl HealthTracker {
             last_progress_at: Instant::now(),
             lag_at_progress: 0,
             disconnected: None,
+            store_down: false,
         }
     }
 }
@@ -1494,7 +1504,22 @@ impl State {
         let stalled =
             now.duration_since(self.health.last_progress_at) >= self.settings.health.stall_window;
         let growing = lag > self.health.lag_at_progress || in_flight > 0;
-        let health = if self.health.disconnected.is_some() {
+        let store_failure = self.stats.store_failure();
+        match (&store_failure, self.health.store_down) {
+            (Some(cause), false) => {
+                tracing::warn!(pipeline = %self.name, store = self.store.as_ref().map(|s| s.describe()), %cause,
+                    "the checkpoint store cannot be reached; retrying (records wait for their checkpoint)");
+                self.health.store_down = true;
+                self.metrics.store_connected.set(0.0);
+            }
+            (None, true) => {
+                tracing::info!(pipeline = %self.name, "the checkpoint store answers again");
+                self.health.store_down = false;
+                self.metrics.store_connected.set(1.0);
+            }
+            _ => {}
+        }
+        let health = if self.health.disconnected.is_some() || store_failure.is_some() {
             Health::Disconnected
         } else if stalled && growing {
             Health::Unhealthy
@@ -1516,6 +1541,44 @@ impl State {
         self.metrics
             .healthy
             .set(if health == Health::Healthy { 1.0 } else { 0.0 });
+    }
+}
+
+/// The checkpoint store as the coordinator uses it: a temporary failure marks the store
+/// unreachable in the pipeline's stats (health `disconnected`), a success clears it.
+struct WatchedStore {
+    inner: Arc<dyn CheckpointStore>,
+    stats: Arc<Stats>,
+}
+
+impl WatchedStore {
+    fn observe<T>(&self, res: Result<T, Error>) -> Result<T, Error> {
+        match &res {
+            Ok(_) => {
+                if self.stats.store_failure().is_some() {
+                    self.stats.set_store_failure(None);
+                }
+            }
+            Err(e) if e.is_temporary() => self.stats.set_store_failure(Some(e.to_string())),
+            Err(_) => {}
+        }
+        res
+    }
+}
+
+#[async_trait::async_trait]
+impl CheckpointStore for WatchedStore {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    async fn load(&self, pipeline: &str) -> Result<Vec<Checkpoint>, Error> {
+        self.observe(self.inner.load(pipeline).await)
+    }
+    async fn commit(&self, pipeline: &str, checkpoints: &[Checkpoint]) -> Result<(), Error> {
+        self.observe(self.inner.commit(pipeline, checkpoints).await)
+    }
+    async fn reset(&self, pipeline: &str, partitions: Option<&[PartitionId]>) -> Result<(), Error> {
+        self.observe(self.inner.reset(pipeline, partitions).await)
     }
 }
 

@@ -79,6 +79,8 @@ pub struct Stats {
     /// Lag rate of change in milli-units per second (signed).
     pub(crate) lag_rate_milli: AtomicI64,
     pub(crate) health: AtomicU8,
+    /// The last temporary error of the checkpoint store, while it lasts.
+    pub(crate) store_failure: std::sync::Mutex<Option<String>>,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -154,6 +156,21 @@ impl Stats {
     /// Current health.
     pub fn health(&self) -> Health {
         Health::from_u8(self.health.load(Ordering::Relaxed))
+    }
+
+    /// Why the checkpoint store cannot be reached, while it cannot.
+    pub fn store_failure(&self) -> Option<String> {
+        self.store_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn set_store_failure(&self, failure: Option<String>) {
+        *self
+            .store_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = failure;
     }
 
     pub(crate) fn set_health(&self, h: Health) {

@@ -1232,3 +1232,93 @@ async fn a_broker_away_past_the_timeout_is_a_fatal_error_naming_the_endpoint() {
         "{took:?}"
     );
 }
+
+/// A checkpoint store whose commits fail with a temporary error while `down` is set.
+struct FlakyStore {
+    inner: MemoryStore,
+    down: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl CheckpointStore for FlakyStore {
+    fn describe(&self) -> String {
+        "flaky test store".into()
+    }
+    async fn load(&self, pipeline: &str) -> Result<Vec<Checkpoint>, Error> {
+        self.inner.load(pipeline).await
+    }
+    async fn commit(&self, pipeline: &str, checkpoints: &[Checkpoint]) -> Result<(), Error> {
+        if self.down.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::transient("store.test:5432: connection refused"));
+        }
+        self.inner.commit(pipeline, checkpoints).await
+    }
+    async fn reset(&self, pipeline: &str, partitions: Option<&[PartitionId]>) -> Result<(), Error> {
+        self.inner.reset(pipeline, partitions).await
+    }
+}
+
+/// A checkpoint store that cannot be reached mid-run reads as "disconnected" (with the cause
+/// in the stats) while it is away, and the pipeline recovers without loss once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_store_reads_as_disconnected_until_it_answers() {
+    let store = Arc::new(FlakyStore {
+        inner: MemoryStore::default(),
+        down: std::sync::atomic::AtomicBool::new(false),
+    });
+    let sink = MemorySink::new();
+    let pipeline = Pipeline::builder("flaky-store")
+        .source(generator(2, 1_000_000, Some(2_000.0)))
+        .sink(sink.clone())
+        .checkpoint_store(store.clone())
+        .settings(RuntimeSettings {
+            commit: CommitSettings {
+                every_records: 50,
+                every: Duration::from_millis(100),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let stats = pipeline.stats();
+    let (trigger, shutdown) = Shutdown::manual();
+    let handle = tokio::spawn(pipeline.run(shutdown));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    store.down.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut seen = vec![stats.health()];
+    let mut cause = None;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(1500) {
+        let h = stats.health();
+        if seen.last() != Some(&h) {
+            seen.push(h);
+        }
+        cause = cause.or_else(|| stats.store_failure());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    store
+        .down
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    let back = Instant::now();
+    while stats.health() != Health::Healthy {
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "never healthy again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    trigger.trigger();
+    handle.await.unwrap().unwrap();
+    assert!(seen.contains(&Health::Disconnected), "{seen:?}");
+    assert!(
+        cause.unwrap_or_default().contains("store.test:5432"),
+        "the cause is kept"
+    );
+    assert_eq!(
+        stats.store_failure(),
+        None,
+        "cleared once the store answers"
+    );
+    assert_final_checkpoints(&store.inner, "flaky-store", &sink).await;
+}
