@@ -278,7 +278,7 @@ impl PostgresStore {
                         .with_hint("the server's certificate must be signed by store.tls.ca_file (or a system root) and name the url's host");
                 }
                 let cause = chain(&e);
-                if cause.contains("client certificate") {
+                if flowgate_core::tls::refused_client_certificate(&cause) {
                     return Error::config(format!(
                         "postgres store: {what} failed: the server asks for a client certificate and refused the one given (or none)"
                     ))

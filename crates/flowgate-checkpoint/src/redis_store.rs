@@ -296,10 +296,7 @@ impl RedisStore {
             match attempt {
                 Ok(c) => break c,
                 // Certificates do not fix themselves: no retries.
-                Err(e)
-                    if e.to_string().contains("CertificateRequired")
-                        || e.to_string().contains("BadCertificate") =>
-                {
+                Err(e) if flowgate_core::tls::refused_client_certificate(&e.to_string()) => {
                     return Err(Error::config(
                         "redis store: the server asks for a client certificate and refused the one given (or none)",
                     )

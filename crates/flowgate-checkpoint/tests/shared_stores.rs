@@ -400,6 +400,24 @@ async fn postgres_store_over_tls_verifies_the_server() {
     );
     assert_eq!(err.kind(), ErrorKind::Config, "{anonymous_text}");
     eprintln!("postgres/tls: without a client certificate: {anonymous_text}");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = flowgate_rig_tests::foreign_client_certificate(dir.path());
+    let foreign = PostgresConfig {
+        tls: Some(PostgresTls {
+            ca_file: Some(ca.clone()),
+            cert_file: Some(cert.clone()),
+            key_file: Some(key.clone()),
+        }),
+        give_up_after: Duration::from_millis(500),
+        ..cfg.clone()
+    };
+    let err = PostgresStore::connect(foreign)
+        .await
+        .err()
+        .expect("a client certificate of another CA must be refused");
+    eprintln!("postgres/tls: a client certificate of another CA: {err:#}");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err:#}");
+    assert!(err.to_string().contains("client certificate"), "{err:#}");
 
     // The server's own certificate is not the CA that signed it: verification fails.
     let wrong = PostgresConfig {
@@ -464,6 +482,24 @@ async fn redis_store_over_tls_verifies_the_server() {
     assert_eq!(err.kind(), ErrorKind::Config, "{err:#}");
     assert!(err.to_string().contains("client certificate"), "{err:#}");
     eprintln!("redis/tls: without a client certificate: {err:#}");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = flowgate_rig_tests::foreign_client_certificate(dir.path());
+    let foreign = RedisConfig {
+        tls: Some(RedisTls {
+            ca_file: Some(ca.clone()),
+            cert_file: Some(cert),
+            key_file: Some(key),
+        }),
+        give_up_after: Duration::from_millis(500),
+        ..cfg.clone()
+    };
+    let err = RedisStore::connect(foreign)
+        .await
+        .err()
+        .expect("a client certificate of another CA must be refused");
+    eprintln!("redis/tls: a client certificate of another CA: {err:#}");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err:#}");
+    assert!(err.to_string().contains("client certificate"), "{err:#}");
     let wrong = RedisConfig {
         tls: Some(RedisTls {
             ca_file: Some(ca.with_file_name("server.pem")),

@@ -45,6 +45,21 @@ impl ClientIdentity {
     }
 }
 
+/// Whether an error's text says the server refused the client's certificate, or the lack of
+/// one (a TLS alert the server sent, or its own message): retrying cannot fix that.
+pub fn refused_client_certificate(error_text: &str) -> bool {
+    const SIGNS: [&str; 7] = [
+        "alert: CertificateRequired",
+        "alert: BadCertificate",
+        "alert: UnknownCA",
+        "alert: CertificateUnknown",
+        "alert: UnsupportedCertificate",
+        "alert: CertificateExpired",
+        "requires a valid client certificate",
+    ];
+    SIGNS.iter().any(|s| error_text.contains(s))
+}
+
 /// The file's bytes, if it reads and holds a PEM block whose label contains `label`.
 fn read_pem(path: &Path, key: &str, label: &str) -> Result<Vec<u8>, Error> {
     let bytes = std::fs::read(path).map_err(|e| {

@@ -63,6 +63,8 @@ async fn broker_restart_mid_stream_loses_nothing() {
     )
     .await;
     let at_stop = sink.len();
+    let watched = stats.clone();
+    let health = flowgate_rig_tests::transitions(move || watched.health());
     let gone = flowgate_rig_tests::bounce("kafka", Duration::from_secs(3)).await;
     eprintln!(
         "kafka/restart: broker stopped at {at_stop} records written, back after {:.1}s",
@@ -94,6 +96,18 @@ async fn broker_restart_mid_stream_loses_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The outage was visible: "disconnected" while the broker was away, healthy after.
+    let seen = health.stop().await;
+    eprintln!("kafka/restart: health went {seen:?}");
+    assert!(
+        seen.contains(&flowgate_runtime::Health::Disconnected),
+        "the lost broker must read as disconnected: {seen:?}"
+    );
+    assert_eq!(
+        seen.last(),
+        Some(&flowgate_runtime::Health::Healthy),
+        "{seen:?}"
+    );
     trigger.trigger();
     let summary = run.await.unwrap().unwrap();
     let records = sink.records();

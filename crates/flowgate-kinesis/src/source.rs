@@ -687,7 +687,9 @@ async fn read_shard(ctx: Arc<Ctx>, shard: PartitionId, after: Option<Position>) 
         };
         match result {
             Ok(mut batch) => {
-                failing_since = None;
+                if failing_since.take().is_some() {
+                    let _ = ctx.events.send(Ok(SourceEvent::Connection(Connection::Up)));
+                }
                 backoff = Duration::from_millis(100);
                 // An iterator at the last record read returns it (or its aggregate) again.
                 if let Some(l) = &last {
@@ -746,6 +748,14 @@ async fn read_shard(ctx: Arc<Ctx>, shard: PartitionId, after: Option<Position>) 
                         .or_default()
                         .throttles += 1;
                     count(READ_THROTTLES, &ctx.cfg.stream, &shard);
+                }
+                if failing_since.is_none() && e.kind() == ErrorKind::Transient {
+                    let _ = ctx
+                        .events
+                        .send(Ok(SourceEvent::Connection(Connection::Down {
+                            endpoint: endpoint(&ctx.cfg),
+                            cause: e.to_string(),
+                        })));
                 }
                 let since = *failing_since.get_or_insert_with(Instant::now);
                 if !e.is_temporary() || since.elapsed() > ctx.cfg.give_up_after {

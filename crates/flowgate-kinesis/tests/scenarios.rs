@@ -473,3 +473,61 @@ async fn an_iterator_that_expired_behind_a_stalled_sink_is_reacquired() {
         shard.expired_iterators, shard.get_records_calls
     );
 }
+
+/// kinesis-mock stopped and started under a running pipeline: health reads "disconnected"
+/// while it is away and healthy after; the records written before (persisted by the mock) and
+/// after the restart all arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_restart_reads_as_disconnected_and_loses_nothing() {
+    let stream = unique("restart");
+    let k = create_stream(&stream, 1).await;
+    let (shard, hash) = open_shards(&k, &stream).await.remove(0);
+    let before: Vec<String> = (0..300).map(|i| format!("before-{i:04}")).collect();
+    put_to(&k, &stream, &hash, &before).await;
+    // kinesis-mock persists every 2 s: let it write the stream down before it is stopped.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let sink = MemorySink::new();
+    let pipeline = Pipeline::builder(unique("restart-pipeline"))
+        .source(KinesisSource::new(source_config(&stream), Arc::new(MemoryStore::new())).unwrap())
+        .sink(sink.clone())
+        .build()
+        .unwrap();
+    let stats = pipeline.stats();
+    let (trigger, shutdown) = Shutdown::manual();
+    let run = tokio::spawn(pipeline.run(shutdown));
+    wait_for(
+        &[&sink],
+        before.len(),
+        Duration::from_secs(60),
+        "before the restart",
+    )
+    .await;
+    let watched = stats.clone();
+    let health = flowgate_rig_tests::transitions(move || watched.health());
+    let gone = flowgate_rig_tests::bounce("kinesis", Duration::from_secs(3)).await;
+    let k = client().await;
+    let after: Vec<String> = (0..300).map(|i| format!("after-{i:04}")).collect();
+    put_to(&k, &stream, &hash, &after).await;
+    wait_for(
+        &[&sink],
+        before.len() + after.len(),
+        Duration::from_secs(60),
+        "after the restart",
+    )
+    .await;
+    let seen = health.stop().await;
+    trigger.trigger();
+    run.await.unwrap().unwrap();
+    eprintln!(
+        "kinesis/restart: endpoint back after {gone:.1?}, shard {shard}, health went {seen:?}"
+    );
+    assert!(
+        seen.contains(&flowgate_runtime::Health::Disconnected),
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.last(),
+        Some(&flowgate_runtime::Health::Healthy),
+        "{seen:?}"
+    );
+}

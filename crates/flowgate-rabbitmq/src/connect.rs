@@ -57,7 +57,7 @@ pub(crate) async fn connect(
         .map_err(|e| {
             let text = e.to_string();
             let mut err = map(e, "connecting").with_context("url", redact(url));
-            if text.contains("CertificateRequired") || text.contains("BadCertificate") {
+            if flowgate_core::tls::refused_client_certificate(&text) {
                 err = Error::new(ErrorKind::Config, "rabbitmq: the broker asks for a client certificate and refused the one given (or none)")
                     .with_context("url", redact(url))
                     .with_context("cause", text)

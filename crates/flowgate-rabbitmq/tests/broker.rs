@@ -308,6 +308,30 @@ async fn tls_publish_and_consume_with_the_rigs_ca() {
         started.elapsed()
     );
 
+    // A certificate of another CA is refused the same way.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = flowgate_rig_tests::foreign_client_certificate(dir.path());
+    let foreign = RabbitSink::new(RabbitSinkConfig {
+        url: tls_url.clone(),
+        routing_key: Some(queue.clone()),
+        tls: Some(RabbitTls {
+            ca_file: Some(ca.clone()),
+            cert_file: Some(cert),
+            key_file: Some(key),
+        }),
+        ..Default::default()
+    })
+    .unwrap();
+    let one = Record::new(PartitionId::new("p"), Position::from(0u64), "x");
+    let err = match foreign.write(&[one]).await {
+        Err(flowgate_core::WriteError::Batch(e)) => e,
+        Err(flowgate_core::WriteError::Partial(mut v)) => v.remove(0).1,
+        Ok(()) => panic!("a foreign client certificate must be refused"),
+    };
+    eprintln!("rabbitmq/tls: a client certificate of another CA: {err}");
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("client certificate"), "{err}");
+
     let plain = RabbitSinkConfig {
         url: url(),
         tls,

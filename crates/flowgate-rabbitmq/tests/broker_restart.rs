@@ -71,6 +71,8 @@ async fn broker_restart_mid_stream_loses_nothing() {
     )
     .await;
     let at_stop = sink.len();
+    let watched = stats.clone();
+    let health = flowgate_rig_tests::transitions(move || watched.health());
     let gone = flowgate_rig_tests::bounce("rabbitmq", Duration::from_secs(2)).await;
     eprintln!(
         "rabbitmq/restart: broker stopped at {at_stop} records written, back after {:.1}s",
@@ -102,6 +104,18 @@ async fn broker_restart_mid_stream_loses_nothing() {
     }
     // Let the last acknowledgements go out, then stop.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // The outage was visible: "disconnected" while the broker was away, healthy after.
+    let seen = health.stop().await;
+    eprintln!("rabbitmq/restart: health went {seen:?}");
+    assert!(
+        seen.contains(&flowgate_runtime::Health::Disconnected),
+        "the lost broker must read as disconnected: {seen:?}"
+    );
+    assert_eq!(
+        seen.last(),
+        Some(&flowgate_runtime::Health::Healthy),
+        "{seen:?}"
+    );
     trigger.trigger();
     run.await.unwrap().unwrap();
     let seen = count(&sink);

@@ -70,3 +70,102 @@ pub async fn wait_until(
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Records the distinct successive values of `sample` (polled every 20 ms) until stopped:
+/// how a pipeline's health went through a broker restart, say.
+pub struct Transitions<T> {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<T>>,
+}
+
+/// Starts recording the transitions of `sample`.
+pub fn transitions<T>(sample: impl Fn() -> T + Send + 'static) -> Transitions<T>
+where
+    T: PartialEq + Send + 'static,
+{
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut seen: Vec<T> = Vec::new();
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            let v = sample();
+            if seen.last() != Some(&v) {
+                seen.push(v);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        seen
+    });
+    Transitions { stop, task }
+}
+
+impl<T> Transitions<T> {
+    /// Stops recording; the values seen, in order, each change once.
+    pub async fn stop(self) -> Vec<T> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap_or_default()
+    }
+}
+
+/// A client certificate and key signed by a CA of their own (made with `openssl` in `dir`),
+/// which no server of the rig trusts: for "a wrong client certificate is refused".
+pub fn foreign_client_certificate(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let openssl = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl runs");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=foreign CA",
+        "-keyout",
+        "fca.key",
+        "-out",
+        "fca.pem",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=flowgate",
+        "-keyout",
+        "foreign.key",
+        "-out",
+        "foreign.csr",
+    ]);
+    std::fs::write(dir.join("foreign.ext"), "extendedKeyUsage=clientAuth\n")
+        .expect("write foreign.ext");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "foreign.csr",
+        "-CA",
+        "fca.pem",
+        "-CAkey",
+        "fca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "foreign.ext",
+        "-out",
+        "foreign.pem",
+    ]);
+    (dir.join("foreign.pem"), dir.join("foreign.key"))
+}
