@@ -58,6 +58,9 @@ pub(crate) struct PipelineConfig {
     /// Runtime limits.
     #[serde(default)]
     pub(crate) runtime: RuntimeSettings,
+    /// The `/metrics`, `/health`, `/ready` and `/status` endpoint.
+    #[serde(default)]
+    pub(crate) observability: crate::observe::ObservabilityConfig,
 }
 
 /// Sources by type.
@@ -332,7 +335,7 @@ pub(crate) fn load(path: &Path) -> Result<PipelineConfig, Error> {
 /// `FLOWGATE_<SECTION>__…` variables of the pipeline's sections. Other `FLOWGATE_` variables
 /// (`FLOWGATE_LOG`, `FLOWGATE_TEST_*`) belong to other parts of flowgate and are not read here.
 fn env() -> Env {
-    const SECTIONS: [&str; 7] = [
+    const SECTIONS: [&str; 8] = [
         "name",
         "source",
         "sink",
@@ -340,6 +343,7 @@ fn env() -> Env {
         "store",
         "dedup",
         "runtime",
+        "observability",
     ];
     Env::prefixed("FLOWGATE_")
         .filter(|key| {
@@ -366,6 +370,8 @@ struct Frame {
     dedup: Option<DedupConfig>,
     #[serde(default)]
     runtime: RuntimeSettings,
+    #[serde(default)]
+    observability: crate::observe::ObservabilityConfig,
 }
 
 /// Extracts and validates a configuration.
@@ -387,6 +393,7 @@ pub(crate) fn from_figment(figment: Figment, origin: &Path) -> Result<PipelineCo
         store,
         dedup: frame.dedup,
         runtime: frame.runtime,
+        observability: frame.observability,
     };
     cfg.runtime.validate()?;
     Ok(cfg)

@@ -1,6 +1,7 @@
 //! `flowgate`: run a pipeline from a config file, watch it, inspect and reset checkpoints.
 
 mod config;
+mod observe;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,10 @@ enum Command {
         /// Stop (drain, final checkpoint) after this long, e.g. `30s`.
         #[arg(long, value_parser = humantime_serde::re::humantime::parse_duration)]
         duration: Option<Duration>,
+        /// Serve /metrics, /health, /ready and /status here instead of
+        /// `observability.listen` (default 127.0.0.1:9464); port 0 picks a free one.
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Generator → slow sink with a 2× rate spike, on the embedded store; run it again and it
     /// resumes from its checkpoints.
@@ -104,9 +109,10 @@ async fn main() {
             config,
             status,
             duration,
+            metrics_addr,
         } => {
             init_logging("info");
-            run_file(&config, status, duration).await
+            run_file(&config, status, duration, metrics_addr).await
         }
         Command::Quickstart { data, duration } => {
             init_logging("warn");
@@ -123,8 +129,17 @@ async fn main() {
     }
 }
 
-async fn run_file(path: &Path, status: bool, duration: Option<Duration>) -> Result<(), Error> {
-    let cfg = config::load(path)?;
+async fn run_file(
+    path: &Path,
+    status: bool,
+    duration: Option<Duration>,
+    metrics_addr: Option<std::net::SocketAddr>,
+) -> Result<(), Error> {
+    let mut cfg = config::load(path)?;
+    if metrics_addr.is_some() {
+        cfg.observability.listen = metrics_addr;
+        cfg.observability.disabled = false;
+    }
     run_config(cfg, status, duration).await
 }
 
@@ -342,8 +357,19 @@ async fn run_config(
     status: bool,
     duration: Option<Duration>,
 ) -> Result<(), Error> {
+    // The recorder first, so the pipeline's metric handles register with it.
+    let prometheus = match cfg.observability.disabled {
+        false => Some((cfg.observability.listen, observe::install_recorder()?)),
+        true => None,
+    };
     let (pipeline, _stores) = build(&cfg).await?;
     let stats = pipeline.stats();
+    if let Some((addr, handle)) = prometheus {
+        let bound = observe::serve(addr, cfg.name.clone(), stats.clone(), handle).await?;
+        eprintln!(
+            "flowgate: metrics and health on http://{bound}/ (metrics, health, ready, status)"
+        );
+    }
     let printer = status.then(|| tokio::spawn(status_line(stats.clone())));
     let shutdown = match duration {
         Some(d) => Shutdown::on_signals().or(Shutdown::after(d)),
@@ -430,6 +456,10 @@ async fn quickstart(data: &Path, duration: Duration) -> Result<(), Error> {
         runtime: RuntimeSettings {
             max_in_flight_per_partition: 2_000,
             ..Default::default()
+        },
+        observability: observe::ObservabilityConfig {
+            listen: None,
+            disabled: true,
         },
     };
     {

@@ -38,5 +38,5 @@ pub use settings::{
     HealthSettings, Ordering, OverflowPolicy, RetrySettings, RuntimeSettings,
 };
 pub use shutdown::{Shutdown, ShutdownTrigger};
-pub use stats::{Health, RunSummary, Stats, StatsSnapshot};
+pub use stats::{Health, PartitionState, PartitionStatus, RunSummary, Stats, StatsSnapshot};
 pub use worker::{BoxFuture, TransformFn, dead_letter_record};

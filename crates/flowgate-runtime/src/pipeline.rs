@@ -25,7 +25,7 @@ use crate::dedup::{KeyExtractor, LookupFloor};
 use crate::metrics::{Metrics, PartitionMetrics};
 use crate::settings::{Ordering, OverflowPolicy, RuntimeSettings};
 use crate::shutdown::Shutdown;
-use crate::stats::{Health, RunSummary, Stats};
+use crate::stats::{Health, PartitionState, PartitionStatus, RunSummary, Stats};
 use crate::tracker::AckTracker;
 use crate::worker::{self, Batch, BoxFuture, Completion, Shared, TransformFn, WorkerEvent};
 
@@ -311,6 +311,9 @@ impl Pipeline {
             }
         }
         stats.set_health(Health::Healthy);
+        // Connected until a source or store answer says otherwise.
+        st.metrics.source_connected.set(1.0);
+        st.metrics.store_connected.set(1.0);
         tracing::info!(pipeline = %name, store = st.store.as_ref().map(|s| s.describe()), "pipeline started");
 
         let mut shutdown = shutdown;
@@ -449,6 +452,20 @@ struct Part {
     lookup: LookupFloor,
     /// Batches sent and not yet settled (their dedup marks durable, their records acked).
     unsettled: usize,
+    /// Checkpoints being written: the position and the tracker's prefix end when it was taken.
+    commit_marks: VecDeque<(Position, u64)>,
+    /// The tracker's prefix end at the last checkpoint written: records received since are
+    /// not committed yet and count as lag.
+    committed_seq: u64,
+}
+
+impl Part {
+    /// Records received and not yet covered by a written checkpoint (in flight, or confirmed
+    /// and waiting for the next checkpoint).
+    fn uncommitted(&self) -> u64 {
+        (self.tracker.prefix_end() + self.tracker.pending() as u64)
+            .saturating_sub(self.committed_seq)
+    }
 }
 
 struct PendingRevoke {
@@ -726,6 +743,8 @@ impl State {
                 )),
                 lookup,
                 unsettled: 0,
+                commit_marks: VecDeque::new(),
+                committed_seq: 0,
             };
             self.next_incarnation += 1;
             if self.partitions.insert(a.partition.clone(), part).is_none() {
@@ -885,23 +904,76 @@ impl State {
                     part.lag = Some((s.lag, now));
                 }
                 if let Some(m) = &part.metrics {
-                    m.lag.set(s.lag as f64);
                     m.lag_rate.set(part.lag_rate);
                 }
             }
         }
-        let total: u64 = self
-            .partitions
-            .values()
-            .filter_map(|p| p.lag.map(|l| l.0))
-            .sum();
         let rate: f64 = self.partitions.values().map(|p| p.lag_rate).sum();
-        self.stats
-            .lag
-            .store(total, std::sync::atomic::Ordering::Relaxed);
         self.stats
             .lag_rate_milli
             .store((rate * 1000.0) as i64, std::sync::atomic::Ordering::Relaxed);
+        self.publish_partitions();
+    }
+
+    /// The source's own lag readings, summed (what it has not delivered yet).
+    fn source_lag(&self) -> u64 {
+        self.partitions
+            .values()
+            .filter_map(|p| p.lag.map(|l| l.0))
+            .sum()
+    }
+
+    /// Refreshes the per-partition view (`Stats::partitions`, `/status`), the per-partition
+    /// lag gauges and the pipeline's lag: the distance from the committed position to the end.
+    fn publish_partitions(&mut self) {
+        let millis = matches!(self.caps.lag_unit, Some(LagUnit::Millis));
+        let unhealthy = self.stats.health() == Health::Unhealthy;
+        let mut total = 0u64;
+        let mut view = Vec::with_capacity(self.order.len());
+        for id in &self.order {
+            let Some(part) = self.partitions.get(id) else {
+                continue;
+            };
+            let source_lag = part.lag.map(|l| l.0);
+            let uncommitted = part.uncommitted();
+            let lag = if millis {
+                source_lag
+            } else {
+                Some(source_lag.unwrap_or(0) + uncommitted)
+            };
+            if let (Some(l), Some(m)) = (lag, &part.metrics) {
+                m.lag.set(l as f64);
+            }
+            total += lag.unwrap_or(0);
+            let status = if unhealthy && lag.unwrap_or(0) > 0 {
+                PartitionState::Stalled
+            } else if part.lag_rate > 0.5 {
+                PartitionState::Growing
+            } else {
+                PartitionState::Ok
+            };
+            let catch_up_seconds = match lag {
+                Some(0) => Some(0.0),
+                Some(l) if part.lag_rate < -0.5 => Some(l as f64 / -part.lag_rate),
+                _ => None,
+            };
+            view.push(PartitionStatus {
+                partition: id.to_string(),
+                checkpoint: self.committed.get(id).map(|c| c.position.to_string()),
+                lag,
+                lag_unit: if millis { "millis" } else { "records" },
+                source_lag,
+                uncommitted,
+                in_flight: part.tracker.pending() as u64,
+                lag_rate: part.lag_rate,
+                catch_up_seconds,
+                status,
+            });
+        }
+        self.stats
+            .lag
+            .store(total, std::sync::atomic::Ordering::Relaxed);
+        self.stats.set_partitions(view);
     }
 
     fn ingest(&mut self, records: Vec<Record>) {
@@ -1251,19 +1323,36 @@ impl State {
     // ---- commits ---------------------------------------------------------------------
 
     fn pending_checkpoints(
-        &self,
+        &mut self,
         partitions: impl Iterator<Item = PartitionId>,
     ) -> Vec<Checkpoint> {
+        let committed = &self.committed;
         partitions
             .filter_map(|p| {
-                let part = self.partitions.get(&p)?;
-                let w = part.tracker.watermark()?;
-                if self.committed.get(&p).is_some_and(|c| &c.position == w) {
+                let part = self.partitions.get_mut(&p)?;
+                let w = part.tracker.watermark()?.clone();
+                if committed.get(&p).is_some_and(|c| c.position == w) {
                     return None;
                 }
-                Some(Checkpoint::new(p, w.clone()).with_fence(part.fence))
+                part.commit_marks
+                    .push_back((w.clone(), part.tracker.prefix_end()));
+                Some(Checkpoint::new(p, w).with_fence(part.fence))
             })
             .collect()
+    }
+
+    /// A checkpoint was written: the records it covers no longer count as lag.
+    fn note_committed(&mut self, c: Checkpoint) {
+        if let Some(part) = self.partitions.get_mut(&c.partition) {
+            while let Some((pos, seq)) = part.commit_marks.front() {
+                if *pos > c.position {
+                    break;
+                }
+                part.committed_seq = part.committed_seq.max(*seq);
+                part.commit_marks.pop_front();
+            }
+        }
+        self.committed.insert(c.partition.clone(), c);
     }
 
     async fn maybe_start_commit(
@@ -1365,7 +1454,7 @@ impl State {
         self.metrics.commits.increment(1);
         Stats::add(&self.stats.commits, 1);
         for c in owned {
-            self.committed.insert(c.partition.clone(), c);
+            self.note_committed(c);
         }
     }
 
@@ -1387,7 +1476,7 @@ impl State {
             Stats::add(&self.stats.commits, 1);
         }
         for c in &cps {
-            self.committed.insert(c.partition.clone(), c.clone());
+            self.note_committed(c.clone());
         }
         Ok(cps)
     }
@@ -1425,6 +1514,8 @@ impl State {
                 self.metrics.source_connected.set(0.0);
                 match &mut self.health.disconnected {
                     Some(d) => {
+                        self.stats
+                            .set_source_failure(Some((endpoint.clone(), cause.clone())));
                         d.endpoint = endpoint;
                         d.cause = cause;
                     }
@@ -1432,6 +1523,8 @@ impl State {
                         tracing::warn!(pipeline = %self.name, %endpoint, %cause,
                             timeout = ?self.settings.health.disconnect_timeout,
                             "the source cannot reach its broker; retrying");
+                        self.stats
+                            .set_source_failure(Some((endpoint.clone(), cause.clone())));
                         self.health.disconnected = Some(Disconnected {
                             endpoint,
                             cause,
@@ -1444,6 +1537,7 @@ impl State {
             }
             Connection::Up => {
                 self.metrics.source_connected.set(1.0);
+                self.stats.set_source_failure(None);
                 if let Some(d) = self.health.disconnected.take() {
                     tracing::info!(pipeline = %self.name, endpoint = %d.endpoint,
                         after = ?now.duration_since(d.since), "the source reaches its broker again");
@@ -1495,7 +1589,7 @@ impl State {
             .stats
             .in_flight
             .load(std::sync::atomic::Ordering::Relaxed);
-        let lag = self.stats.lag.load(std::sync::atomic::Ordering::Relaxed) + in_flight;
+        let lag = self.source_lag() + in_flight;
         if acked != self.health.last_acked || lag == 0 {
             self.health.last_acked = acked;
             self.health.last_progress_at = now;
@@ -1541,6 +1635,7 @@ impl State {
         self.metrics
             .healthy
             .set(if health == Health::Healthy { 1.0 } else { 0.0 });
+        self.publish_partitions();
     }
 }
 

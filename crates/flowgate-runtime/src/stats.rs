@@ -81,6 +81,50 @@ pub struct Stats {
     pub(crate) health: AtomicU8,
     /// The last temporary error of the checkpoint store, while it lasts.
     pub(crate) store_failure: std::sync::Mutex<Option<String>>,
+    /// Why the source cannot reach its broker, while it cannot: (endpoint, cause).
+    pub(crate) source_failure: std::sync::Mutex<Option<(String, String)>>,
+    /// Every owned partition, refreshed four times a second.
+    pub(crate) partitions: std::sync::Mutex<Vec<PartitionStatus>>,
+}
+
+/// What a partition is doing, after Burrow's rules adapted to an in-process view.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionState {
+    /// Keeping up, or catching up.
+    Ok,
+    /// Lag has been growing (its rate of change is positive).
+    Growing,
+    /// Lagging while nothing is acknowledged (the pipeline is unhealthy).
+    Stalled,
+}
+
+/// One owned partition as the runtime sees it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct PartitionStatus {
+    /// The partition.
+    pub partition: String,
+    /// The last checkpoint written (inclusive position), if any.
+    pub checkpoint: Option<String>,
+    /// Distance from the committed position to the partition's end, as the broker's own tools
+    /// count it: `source_lag` plus `uncommitted` (in records; for a source reporting lag in
+    /// milliseconds, `source_lag` alone).
+    pub lag: Option<u64>,
+    /// `records` or `millis`.
+    pub lag_unit: &'static str,
+    /// What the source has not delivered yet (its last reading).
+    pub source_lag: Option<u64>,
+    /// Records received and not covered by a written checkpoint yet (in flight, or confirmed
+    /// and waiting for the next checkpoint).
+    pub uncommitted: u64,
+    /// Records received and not settled yet.
+    pub in_flight: u64,
+    /// Rate of change of the source's lag, per second (positive: falling behind).
+    pub lag_rate: f64,
+    /// Seconds until `lag` reaches 0 at the current drain rate; `None` while it does not shrink.
+    pub catch_up_seconds: Option<f64>,
+    /// OK / growing / stalled.
+    pub status: PartitionState,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -164,6 +208,36 @@ impl Stats {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// Every owned partition, as of the last refresh (four times a second).
+    pub fn partitions(&self) -> Vec<PartitionStatus> {
+        self.partitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Why the source cannot reach its broker, while it cannot: (endpoint, cause).
+    pub fn source_failure(&self) -> Option<(String, String)> {
+        self.source_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn set_source_failure(&self, failure: Option<(String, String)>) {
+        *self
+            .source_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = failure;
+    }
+
+    pub(crate) fn set_partitions(&self, partitions: Vec<PartitionStatus>) {
+        *self
+            .partitions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = partitions;
     }
 
     pub(crate) fn set_store_failure(&self, failure: Option<String>) {

@@ -82,6 +82,12 @@ impl AckTracker {
         std::mem::take(&mut self.advanced)
     }
 
+    /// Seq just past the acknowledged prefix: how many records (counted from the tracker's
+    /// first seq) are in it.
+    pub(crate) fn prefix_end(&self) -> u64 {
+        self.base
+    }
+
     /// Records delivered and not yet in the acknowledged prefix.
     pub(crate) fn pending(&self) -> usize {
         self.slots.len()
