@@ -25,7 +25,7 @@ const KAFKA_CLUSTER_ID: &str = "4L6g3nShT-eMCtK--X86sw";
 const KINESIS_LOCAL_VERSION: &str = "0.6.2";
 const KAFKA_PORT: u16 = 9092;
 const KAFKA_CONTROLLER_PORT: u16 = 9093;
-/// TLS only (the rig's CA; client certificates requested, not required).
+/// TLS only (the rig's CA; a client certificate of it required).
 const KAFKA_SSL_PORT: u16 = 9094;
 /// SASL over TLS: SCRAM-SHA-512, SCRAM-SHA-256 and PLAIN.
 const KAFKA_SASL_SSL_PORT: u16 = 9095;
@@ -411,7 +411,7 @@ impl Rig {
              ssl.keystore.location={keystore}\n\
              ssl.truststore.type=PEM\n\
              ssl.truststore.location={ca}\n\
-             ssl.client.auth=requested\n\
+             listener.name.ssl.ssl.client.auth=required\n\
              {sasl}\
              log.dirs={data}\n\
              num.partitions=4\n\

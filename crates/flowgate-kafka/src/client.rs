@@ -172,17 +172,45 @@ fn protocol_name(p: SecurityProtocol) -> &'static str {
 }
 
 /// Whether a librdkafka error means the credentials or certificates are wrong: retrying
-/// cannot fix those, so they stop the pipeline as configuration errors.
-pub(crate) fn is_auth_failure(e: &rdkafka::error::KafkaError) -> bool {
+/// cannot fix those, so they stop the pipeline as configuration errors. `detail` is what
+/// librdkafka said about it (its log line or the error's reason): the codes alone also cover
+/// what a retry does fix — a TLS connection cut while a broker restarts ("SSL handshake
+/// failed: Disconnected"), an identity provider briefly down for OAUTHBEARER.
+pub(crate) fn is_auth_failure(e: &rdkafka::error::KafkaError, detail: &str) -> bool {
     use rdkafka::error::RDKafkaErrorCode as C;
-    matches!(
-        e.rdkafka_error_code(),
-        Some(C::Authentication | C::SaslAuthenticationFailed | C::SSL)
-    )
+    let detail = detail.to_ascii_lowercase();
+    match e.rdkafka_error_code() {
+        Some(C::Authentication | C::SaslAuthenticationFailed) => {
+            detail.contains("invalid credentials")
+                || detail.contains("authentication failed")
+                || detail.contains("unsupported sasl mechanism")
+        }
+        // The broker's refusal of the client's certificate arrives as a TLS alert after the
+        // handshake (TLS 1.3), which librdkafka reports as a transport failure.
+        Some(C::SSL | C::BrokerTransportFailure) => {
+            detail.contains("certificate verify failed")
+                || detail.contains("unknown ca")
+                || detail.contains("bad certificate")
+                || detail.contains("certificate required")
+                || detail.contains("certificate unknown")
+        }
+        _ => false,
+    }
 }
 
 /// The configuration error for an authentication or TLS failure on `conn`.
 pub(crate) fn auth_error(conn: &str, side: &str, cause: &str) -> Error {
+    let client_cert = cause.contains("alert bad certificate")
+        || cause.contains("alert certificate required")
+        || cause.contains("alert unknown ca");
+    if client_cert {
+        return Error::config("kafka: the broker refused the client certificate (or its absence)")
+            .with_context("endpoint", conn)
+            .with_context("cause", cause)
+            .with_hint(format!(
+                "set {side}.tls.cert and {side}.tls.key to a certificate the broker's CA signed (TLS)"
+            ));
+    }
     let tls = cause.contains("SSL") || cause.contains("certificate");
     Error::config(if tls {
         "kafka: the TLS handshake with the broker failed"
@@ -196,4 +224,43 @@ pub(crate) fn auth_error(conn: &str, side: &str, cause: &str) -> Error {
     } else {
         format!("check {side}.sasl.mechanism, username and password (or password_env) against the cluster's users")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode as C};
+
+    #[test]
+    fn only_refused_credentials_and_certificates_are_configuration_errors() {
+        let ssl = KafkaError::Global(C::SSL);
+        let auth = KafkaError::Global(C::Authentication);
+        assert!(is_auth_failure(
+            &ssl,
+            "SSL handshake failed: error:0A000086:SSL routines::certificate verify failed"
+        ));
+        assert!(is_auth_failure(
+            &auth,
+            "SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512"
+        ));
+        // A broker restarting under a TLS connection, an identity provider briefly down.
+        assert!(!is_auth_failure(&ssl, "SSL handshake failed: Disconnected"));
+        assert!(!is_auth_failure(
+            &auth,
+            "Failed to acquire SASL OAUTHBEARER token: connection refused"
+        ));
+        assert!(!is_auth_failure(
+            &KafkaError::Global(C::AllBrokersDown),
+            "certificate verify failed"
+        ));
+        let transport = KafkaError::Global(C::BrokerTransportFailure);
+        assert!(is_auth_failure(
+            &transport,
+            "Receive failed: error:0A000412:SSL routines::sslv3 alert bad certificate: SSL alert number 42"
+        ));
+        assert!(!is_auth_failure(
+            &transport,
+            "Connect to ipv4#127.0.0.1:1 failed: Connection refused"
+        ));
+    }
 }

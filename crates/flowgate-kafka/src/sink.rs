@@ -46,7 +46,7 @@ struct SinkContext {
 
 impl ClientContext for SinkContext {
     fn error(&self, error: KafkaError, reason: &str) {
-        if is_auth_failure(&error) {
+        if is_auth_failure(&error, reason) {
             let mut slot = self
                 .auth
                 .0

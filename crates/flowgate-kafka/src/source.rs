@@ -38,6 +38,7 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, DefaultConsumerContext,
 };
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{BorrowedMessage, Headers as _};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -125,6 +126,38 @@ struct Ctx {
 struct Commits {
     pending: HashMap<Key, i64>,
     in_flight_since: Option<Instant>,
+    /// The highest offset the broker acknowledged per partition: a failed commit is retried
+    /// only if it is still above it, so a late failure never moves the group's offset back.
+    acknowledged: HashMap<Key, i64>,
+    /// After a failure, no commit before this moment (doubling up to 5 s).
+    retry_at: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Commits {
+    fn acknowledged(&mut self, offsets: &[(Key, i64)]) {
+        self.in_flight_since = None;
+        self.retry_at = None;
+        self.backoff = Duration::ZERO;
+        for (k, o) in offsets {
+            let e = self.acknowledged.entry(k.clone()).or_insert(*o);
+            *e = (*e).max(*o);
+        }
+    }
+
+    /// Puts back the failed offsets still worth committing and backs off.
+    fn failed(&mut self, offsets: &[(Key, i64)]) {
+        self.in_flight_since = None;
+        for (k, o) in offsets {
+            if self.acknowledged.get(k).is_some_and(|a| a >= o) {
+                continue;
+            }
+            let e = self.pending.entry(k.clone()).or_insert(*o);
+            *e = (*e).max(*o);
+        }
+        self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        self.retry_at = Some(Instant::now() + self.backoff);
+    }
 }
 
 /// How long a lag reading or reachability probe waits for the brokers.
@@ -163,26 +196,44 @@ impl ConsumerContext for Ctx {
         result: rdkafka::error::KafkaResult<()>,
         offsets: &TopicPartitionList,
     ) {
+        let answered: Vec<(Key, i64)> = offsets
+            .elements()
+            .iter()
+            .filter_map(|el| match el.offset() {
+                Offset::Offset(o) => Some(((el.topic().to_string(), el.partition()), o)),
+                _ => None,
+            })
+            .collect();
         match result {
-            Ok(()) => lock(&self.commits).in_flight_since = None,
+            Ok(()) => lock(&self.commits).acknowledged(&answered),
             Err(e) => {
-                tracing::warn!(error = %e, "kafka: offset commit failed; retrying it with the next one");
-                // Put the offsets back for the partitions still owned, so the broker catches up
-                // even if no newer checkpoint comes (an idle partition).
+                // Fenced by the group (a rebalance, a newer generation): the revocation's final
+                // commit is the last word, so nothing is retried.
+                let fenced = matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::IllegalGeneration
+                            | RDKafkaErrorCode::UnknownMemberId
+                            | RDKafkaErrorCode::RebalanceInProgress
+                            | RDKafkaErrorCode::FencedInstanceId
+                            | RDKafkaErrorCode::StaleMemberEpoch
+                    )
+                );
+                tracing::warn!(error = %e, fenced, "kafka: offset commit failed");
                 let owned: Vec<Key> = lock(&self.shared)
                     .parts
                     .iter()
                     .map(|p| p.key.clone())
                     .collect();
-                let mut c = lock(&self.commits);
-                c.in_flight_since = None;
-                for el in offsets.elements() {
-                    let key = (el.topic().to_string(), el.partition());
-                    if let (Offset::Offset(o), true) = (el.offset(), owned.contains(&key)) {
-                        let e = c.pending.entry(key).or_insert(o);
-                        *e = (*e).max(o);
-                    }
-                }
+                let retry: Vec<(Key, i64)> = if fenced {
+                    Vec::new()
+                } else {
+                    answered
+                        .into_iter()
+                        .filter(|(k, _)| owned.contains(k))
+                        .collect()
+                };
+                lock(&self.commits).failed(&retry);
             }
         }
     }
@@ -232,6 +283,7 @@ impl Ctx {
             if matches!(mode, CommitMode::Async) {
                 if c.in_flight_since
                     .is_some_and(|t| t.elapsed() < COMMIT_STALL)
+                    || c.retry_at.is_some_and(|t| Instant::now() < t)
                 {
                     return;
                 }
@@ -450,7 +502,11 @@ impl Ctx {
                 self.drain_commands();
                 lock(&self.commits).pending.retain(|k, _| !keys.contains(k));
                 if !self.transactional.load(Ordering::Acquire) {
-                    let _ = commit(consumer, finals, CommitMode::Sync);
+                    let sent: Vec<(Key, i64)> =
+                        finals.iter().map(|(k, o)| (k.clone(), *o)).collect();
+                    if commit(consumer, finals, CommitMode::Sync) {
+                        lock(&self.commits).acknowledged(&sent);
+                    }
                 }
             }
         }
@@ -922,7 +978,12 @@ impl Poller {
                     drop(sh);
                     self.notify.notify_one();
                 }
-                Some(Err(e)) if is_auth_failure(&e) => {
+                Some(Err(e))
+                    if is_auth_failure(
+                        &e,
+                        lock(&self.shared).client_log.as_deref().unwrap_or_default(),
+                    ) =>
+                {
                     // Retrying cannot fix credentials or certificates: stop with the cause.
                     let mut sh = lock(&self.shared);
                     if sh.error.is_none() {
@@ -1112,6 +1173,32 @@ impl LagReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(p: i32) -> Key {
+        ("t".to_string(), p)
+    }
+
+    #[test]
+    fn a_failed_commit_is_retried_only_above_what_the_broker_acknowledged_and_backs_off() {
+        let mut c = Commits::default();
+        // B (offset 20) was acknowledged; the older A (10) fails late: nothing to retry.
+        c.acknowledged(&[(key(0), 20)]);
+        c.failed(&[(key(0), 10)]);
+        assert!(c.pending.is_empty(), "{:?}", c.pending);
+        // A failure above the acknowledged offset is retried, after a backoff that doubles.
+        c.failed(&[(key(0), 30), (key(1), 5)]);
+        assert_eq!(c.pending.get(&key(0)), Some(&30));
+        assert_eq!(c.pending.get(&key(1)), Some(&5));
+        let first = c.backoff;
+        c.failed(&[(key(0), 30)]);
+        assert!(c.backoff > first && c.retry_at.is_some());
+        // A newer pending offset is never lowered by a retried one.
+        c.pending.insert(key(0), 40);
+        c.failed(&[(key(0), 30)]);
+        assert_eq!(c.pending.get(&key(0)), Some(&40));
+        c.acknowledged(&[(key(0), 40)]);
+        assert!(c.retry_at.is_none() && c.backoff.is_zero());
+    }
 
     #[test]
     fn auto_offset_reset_maps_to_librdkafkas_logical_offsets() {

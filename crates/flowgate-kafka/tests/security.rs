@@ -322,3 +322,42 @@ fn secrets_are_redacted_in_debug() {
     let text = format!("{sink:?}");
     assert!(!text.contains("hunter2"), "{text}");
 }
+
+/// The rig's SSL listener requires a client certificate: without one the source and the sink
+/// stop with a configuration error, as with a certificate of another CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_or_foreign_client_certificate_is_a_config_error() {
+    let mut l = ssl_with_client_cert();
+    l.tls = Some(rig_tls(false));
+    let (err, _) = source_error(&l).await;
+    assert_config_error(
+        "source without a certificate",
+        &err,
+        &l.servers,
+        &["TLS"],
+        "\u{0}",
+    );
+    let (err, _) = sink_error(&l).await;
+    assert_config_error(
+        "sink without a certificate",
+        &err,
+        &l.servers,
+        &["TLS"],
+        "\u{0}",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = flowgate_rig_tests::foreign_client_certificate(dir.path());
+    l.tls = Some(KafkaTls {
+        cert: Some(cert),
+        key: Some(key),
+        ..rig_tls(false)
+    });
+    let (err, _) = source_error(&l).await;
+    assert_config_error(
+        "source with a foreign certificate",
+        &err,
+        &l.servers,
+        &["TLS"],
+        "\u{0}",
+    );
+}
