@@ -29,9 +29,10 @@ pub struct SourceCapabilities {
     pub dynamic_assignment: bool,
     /// The broker keeps committed positions of its own (Kafka's group offsets), reported in
     /// [`Assignment::broker_position`](crate::Assignment::broker_position) and moved by
-    /// [`Source::commit`](crate::Source::commit). When the checkpoint store is ahead of them
-    /// (or the broker has none), the runtime commits the stored position at once, so the
-    /// broker's own tools show the true lag after a crash.
+    /// [`Source::commit`](crate::Source::commit). When the checkpoint store's position differs
+    /// from them (or the broker has none), the runtime commits the stored position right after
+    /// the start — the store is the source of truth, in either direction — so the broker's own
+    /// tools show the true lag after a crash.
     pub broker_positions: bool,
     /// The unit of the lag samples this source emits, if any.
     pub lag_unit: Option<LagUnit>,

@@ -35,7 +35,7 @@ pub use checkpoint::Checkpoint;
 pub use credit::{CreditGrant, Credits};
 pub use error::{Error, ErrorKind, Result};
 pub use lease::{Lease, LeaseStore};
-pub use position::{ParsePositionError, Position};
+pub use position::{MAX_DIGITS as MAX_POSITION_DIGITS, ParsePositionError, Position};
 pub use record::{Header, Headers, IdempotencyKey, PartitionId, Record};
 pub use secret::redact_url;
 pub use sink::{Sink, TxContext, WriteError};

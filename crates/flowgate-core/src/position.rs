@@ -7,8 +7,9 @@ use std::sync::Arc;
 ///
 /// One type fits every broker:
 /// - Kafka offsets (`0..=i64::MAX`) and RabbitMQ stream offsets / delivery tags (`u64`);
-/// - Kinesis sequence numbers, decimal strings of up to 129 digits (real ones are ~56 digits,
-///   which is more than `u128` holds).
+/// - Kinesis positions: a sequence number (a decimal string of up to 129 digits; real ones
+///   have ~56, more than `u128` holds) times 2^20 plus a KPL sub-sequence number, so up to
+///   136 digits. Positions may have up to [`MAX_DIGITS`].
 ///
 /// Values that fit in a `u128` are stored inline; larger ones are kept as their canonical
 /// decimal text (no leading zeros), which orders correctly by (length, text). Cloning is
@@ -16,7 +17,7 @@ use std::sync::Arc;
 ///
 /// A checkpoint stores the position of the **last processed** record (inclusive); each adapter
 /// turns it into its broker's resume point (Kafka: offset + 1; Kinesis:
-/// `AFTER_SEQUENCE_NUMBER`; RabbitMQ streams: offset + 1).
+/// `AT_SEQUENCE_NUMBER`, dropping what was already read; RabbitMQ streams: offset + 1).
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Position(Repr);
 
@@ -26,9 +27,12 @@ enum Repr {
     Big(Arc<str>),
 }
 
+/// The most decimal digits a position may have.
+pub const MAX_DIGITS: usize = 160;
+
 /// The text given to [`Position::parse_decimal`] is not a canonical non-negative decimal.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid position {input:?}: expected a non-negative decimal number of at most 129 digits")]
+#[error("invalid position {input:?}: expected a non-negative decimal number of at most 160 digits")]
 pub struct ParsePositionError {
     input: String,
 }
@@ -58,7 +62,7 @@ impl Position {
             return Err(err());
         }
         let trimmed = text.trim_start_matches('0');
-        if trimmed.len() > 129 {
+        if trimmed.len() > MAX_DIGITS {
             return Err(err());
         }
         if trimmed.is_empty() {
@@ -243,7 +247,8 @@ mod tests {
         assert!(Position::parse_decimal("").is_err());
         assert!(Position::parse_decimal("-1").is_err());
         assert!(Position::parse_decimal("12a").is_err());
-        assert!(Position::parse_decimal(&"9".repeat(130)).is_err());
+        assert!(Position::parse_decimal(&"9".repeat(MAX_DIGITS)).is_ok());
+        assert!(Position::parse_decimal(&"9".repeat(MAX_DIGITS + 1)).is_err());
         assert_eq!(Position::parse_decimal("007").unwrap(), Position::new(7));
         assert_eq!(Position::parse_decimal("000").unwrap(), Position::ZERO);
     }

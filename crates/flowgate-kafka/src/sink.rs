@@ -250,6 +250,16 @@ impl KafkaSink {
         let (pending, poison) = self.enqueue(batch);
         let written: Vec<usize> = pending.iter().map(|(i, _)| *i).collect();
         if let Some(e) = self.auth.failure() {
+            // Nothing delivered can commit: abort before returning.
+            if let Err(abort) = self
+                .blocking(
+                    move |p| p.abort_transaction(timeout),
+                    "aborting a transaction",
+                )
+                .await
+            {
+                tracing::warn!(error = %abort, "kafka sink: abort failed");
+            }
             return Err(WriteError::Batch(e));
         }
         // Only poison may be left out: a record refused for another reason (a full queue)
@@ -258,10 +268,22 @@ impl KafkaSink {
             .iter()
             .find(|(_, e)| e.kind() != ErrorKind::Poison)
             .map(|(_, e)| Error::new(e.kind(), e.to_string()));
-        for (_, fut) in pending {
-            if let Err(e) = delivered(fut).await {
-                failure.get_or_insert(e);
+        let deliveries = async {
+            let mut first = None;
+            for (_, fut) in pending {
+                if let Err(e) = delivered(fut).await {
+                    first.get_or_insert(e);
+                }
             }
+            first
+        };
+        // A cluster that refused the credentials would hold the deliveries until their timeout.
+        let undelivered = tokio::select! {
+            e = deliveries => e,
+            e = self.auth.failed() => Some(e),
+        };
+        if let Some(e) = undelivered {
+            failure.get_or_insert(e);
         }
         if failure.is_none() {
             if let Some(link) = &self.link {

@@ -1082,6 +1082,11 @@ impl LagReader {
         let mut last = Instant::now();
         while !self.closing.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(50));
+            // Serve the helper's own queue (logs, errors), which nothing else polls: it would
+            // grow for as long as the brokers stay away.
+            if let Some(h) = lock(&self.helper).as_ref() {
+                let _ = h.poll(Duration::ZERO);
+            }
             if last.elapsed() >= Duration::from_secs(1) {
                 last = Instant::now();
                 self.sample();
@@ -1125,6 +1130,9 @@ impl LagReader {
             failure = probe.err();
         }
         for ((t, p), id, next) in parts {
+            if self.closing.load(Ordering::Acquire) {
+                return;
+            }
             let watermarks = match lock(&self.helper).as_ref() {
                 Some(h) => h.fetch_watermarks(&t, p, PROBE_TIMEOUT),
                 None => return,
@@ -1135,7 +1143,12 @@ impl LagReader {
                     lag: crate::lag::records_behind(high, next),
                     unit: LagUnit::Records,
                 }),
-                Err(e) => failure = Some(e),
+                // The brokers are away: one failure says so, without waiting out the timeout
+                // once per partition while the helper's lock is held.
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
             }
         }
         let reachable = !samples.is_empty() || failure.is_none();

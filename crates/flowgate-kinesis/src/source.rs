@@ -59,6 +59,35 @@ struct Ctx {
     credits: Credits,
     shared: Arc<Shared>,
     events: mpsc::UnboundedSender<Event>,
+    /// What cannot reach the endpoint now: the lease loop and shard readers, by name. The
+    /// source is down while any is, up again once none is.
+    failing: Mutex<std::collections::BTreeSet<String>>,
+}
+
+impl Ctx {
+    /// `component` failed to reach Kinesis (or the lease store) with a temporary error.
+    fn report_down(&self, component: &str, cause: &Error) {
+        let mut failing = lock(&self.failing);
+        if failing.is_empty() {
+            let _ = self
+                .events
+                .send(Ok(SourceEvent::Connection(Connection::Down {
+                    endpoint: endpoint(&self.cfg),
+                    cause: cause.to_string(),
+                })));
+        }
+        failing.insert(component.to_string());
+    }
+
+    /// `component` reached it again.
+    fn report_up(&self, component: &str) {
+        let mut failing = lock(&self.failing);
+        if failing.remove(component) && failing.is_empty() {
+            let _ = self
+                .events
+                .send(Ok(SourceEvent::Connection(Connection::Up)));
+        }
+    }
 }
 
 #[derive(Default)]
@@ -235,6 +264,7 @@ impl Source for KinesisSource {
         // Fail early and clearly when the stream does not exist or the credentials are
         // refused; an endpoint that cannot be reached is reported as a disconnection, and the
         // lease loop keeps trying (up to `give_up_after`).
+        let mut failing = std::collections::BTreeSet::new();
         if let Err(e) = list_shards(&client, &self.cfg.stream).await {
             if !e.is_temporary() {
                 return Err(e.with_hint(
@@ -245,6 +275,8 @@ impl Source for KinesisSource {
                 endpoint: endpoint(&self.cfg),
                 cause: e.to_string(),
             })));
+            // The lease loop's first good round reports the endpoint back.
+            failing.insert(LEASES.to_string());
         }
         let run = Arc::new(Ctx {
             cfg: self.cfg.clone(),
@@ -255,6 +287,7 @@ impl Source for KinesisSource {
             credits: ctx.credits,
             shared: self.shared.clone(),
             events: tx,
+            failing: Mutex::new(failing),
         });
         tracing::info!(stream = %self.cfg.stream, worker = %self.owner, leases = %self.leases.describe(), "kinesis source open");
         let coordinator = tokio::spawn(coordinate(run.clone()));
@@ -429,6 +462,9 @@ async fn list_shards(
     }
 }
 
+/// The lease loop's name among the components that report the connection.
+const LEASES: &str = "leases";
+
 /// What a connection event names: the endpoint override, or the region's AWS endpoint.
 fn endpoint(cfg: &KinesisSourceConfig) -> String {
     match (&cfg.connection.endpoint_url, &cfg.connection.region) {
@@ -448,18 +484,12 @@ async fn coordinate(ctx: Arc<Ctx>) {
         let started = Instant::now();
         match round(&ctx, &mut shards, &mut listed_at).await {
             Ok(()) => {
-                if failing_since.take().is_some() {
-                    let _ = ctx.events.send(Ok(SourceEvent::Connection(Connection::Up)));
-                }
+                failing_since = None;
+                ctx.report_up(LEASES);
             }
             Err(e) => {
-                if failing_since.is_none() {
-                    let _ = ctx
-                        .events
-                        .send(Ok(SourceEvent::Connection(Connection::Down {
-                            endpoint: endpoint(&ctx.cfg),
-                            cause: e.to_string(),
-                        })));
+                if e.kind() == ErrorKind::Transient {
+                    ctx.report_down(LEASES, &e);
                 }
                 let since = *failing_since.get_or_insert(started);
                 if !e.is_temporary() || since.elapsed() > ctx.cfg.give_up_after {
@@ -687,9 +717,8 @@ async fn read_shard(ctx: Arc<Ctx>, shard: PartitionId, after: Option<Position>) 
         };
         match result {
             Ok(mut batch) => {
-                if failing_since.take().is_some() {
-                    let _ = ctx.events.send(Ok(SourceEvent::Connection(Connection::Up)));
-                }
+                failing_since = None;
+                ctx.report_up(shard.as_str());
                 backoff = Duration::from_millis(100);
                 // An iterator at the last record read returns it (or its aggregate) again.
                 if let Some(l) = &last {
@@ -749,13 +778,8 @@ async fn read_shard(ctx: Arc<Ctx>, shard: PartitionId, after: Option<Position>) 
                         .throttles += 1;
                     count(READ_THROTTLES, &ctx.cfg.stream, &shard);
                 }
-                if failing_since.is_none() && e.kind() == ErrorKind::Transient {
-                    let _ = ctx
-                        .events
-                        .send(Ok(SourceEvent::Connection(Connection::Down {
-                            endpoint: endpoint(&ctx.cfg),
-                            cause: e.to_string(),
-                        })));
+                if e.kind() == ErrorKind::Transient {
+                    ctx.report_down(shard.as_str(), &e);
                 }
                 let since = *failing_since.get_or_insert_with(Instant::now);
                 if !e.is_temporary() || since.elapsed() > ctx.cfg.give_up_after {
@@ -886,6 +910,17 @@ async fn shard_iterator(
             .timestamp(DateTime::from_millis(ctx.cfg.at_timestamp_ms.unwrap_or(0))),
     };
     let out = req.send().await.map_err(|e| {
+        if let (Some(p), Some("InvalidArgumentException")) = (after, code(&e).as_deref()) {
+            // A checkpoint that names no record of the shard: refuse, and say which.
+            return Failure::Error(
+                Error::config("kinesis: the stored checkpoint names no record of this shard")
+                    .with_context("stream", &ctx.cfg.stream)
+                    .with_context("shard", shard)
+                    .with_context("position", p)
+                    .with_context("cause", e)
+                    .with_hint("positions are sequence number × 2^20 + KPL sub-sequence (docs/brokers/kinesis.md); a checkpoint holding a raw sequence number, or one of another stream, must be reset: `flowgate checkpoints reset --pipeline NAME --partition SHARD`"),
+            );
+        }
         Failure::Error(map(
             e,
             "getting a shard iterator (GetShardIterator)",

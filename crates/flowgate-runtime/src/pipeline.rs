@@ -1649,13 +1649,13 @@ struct WatchedStore {
 impl WatchedStore {
     fn observe<T>(&self, res: Result<T, Error>) -> Result<T, Error> {
         match &res {
-            Ok(_) => {
+            Err(e) if e.is_temporary() => self.stats.set_store_failure(Some(e.to_string())),
+            // Any other answer (a refused write included) means the store was reached.
+            _ => {
                 if self.stats.store_failure().is_some() {
                     self.stats.set_store_failure(None);
                 }
             }
-            Err(e) if e.is_temporary() => self.stats.set_store_failure(Some(e.to_string())),
-            Err(_) => {}
         }
         res
     }

@@ -1322,3 +1322,96 @@ async fn an_unreachable_store_reads_as_disconnected_until_it_answers() {
     );
     assert_final_checkpoints(&store.inner, "flaky-store", &sink).await;
 }
+
+/// A source whose broker keeps positions of its own (`broker_positions`), reporting `broker`
+/// as every partition's committed position.
+struct BrokerPositions {
+    inner: MemorySource,
+    broker: Option<Position>,
+}
+
+#[async_trait]
+impl Source for BrokerPositions {
+    fn capabilities(&self) -> SourceCapabilities {
+        self.inner.capabilities().with_broker_positions(true)
+    }
+    async fn open(&mut self, ctx: SourceContext) -> Result<(), Error> {
+        self.inner.open(ctx).await
+    }
+    async fn next(&mut self) -> Result<SourceEvent, Error> {
+        match self.inner.next().await? {
+            SourceEvent::Assigned(mut a) => {
+                for x in &mut a {
+                    x.broker_position = self.broker.clone();
+                }
+                Ok(SourceEvent::Assigned(a))
+            }
+            other => Ok(other),
+        }
+    }
+    async fn start(&mut self, starts: Vec<StartPosition>) -> Result<(), Error> {
+        self.inner.start(starts).await
+    }
+    async fn commit(&mut self, checkpoints: &[Checkpoint]) -> Result<(), Error> {
+        self.inner.commit(checkpoints).await
+    }
+    async fn close(&mut self) -> Result<(), Error> {
+        self.inner.close().await
+    }
+}
+
+/// The checkpoint store is the source of truth: a stored position the broker does not have
+/// (behind it, ahead of it, or none at all) is committed to the broker right after the start,
+/// before any new record; one the broker already has is not committed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_positions_the_broker_lacks_are_committed_to_it_at_once() {
+    let p = PartitionId::new("p0");
+    for (broker, expect_align) in [
+        (None, true),
+        (Some(Position::from(10u64)), true),
+        (Some(Position::from(90u64)), true),
+        (Some(Position::from(49u64)), false),
+    ] {
+        let store = Arc::new(MemoryStore::default());
+        store
+            .commit(
+                "align",
+                &[Checkpoint::new(p.clone(), Position::from(49u64))],
+            )
+            .await
+            .unwrap();
+        // Nothing new after the checkpoint: only the alignment can commit.
+        let records: Vec<Record> = (0..50u64)
+            .map(|i| Record::new(p.clone(), Position::from(i), Bytes::from("x")))
+            .collect();
+        let inner = MemorySource::new(records).endless();
+        let commits = inner.commits();
+        let pipeline = Pipeline::builder("align")
+            .source(BrokerPositions {
+                inner,
+                broker: broker.clone(),
+            })
+            .sink(MemorySink::new())
+            .checkpoint_store(store.clone())
+            .build()
+            .unwrap();
+        let (trigger, shutdown) = Shutdown::manual();
+        let run = tokio::spawn(pipeline.run(shutdown));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let early: Vec<Checkpoint> = commits.lock().unwrap().clone();
+        trigger.trigger();
+        run.await.unwrap().unwrap();
+        if expect_align {
+            assert_eq!(
+                early.first().map(|c| c.position.clone()),
+                Some(Position::from(49u64)),
+                "broker at {broker:?}: {early:?}"
+            );
+        } else {
+            assert!(
+                early.is_empty(),
+                "broker already at the checkpoint: {early:?}"
+            );
+        }
+    }
+}
