@@ -64,7 +64,7 @@ fn source_config(topic: &str, group: &str) -> KafkaSourceConfig {
         group_id: Some(group.to_string()),
         session_timeout: Duration::from_secs(6),
         max_poll_interval: Duration::from_secs(10),
-        rebalance_timeout: Duration::from_secs(10),
+        rebalance_timeout: Duration::from_secs(8),
         ..Default::default()
     }
 }
