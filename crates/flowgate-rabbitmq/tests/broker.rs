@@ -329,8 +329,14 @@ async fn tls_publish_and_consume_with_the_rigs_ca() {
         Ok(()) => panic!("a foreign client certificate must be refused"),
     };
     eprintln!("rabbitmq/tls: a client certificate of another CA: {err}");
-    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
-    assert!(err.to_string().contains("client certificate"), "{err}");
+    // The broker sends its `UnknownCA` alert and closes at once; under load the close can
+    // overtake the alert and the client sees only a reset. Either way nothing connects; when
+    // the alert is seen, it is reported as the client-certificate error.
+    if err.kind() == ErrorKind::Config {
+        assert!(err.to_string().contains("client certificate"), "{err}");
+    } else {
+        assert!(err.to_string().contains("reset"), "{err}");
+    }
 
     let plain = RabbitSinkConfig {
         url: url(),
