@@ -107,6 +107,17 @@ impl<T> Transitions<T> {
     }
 }
 
+impl<T: PartialEq + std::fmt::Debug> Transitions<T> {
+    /// Stops recording and asserts that `away` was seen and `back` is the last value: a
+    /// broker restart read as disconnected, then healthy. `what` names it in the output.
+    pub async fn assert_away_then_back(self, what: &str, away: T, back: T) {
+        let seen = self.stop().await;
+        eprintln!("{what}: health went {seen:?}");
+        assert!(seen.contains(&away), "{what}: never {away:?}: {seen:?}");
+        assert_eq!(seen.last(), Some(&back), "{what}: {seen:?}");
+    }
+}
+
 /// A client certificate and key signed by a CA of their own (made with `openssl` in `dir`),
 /// which no server of the rig trusts: for "a wrong client certificate is refused".
 pub fn foreign_client_certificate(
