@@ -14,7 +14,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use flowgate_core::Error;
-use flowgate_runtime::{Health, PartitionState, PartitionStatus, Stats, metric_names};
+use flowgate_runtime::{Health, PartitionStatus, Stats, metric_names};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 
@@ -153,61 +153,11 @@ async fn health(State(s): State<Served>) -> Response {
         .into_response()
 }
 
-/// One reason the pipeline is not ready.
-#[derive(Serialize)]
-struct Reason {
-    /// The partition concerned, or none for the whole pipeline.
-    partition: Option<String>,
-    /// `stalled`, `growing`, `source disconnected`, `store failing`, `starting`, `stopped`.
-    reason: &'static str,
-    detail: String,
-}
-
 /// Progress: 200 while records are acknowledged or the source is idle with lag 0; 503 with a
 /// body naming each reason otherwise.
 async fn ready(State(s): State<Served>) -> Response {
     let health = s.stats.health();
-    let mut reasons = Vec::new();
-    if let Some((endpoint, cause)) = s.stats.source_failure() {
-        reasons.push(Reason {
-            partition: None,
-            reason: "source disconnected",
-            detail: format!("{endpoint}: {cause}"),
-        });
-    }
-    if let Some(cause) = s.stats.store_failure() {
-        reasons.push(Reason {
-            partition: None,
-            reason: "store failing",
-            detail: cause,
-        });
-    }
-    match health {
-        Health::Starting => reasons.push(Reason {
-            partition: None,
-            reason: "starting",
-            detail: "the source is being opened".into(),
-        }),
-        Health::Stopped => reasons.push(Reason {
-            partition: None,
-            reason: "stopped",
-            detail: "the pipeline has ended".into(),
-        }),
-        _ => {}
-    }
-    for p in s.stats.partitions() {
-        if p.status == PartitionState::Stalled {
-            reasons.push(Reason {
-                detail: format!(
-                    "lag {} {} and nothing acknowledged within the stall window",
-                    p.lag.unwrap_or(0),
-                    p.lag_unit
-                ),
-                partition: Some(p.partition),
-                reason: "stalled",
-            });
-        }
-    }
+    let reasons = s.stats.readiness();
     let ready = reasons.is_empty() && health == Health::Healthy;
     let code = if ready {
         StatusCode::OK

@@ -95,6 +95,10 @@ fn endpoints_show_progress_a_stall_and_the_recovery() {
         "flowgate_lag{",
         "flowgate_healthy",
         "flowgate_source_connected",
+        "flowgate_lag_seconds{",
+        "flowgate_partition_status{",
+        "flowgate_catch_up_seconds{",
+        "flowgate_last_checkpoint_timestamp_seconds{",
         "flowgate_end_to_end_latency_seconds_bucket",
         "flowgate_commit_latency_seconds_bucket",
     ] {
@@ -134,7 +138,12 @@ fn endpoints_show_progress_a_stall_and_the_recovery() {
             uncommitted > 0 && lag >= uncommitted,
             "lag counts what is not committed: {p}"
         );
-        assert_eq!(p["status"], "stalled", "{p}");
+        assert_eq!(p["status"], "STALL", "{p}");
+        let secs = p["lag_seconds"].as_f64().unwrap();
+        assert!(
+            secs > 0.5,
+            "the oldest uncommitted record is seconds old: {p}"
+        );
     }
 
     // After the stall: ready again.

@@ -78,8 +78,9 @@ struct Part {
     paused: bool,
     /// Since when the partition has had no credit.
     starved_since: Option<Instant>,
-    /// Next offset to be handed to the runtime (for lag).
-    next_offset: i64,
+    /// Next offset to be handed to the runtime (for lag): an offset once known, or the logical
+    /// start (`Beginning`, `End`) resolved against the watermarks until the first record.
+    next_offset: Offset,
 }
 
 #[derive(Default)]
@@ -396,10 +397,7 @@ impl Ctx {
             if let Err(e) = assign.add_partition_offset(t, *p, offset) {
                 tracing::error!(error = %e, "kafka: cannot set a start offset");
             }
-            let next_offset = match offset {
-                Offset::Offset(o) => o,
-                _ => 0,
-            };
+            let next_offset = offset;
             let queue = self.split(t, *p);
             let key = (t.clone(), *p);
             let mut sh = lock(&self.shared);
@@ -829,7 +827,7 @@ impl Source for KafkaSource {
                     let take = credits.available(&part.id).min(self.cfg.max_batch);
                     let batch = part.take(take);
                     if let Some(last) = batch.last().and_then(|r| r.position.as_offset()) {
-                        part.next_offset = last + 1;
+                        part.next_offset = Offset::Offset(last + 1);
                         sh.rr = (start + i + 1) % n;
                         return Ok(SourceEvent::Records(batch));
                     }
@@ -1113,7 +1111,7 @@ impl LagReader {
     /// Records behind the high watermark, per partition; with nothing assigned, a metadata
     /// request stands in as the reachability probe.
     fn sample(&self) {
-        let parts: Vec<(Key, PartitionId, i64)> = lock(&self.shared)
+        let parts: Vec<(Key, PartitionId, Offset)> = lock(&self.shared)
             .parts
             .iter()
             .map(|p| (p.key.clone(), p.id.clone(), p.next_offset))
@@ -1138,11 +1136,15 @@ impl LagReader {
                 None => return,
             };
             match watermarks {
-                Ok((_, high)) => samples.push(LagSample {
-                    partition: id,
-                    lag: crate::lag::records_behind(high, next),
-                    unit: LagUnit::Records,
-                }),
+                Ok((low, high)) => {
+                    if let Some(lag) = crate::lag::records_behind(low, high, next) {
+                        samples.push(LagSample {
+                            partition: id,
+                            lag,
+                            unit: LagUnit::Records,
+                        });
+                    }
+                }
                 // The brokers are away: one failure says so, without waiting out the timeout
                 // once per partition while the helper's lock is held.
                 Err(e) => {

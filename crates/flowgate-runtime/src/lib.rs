@@ -24,6 +24,7 @@ mod aimd;
 mod dedup;
 mod metrics;
 mod pipeline;
+mod progress;
 mod settings;
 mod shutdown;
 mod stats;
@@ -33,10 +34,11 @@ mod worker;
 pub use dedup::{KeyExtractor, KeyFn};
 pub use metrics::names as metric_names;
 pub use pipeline::{Pipeline, PipelineBuilder, resume_after};
+pub use progress::PartitionState;
 pub use settings::{
     BatchSettings, CommitSettings, ConcurrencyMode, ConcurrencySettings, ExhaustedPolicy,
     HealthSettings, Ordering, OverflowPolicy, RetrySettings, RuntimeSettings,
 };
 pub use shutdown::{Shutdown, ShutdownTrigger};
-pub use stats::{Health, PartitionState, PartitionStatus, RunSummary, Stats, StatsSnapshot};
+pub use stats::{Health, NotReady, PartitionStatus, RunSummary, Stats, StatsSnapshot};
 pub use worker::{BoxFuture, TransformFn, dead_letter_record};

@@ -23,9 +23,10 @@ use tokio::task::JoinHandle;
 use crate::aimd::Concurrency;
 use crate::dedup::{KeyExtractor, LookupFloor};
 use crate::metrics::{Metrics, PartitionMetrics};
+use crate::progress::{ProgressWindow, Sample};
 use crate::settings::{Ordering, OverflowPolicy, RuntimeSettings};
 use crate::shutdown::Shutdown;
-use crate::stats::{Health, PartitionState, PartitionStatus, RunSummary, Stats};
+use crate::stats::{Health, PartitionStatus, RunSummary, Stats};
 use crate::tracker::AckTracker;
 use crate::worker::{self, Batch, BoxFuture, Completion, Shared, TransformFn, WorkerEvent};
 
@@ -272,6 +273,7 @@ impl Pipeline {
             uncommitted: 0,
             force_commit: false,
             last_commit_at: Instant::now(),
+            last_sample_at: Instant::now(),
             revokes: Vec::new(),
             lingering: HashMap::new(),
             drain_deadline: None,
@@ -445,8 +447,10 @@ struct Part {
     lanes: Vec<Lane>,
     tracker: AckTracker,
     revoking: bool,
-    lag: Option<(u64, Instant)>,
-    lag_rate: f64,
+    /// The source's last lag reading.
+    lag: Option<u64>,
+    /// Samples of the last `health.lag_window`: rate, lag seconds, status.
+    progress: ProgressWindow,
     metrics: Option<PartitionMetrics>,
     /// Which records positional dedup looks up.
     lookup: LookupFloor,
@@ -495,6 +499,9 @@ struct Disconnected {
 /// The longest gap between two warnings about the same disconnection.
 const MAX_DISCONNECT_WARNING_GAP: Duration = Duration::from_secs(30);
 
+/// How often each partition's progress window takes a sample.
+const PROGRESS_SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
 impl HealthTracker {
     fn new() -> Self {
         HealthTracker {
@@ -525,6 +532,8 @@ struct State {
     uncommitted: u64,
     force_commit: bool,
     last_commit_at: Instant,
+    /// When the partitions' progress windows last took a sample.
+    last_sample_at: Instant,
     revokes: Vec<PendingRevoke>,
     /// Batches of removed incarnations (lost partitions, drains past their deadline) still
     /// running: their dedup marks may land after a new incarnation read the last mark.
@@ -712,6 +721,16 @@ impl State {
                     None
                 }
             };
+            let mut progress = ProgressWindow::new(
+                self.settings.health.lag_window,
+                self.settings.health.stall_window,
+            );
+            if let (Some(s), Some(b)) = (&from_store, &a.broker_position) {
+                if s < b {
+                    // Records the broker counts as consumed are read again.
+                    progress.rewound(Instant::now());
+                }
+            }
             let mut tracker = AckTracker::new(0);
             tracker.set_initial(after.clone());
             if let Some(pos) = &after {
@@ -735,7 +754,7 @@ impl State {
                 tracker,
                 revoking: false,
                 lag: None,
-                lag_rate: 0.0,
+                progress,
                 metrics: Some(PartitionMetrics::new(
                     &self.name,
                     a.partition.as_str(),
@@ -883,6 +902,10 @@ impl State {
             for lane in &part.lanes {
                 self.bytes -= lane.queued_bytes;
             }
+            // A revoked partition's gauges read nothing rather than its last value.
+            if let Some(m) = &part.metrics {
+                m.clear();
+            }
         }
         self.order.retain(|x| x != p);
         self.committed.remove(p);
@@ -890,82 +913,80 @@ impl State {
     }
 
     fn on_lag(&mut self, samples: Vec<LagSample>) {
-        let now = Instant::now();
         for s in samples {
             if let Some(part) = self.partitions.get_mut(&s.partition) {
-                if let Some((prev, at)) = part.lag {
-                    let dt = now.duration_since(at).as_secs_f64();
-                    if dt > 0.05 {
-                        let rate = (s.lag as f64 - prev as f64) / dt;
-                        part.lag_rate = 0.5 * part.lag_rate + 0.5 * rate;
-                        part.lag = Some((s.lag, now));
-                    }
-                } else {
-                    part.lag = Some((s.lag, now));
-                }
-                if let Some(m) = &part.metrics {
-                    m.lag_rate.set(part.lag_rate);
-                }
+                part.lag = Some(s.lag);
             }
         }
-        let rate: f64 = self.partitions.values().map(|p| p.lag_rate).sum();
-        self.stats
-            .lag_rate_milli
-            .store((rate * 1000.0) as i64, std::sync::atomic::Ordering::Relaxed);
-        self.publish_partitions();
     }
 
     /// The source's own lag readings, summed (what it has not delivered yet).
     fn source_lag(&self) -> u64 {
-        self.partitions
-            .values()
-            .filter_map(|p| p.lag.map(|l| l.0))
-            .sum()
+        self.partitions.values().filter_map(|p| p.lag).sum()
     }
 
     /// Refreshes the per-partition view (`Stats::partitions`, `/status`), the per-partition
-    /// lag gauges and the pipeline's lag: the distance from the committed position to the end.
-    fn publish_partitions(&mut self) {
+    /// gauges and the pipeline's lag: the distance from the committed position to the end.
+    /// Adds a progress sample per partition once a second.
+    fn publish_partitions(&mut self, now: Instant) {
         let millis = matches!(self.caps.lag_unit, Some(LagUnit::Millis));
-        let unhealthy = self.stats.health() == Health::Unhealthy;
+        let sample = now.duration_since(self.last_sample_at) >= PROGRESS_SAMPLE_EVERY;
+        if sample {
+            self.last_sample_at = now;
+        }
         let mut total = 0u64;
+        let mut total_rate = 0.0;
         let mut view = Vec::with_capacity(self.order.len());
         for id in &self.order {
-            let Some(part) = self.partitions.get(id) else {
+            let Some(part) = self.partitions.get_mut(id) else {
                 continue;
             };
-            let source_lag = part.lag.map(|l| l.0);
+            let source_lag = part.lag;
             let uncommitted = part.uncommitted();
             let lag = if millis {
                 source_lag
             } else {
                 Some(source_lag.unwrap_or(0) + uncommitted)
             };
-            if let (Some(l), Some(m)) = (lag, &part.metrics) {
-                m.lag.set(l as f64);
+            if sample {
+                let received = part.tracker.prefix_end() + part.tracker.pending() as u64;
+                part.progress.push(Sample {
+                    at: now,
+                    lag: lag.unwrap_or(0),
+                    end: received + if millis { 0 } else { source_lag.unwrap_or(0) },
+                    committed: part.committed_seq,
+                    waiting: uncommitted,
+                });
+            }
+            let lag_rate = part.progress.rate();
+            let status = part.progress.status(now);
+            let catch_up_seconds = part.progress.catch_up_seconds();
+            let lag_seconds = if millis {
+                lag.map(|ms| ms as f64 / 1000.0)
+            } else {
+                part.progress.lag_seconds(now)
+            };
+            if let Some(m) = &part.metrics {
+                if let Some(l) = lag {
+                    m.lag.set(l as f64);
+                }
+                m.lag_rate.set(lag_rate);
+                m.lag_seconds.set(lag_seconds.unwrap_or(0.0));
+                m.catch_up.set(catch_up_seconds.unwrap_or(f64::INFINITY));
+                m.status.set(f64::from(status.code()));
             }
             total += lag.unwrap_or(0);
-            let status = if unhealthy && lag.unwrap_or(0) > 0 {
-                PartitionState::Stalled
-            } else if part.lag_rate > 0.5 {
-                PartitionState::Growing
-            } else {
-                PartitionState::Ok
-            };
-            let catch_up_seconds = match lag {
-                Some(0) => Some(0.0),
-                Some(l) if part.lag_rate < -0.5 => Some(l as f64 / -part.lag_rate),
-                _ => None,
-            };
+            total_rate += lag_rate;
             view.push(PartitionStatus {
                 partition: id.to_string(),
                 checkpoint: self.committed.get(id).map(|c| c.position.to_string()),
                 lag,
                 lag_unit: if millis { "millis" } else { "records" },
+                lag_seconds,
                 source_lag,
                 uncommitted,
                 in_flight: part.tracker.pending() as u64,
-                lag_rate: part.lag_rate,
+                lag_rate,
                 catch_up_seconds,
                 status,
             });
@@ -973,6 +994,10 @@ impl State {
         self.stats
             .lag
             .store(total, std::sync::atomic::Ordering::Relaxed);
+        self.stats.lag_rate_milli.store(
+            (total_rate * 1000.0) as i64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.stats.set_partitions(view);
     }
 
@@ -1353,6 +1378,10 @@ impl State {
             }
         }
         self.committed.insert(c.partition.clone(), c);
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.metrics.last_checkpoint.set(unix);
     }
 
     async fn maybe_start_commit(
@@ -1635,7 +1664,9 @@ impl State {
         self.metrics
             .healthy
             .set(if health == Health::Healthy { 1.0 } else { 0.0 });
-        self.publish_partitions();
+        self.publish_partitions(now);
+        let ready = health == Health::Healthy && self.stats.readiness().is_empty();
+        self.metrics.ready.set(if ready { 1.0 } else { 0.0 });
     }
 }
 

@@ -304,6 +304,10 @@ pub struct HealthSettings {
     /// the pipeline stops with a fatal error naming the endpoint. Default 120 s.
     #[serde(with = "humantime_serde")]
     pub disconnect_timeout: Duration,
+    /// The window a partition's lag rate of change, catch-up estimate and `WARN` status are
+    /// judged over (its `STALL` and `STOP` use `stall_window`). Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub lag_window: Duration,
 }
 
 impl Default for HealthSettings {
@@ -311,6 +315,7 @@ impl Default for HealthSettings {
         HealthSettings {
             stall_window: Duration::from_secs(30),
             disconnect_timeout: Duration::from_secs(120),
+            lag_window: Duration::from_secs(60),
         }
     }
 }

@@ -87,16 +87,16 @@ pub struct Stats {
     pub(crate) partitions: std::sync::Mutex<Vec<PartitionStatus>>,
 }
 
-/// What a partition is doing, after Burrow's rules adapted to an in-process view.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PartitionState {
-    /// Keeping up, or catching up.
-    Ok,
-    /// Lag has been growing (its rate of change is positive).
-    Growing,
-    /// Lagging while nothing is acknowledged (the pipeline is unhealthy).
-    Stalled,
+/// Why a pipeline is not ready; see [`Stats::readiness`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NotReady {
+    /// The partition concerned, or none for the whole pipeline.
+    pub partition: Option<String>,
+    /// `stalled`, `stopped reading`, `sink failing`, `source disconnected`, `store failing`,
+    /// `starting` or `stopped`.
+    pub reason: &'static str,
+    /// What was seen (lag, the endpoint and the client's cause).
+    pub detail: String,
 }
 
 /// One owned partition as the runtime sees it.
@@ -112,6 +112,10 @@ pub struct PartitionStatus {
     pub lag: Option<u64>,
     /// `records` or `millis`.
     pub lag_unit: &'static str,
+    /// How long ago the partition's end stood where its committed position stands now
+    /// (interpolated from the samples of the lag window; for a source reporting lag in
+    /// milliseconds, that reading).
+    pub lag_seconds: Option<f64>,
     /// What the source has not delivered yet (its last reading).
     pub source_lag: Option<u64>,
     /// Records received and not covered by a written checkpoint yet (in flight, or confirmed
@@ -119,12 +123,12 @@ pub struct PartitionStatus {
     pub uncommitted: u64,
     /// Records received and not settled yet.
     pub in_flight: u64,
-    /// Rate of change of the source's lag, per second (positive: falling behind).
+    /// Rate of change of `lag` per second over the lag window (positive: falling behind).
     pub lag_rate: f64,
     /// Seconds until `lag` reaches 0 at the current drain rate; `None` while it does not shrink.
     pub catch_up_seconds: Option<f64>,
-    /// OK / growing / stalled.
-    pub status: PartitionState,
+    /// OK / WARN / STALL / STOP / REWIND.
+    pub status: crate::PartitionState,
 }
 
 /// A copy of [`Stats`] at one moment.
@@ -216,6 +220,63 @@ impl Stats {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// Progress: empty while records are acknowledged, or the source is idle with no lag;
+    /// otherwise every reason the pipeline is not ready (a partition in `STALL` or `STOP`, a
+    /// sink confirming nothing, an unreachable broker or store, starting, stopped).
+    pub fn readiness(&self) -> Vec<NotReady> {
+        let health = self.health();
+        let mut reasons = Vec::new();
+        let whole = |reason, detail: String| NotReady {
+            partition: None,
+            reason,
+            detail,
+        };
+        if let Some((endpoint, cause)) = self.source_failure() {
+            reasons.push(whole("source disconnected", format!("{endpoint}: {cause}")));
+        }
+        if let Some(cause) = self.store_failure() {
+            reasons.push(whole("store failing", cause));
+        }
+        match health {
+            Health::Starting => {
+                reasons.push(whole("starting", "the source is being opened".into()))
+            }
+            Health::Stopped => reasons.push(whole("stopped", "the pipeline has ended".into())),
+            _ => {}
+        }
+        for p in self.partitions() {
+            let (reason, what) = match p.status {
+                crate::PartitionState::Stall => (
+                    "stalled",
+                    format!(
+                        "{} records wait for the sink or the checkpoint store",
+                        p.uncommitted
+                    ),
+                ),
+                crate::PartitionState::Stop => {
+                    ("stopped reading", "the source delivers nothing".to_string())
+                }
+                _ => continue,
+            };
+            reasons.push(NotReady {
+                detail: format!(
+                    "lag {} {}; {what}, and nothing was committed within the stall window",
+                    p.lag.unwrap_or(0),
+                    p.lag_unit
+                ),
+                partition: Some(p.partition),
+                reason,
+            });
+        }
+        if health == Health::Unhealthy && reasons.is_empty() {
+            reasons.push(whole(
+                "sink failing",
+                "records wait and none was acknowledged within the stall window".into(),
+            ));
+        }
+        reasons
     }
 
     /// Why the source cannot reach its broker, while it cannot: (endpoint, cause).
