@@ -13,12 +13,15 @@ use rig::{Broker, Engine, Rig};
 const HELP: &str = "\
 cargo xtask <task>
 
-  test                     fmt check, clippy -D warnings, dependency rules, unit and
-                           in-process tests, then the real-broker tests against
-                           `brokers up` (always followed by `brokers down`)
+  test                     fmt check, clippy -D warnings, dependency rules, the alert rules'
+                           promtool checks and unit tests, unit and in-process tests, then
+                           the real-broker tests against `brokers up` (always followed by
+                           `brokers down`)
   brokers up [--only a,b] [--engine native|docker]
                            start Kafka, RabbitMQ, Kinesis (kinesis-mock), PostgreSQL, Redis
-                           on 127.0.0.1, wait until each answers, print FLOWGATE_TEST_* vars
+                           and a Prometheus server (scraping 127.0.0.1:19464 with the shipped
+                           rules) on 127.0.0.1, wait until each answers, print
+                           FLOWGATE_TEST_* vars
   brokers down|status      stop what `up` started (by PID file) / show what runs
   brokers logs NAME        the last lines of a broker's logs
   brokers env              print the FLOWGATE_TEST_* variables
@@ -125,11 +128,12 @@ fn test() -> Result<(), String> {
         ]),
     )?;
     dependency_rules()?;
+    let rig = Rig::new()?;
+    alert_rules(&rig)?;
     run(
         "cargo test (unit, conformance, runtime, crash)",
         cargo().args(["test", "--workspace"]),
     )?;
-    let rig = Rig::new()?;
     eprintln!("\n==> brokers up");
     let up_started = Instant::now();
     let res = rig.up(&rig::ALL, Engine::Native).and_then(|()| {
@@ -175,6 +179,8 @@ fn test() -> Result<(), String> {
             "postgres_crash",
             "--test",
             "kinesis_workers",
+            "--test",
+            "prometheus",
         ]);
         cli.envs(env);
         run("cargo test (CLI against real brokers)", &mut cli)
@@ -188,6 +194,25 @@ fn test() -> Result<(), String> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The shipped alert rules parse and pass their unit tests (`promtool` from Debian's
+/// `prometheus` package).
+fn alert_rules(rig: &Rig) -> Result<(), String> {
+    let promtool = rig.prometheus_tool("promtool")?;
+    let dir = rig.root().join("deploy/prometheus");
+    run(
+        "promtool check rules",
+        Command::new(&promtool)
+            .args(["check", "rules", "flowgate-rules.yml"])
+            .current_dir(&dir),
+    )?;
+    run(
+        "promtool test rules",
+        Command::new(&promtool)
+            .args(["test", "rules", "flowgate-rules.test.yml"])
+            .current_dir(&dir),
+    )
 }
 
 fn brokers(args: &[&str]) -> Result<(), String> {

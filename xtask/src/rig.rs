@@ -43,6 +43,9 @@ const KINESIS_TLS_PORT: u16 = 4567;
 const POSTGRES_PORT: u16 = 15432;
 const REDIS_PORT: u16 = 16379;
 const REDIS_TLS_PORT: u16 = 16380;
+const PROMETHEUS_PORT: u16 = 19090;
+/// Where the rig's Prometheus scrapes a pipeline under test (`--metrics-addr`).
+const PROMETHEUS_TARGET_PORT: u16 = 19464;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Broker {
@@ -51,14 +54,18 @@ pub(crate) enum Broker {
     Kinesis,
     Postgres,
     Redis,
+    /// Not a broker: the Prometheus server that scrapes a pipeline under test with the shipped
+    /// alert rules loaded.
+    Prometheus,
 }
 
-pub(crate) const ALL: [Broker; 5] = [
+pub(crate) const ALL: [Broker; 6] = [
     Broker::Kafka,
     Broker::Rabbitmq,
     Broker::Kinesis,
     Broker::Postgres,
     Broker::Redis,
+    Broker::Prometheus,
 ];
 
 impl Broker {
@@ -69,13 +76,14 @@ impl Broker {
             Broker::Kinesis => "kinesis",
             Broker::Postgres => "postgres",
             Broker::Redis => "redis",
+            Broker::Prometheus => "prometheus",
         }
     }
 
     pub(crate) fn parse(s: &str) -> Result<Broker, String> {
         ALL.into_iter().find(|b| b.name() == s).ok_or_else(|| {
             format!(
-                "unknown broker {s:?}: expected one of kafka, rabbitmq, kinesis, postgres, redis"
+                "unknown broker {s:?}: expected one of kafka, rabbitmq, kinesis, postgres, redis, prometheus"
             )
         })
     }
@@ -184,6 +192,16 @@ impl Broker {
                         .to_string(),
                 ),
             ],
+            Broker::Prometheus => vec![
+                v(
+                    "FLOWGATE_TEST_PROMETHEUS_URL",
+                    format!("http://127.0.0.1:{PROMETHEUS_PORT}"),
+                ),
+                v(
+                    "FLOWGATE_TEST_PROMETHEUS_TARGET",
+                    format!("127.0.0.1:{PROMETHEUS_TARGET_PORT}"),
+                ),
+            ],
         }
     }
 
@@ -205,6 +223,7 @@ impl Broker {
             Broker::Kinesis => vec![KINESIS_PORT, KINESIS_TLS_PORT],
             Broker::Postgres => vec![POSTGRES_PORT],
             Broker::Redis => vec![REDIS_PORT, REDIS_TLS_PORT],
+            Broker::Prometheus => vec![PROMETHEUS_PORT],
         }
     }
 }
@@ -274,6 +293,11 @@ impl Rig {
                     .find_map(|l| l.strip_prefix("log.dirs=").map(PathBuf::from))
             })
             .unwrap_or_else(|| dir.join("data"))
+    }
+
+    /// The workspace's root directory.
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
     }
 
     pub(crate) fn state_dir(&self, b: Broker) -> PathBuf {
@@ -353,6 +377,7 @@ impl Rig {
             Broker::Kinesis => self.start_kinesis(&dir),
             Broker::Postgres => self.start_postgres(&dir),
             Broker::Redis => self.start_redis(&dir),
+            Broker::Prometheus => self.start_prometheus(&dir),
         }
     }
 
@@ -793,6 +818,87 @@ impl Rig {
         self.spawn(Broker::Redis, "pid", &mut cmd, &dir.join("redis.log"))
     }
 
+    /// Debian's `prometheus` package, unpacked into the cache without installing it (no
+    /// service is started): `/usr/bin/prometheus` and `/usr/bin/promtool` under it.
+    pub(crate) fn prometheus_tool(&self, tool: &str) -> Res<PathBuf> {
+        let system = Path::new("/usr/bin").join(tool);
+        if system.exists() {
+            return Ok(system);
+        }
+        let dir = self.cache.join("prometheus");
+        let bin = dir.join("root/usr/bin").join(tool);
+        if bin.exists() {
+            return Ok(bin);
+        }
+        need_command("apt-get", &[])?;
+        fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        eprintln!("    prometheus: fetching Debian's package (promtool and the server)");
+        run_quiet(
+            Command::new("apt-get")
+                .args(["download", "prometheus"])
+                .current_dir(&dir),
+            "apt-get download prometheus",
+        )?;
+        let deb = fs::read_dir(&dir)
+            .map_err(|e| e.to_string())?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .ok_or("apt-get download prometheus left no .deb")?;
+        run_quiet(
+            Command::new("dpkg")
+                .arg("-x")
+                .arg(&deb)
+                .arg(dir.join("root")),
+            "dpkg -x prometheus",
+        )?;
+        let _ = fs::remove_file(&deb);
+        if bin.exists() {
+            Ok(bin)
+        } else {
+            Err(format!("the prometheus package has no {}", bin.display()))
+        }
+    }
+
+    /// The server's config (scrape the pipeline under test every second, the shipped rules
+    /// evaluated every second) and a copy of the rules, in `dir`.
+    fn prepare_prometheus(&self, dir: &Path) -> Res {
+        fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let rules = self.root.join("deploy/prometheus/flowgate-rules.yml");
+        fs::copy(&rules, dir.join("flowgate-rules.yml"))
+            .map_err(|e| format!("cannot copy {}: {e}", rules.display()))?;
+        write(
+            &dir.join("prometheus.yml"),
+            &format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 rule_files:\n  - flowgate-rules.yml\n\
+                 scrape_configs:\n  - job_name: flowgate\n    static_configs:\n      - targets: ['127.0.0.1:{PROMETHEUS_TARGET_PORT}']\n"
+            ),
+        )
+    }
+
+    fn start_prometheus(&self, dir: &Path) -> Res {
+        let bin = self.prometheus_tool("prometheus")?;
+        self.prepare_prometheus(dir)?;
+        let mut cmd = Command::new(bin);
+        cmd.arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{PROMETHEUS_PORT}"))
+        .arg("--storage.tsdb.retention.time=1h");
+        self.spawn(
+            Broker::Prometheus,
+            "pid",
+            &mut cmd,
+            &dir.join("prometheus.log"),
+        )
+    }
+
     fn spawn(&self, b: Broker, pid_file: &str, cmd: &mut Command, log: &Path) -> Res {
         let out =
             fs::File::create(log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
@@ -904,6 +1010,10 @@ impl Rig {
                 check_alive("redis")?;
                 Ok(redis_ping())
             }),
+            Broker::Prometheus => wait_until("prometheus (/-/ready)", timeout, || {
+                check_alive("prometheus")?;
+                Ok(http_get_ok(PROMETHEUS_PORT, "/-/ready"))
+            }),
         }
     }
 
@@ -973,6 +1083,7 @@ impl Rig {
             Broker::Kinesis => vec![dir.join("stdout.log")],
             Broker::Postgres => vec![dir.join("postgres.log")],
             Broker::Redis => vec![dir.join("redis.log")],
+            Broker::Prometheus => vec![dir.join("prometheus.log")],
         };
         for f in files {
             if let Ok(text) = fs::read_to_string(&f) {
@@ -1004,6 +1115,10 @@ impl Rig {
         if brokers.contains(&Broker::Kafka) {
             // Kafka's command-line tools (consumer groups, perf tests) run from the same jars.
             self.ensure_kafka_jars()?;
+        }
+        if brokers.contains(&Broker::Prometheus) {
+            // The compose service mounts this directory.
+            self.prepare_prometheus(&self.state_dir(Broker::Prometheus))?;
         }
         let services: Vec<&str> = brokers.iter().map(|b| b.name()).collect();
         run_quiet(
@@ -1325,6 +1440,20 @@ fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> Res<bool
 fn port_open(port: u16) -> bool {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok()
+}
+
+/// `GET path` on 127.0.0.1:`port` answers 200.
+fn http_get_ok(port: u16, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.ends_with(b"200")
 }
 
 fn redis_ping() -> bool {

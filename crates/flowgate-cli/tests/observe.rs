@@ -4,36 +4,11 @@
 //! `/status` per partition with the lag counted from the committed position.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Command, Stdio};
+mod http;
+
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_flowgate");
-
-/// `GET path` on `addr`: status code and body.
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    // Chunked bodies: keep the JSON or text between the chunk sizes.
-    (code, body)
-}
+use http::{get, run_with_endpoint};
 
 #[test]
 fn endpoints_show_progress_a_stall_and_the_recovery() {
@@ -51,30 +26,7 @@ fn endpoints_show_progress_a_stall_and_the_recovery() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(BIN)
-        .args(["run", "-c"])
-        .arg(&path)
-        .args(["--duration", "14s", "--metrics-addr", "127.0.0.1:0"])
-        .env("FLOWGATE_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut addr = String::new();
-    let mut line = String::new();
-    while addr.is_empty() {
-        line.clear();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "no endpoint announced"
-        );
-        if let Some(rest) = line.split("http://").nth(1) {
-            addr = rest.split('/').next().unwrap().to_string();
-        }
-    }
-    std::thread::spawn(move || for _ in stderr.lines() {});
-
+    let (mut child, addr) = run_with_endpoint(&path, "127.0.0.1:0", &["--duration", "14s"]);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(get(&addr, "/health").0, 200);
     let (code, body) = get(&addr, "/ready");
@@ -89,6 +41,13 @@ fn endpoints_show_progress_a_stall_and_the_recovery() {
         metrics.contains("flowgate_store_connected{pipeline=\"observed\"} 1"),
         "{metrics}"
     );
+    // Every metric the shipped dashboard and alert rules name is served.
+    for name in deploy_metric_names() {
+        assert!(
+            metrics.contains(&format!("{name}{{")),
+            "{name} (named in deploy/) missing from /metrics:\n{metrics}"
+        );
+    }
     for name in [
         "flowgate_records_in_total",
         "flowgate_records_out_total",
@@ -160,4 +119,65 @@ fn endpoints_show_progress_a_stall_and_the_recovery() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(child.wait().unwrap().success());
+}
+
+/// Every `flowgate_*` metric named by the dashboard and the alert rules in `deploy/`.
+fn deploy_metric_names() -> std::collections::BTreeSet<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+    let mut names = std::collections::BTreeSet::new();
+    for file in ["grafana/flowgate.json", "prometheus/flowgate-rules.yml"] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        for (i, _) in text.match_indices("flowgate_") {
+            let name: String = text[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            names.insert(name);
+        }
+    }
+    assert!(names.len() > 15, "{names:?}");
+    names
+}
+
+/// The dashboard imports anywhere: a datasource input and variable, a stable uid, every panel
+/// on the datasource variable with a unit, rates over `$__rate_interval`.
+#[test]
+fn the_dashboard_is_importable() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/grafana/flowgate.json");
+    let d: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert_eq!(d["uid"], "flowgate-pipelines");
+    assert_eq!(d["__inputs"][0]["type"], "datasource");
+    assert_eq!(d["__inputs"][0]["pluginId"], "prometheus");
+    let vars = d["templating"]["list"].as_array().unwrap();
+    assert!(
+        vars.iter()
+            .any(|v| v["name"] == "datasource" && v["type"] == "datasource")
+    );
+    assert!(vars.iter().any(|v| v["name"] == "pipeline"));
+    let panels: Vec<&serde_json::Value> = d["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"] != "row")
+        .collect();
+    assert!(panels.len() >= 15);
+    let mut ids = std::collections::BTreeSet::new();
+    for p in panels {
+        assert!(ids.insert(p["id"].as_u64().unwrap()), "duplicate id: {p}");
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{}", p["title"]);
+        assert!(
+            p["fieldConfig"]["defaults"]["unit"].is_string(),
+            "{} has no unit",
+            p["title"]
+        );
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            assert!(expr.contains("$pipeline"), "{expr}");
+            if expr.contains("rate(") || expr.contains("increase(") {
+                assert!(expr.contains("[$__rate_interval]"), "{expr}");
+            }
+        }
+    }
 }
