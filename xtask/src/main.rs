@@ -130,6 +130,8 @@ fn test() -> Result<(), String> {
     dependency_rules()?;
     let rig = Rig::new()?;
     alert_rules(&rig)?;
+    // `flowgate top` is tested in a real terminal.
+    rig::need_command("tmux", &["tmux"])?;
     run(
         "cargo test (unit, conformance, runtime, crash)",
         cargo().args(["test", "--workspace"]),
@@ -181,6 +183,8 @@ fn test() -> Result<(), String> {
             "kinesis_workers",
             "--test",
             "prometheus",
+            "--test",
+            "top",
         ]);
         cli.envs(env);
         run("cargo test (CLI against real brokers)", &mut cli)

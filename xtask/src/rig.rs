@@ -1210,7 +1210,7 @@ fn apt_install(packages: &[&str]) -> Res {
     )
 }
 
-fn need_command(name: &str, packages: &[&str]) -> Res {
+pub(crate) fn need_command(name: &str, packages: &[&str]) -> Res {
     if command_exists(name) {
         return Ok(());
     }

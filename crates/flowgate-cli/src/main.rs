@@ -1,25 +1,24 @@
 //! `flowgate`: run a pipeline from a config file, watch it, inspect and reset checkpoints.
 
 mod config;
+mod factory;
+mod inspect;
 mod observe;
+mod top;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
-use flowgate_checkpoint::{EmbeddedStore, MemoryStore, PostgresStore, TableMode};
-use flowgate_core::{
-    CheckpointStore, DedupStore, Error, ErrorKind, LeaseStore, PartitionId, Sink, Source,
-};
-use flowgate_runtime::adapters::{
-    FaultConfig, FaultInjectingSink, GeneratorConfig, GeneratorSource, JsonLinesConfig,
-    JsonLinesSink, NullSink, Spike,
-};
-use flowgate_runtime::{Pipeline, RuntimeSettings, Shutdown, Stats};
+use clap::{Parser, Subcommand, ValueEnum};
+use flowgate_checkpoint::EmbeddedStore;
+use flowgate_core::{CheckpointStore, Error, ErrorKind};
+use flowgate_runtime::adapters::{FaultConfig, GeneratorConfig, Spike};
+use flowgate_runtime::{RuntimeSettings, Shutdown, Stats};
 
 use crate::config::{PipelineConfig, SinkConfig, SourceConfig, StoreConfig};
+use crate::factory::build;
 
 #[derive(Parser)]
 #[command(
@@ -28,8 +27,19 @@ use crate::config::{PipelineConfig, SinkConfig, SourceConfig, StoreConfig};
     about = "Multi-broker streaming with bounded lag and no lost records"
 )]
 struct Cli {
+    /// Log lines as text or as one JSON object per line; `auto`: JSON when standard error is
+    /// not a terminal.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+    Auto,
 }
 
 #[derive(Subcommand)]
@@ -50,6 +60,35 @@ enum Command {
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
     },
+    /// Check a pipeline file: parse it, then reach its store, source, sink and dead-letter
+    /// sink, one line each. Exit 0 all good, 2 invalid file, 3 something unreachable, 4
+    /// something refused (credentials, certificates, a missing topic, stream or queue).
+    Validate {
+        /// The pipeline file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Lag per partition as the broker and the checkpoint store see it, without joining the
+    /// consumer group: checkpoint, broker committed position, end, lag in records and
+    /// seconds, owner.
+    Lag {
+        /// The pipeline file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Read again every 2 seconds until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        /// One JSON object per reading instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A live view of a running pipeline, from its /status: lag per partition, rates,
+    /// status, catch-up estimate. Keys: s sort, q quit.
+    Top {
+        /// The pipeline's endpoint (`observability.listen`).
+        #[arg(default_value = "127.0.0.1:9464")]
+        addr: String,
+    },
     /// Generator → slow sink with a 2× rate spike, on the embedded store; run it again and it
     /// resumes from its checkpoints.
     Quickstart {
@@ -60,50 +99,90 @@ enum Command {
         #[arg(long, default_value = "20s", value_parser = humantime_serde::re::humantime::parse_duration)]
         duration: Duration,
     },
-    /// Inspect or reset the checkpoints of the embedded store.
+    /// Inspect or reset a pipeline's checkpoints, in any store.
     Checkpoints {
         #[command(subcommand)]
         action: CheckpointAction,
     },
 }
 
+/// Which pipeline's checkpoints: a pipeline file (any store), or the embedded store's
+/// directory and a pipeline name.
+#[derive(clap::Args)]
+struct TargetArgs {
+    /// The pipeline file: its store and name.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Without `-c`: data directory of the embedded store.
+    #[arg(long, default_value = "./flowgate-data")]
+    data: PathBuf,
+    /// Without `-c`: the pipeline's name.
+    #[arg(long, required_unless_present = "config")]
+    pipeline: Option<String>,
+}
+
+impl TargetArgs {
+    fn target(self) -> inspect::Target {
+        inspect::Target {
+            config: self.config,
+            data: self.data,
+            pipeline: self.pipeline,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum CheckpointAction {
     /// Print the checkpoints of a pipeline.
     Show {
-        /// Data directory of the embedded store.
-        #[arg(long, default_value = "./flowgate-data")]
-        data: PathBuf,
-        /// Pipeline name.
-        #[arg(long)]
-        pipeline: String,
+        #[command(flatten)]
+        target: TargetArgs,
     },
-    /// Forget checkpoints of a pipeline (all, or the given partitions).
+    /// Forget checkpoints of a pipeline (all, or the given partitions), or set them
+    /// `--to` a position. Refused while a running pipeline holds a partition, unless
+    /// `--force`.
     Reset {
-        /// Data directory of the embedded store.
-        #[arg(long, default_value = "./flowgate-data")]
-        data: PathBuf,
-        /// Pipeline name.
-        #[arg(long)]
-        pipeline: String,
-        /// Only these partitions.
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Only these partitions (repeat the flag).
         #[arg(long)]
         partition: Vec<String>,
+        /// `latest` (after the last record the broker holds) or a position (the last record
+        /// to count as processed); without it the checkpoints are forgotten.
+        #[arg(long)]
+        to: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long, short)]
+        yes: bool,
+        /// Reset partitions a running pipeline holds.
+        #[arg(long)]
+        force: bool,
     },
 }
 
-fn init_logging(default: &str) {
+fn init_logging(default: &str, format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("FLOWGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    let format = cli.log_format;
     let res = match cli.command {
         Command::Run {
             config,
@@ -111,21 +190,55 @@ async fn main() {
             duration,
             metrics_addr,
         } => {
-            init_logging("info");
+            init_logging("info", format);
             run_file(&config, status, duration, metrics_addr).await
         }
+        Command::Validate { config } => {
+            init_logging("error", format);
+            std::process::exit(inspect::validate(&config).await);
+        }
+        Command::Lag {
+            config,
+            watch,
+            json,
+        } => {
+            init_logging("error", format);
+            inspect::lag(&config, watch, json).await
+        }
+        Command::Top { addr } => top::run(&addr),
         Command::Quickstart { data, duration } => {
-            init_logging("warn");
+            init_logging("warn", format);
             quickstart(&data, duration).await
         }
         Command::Checkpoints { action } => {
-            init_logging("warn");
-            checkpoints(action).await
+            init_logging("warn", format);
+            match action {
+                CheckpointAction::Show { target } => inspect::show(&target.target()).await,
+                CheckpointAction::Reset {
+                    target,
+                    partition,
+                    to,
+                    yes,
+                    force,
+                } => {
+                    let reset = inspect::Reset {
+                        partitions: partition,
+                        to,
+                        yes,
+                        force,
+                    };
+                    inspect::reset(&target.target(), reset).await
+                }
+            }
         }
     };
     if let Err(e) = res {
         eprintln!("error: {e}");
-        std::process::exit(if e.kind() == ErrorKind::Config { 2 } else { 1 });
+        std::process::exit(if e.kind() == ErrorKind::Config {
+            inspect::exit::CONFIG
+        } else {
+            inspect::exit_code(&e)
+        });
     }
 }
 
@@ -141,215 +254,6 @@ async fn run_file(
         cfg.observability.disabled = false;
     }
     run_config(cfg, status, duration).await
-}
-
-struct Stores {
-    checkpoint: Option<Arc<dyn CheckpointStore>>,
-    dedup: Option<Arc<dyn DedupStore>>,
-    /// The same store's leases (Kinesis shards), fencing its own checkpoints.
-    #[cfg_attr(not(feature = "kinesis"), allow(dead_code))]
-    leases: Option<Arc<dyn LeaseStore>>,
-    embedded: Option<EmbeddedStore>,
-    postgres: Option<Arc<PostgresStore>>,
-}
-
-async fn open_store(cfg: &StoreConfig) -> Result<Stores, Error> {
-    Ok(match cfg {
-        StoreConfig::Embedded(e) => {
-            let s = EmbeddedStore::open_dir(&e.path).await?;
-            Stores {
-                checkpoint: Some(Arc::new(s.clone())),
-                dedup: Some(Arc::new(s.clone())),
-                leases: Some(Arc::new(s.clone())),
-                embedded: Some(s),
-                postgres: None,
-            }
-        }
-        StoreConfig::Postgres(c) => {
-            let s = PostgresStore::connect(c.clone()).await?;
-            Stores {
-                checkpoint: Some(s.clone()),
-                dedup: Some(s.clone()),
-                leases: Some(s.clone()),
-                embedded: None,
-                postgres: Some(s),
-            }
-        }
-        StoreConfig::Redis(c) => {
-            let s = flowgate_checkpoint::RedisStore::connect(c.clone()).await?;
-            Stores {
-                checkpoint: Some(s.clone()),
-                dedup: Some(s.clone()),
-                leases: Some(s),
-                embedded: None,
-                postgres: None,
-            }
-        }
-        StoreConfig::Memory => {
-            let s = Arc::new(MemoryStore::new());
-            Stores {
-                checkpoint: Some(s.clone()),
-                dedup: Some(s.clone()),
-                leases: Some(s),
-                embedded: None,
-                postgres: None,
-            }
-        }
-        StoreConfig::None => Stores {
-            checkpoint: None,
-            dedup: None,
-            leases: None,
-            embedded: None,
-            postgres: None,
-        },
-    })
-}
-
-async fn make_sink(
-    cfg: &SinkConfig,
-    stores: &Stores,
-    pipeline: &str,
-    key: &str,
-) -> Result<Box<dyn Sink>, Error> {
-    let (sink, faults): (Box<dyn Sink>, &Option<FaultConfig>) = match cfg {
-        SinkConfig::Null(n) => (Box::new(NullSink::default()), &n.faults),
-        SinkConfig::Jsonl(j) => (
-            Box::new(
-                JsonLinesSink::open(JsonLinesConfig {
-                    path: j.path.clone(),
-                    fsync: j.fsync,
-                })
-                .await?,
-            ),
-            &j.faults,
-        ),
-        SinkConfig::Table(t) => {
-            let (table, mode, faults) = (&t.table, &t.mode, &t.faults);
-            let sink: Box<dyn Sink> = match (&stores.embedded, &stores.postgres) {
-                (Some(store), _) if *mode == TableMode::Insert => Box::new(store.table_sink(table)),
-                (_, Some(store)) => Box::new(store.table_sink(pipeline, table, *mode).await?),
-                (Some(_), None) => {
-                    return Err(
-                        Error::config("mode = \"upsert\" needs the PostgreSQL store")
-                            .with_context("key", format!("{key}.mode")),
-                    );
-                }
-                (None, None) => {
-                    return Err(Error::config(
-                        "a `table` sink needs the embedded or PostgreSQL store",
-                    )
-                    .with_context("key", format!("{key}.type"))
-                    .with_hint("set store.type = \"embedded\" or \"postgres\""));
-                }
-            };
-            (sink, faults)
-        }
-        #[cfg(feature = "kafka")]
-        SinkConfig::Kafka(k) => (Box::new(flowgate_kafka::KafkaSink::new(k.clone())?), &None),
-        #[cfg(not(feature = "kafka"))]
-        SinkConfig::Kafka(_) => {
-            return Err(config::missing_feature("kafka").with_context("key", format!("{key}.type")));
-        }
-        #[cfg(feature = "kinesis")]
-        SinkConfig::Kinesis(k) => (
-            Box::new(flowgate_kinesis::KinesisSink::connect(k.clone()).await?),
-            &None,
-        ),
-        #[cfg(not(feature = "kinesis"))]
-        SinkConfig::Kinesis(_) => {
-            return Err(
-                config::missing_feature("kinesis").with_context("key", format!("{key}.type"))
-            );
-        }
-        #[cfg(feature = "rabbitmq")]
-        SinkConfig::Rabbitmq(r) => (
-            Box::new(flowgate_rabbitmq::RabbitSink::new(r.clone())?),
-            &None,
-        ),
-        #[cfg(not(feature = "rabbitmq"))]
-        SinkConfig::Rabbitmq(_) => {
-            return Err(
-                config::missing_feature("rabbitmq").with_context("key", format!("{key}.type"))
-            );
-        }
-    };
-    Ok(match faults {
-        Some(f) => Box::new(FaultInjectingSink::new(sink, f.clone())),
-        None => sink,
-    })
-}
-
-async fn build(cfg: &PipelineConfig) -> Result<(Pipeline, Stores), Error> {
-    // Kafka -> transactional Kafka sink: the consumed offsets commit inside the sink's
-    // transactions (exactly-once).
-    #[cfg(feature = "kafka")]
-    let mut bridge: Option<Box<dyn Sink>> = None;
-    let stores = open_store(&cfg.store).await?;
-    let source: Box<dyn Source> = match &cfg.source {
-        SourceConfig::Generator(g) => Box::new(GeneratorSource::new(g.clone())?),
-        #[cfg(feature = "kafka")]
-        SourceConfig::Kafka(k) => {
-            let source = flowgate_kafka::KafkaSource::new(k.clone())?;
-            if let SinkConfig::Kafka(sk) = &cfg.sink {
-                if sk.transactional_id.is_some() {
-                    let sink = flowgate_kafka::KafkaSink::new(sk.clone())?
-                        .with_offsets_of(source.offsets_link())?;
-                    bridge = Some(Box::new(sink));
-                }
-            }
-            Box::new(source)
-        }
-        #[cfg(not(feature = "kafka"))]
-        SourceConfig::Kafka(_) => {
-            return Err(config::missing_feature("kafka").with_context("key", "source.type"));
-        }
-        #[cfg(feature = "kinesis")]
-        SourceConfig::Kinesis(k) => {
-            // Leases live in the pipeline's store, so a worker that lost a shard cannot
-            // checkpoint it; without a store, one worker owns every shard (in memory).
-            let leases: Arc<dyn LeaseStore> = match &stores.leases {
-                Some(l) => l.clone(),
-                None => Arc::new(MemoryStore::new()),
-            };
-            Box::new(flowgate_kinesis::KinesisSource::new(k.clone(), leases)?)
-        }
-        #[cfg(not(feature = "kinesis"))]
-        SourceConfig::Kinesis(_) => {
-            return Err(config::missing_feature("kinesis").with_context("key", "source.type"));
-        }
-        #[cfg(feature = "rabbitmq")]
-        SourceConfig::Rabbitmq(r) => Box::new(flowgate_rabbitmq::RabbitSource::new(r.clone())?),
-        #[cfg(not(feature = "rabbitmq"))]
-        SourceConfig::Rabbitmq(_) => {
-            return Err(config::missing_feature("rabbitmq").with_context("key", "source.type"));
-        }
-    };
-    #[cfg(feature = "kafka")]
-    let sink = match bridge {
-        Some(sink) => sink,
-        None => make_sink(&cfg.sink, &stores, &cfg.name, "sink").await?,
-    };
-    #[cfg(not(feature = "kafka"))]
-    let sink = make_sink(&cfg.sink, &stores, &cfg.name, "sink").await?;
-    let mut b = Pipeline::builder(cfg.name.clone())
-        .source(source)
-        .sink(sink)
-        .settings(cfg.runtime.clone());
-    if let Some(dl) = &cfg.dead_letter {
-        b = b.dead_letter(make_sink(dl, &stores, &cfg.name, "dead_letter").await?);
-    }
-    if let Some(store) = &stores.checkpoint {
-        b = b.checkpoint_store(store.clone());
-    }
-    if let Some(d) = &cfg.dedup {
-        let store = stores.dedup.clone().ok_or_else(|| {
-            Error::config("dedup needs a store")
-                .with_context("key", "dedup")
-                .with_hint("set store.type = \"embedded\" or \"memory\"")
-        })?;
-        b = b.dedup(store, d.extractor()?);
-    }
-    Ok((b.build()?, stores))
 }
 
 async fn run_config(
@@ -486,52 +390,6 @@ async fn quickstart(data: &Path, duration: Duration) -> Result<(), Error> {
         }
     }
     run_config(cfg, true, Some(duration)).await
-}
-
-async fn checkpoints(action: CheckpointAction) -> Result<(), Error> {
-    match action {
-        CheckpointAction::Show { data, pipeline } => {
-            let store = EmbeddedStore::open_dir(&data).await?;
-            let mut cps = store.load(&pipeline).await?;
-            cps.sort_by(|a, b| a.partition.cmp(&b.partition));
-            if cps.is_empty() {
-                println!(
-                    "no checkpoints for pipeline {pipeline:?} in {}",
-                    store.path().display()
-                );
-            }
-            for c in cps {
-                match c.fence {
-                    Some(f) => println!("{}\t{}\tfence={f}", c.partition, c.position),
-                    None => println!("{}\t{}", c.partition, c.position),
-                }
-            }
-            Ok(())
-        }
-        CheckpointAction::Reset {
-            data,
-            pipeline,
-            partition,
-        } => {
-            let store = EmbeddedStore::open_dir(&data).await?;
-            let parts: Vec<PartitionId> = partition.iter().map(PartitionId::new).collect();
-            store
-                .reset(
-                    &pipeline,
-                    if parts.is_empty() { None } else { Some(&parts) },
-                )
-                .await?;
-            println!(
-                "reset {} of pipeline {pipeline:?}",
-                if parts.is_empty() {
-                    "all checkpoints".to_string()
-                } else {
-                    format!("{} partition(s)", parts.len())
-                }
-            );
-            Ok(())
-        }
-    }
 }
 
 #[cfg(test)]

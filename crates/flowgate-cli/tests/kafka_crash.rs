@@ -9,6 +9,8 @@
 #![cfg(feature = "broker-tests")]
 #![allow(clippy::unwrap_used)]
 
+mod cli;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -538,4 +540,173 @@ fn a_restarted_member_gets_its_partitions_within_the_session_timeout() {
             "{name}: waited {last:?} for its partitions (bound {bound:?})"
         );
     }
+}
+
+/// From outside a pipeline: `flowgate validate` reaches everything (and exits 3 on an
+/// unreachable broker), `flowgate lag` reads the checkpoints and the broker without joining
+/// the group and agrees with `kafka-consumer-groups --describe`, names the owners while the
+/// pipeline runs, and `flowgate checkpoints reset` is refused meanwhile; after the stop, a
+/// reset `--to latest` is what the next run starts from and commits to the broker.
+#[test]
+fn lag_validate_and_reset_from_outside_agree_with_kafkas_tools() {
+    let bootstrap = env("FLOWGATE_TEST_KAFKA_BOOTSTRAP");
+    let classpath = env("FLOWGATE_TEST_KAFKA_CLASSPATH");
+    let pg_url = env("FLOWGATE_TEST_POSTGRES_URL");
+    let dir = tempfile::tempdir().unwrap();
+    let nanos = nanos();
+    let topic = format!("outside-{nanos}");
+    let group = format!("outside-group-{nanos}");
+    let total = produce(dir.path(), &bootstrap, &topic);
+    let cfg = |bootstrap: &str| {
+        format!(
+            "name = \"{group}\"\n\
+             [source]\ntype = \"kafka\"\nbootstrap_servers = \"{bootstrap}\"\ntopics = [\"{topic}\"]\n\
+             [sink]\ntype = \"jsonl\"\npath = \"{}\"\nfaults = {{ capacity_per_sec = 1500 }}\n\
+             [store]\ntype = \"postgres\"\nurl = \"{pg_url}\"\nschema = \"outside_{nanos}\"\n",
+            dir.path().join("out.jsonl").display(),
+        )
+    };
+    let path = dir.path().join("outside.toml");
+    std::fs::write(&path, cfg(&bootstrap)).unwrap();
+    let (code, report) = cli::validate(&path);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(
+        report.matches('✓').count(),
+        4,
+        "file, store, source, sink: {report}"
+    );
+    let unreachable = dir.path().join("unreachable.toml");
+    std::fs::write(&unreachable, cfg("127.0.0.1:1")).unwrap();
+    let (code, report) = cli::validate(&unreachable);
+    assert_eq!(code, 3, "an unreachable broker exits 3: {report}");
+    assert!(
+        report.contains("✗ source") && report.contains("127.0.0.1:1"),
+        "{report}"
+    );
+
+    let before = cli::lag(&path);
+    assert_eq!(before.len() as u64, PARTITIONS, "{before:?}");
+    let waiting: u64 = before
+        .values()
+        .map(|p| p["lag_records"].as_u64().unwrap())
+        .sum();
+    assert_eq!(waiting, total, "{before:?}");
+    assert!(
+        before
+            .values()
+            .all(|p| p["owner"].is_null() && p["checkpoint"].is_null())
+    );
+    assert!(
+        before
+            .values()
+            .all(|p| p["lag_seconds"].as_f64().unwrap() > 0.0),
+        "every partition holds records, seconds old: {before:?}"
+    );
+
+    let mut child = Command::new(BIN)
+        .args(["run", "-c"])
+        .arg(&path)
+        .env("FLOWGATE_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("run.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let during = loop {
+        let now = cli::lag(&path);
+        if now
+            .values()
+            .all(|p| !p["owner"].is_null() && !p["checkpoint"].is_null())
+        {
+            break now;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "owners and checkpoints never showed: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let left: u64 = during
+        .values()
+        .map(|p| p["lag_records"].as_u64().unwrap())
+        .sum();
+    assert!(left > 0 && left < total, "read part way: {during:?}");
+    let refused = cli::flowgate(&[
+        "checkpoints",
+        "reset",
+        "-c",
+        path.to_str().unwrap(),
+        "--yes",
+    ]);
+    assert_eq!(refused.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert!(text.contains("a running pipeline holds"), "{text}");
+
+    // A clean stop leaves the group: nobody owns the partitions, the broker's offsets equal
+    // the checkpoints, and the lag is Kafka's own.
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(child.wait().unwrap().success());
+    let after = cli::lag(&path);
+    let kafka = describe(&classpath, &bootstrap, &group, &topic);
+    assert_eq!(kafka.len() as u64, PARTITIONS);
+    for row in &kafka {
+        let ours = &after[&format!("{topic}/{}", row.partition)];
+        let current = row.current.unwrap();
+        assert_eq!(
+            ours["lag_records"].as_u64(),
+            Some(row.end - current),
+            "{ours} vs {row:?}"
+        );
+        assert_eq!(ours["checkpoint"], ours["broker_committed"], "{ours}");
+        assert_eq!(
+            ours["broker_committed"],
+            (current - 1).to_string().as_str(),
+            "{ours}"
+        );
+        assert!(ours["owner"].is_null(), "{ours}");
+    }
+
+    // Partition 0 skips to its end; the next run starts there and tells the broker.
+    let p0 = format!("{topic}/0");
+    let reset = cli::flowgate(&[
+        "checkpoints",
+        "reset",
+        "-c",
+        path.to_str().unwrap(),
+        "--partition",
+        &p0,
+        "--to",
+        "latest",
+        "--yes",
+    ]);
+    assert!(
+        reset.status.success(),
+        "{}",
+        String::from_utf8_lossy(&reset.stderr)
+    );
+    let skipped = cli::lag(&path);
+    assert_eq!(skipped[&p0]["lag_records"].as_u64(), Some(0), "{skipped:?}");
+    assert_eq!(
+        skipped[&p0]["checkpoint"], skipped[&p0]["end"],
+        "{skipped:?}"
+    );
+    run_to_end(
+        dir.path(),
+        "after-reset",
+        &cfg(&bootstrap),
+        &["--duration", "3s"],
+    );
+    let row0 = describe(&classpath, &bootstrap, &group, &topic)
+        .into_iter()
+        .find(|r| r.partition == 0)
+        .unwrap();
+    assert_eq!(
+        row0.current,
+        Some(row0.end),
+        "the broker follows the reset: {row0:?}"
+    );
 }

@@ -5,6 +5,8 @@
 #![cfg(feature = "broker-tests")]
 #![allow(clippy::unwrap_used)]
 
+mod cli;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -206,6 +208,25 @@ async fn two_processes_share_a_stream_and_one_takes_over_after_a_sigkill() {
     create_stream(&stream).await;
     produce(&stream, 0).await;
     let (out_a, out_b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
+    // From outside, before anything runs: reachable, and every shard behind by its records'
+    // age, held by nobody.
+    let config_a = dir.path().join("worker-a.toml");
+    std::fs::write(
+        &config_a,
+        config(&stream, "worker-a", &out_a, &pg_url, &schema, &name),
+    )
+    .unwrap();
+    let (code, report) = cli::validate(&config_a);
+    assert_eq!(code, 0, "{report}");
+    let before = cli::lag(&config_a);
+    assert_eq!(before.len(), 4, "{before:?}");
+    assert!(
+        before
+            .values()
+            .any(|p| p["lag_seconds"].as_f64().unwrap() > 0.0),
+        "records wait: {before:?}"
+    );
+    assert!(before.values().all(|p| p["owner"].is_null()), "{before:?}");
     let mut a = spawn(
         dir.path(),
         "worker-a",
@@ -254,6 +275,20 @@ async fn two_processes_share_a_stream_and_one_takes_over_after_a_sigkill() {
     wait_until("every record read", Duration::from_secs(90), async || {
         payloads(&files).0.len() >= 3 * PER_ROUND
     })
+    .await;
+    // From outside again: B holds every shard, and nothing is behind its checkpoints.
+    wait_until(
+        "flowgate lag: 0 behind, B owns all",
+        Duration::from_secs(30),
+        async || {
+            let config_a = config_a.clone();
+            let now = tokio::task::spawn_blocking(move || cli::lag(&config_a))
+                .await
+                .unwrap();
+            now.values()
+                .all(|p| p["lag_seconds"].as_f64() == Some(0.0) && p["owner"] == "worker-b")
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     b.kill().unwrap();

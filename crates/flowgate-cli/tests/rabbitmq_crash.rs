@@ -9,6 +9,8 @@
 #![cfg(feature = "broker-tests")]
 #![allow(clippy::unwrap_used)]
 
+mod cli;
+
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -113,6 +115,13 @@ fn sigkill_loop(kind: &str, kills: usize, dedup: bool) {
         ),
     )
     .unwrap();
+    // From outside, before anything runs: reachable; a classic queue's depth is its lag.
+    let (code, report) = cli::validate(&consume);
+    assert_eq!(code, 0, "{report}");
+    let lag = cli::lag(&consume);
+    let expected = (kind != "stream").then_some(MESSAGES as u64);
+    assert_eq!(lag[&queue]["lag_records"].as_u64(), expected, "{lag:?}");
+    assert!(lag[&queue]["owner"].is_null(), "{lag:?}");
     let log = dir.path().join("consumer.log");
     let mut rng = fastrand::Rng::with_seed(13);
     let started = Instant::now();
@@ -161,6 +170,9 @@ fn sigkill_loop(kind: &str, kills: usize, dedup: bool) {
             0,
             "every message acknowledged"
         );
+        let lag = cli::lag(&consume);
+        assert_eq!(lag[&queue]["lag_records"].as_u64(), Some(0), "{lag:?}");
+        assert_eq!(lag[&queue]["lag_seconds"].as_f64(), Some(0.0), "{lag:?}");
     }
     let records = JsonLinesSink::read(&jsonl).unwrap();
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();

@@ -75,6 +75,13 @@ pub trait Sink: Send + Sync {
     async fn close(&self) -> Result<(), Error> {
         Ok(())
     }
+
+    /// Proves the destination reachable with the configured credentials, writing nothing
+    /// (`flowgate validate`): `Ok(true)` checked, `Ok(false)` nothing to check (no
+    /// connection behind this sink).
+    async fn check(&self) -> Result<bool, Error> {
+        Ok(false)
+    }
 }
 
 /// `Sink` for smart pointers to a sink (`Arc<dyn Sink>`, `Box<dyn Sink>`): every method
@@ -101,6 +108,9 @@ macro_rules! forward_sink {
             }
             async fn close(&self) -> Result<(), Error> {
                 (**self).close().await
+            }
+            async fn check(&self) -> Result<bool, Error> {
+                (**self).check().await
             }
         }
     };

@@ -238,6 +238,22 @@ pub trait Source: Send {
 
     /// Stops fetching and releases the broker session. MUST return within a bounded time.
     async fn close(&mut self) -> Result<(), Error>;
+
+    /// Reads the pipeline's partitions from the broker without opening the source (no group
+    /// joined, no lease taken, nothing consumed): committed and end positions, lag after
+    /// `checkpoints` (the pipeline's stored ones; the broker's committed position where a
+    /// partition has none), and the owner. Also proves the broker reachable with these
+    /// credentials. Sources that cannot answer return an `Unsupported` error.
+    async fn inspect(
+        &mut self,
+        pipeline: &str,
+        checkpoints: &[Checkpoint],
+    ) -> Result<Vec<crate::PartitionView>, Error> {
+        let _ = (pipeline, checkpoints);
+        Err(Error::unsupported(
+            "this source cannot be read from outside a running pipeline",
+        ))
+    }
 }
 
 #[async_trait]
@@ -262,5 +278,12 @@ impl<S: Source + ?Sized> Source for Box<S> {
     }
     async fn close(&mut self) -> Result<(), Error> {
         (**self).close().await
+    }
+    async fn inspect(
+        &mut self,
+        pipeline: &str,
+        checkpoints: &[Checkpoint],
+    ) -> Result<Vec<crate::PartitionView>, Error> {
+        (**self).inspect(pipeline, checkpoints).await
     }
 }

@@ -424,6 +424,27 @@ impl Sink for KafkaSink {
             .map_err(|e| map(e, "flushing the producer"))
     }
 
+    async fn check(&self) -> Result<bool, Error> {
+        let p = self.producer.clone();
+        let topic = self.cfg.topic.clone();
+        let auth = self.auth.clone();
+        tokio::task::spawn_blocking(move || {
+            p.client()
+                .fetch_metadata(topic.as_deref(), Duration::from_secs(10))
+                .map(|_| ())
+        })
+        .await
+        .map_err(|e| Error::fatal("kafka metadata task failed").with_source(e))?
+        .map_err(|e| match auth.failure() {
+            Some(refused) => refused,
+            None => map(e, "reading the topic's metadata"),
+        })?;
+        match self.auth.failure() {
+            Some(refused) => Err(refused),
+            None => Ok(true),
+        }
+    }
+
     async fn close(&self) -> Result<(), Error> {
         self.flush().await
     }

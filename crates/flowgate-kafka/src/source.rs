@@ -644,7 +644,7 @@ impl KafkaSource {
         }
     }
 
-    fn client_config(&self, group: &str) -> Result<ClientConfig, Error> {
+    pub(crate) fn client_config(&self, group: &str) -> Result<ClientConfig, Error> {
         let c = &self.cfg;
         let mut cc = ClientConfig::new();
         self.connection().apply(&mut cc)?;
@@ -859,6 +859,30 @@ impl Source for KafkaSource {
                 .map_err(|_| Error::fatal("the Kafka poll thread stopped")),
             None => Ok(()),
         }
+    }
+
+    async fn inspect(
+        &mut self,
+        pipeline: &str,
+        checkpoints: &[Checkpoint],
+    ) -> Result<Vec<flowgate_core::PartitionView>, Error> {
+        let group = self
+            .cfg
+            .group_id
+            .clone()
+            .unwrap_or_else(|| pipeline.to_string());
+        let cc = self.client_config(&group)?;
+        let topics = self.cfg.topics.clone();
+        let earliest = reset_offset(&self.cfg.auto_offset_reset) != Offset::End;
+        let checkpoints = checkpoints.to_vec();
+        let conn = self.connection();
+        let endpoint = conn.describe();
+        tokio::task::spawn_blocking(move || {
+            crate::lag::inspect(&cc, &topics, &group, earliest, &checkpoints)
+        })
+        .await
+        .map_err(|e| Error::fatal("the Kafka lag reader panicked").with_context("cause", e))?
+        .map_err(|e| e.with_context("brokers", endpoint))
     }
 
     async fn close(&mut self) -> Result<(), Error> {

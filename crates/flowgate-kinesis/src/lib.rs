@@ -19,6 +19,7 @@ mod client;
 mod config;
 mod error;
 pub mod kpl;
+mod lag;
 mod sink;
 mod source;
 

@@ -236,6 +236,22 @@ impl Sink for KinesisSink {
         Ok(())
     }
 
+    async fn check(&self) -> Result<bool, Error> {
+        self.client
+            .describe_stream_summary()
+            .stream_name(&self.cfg.stream)
+            .send()
+            .await
+            .map_err(|e| {
+                map(
+                    e,
+                    "describing the stream (DescribeStreamSummary)",
+                    &self.cfg.stream,
+                )
+            })?;
+        Ok(true)
+    }
+
     async fn close(&self) -> Result<(), Error> {
         Ok(())
     }

@@ -382,6 +382,38 @@ impl Source for KinesisSource {
         Ok(())
     }
 
+    async fn inspect(
+        &mut self,
+        pipeline: &str,
+        checkpoints: &[Checkpoint],
+    ) -> Result<Vec<flowgate_core::PartitionView>, Error> {
+        let client = crate::client::build(&self.cfg.connection).await;
+        let shards = list_shards(&client, &self.cfg.stream)
+            .await
+            .map_err(|e| e.with_context("endpoint", endpoint(&self.cfg)))?;
+        let leases = self.leases.leases(pipeline).await.unwrap_or_default();
+        let mut views = Vec::with_capacity(shards.len());
+        for shard in shards {
+            let after = checkpoints
+                .iter()
+                .find(|c| c.partition == shard.id)
+                .map(|c| &c.position);
+            let seconds = crate::lag::behind(&client, &self.cfg, &shard.id, after).await?;
+            views.push(flowgate_core::PartitionView {
+                broker_committed: None,
+                end: None,
+                lag_records: None,
+                lag_seconds: Some(seconds),
+                owner: leases
+                    .iter()
+                    .find(|l| l.partition == shard.id && !l.is_available())
+                    .and_then(|l| l.owner.clone()),
+                partition: shard.id,
+            });
+        }
+        Ok(views)
+    }
+
     async fn close(&mut self) -> Result<(), Error> {
         let Some(run) = self.run.take() else {
             return Ok(());
@@ -918,7 +950,7 @@ async fn shard_iterator(
                     .with_context("shard", shard)
                     .with_context("position", p)
                     .with_context("cause", e)
-                    .with_hint("positions are sequence number × 2^20 + KPL sub-sequence (docs/brokers/kinesis.md); a checkpoint holding a raw sequence number, or one of another stream, must be reset: `flowgate checkpoints reset --pipeline NAME --partition SHARD`"),
+                    .with_hint("positions are sequence number × 2^20 + KPL sub-sequence (docs/brokers/kinesis.md); a checkpoint holding a raw sequence number, or one of another stream, must be reset: `flowgate checkpoints reset -c FILE --partition SHARD`"),
             );
         }
         Failure::Error(map(

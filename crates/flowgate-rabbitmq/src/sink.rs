@@ -222,6 +222,10 @@ impl Sink for RabbitSink {
         }
     }
 
+    async fn check(&self) -> Result<bool, Error> {
+        self.channel().await.map(|_| true)
+    }
+
     async fn close(&self) -> Result<(), Error> {
         if let Some((conn, _)) = self.link.lock().await.take() {
             let close = conn.close(200, "flowgate closing".into());

@@ -349,6 +349,45 @@ impl Source for RabbitSource {
             .map_err(|e| map(e, "rejecting a poison record"))
     }
 
+    async fn inspect(
+        &mut self,
+        _pipeline: &str,
+        _checkpoints: &[Checkpoint],
+    ) -> Result<Vec<flowgate_core::PartitionView>, Error> {
+        let conn = crate::connect::connect(&self.cfg.url, self.cfg.tls.as_ref(), "source").await?;
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(|e| map(e, "opening a channel"))?;
+        let q = ch
+            .queue_declare(
+                self.cfg.queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| {
+                map(e, "reading the queue")
+                    .with_context("queue", &self.cfg.queue)
+                    .with_context("key", "source.queue")
+            })?;
+        let _ = conn.close(200, "flowgate lag".into()).await;
+        let consumers = q.consumer_count();
+        // A stream keeps every message: its depth is not what is left to read.
+        let ready = (!self.stream()).then(|| u64::from(q.message_count()));
+        Ok(vec![flowgate_core::PartitionView {
+            partition: PartitionId::new(&self.cfg.queue),
+            broker_committed: None,
+            end: None,
+            lag_records: ready,
+            lag_seconds: ready.and_then(|n| (n == 0).then_some(0.0)),
+            owner: (consumers > 0).then(|| format!("{consumers} consumer(s)")),
+        }])
+    }
+
     async fn close(&mut self) -> Result<(), Error> {
         let _ = self.closing.send(true);
         if let Some(task) = self.task.take() {

@@ -167,6 +167,10 @@ impl<S: Sink> Sink for FaultInjectingSink<S> {
         self.inner.flush().await
     }
 
+    async fn check(&self) -> Result<bool, Error> {
+        self.inner.check().await
+    }
+
     async fn close(&self) -> Result<(), Error> {
         self.inner.close().await
     }
