@@ -263,13 +263,17 @@ async fn run_config(
 ) -> Result<(), Error> {
     // The recorder first, so the pipeline's metric handles register with it.
     let prometheus = match cfg.observability.disabled {
-        false => Some((cfg.observability.listen, observe::install_recorder()?)),
+        false => Some((
+            cfg.observability.listen,
+            cfg.observability.bearer_token.clone(),
+            observe::install_recorder()?,
+        )),
         true => None,
     };
     let (pipeline, _stores) = build(&cfg).await?;
     let stats = pipeline.stats();
-    if let Some((addr, handle)) = prometheus {
-        let bound = observe::serve(addr, cfg.name.clone(), stats.clone(), handle).await?;
+    if let Some((addr, token, handle)) = prometheus {
+        let bound = observe::serve(addr, token, cfg.name.clone(), stats.clone(), handle).await?;
         eprintln!(
             "flowgate: metrics and health on http://{bound}/ (metrics, health, ready, status)"
         );
@@ -364,6 +368,7 @@ async fn quickstart(data: &Path, duration: Duration) -> Result<(), Error> {
         observability: observe::ObservabilityConfig {
             listen: None,
             disabled: true,
+            bearer_token: None,
         },
     };
     {

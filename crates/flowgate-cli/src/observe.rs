@@ -19,7 +19,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 
 /// `[observability]` in the pipeline file.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub(crate) struct ObservabilityConfig {
     /// Where the endpoint listens; another interface than loopback is an explicit choice.
@@ -28,6 +28,22 @@ pub(crate) struct ObservabilityConfig {
     pub(crate) listen: Option<SocketAddr>,
     /// Serve nothing.
     pub(crate) disabled: bool,
+    /// When set, every request must carry `Authorization: Bearer <token>` (401 otherwise).
+    /// Best given by the environment: `FLOWGATE_OBSERVABILITY__BEARER_TOKEN`.
+    pub(crate) bearer_token: Option<String>,
+}
+
+impl std::fmt::Debug for ObservabilityConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObservabilityConfig")
+            .field("listen", &self.listen)
+            .field("disabled", &self.disabled)
+            .field(
+                "bearer_token",
+                &self.bearer_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 /// The endpoint's address when none is configured.
@@ -80,6 +96,7 @@ struct Served {
 /// the bound address.
 pub(crate) async fn serve(
     listen: Option<SocketAddr>,
+    bearer_token: Option<String>,
     pipeline: String,
     stats: Arc<Stats>,
     prometheus: PrometheusHandle,
@@ -100,8 +117,8 @@ pub(crate) async fn serve(
             .with_hint("choose a free port with observability.listen or --metrics-addr")
     })?;
     let bound = listener.local_addr().unwrap_or(addr);
-    if !bound.ip().is_loopback() {
-        tracing::warn!(address = %bound, "the metrics and health endpoint listens beyond loopback");
+    if !bound.ip().is_loopback() && bearer_token.is_none() {
+        tracing::warn!(address = %bound, "the metrics and health endpoint listens beyond loopback without a bearer token (observability.bearer_token)");
     }
     let upkeep = prometheus.clone();
     tokio::spawn(async move {
@@ -116,6 +133,9 @@ pub(crate) async fn serve(
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/status", get(status))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            authorized(bearer_token.clone(), req, next)
+        }))
         .with_state(Served {
             pipeline,
             stats,
@@ -128,6 +148,40 @@ pub(crate) async fn serve(
     });
     tracing::info!(address = %bound, "serving /metrics, /health, /ready and /status");
     Ok(bound)
+}
+
+/// Refuses a request without the configured bearer token (compared in constant time).
+async fn authorized(
+    token: Option<String>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = token else {
+        return next.run(req).await;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let expected = token.as_bytes();
+    let same = given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        next.run(req).await
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "a bearer token is required (observability.bearer_token)\n",
+        )
+            .into_response()
+    }
 }
 
 async fn metrics(State(s): State<Served>) -> Response {

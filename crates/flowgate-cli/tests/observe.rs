@@ -8,7 +8,7 @@ mod http;
 
 use std::time::{Duration, Instant};
 
-use http::{get, run_with_endpoint};
+use http::{get, get_with, run_with_endpoint};
 
 #[test]
 fn endpoints_show_progress_a_stall_and_the_recovery() {
@@ -180,4 +180,32 @@ fn the_dashboard_is_importable() {
             }
         }
     }
+}
+
+/// With `observability.bearer_token`, nothing is served without the token.
+#[test]
+fn a_bearer_token_guards_every_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    std::fs::write(
+        &path,
+        "name = \"guarded\"\n[source]\ntype = \"generator\"\npartitions = 1\nrate = 100\n\
+         [sink]\ntype = \"null\"\n[store]\ntype = \"memory\"\n\
+         [observability]\nbearer_token = \"s3cret-token\"\n",
+    )
+    .unwrap();
+    let (mut child, addr) = run_with_endpoint(&path, "127.0.0.1:0", &["--duration", "4s"]);
+    for p in ["/metrics", "/health", "/ready", "/status"] {
+        assert_eq!(get(&addr, p).0, 401, "{p} without a token");
+        assert_eq!(
+            get_with(&addr, p, "Authorization: Bearer wrong-token!\r\n").0,
+            401,
+            "{p} with a wrong token"
+        );
+    }
+    let (code, body) = get_with(&addr, "/metrics", "Authorization: Bearer s3cret-token\r\n");
+    assert_eq!(code, 200);
+    assert!(body.contains("flowgate_records_in_total"), "{body}");
+    assert!(!body.contains("s3cret"), "the token is never served");
+    assert!(child.wait().unwrap().success());
 }
