@@ -8,6 +8,8 @@
 //!       | runtime-checkpoint-dedup-keys   (one durable key per record instead of ranges)
 //!       | sink-1ms | sink-1ms-checkpoint-dedup   (a sink answering each batch after 1 ms,
 //!         like a broker round trip on a LAN)
+//!       | runtime-endpoint   (`runtime` with the Prometheus recorder installed and the
+//!         endpoint's /metrics and /status read every second, as a scraper would)
 //! ```
 //! Prints one line: `mode records seconds records_per_second`.
 
@@ -68,11 +70,48 @@ async fn raw(records: u64) -> u64 {
     sink.records()
 }
 
+/// `runtime`, observed: the endpoint serves the pipeline's metrics and a scraper reads
+/// `/metrics` and `/status` every second while it runs.
+async fn runtime_observed(records: u64) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let settings = flowgate::runtime::EndpointSettings {
+        listen: Some("127.0.0.1:0".parse().expect("address")),
+        ..Default::default()
+    };
+    let endpoint = flowgate::runtime::Endpoint::start(&settings, "bench")
+        .await
+        .expect("endpoint");
+    let addr = endpoint.local_addr();
+    let scraper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            for path in ["/metrics", "/status"] {
+                let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                let request =
+                    format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
+                conn.write_all(request.as_bytes()).await.expect("request");
+                let mut body = Vec::new();
+                conn.read_to_end(&mut body).await.expect("response");
+                assert!(
+                    body.starts_with(b"HTTP/1.1 200"),
+                    "{path} answered {:?}",
+                    String::from_utf8_lossy(&body[..body.len().min(80)])
+                );
+            }
+        }
+    });
+    let done = runtime(records, false, None, None, Some(&endpoint)).await;
+    scraper.abort();
+    done
+}
+
 async fn runtime(
     records: u64,
     checkpoint: bool,
     dedup: Option<KeyExtractor>,
     sink_latency: Option<Duration>,
+    endpoint: Option<&flowgate::runtime::Endpoint>,
 ) -> u64 {
     let sink = NullSink::default();
     let b = Pipeline::builder("bench")
@@ -106,11 +145,11 @@ async fn runtime(
             b = b.dedup(store, extractor);
         }
     }
-    b.build()
-        .expect("build")
-        .run(Shutdown::never())
-        .await
-        .expect("run");
+    let pipeline = b.build().expect("build");
+    if let Some(endpoint) = endpoint {
+        endpoint.attach(pipeline.stats());
+    }
+    pipeline.run(Shutdown::never()).await.expect("run");
     sink.records()
 }
 
@@ -130,28 +169,37 @@ fn main() {
     let done = rt.block_on(async {
         match mode.as_str() {
             "raw" => raw(records).await,
-            "runtime" => runtime(records, false, None, None).await,
-            "runtime-checkpoint" => runtime(records, true, None, None).await,
+            "runtime" => runtime(records, false, None, None, None).await,
+            "runtime-checkpoint" => runtime(records, true, None, None, None).await,
             "runtime-checkpoint-dedup" => {
-                runtime(records, true, Some(KeyExtractor::SourcePosition), None).await
+                runtime(
+                    records,
+                    true,
+                    Some(KeyExtractor::SourcePosition),
+                    None,
+                    None,
+                )
+                .await
             }
             "runtime-checkpoint-dedup-keys" => {
                 // The same keys, but through the per-key path (a custom extractor).
                 let per_key = KeyExtractor::Custom(Arc::new(|r: &flowgate::Record| {
                     Some(IdempotencyKey::from_position(&r.partition, &r.position))
                 }));
-                runtime(records, true, Some(per_key), None).await
+                runtime(records, true, Some(per_key), None, None).await
             }
-            "sink-1ms" => runtime(records, false, None, Some(Duration::from_millis(1))).await,
+            "sink-1ms" => runtime(records, false, None, Some(Duration::from_millis(1)), None).await,
             "sink-1ms-checkpoint-dedup" => {
                 runtime(
                     records,
                     true,
                     Some(KeyExtractor::SourcePosition),
                     Some(Duration::from_millis(1)),
+                    None,
                 )
                 .await
             }
+            "runtime-endpoint" => runtime_observed(records).await,
             other => panic!("unknown mode {other}"),
         }
     });

@@ -6,11 +6,13 @@
 //! - [`core`]: records, positions, the `Source` / `Sink` / `CheckpointStore` / `DedupStore`
 //!   traits, errors;
 //! - [`runtime`]: the pipeline builder and the in-process adapters (generator, null,
-//!   JSON-lines, fault injection);
+//!   JSON-lines, fault injection) and, with feature `endpoint` (default), the HTTP endpoint
+//!   that serves `/metrics`, `/health`, `/ready` and `/status`;
 //! - [`checkpoint`]: the stores (in-memory; embedded redb with feature `embedded-store`);
 //! - `kafka` (feature `kafka`): the Apache Kafka source and sink;
 //! - `rabbitmq` (feature `rabbitmq`): the RabbitMQ source and sink.
 //! - `kinesis` (feature `kinesis`): the Kinesis Data Streams source and sink.
+//! - `http` (feature `http`): the HTTP sink.
 //!
 //! ```no_run
 //! use flowgate::runtime::adapters::{GeneratorConfig, GeneratorSource, NullSink};
@@ -46,6 +48,10 @@ pub use flowgate_rabbitmq as rabbitmq;
 /// Kinesis Data Streams source and sink (feature `kinesis`).
 #[cfg(feature = "kinesis")]
 pub use flowgate_kinesis as kinesis;
+
+/// The HTTP sink (feature `http`).
+#[cfg(feature = "http")]
+pub use flowgate_http as http;
 
 pub use flowgate_core::{Error, ErrorKind, PartitionId, Position, Record};
 pub use flowgate_runtime::{Pipeline, RuntimeSettings, Shutdown};

@@ -387,9 +387,10 @@ fn dependency_rules() -> Result<(), String> {
     Ok(())
 }
 
-const MODES: [&str; 7] = [
+const MODES: [&str; 8] = [
     "raw",
     "runtime",
+    "runtime-endpoint",
     "runtime-checkpoint",
     "runtime-checkpoint-dedup",
     "runtime-checkpoint-dedup-keys",
@@ -438,7 +439,7 @@ fn bench_runtime(rest: &[&str]) -> Result<(), String> {
     }
     let raw = median(&results[0].1);
     let rt = median(&results[1].1);
-    let sink_1ms = median(&results[5].1);
+    let sink_1ms = median(&results[6].1);
     println!(
         "\n| mode | records/s (median of {rounds}) | vs raw loop | vs runtime | vs sink-1ms |"
     );
@@ -989,6 +990,7 @@ fn callgrind(bin: &str) -> Result<(), String> {
     for mode in [
         "raw",
         "runtime",
+        "runtime-endpoint",
         "runtime-checkpoint",
         "runtime-checkpoint-dedup",
     ] {

@@ -60,7 +60,7 @@ pub(crate) struct PipelineConfig {
     pub(crate) runtime: RuntimeSettings,
     /// The `/metrics`, `/health`, `/ready` and `/status` endpoint.
     #[serde(default)]
-    pub(crate) observability: crate::observe::ObservabilityConfig,
+    pub(crate) observability: flowgate_runtime::EndpointSettings,
 }
 
 /// Sources by type.
@@ -93,7 +93,12 @@ pub(crate) enum SourceConfig {
 /// error can name the missing Cargo feature.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[cfg_attr(
-    all(feature = "kafka", feature = "rabbitmq", feature = "kinesis"),
+    all(
+        feature = "kafka",
+        feature = "rabbitmq",
+        feature = "kinesis",
+        feature = "http"
+    ),
     allow(dead_code)
 )]
 pub(crate) struct NotCompiled {}
@@ -127,6 +132,12 @@ pub(crate) enum SinkConfig {
     /// RabbitMQ (feature `rabbitmq`, not compiled in).
     #[cfg(not(feature = "rabbitmq"))]
     Rabbitmq(NotCompiled),
+    /// An HTTP endpoint.
+    #[cfg(feature = "http")]
+    Http(flowgate_http::HttpSinkConfig),
+    /// An HTTP endpoint (feature `http`, not compiled in).
+    #[cfg(not(feature = "http"))]
+    Http(NotCompiled),
 }
 
 /// `type = "null"`.
@@ -236,8 +247,9 @@ impl Tagged for SourceConfig {
 }
 
 impl Tagged for SinkConfig {
-    const TYPES: &'static [&'static str] =
-        &["null", "jsonl", "table", "kafka", "kinesis", "rabbitmq"];
+    const TYPES: &'static [&'static str] = &[
+        "null", "jsonl", "table", "kafka", "kinesis", "rabbitmq", "http",
+    ];
     fn from_parts(kind: &str, rest: &Value) -> Result<Option<Self>, figment::Error> {
         Ok(Some(match kind {
             "null" => SinkConfig::Null(rest.deserialize()?),
@@ -246,6 +258,7 @@ impl Tagged for SinkConfig {
             "kafka" => SinkConfig::Kafka(rest.deserialize()?),
             "kinesis" => SinkConfig::Kinesis(rest.deserialize()?),
             "rabbitmq" => SinkConfig::Rabbitmq(rest.deserialize()?),
+            "http" => SinkConfig::Http(rest.deserialize()?),
             _ => return Ok(None),
         }))
     }
@@ -303,7 +316,12 @@ impl DedupConfig {
 
 /// The error for an adapter this binary was built without.
 #[cfg_attr(
-    all(feature = "kafka", feature = "rabbitmq", feature = "kinesis"),
+    all(
+        feature = "kafka",
+        feature = "rabbitmq",
+        feature = "kinesis",
+        feature = "http"
+    ),
     allow(dead_code)
 )]
 pub(crate) fn missing_feature(kind: &str) -> Error {
@@ -371,7 +389,7 @@ struct Frame {
     #[serde(default)]
     runtime: RuntimeSettings,
     #[serde(default)]
-    observability: crate::observe::ObservabilityConfig,
+    observability: flowgate_runtime::EndpointSettings,
 }
 
 /// Extracts and validates a configuration.

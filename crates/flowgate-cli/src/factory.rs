@@ -150,6 +150,14 @@ pub(crate) async fn make_sink(
             return Err(crate::config::missing_feature("rabbitmq")
                 .with_context("key", format!("{key}.type")));
         }
+        #[cfg(feature = "http")]
+        SinkConfig::Http(h) => (Box::new(flowgate_http::HttpSink::new(h.clone())?), &None),
+        #[cfg(not(feature = "http"))]
+        SinkConfig::Http(_) => {
+            return Err(
+                crate::config::missing_feature("http").with_context("key", format!("{key}.type"))
+            );
+        }
     };
     Ok(match faults {
         Some(f) => Box::new(FaultInjectingSink::new(sink, f.clone())),

@@ -3,7 +3,6 @@
 mod config;
 mod factory;
 mod inspect;
-mod observe;
 mod top;
 
 use std::io::Write;
@@ -261,22 +260,23 @@ async fn run_config(
     status: bool,
     duration: Option<Duration>,
 ) -> Result<(), Error> {
-    // The recorder first, so the pipeline's metric handles register with it.
-    let prometheus = match cfg.observability.disabled {
-        false => Some((
-            cfg.observability.listen,
-            cfg.observability.bearer_token.clone(),
-            observe::install_recorder()?,
-        )),
+    // The endpoint first: the pipeline's metric handles register with its recorder, and it
+    // answers (`starting`) while the source, sink and stores connect.
+    let endpoint = match cfg.observability.disabled {
+        false => {
+            let endpoint = flowgate_runtime::Endpoint::start(&cfg.observability, &cfg.name).await?;
+            eprintln!(
+                "flowgate: metrics and health on {} (metrics, health, ready, status)",
+                endpoint.url()
+            );
+            Some(endpoint)
+        }
         true => None,
     };
     let (pipeline, _stores) = build(&cfg).await?;
     let stats = pipeline.stats();
-    if let Some((addr, token, handle)) = prometheus {
-        let bound = observe::serve(addr, token, cfg.name.clone(), stats.clone(), handle).await?;
-        eprintln!(
-            "flowgate: metrics and health on http://{bound}/ (metrics, health, ready, status)"
-        );
+    if let Some(endpoint) = &endpoint {
+        endpoint.attach(stats.clone());
     }
     let printer = status.then(|| tokio::spawn(status_line(stats.clone())));
     let shutdown = match duration {
@@ -365,10 +365,9 @@ async fn quickstart(data: &Path, duration: Duration) -> Result<(), Error> {
             max_in_flight_per_partition: 2_000,
             ..Default::default()
         },
-        observability: observe::ObservabilityConfig {
-            listen: None,
+        observability: flowgate_runtime::EndpointSettings {
             disabled: true,
-            bearer_token: None,
+            ..Default::default()
         },
     };
     {

@@ -113,7 +113,10 @@ fn dashboard_queries_answer_and_the_lag_alert_fires_on_a_stall_and_resolves() {
         empty.is_empty(),
         "dashboard queries without data: {empty:#?}"
     );
-    assert_eq!(alert_state(&prometheus, "FlowgateLagGrowing"), None);
+    // One scrape with more lag than the one before makes the alert pending on a healthy
+    // pipeline too; only growth held for the rule's `for` makes it fire.
+    let before = alert_state(&prometheus, "FlowgateLagGrowing");
+    assert_ne!(before.as_deref(), Some("firing"), "fired before the stall");
     let (code, body) = get(&addr, "/ready");
     assert_eq!(code, 200, "ready before the stall: {body}");
 

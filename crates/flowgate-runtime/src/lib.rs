@@ -22,6 +22,8 @@
 pub mod adapters;
 mod aimd;
 mod dedup;
+#[cfg(feature = "endpoint")]
+pub mod endpoint;
 mod metrics;
 mod pipeline;
 mod progress;
@@ -32,6 +34,8 @@ mod tracker;
 mod worker;
 
 pub use dedup::{KeyExtractor, KeyFn};
+#[cfg(feature = "endpoint")]
+pub use endpoint::{DEFAULT_LISTEN, Endpoint, EndpointSettings, EndpointTls};
 pub use metrics::names as metric_names;
 pub use pipeline::{Pipeline, PipelineBuilder, resume_after};
 pub use progress::PartitionState;

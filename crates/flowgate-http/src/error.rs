@@ -1,0 +1,206 @@
+//! What an endpoint's answer, or a failure to get one, means for the records sent: the one
+//! place where HTTP outcomes become flowgate's error kinds.
+
+use std::time::{Duration, SystemTime};
+
+use flowgate_core::{Error, ErrorKind};
+use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+
+/// The most a `Retry-After` is honoured for: an endpoint asking for hours is throttling, and
+/// the runtime's retry budget decides when to give up, not the endpoint.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// An answer's status, `Retry-After` and (the start of) its body, as an outcome:
+///
+/// | status | kind |
+/// |---|---|
+/// | 2xx | confirmed (`Ok`) |
+/// | 429, 503 | `Throttled`, with `Retry-After` (seconds or an HTTP date) |
+/// | 408, 425, other 5xx | `Transient` |
+/// | 401, 403, 407 | `Config` (the credentials are wrong: retrying cannot help) |
+/// | other 4xx (400, 404, 409, 413, 422, …) | `Poison` (dead letter with status and body) |
+/// | 1xx, 3xx (redirects are not followed) | `Poison` |
+pub(crate) fn classify(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    url: &str,
+) -> Result<(), Error> {
+    if status.is_success() {
+        return Ok(());
+    }
+    let code = status.as_u16();
+    let kind = match code {
+        429 | 503 => ErrorKind::Throttled,
+        408 | 425 | 500..=599 => ErrorKind::Transient,
+        401 | 403 | 407 => ErrorKind::Config,
+        _ => ErrorKind::Poison,
+    };
+    let message = match kind {
+        ErrorKind::Throttled => "the HTTP endpoint asks to slow down",
+        ErrorKind::Transient => "the HTTP endpoint failed the request",
+        ErrorKind::Config => "the HTTP endpoint refused the credentials",
+        _ => "the HTTP endpoint rejected the record",
+    };
+    let mut e = Error::new(kind, message)
+        .with_context("status", code)
+        .with_context("url", flowgate_core::redact_url(url));
+    if !body.is_empty() {
+        e = e.with_context("body", String::from_utf8_lossy(body));
+    }
+    if kind == ErrorKind::Throttled {
+        if let Some(after) = retry_after(headers, SystemTime::now()) {
+            e = e.with_retry_after(after);
+        }
+    }
+    if kind == ErrorKind::Config {
+        e = e.with_hint("check sink.auth and sink.headers (the token, user or password)");
+    }
+    Err(e)
+}
+
+/// An answer for one record inside a batch's `2xx` (`per_record_results`): its status alone.
+pub(crate) fn classify_entry(status: u16, error: Option<&str>, url: &str) -> Result<(), Error> {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    classify(
+        status,
+        &HeaderMap::new(),
+        error.unwrap_or_default().as_bytes(),
+        url,
+    )
+}
+
+/// A request that got no answer: timeouts and connection failures are transient; a TLS
+/// handshake refused for the client's certificate, or a certificate we do not trust, is a
+/// configuration error (retrying cannot fix it).
+pub(crate) fn no_answer(e: &reqwest::Error, url: &str) -> Error {
+    let chain = chain_text(e);
+    let url = flowgate_core::redact_url(url);
+    if flowgate_core::tls::refused_client_certificate(&chain) {
+        return Error::config("the HTTP endpoint refused the client certificate")
+            .with_context("url", url)
+            .with_context("cause", chain)
+            .with_hint(
+                "set sink.tls.cert_file and sink.tls.key_file to a certificate the endpoint trusts",
+            );
+    }
+    if chain.contains("invalid peer certificate") || chain.contains("UnknownIssuer") {
+        return Error::config("the HTTP endpoint's certificate is not trusted")
+            .with_context("url", url)
+            .with_context("cause", chain)
+            .with_hint("set sink.tls.ca_file to the CA that signed the endpoint's certificate");
+    }
+    let message = if e.is_timeout() {
+        "the HTTP endpoint did not answer in time"
+    } else if e.is_connect() {
+        "cannot connect to the HTTP endpoint"
+    } else {
+        "the HTTP request failed"
+    };
+    let mut err = Error::transient(message)
+        .with_context("url", url)
+        .with_context("cause", chain);
+    if e.is_timeout() {
+        err = err.with_hint("raise sink.timeout if the endpoint is slow but healthy");
+    }
+    err
+}
+
+/// The error and its causes, joined (reqwest's own text names only the outermost).
+fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+/// `Retry-After` as a wait from `now`: delay-seconds or an HTTP date, capped.
+fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    fn kind(code: u16) -> Option<ErrorKind> {
+        classify(
+            StatusCode::from_u16(code).unwrap(),
+            &HeaderMap::new(),
+            b"",
+            "http://x",
+        )
+        .err()
+        .map(|e| e.kind())
+    }
+
+    #[test]
+    fn every_status_class_maps_to_one_kind() {
+        for ok in [200, 201, 202, 204, 207] {
+            assert_eq!(kind(ok), None, "{ok}");
+        }
+        for t in [429, 503] {
+            assert_eq!(kind(t), Some(ErrorKind::Throttled), "{t}");
+        }
+        for t in [408, 425, 500, 502, 504, 599] {
+            assert_eq!(kind(t), Some(ErrorKind::Transient), "{t}");
+        }
+        for c in [401, 403, 407] {
+            assert_eq!(kind(c), Some(ErrorKind::Config), "{c}");
+        }
+        for p in [301, 400, 404, 409, 413, 422] {
+            assert_eq!(kind(p), Some(ErrorKind::Poison), "{p}");
+        }
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_as_a_date_is_kept() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("2"));
+        assert_eq!(retry_after(&h, now), Some(Duration::from_secs(2)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(7));
+        h.insert(RETRY_AFTER, HeaderValue::from_str(&later).unwrap());
+        assert_eq!(retry_after(&h, now), Some(Duration::from_secs(7)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(7));
+        h.insert(RETRY_AFTER, HeaderValue::from_str(&past).unwrap());
+        assert_eq!(retry_after(&h, now), Some(Duration::ZERO));
+        h.insert(RETRY_AFTER, HeaderValue::from_static("86400"));
+        assert_eq!(retry_after(&h, now), Some(MAX_RETRY_AFTER));
+        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h, now), None);
+
+        h.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        let e = classify(StatusCode::TOO_MANY_REQUESTS, &h, b"slow down", "http://x").unwrap_err();
+        assert_eq!(e.retry_after(), Some(Duration::from_secs(1)));
+        assert!(e.to_string().contains("status=429"), "{e}");
+        assert!(e.to_string().contains("body=slow down"), "{e}");
+    }
+
+    #[test]
+    fn credentials_in_the_url_never_reach_the_error() {
+        let e = classify(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &HeaderMap::new(),
+            b"{\"error\":\"amount missing\"}",
+            "https://app:s3cret@scoring.internal/v1",
+        )
+        .unwrap_err();
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        assert!(e.to_string().contains("amount missing"), "{e}");
+    }
+}
