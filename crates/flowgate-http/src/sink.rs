@@ -44,6 +44,9 @@ struct Inner {
     max_record_bytes: usize,
     per_record_results: bool,
     error_body_limit: usize,
+    /// An endpoint's `Retry-After` holds every request of this sink, not only the refused
+    /// one: other partitions' requests would only be refused too.
+    not_before: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 /// One request to send: indices into the batch, in order, and their URL.
@@ -105,6 +108,7 @@ impl HttpSink {
                 max_record_bytes: cfg.max_record_bytes,
                 per_record_results: cfg.per_record_results,
                 error_body_limit: cfg.error_body_limit,
+                not_before: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -167,6 +171,13 @@ impl Inner {
             }
         }
         req = self.credentials.apply(req);
+        let hold = *self
+            .not_before
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(until) = hold {
+            tokio::time::sleep_until(until).await;
+        }
         let started = Instant::now();
         let answer = req.send().await;
         let (status, headers, body) = match answer {
@@ -189,7 +200,17 @@ impl Inner {
         };
         observe(started, outcome_label(status.as_u16()));
         let shown = &body[..body.len().min(self.error_body_limit)];
-        error::classify(status, &headers, shown, url).map_err(Outcome::Whole)?;
+        if let Err(e) = error::classify(status, &headers, shown, url) {
+            if let Some(after) = e.retry_after() {
+                let until = tokio::time::Instant::now() + after;
+                let mut hold = self
+                    .not_before
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                *hold = Some(hold.map_or(until, |h| h.max(until)));
+            }
+            return Err(Outcome::Whole(e));
+        }
         if self.per_record_results && self.encoding != Encoding::Single {
             return per_record(&body, records.len(), url);
         }
@@ -322,7 +343,13 @@ impl Sink for HttpSink {
                         records: left.to_vec(),
                     });
                 }
+                Err(Outcome::Whole(e)) if e.kind() == ErrorKind::Poison => {
+                    // One record, rejected: it alone is dead-lettered.
+                    failed.extend(p.records.into_iter().map(|i| (i, e.duplicate())));
+                }
                 Err(Outcome::Whole(e)) => {
+                    // Not the records' fault: this request and the ones after it wait for
+                    // the retry, in order.
                     let rest = work.drain(..).rev().flat_map(|p| p.records);
                     for i in p.records.into_iter().chain(rest) {
                         failed.push((i, e.duplicate()));
