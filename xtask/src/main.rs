@@ -32,7 +32,8 @@ cargo xtask <task>
                            the broker's own client against the rig (node name and cookie,
                            port, database filled in), e.g. `rabbitmqctl list_queues`
   bench runtime            generator -> null sink through a raw loop and through the runtime
-                           (records/s side by side, ratios) and instructions per record
+                           (records/s side by side, ratios; with and without the endpoint
+                           scraped every second) and instructions per record
   bench kafka              a pre-filled 4-partition topic read by a raw rdkafka loop and by the
                            flowgate Kafka source (with and without dedup), side by side; then
                            the consumer's RSS behind a 10x slower sink while the backlog grows,
@@ -43,6 +44,9 @@ cargo xtask <task>
                            and source on a classic queue, side by side. --records=N --rounds=N
   bench kinesis            a raw GetRecords loop against the flowgate Kinesis source on a
                            4-shard stream of kinesis-mock, alternately. --records=N --rounds=N
+  bench http               a raw reqwest loop against the flowgate HTTP sink (same concurrency
+                           and batch size) to a local endpoint answering at once and after
+                           5 ms, alternately. --records=N --rounds=N
   bench stores             checkpoint commits and dedup checks per second, one key per call vs
                            many, on the embedded store, PostgreSQL and Redis. --seconds=N
   help                     this text
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
         ["bench", "rabbitmq", rest @ ..] => bench_rabbitmq(rest),
         ["bench", "stores", rest @ ..] => bench_stores(rest),
         ["bench", "kinesis", rest @ ..] => bench_kinesis(rest),
+        ["bench", "http", rest @ ..] => bench_http(rest),
         ["help"] | [] => {
             print!("{HELP}");
             Ok(())
@@ -962,6 +967,58 @@ fn interleaved_fields(
         }
     }
     Ok(runs)
+}
+
+/// flowgate's HTTP sink against a raw `reqwest` loop, same concurrency and batch size, to a
+/// local endpoint answering at once and after 5 ms.
+fn bench_http(rest: &[&str]) -> Result<(), String> {
+    let records: u64 = rest
+        .iter()
+        .find_map(|a| a.strip_prefix("--records="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1_000_000);
+    let rounds: usize = rest
+        .iter()
+        .find_map(|a| a.strip_prefix("--rounds="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(5);
+    run(
+        "build the harness",
+        cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "flowgate-http",
+            "--example",
+            "bench_http",
+        ]),
+    )?;
+    let bin = "target/release/examples/bench_http";
+    println!(
+        "\n| endpoint | raw reqwest loop, records/s | flowgate, records/s | ratio (median of {rounds}) |"
+    );
+    println!("|---|---:|---:|---:|");
+    for delay in ["0", "5"] {
+        let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+        for round in 0..rounds {
+            for (i, mode) in ["raw", "flowgate"].into_iter().enumerate() {
+                let out = output(Command::new(bin).args([mode, delay, &records.to_string()]))?;
+                let rate: f64 = out
+                    .split_whitespace()
+                    .nth(4)
+                    .and_then(|r| r.parse().ok())
+                    .ok_or(format!("bad output {out:?}"))?;
+                eprintln!("    round {round} {delay} ms {mode:<9} {rate:>12.0} records/s");
+                rates[i].push(rate);
+            }
+        }
+        let (raw, flowgate) = (median(&rates[0]), median(&rates[1]));
+        println!(
+            "| answers after {delay} ms | {raw:.0} | {flowgate:.0} | {:.3} |",
+            flowgate / raw
+        );
+    }
+    Ok(())
 }
 
 fn median(v: &[f64]) -> f64 {

@@ -101,11 +101,12 @@ impl UrlTemplate {
     }
 }
 
-/// A record's payload as it goes into a body, or why it cannot: batch encodings need JSON
-/// (a multi-line JSON payload is compacted onto one line for `ndjson`).
-pub(crate) fn payload(encoding: Encoding, r: &Record) -> Result<Bytes, Error> {
+/// Checks that a record's payload can go into a body: batch encodings need JSON. `Ok(None)`:
+/// the payload goes as it is; `Ok(Some(_))`: a multi-line JSON payload compacted onto one
+/// line for `ndjson`.
+pub(crate) fn payload(encoding: Encoding, r: &Record) -> Result<Option<Bytes>, Error> {
     if encoding == Encoding::Single {
-        return Ok(r.payload.clone());
+        return Ok(None);
     }
     let not_json = |e: serde_json::Error| {
         Error::poison("the record's payload is not JSON, which the sink's encoding needs")
@@ -116,19 +117,26 @@ pub(crate) fn payload(encoding: Encoding, r: &Record) -> Result<Bytes, Error> {
     if r.payload.contains(&b'\n') {
         let value: serde_json::Value = serde_json::from_slice(&r.payload).map_err(not_json)?;
         return serde_json::to_vec(&value)
-            .map(Bytes::from)
+            .map(|v| Some(Bytes::from(v)))
             .map_err(not_json);
     }
     serde_json::from_slice::<serde::de::IgnoredAny>(&r.payload).map_err(not_json)?;
-    Ok(r.payload.clone())
+    Ok(None)
 }
 
 /// The body of one request from already checked payloads.
-pub(crate) fn body(encoding: Encoding, payloads: &[&Bytes]) -> Bytes {
+pub(crate) fn body<'a>(
+    encoding: Encoding,
+    payloads: impl ExactSizeIterator<Item = &'a [u8]> + Clone,
+) -> Bytes {
     match encoding {
-        Encoding::Single => payloads.first().map(|p| (*p).clone()).unwrap_or_default(),
+        Encoding::Single => payloads
+            .into_iter()
+            .next()
+            .map(Bytes::copy_from_slice)
+            .unwrap_or_default(),
         Encoding::Ndjson => {
-            let mut b = BytesMut::with_capacity(payloads.iter().map(|p| p.len() + 1).sum());
+            let mut b = BytesMut::with_capacity(payloads.clone().map(|p| p.len() + 1).sum());
             for p in payloads {
                 b.put_slice(p);
                 b.put_u8(b'\n');
@@ -137,9 +145,9 @@ pub(crate) fn body(encoding: Encoding, payloads: &[&Bytes]) -> Bytes {
         }
         Encoding::JsonArray => {
             let mut b =
-                BytesMut::with_capacity(payloads.iter().map(|p| p.len() + 1).sum::<usize>() + 2);
+                BytesMut::with_capacity(payloads.clone().map(|p| p.len() + 1).sum::<usize>() + 2);
             b.put_u8(b'[');
-            for (i, p) in payloads.iter().enumerate() {
+            for (i, p) in payloads.enumerate() {
                 if i > 0 {
                     b.put_u8(b',');
                 }
@@ -231,20 +239,26 @@ mod tests {
         let ok = rec(0, r#"{"a":1}"#);
         let pretty = rec(1, "{\n  \"b\": [1, 2]\n}");
         let bad = rec(2, "not json");
-        assert_eq!(payload(Encoding::Ndjson, &ok).unwrap(), ok.payload);
+        assert_eq!(payload(Encoding::Ndjson, &ok).unwrap(), None);
         assert_eq!(
-            &payload(Encoding::Ndjson, &pretty).unwrap()[..],
-            br#"{"b":[1,2]}"#
+            payload(Encoding::Ndjson, &pretty).unwrap().as_deref(),
+            Some(&br#"{"b":[1,2]}"#[..])
         );
         let e = payload(Encoding::JsonArray, &bad).unwrap_err();
         assert_eq!(e.kind(), flowgate_core::ErrorKind::Poison);
-        assert_eq!(payload(Encoding::Single, &bad).unwrap(), bad.payload);
+        assert_eq!(payload(Encoding::Single, &bad).unwrap(), None);
 
-        let (a, b) = (Bytes::from_static(b"{\"a\":1}"), Bytes::from_static(b"2"));
-        assert_eq!(&body(Encoding::Ndjson, &[&a, &b])[..], b"{\"a\":1}\n2\n");
-        assert_eq!(&body(Encoding::JsonArray, &[&a, &b])[..], b"[{\"a\":1},2]");
-        assert_eq!(&body(Encoding::JsonArray, &[])[..], b"[]");
-        assert_eq!(&body(Encoding::Single, &[&a])[..], b"{\"a\":1}");
+        let (a, b): (&[u8], &[u8]) = (b"{\"a\":1}", b"2");
+        assert_eq!(
+            &body(Encoding::Ndjson, [a, b].into_iter())[..],
+            b"{\"a\":1}\n2\n"
+        );
+        assert_eq!(
+            &body(Encoding::JsonArray, [a, b].into_iter())[..],
+            b"[{\"a\":1},2]"
+        );
+        assert_eq!(&body(Encoding::JsonArray, std::iter::empty())[..], b"[]");
+        assert_eq!(&body(Encoding::Single, [a].into_iter())[..], b"{\"a\":1}");
     }
 
     #[test]

@@ -117,18 +117,27 @@ impl HttpSink {
 impl Inner {
     /// Splits the sendable records into requests: one URL each, within the batch limits,
     /// order kept.
-    fn plan(&self, batch: &[Record], sendable: &[usize], payloads: &[Bytes]) -> Vec<Planned> {
+    fn plan(
+        &self,
+        batch: &[Record],
+        sendable: &[usize],
+        compacted: &[Option<Bytes>],
+    ) -> Vec<Planned> {
         let mut plans: Vec<Planned> = Vec::new();
         let mut bytes = 0usize;
+        let fixed = self.url.fixed();
         for &i in sendable {
-            let url = match self.url.fixed() {
-                Some(u) => u.to_string(),
-                None => self.url.render(&batch[i]),
+            let rendered = match fixed {
+                Some(_) => None,
+                None => Some(self.url.render(&batch[i])),
             };
-            let len = payloads[i].len() + 1;
+            let len = compacted[i]
+                .as_ref()
+                .map_or(batch[i].payload.len(), Bytes::len)
+                + 1;
             match plans.last_mut() {
                 Some(p)
-                    if p.url == url
+                    if rendered.as_ref().is_none_or(|u| *u == p.url)
                         && p.records.len() < self.max_batch_records
                         && bytes + len <= self.max_batch_bytes =>
                 {
@@ -137,7 +146,7 @@ impl Inner {
                 }
                 _ => {
                     plans.push(Planned {
-                        url,
+                        url: rendered.unwrap_or_else(|| fixed.unwrap_or_default().to_string()),
                         records: vec![i],
                     });
                     bytes = len;
@@ -151,13 +160,15 @@ impl Inner {
     async fn send(
         &self,
         batch: &[Record],
-        payloads: &[Bytes],
+        compacted: &[Option<Bytes>],
         url: &str,
         records: &[usize],
     ) -> Result<(), Outcome> {
         let body = request::body(
             self.encoding,
-            &records.iter().map(|&i| &payloads[i]).collect::<Vec<_>>(),
+            records
+                .iter()
+                .map(|&i| compacted[i].as_deref().unwrap_or(&batch[i].payload[..])),
         );
         let mut req = self
             .client
@@ -297,7 +308,8 @@ impl Sink for HttpSink {
     async fn write(&self, batch: &[Record]) -> Result<(), WriteError> {
         let s = &self.inner;
         let mut failed: Vec<(usize, Error)> = Vec::new();
-        let mut payloads = Vec::with_capacity(batch.len());
+        // Payloads rewritten for the body (multi-line JSON compacted); `None`: as they are.
+        let mut compacted: Vec<Option<Bytes>> = Vec::with_capacity(batch.len());
         let mut sendable = Vec::with_capacity(batch.len());
         for (i, r) in batch.iter().enumerate() {
             if r.payload.len() > s.max_record_bytes {
@@ -307,26 +319,26 @@ impl Sink for HttpSink {
                         .with_context("key", "sink.max_record_bytes")
                         .with_context("bytes", r.payload.len()),
                 ));
-                payloads.push(Bytes::new());
+                compacted.push(None);
                 continue;
             }
             match request::payload(s.encoding, r) {
                 Ok(p) => {
-                    payloads.push(p);
+                    compacted.push(p);
                     sendable.push(i);
                 }
                 Err(e) => {
                     failed.push((i, e));
-                    payloads.push(Bytes::new());
+                    compacted.push(None);
                 }
             }
         }
         // Requests go out one after another, so a partition's records arrive in order; a
         // request that fails for a reason other than its records stops the ones after it.
-        let mut work: Vec<Planned> = s.plan(batch, &sendable, &payloads);
+        let mut work: Vec<Planned> = s.plan(batch, &sendable, &compacted);
         work.reverse();
         while let Some(p) = work.pop() {
-            match s.send(batch, &payloads, &p.url, &p.records).await {
+            match s.send(batch, &compacted, &p.url, &p.records).await {
                 Ok(()) => {}
                 Err(Outcome::Some(errs)) => {
                     failed.extend(errs.into_iter().map(|(at, e)| (p.records[at], e)));

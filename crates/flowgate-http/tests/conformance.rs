@@ -1,5 +1,7 @@
 //! The sink conformance suite against a real HTTP server on loopback.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use async_trait::async_trait;

@@ -1,6 +1,8 @@
 //! The HTTP sink inside a pipeline, against a real HTTP server on loopback: a slow endpoint,
 //! an endpoint that throttles, one that rejects a record, and one that goes away.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::collections::BTreeSet;

@@ -2,6 +2,8 @@
 //! pipeline once attached, shares one recorder between pipelines of a process, and speaks
 //! HTTPS with a configured certificate (and nothing else then).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! The user's endpoint, for real: an HTTP/1.1 server on loopback that records every request
 //! and can be slow, limited, throttling, picky, or down.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

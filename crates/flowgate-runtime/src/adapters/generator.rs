@@ -35,7 +35,7 @@ pub struct GeneratorConfig {
     pub rate: Option<f64>,
     /// Rate spikes.
     pub spikes: Vec<Spike>,
-    /// Payload bytes per record. Default 100.
+    /// Payload bytes per record: a JSON string of this size. Default 100.
     pub payload_size: usize,
     /// Stop after this many records per partition (positions `0..n`); `None` (default):
     /// endless.
@@ -117,9 +117,14 @@ impl GeneratorSource {
         let keys = (0..cfg.key_cardinality)
             .map(|k| Bytes::from(format!("key-{k:06}")))
             .collect();
+        // A JSON string of `payload_size` bytes (quotes included), so JSON sinks take it.
         let payload = Bytes::from(
             (0..cfg.payload_size)
-                .map(|i| b'a' + (i % 26) as u8)
+                .map(|i| match i {
+                    0 => b'"',
+                    i if i + 1 == cfg.payload_size => b'"',
+                    i => b'a' + (i % 26) as u8,
+                })
                 .collect::<Vec<u8>>(),
         );
         Ok(GeneratorSource {
