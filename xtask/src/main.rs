@@ -333,30 +333,33 @@ fn rig_client(client: &str, args: &[&str]) -> Result<(), String> {
 /// and stores depend on core only, and each broker client lives in its own adapter.
 fn dependency_rules() -> Result<(), String> {
     eprintln!("\n==> dependency rules (cargo tree)");
-    const BROKER_CLIENTS: [&str; 6] = [
+    const BROKER_CLIENTS: [&str; 7] = [
         "rdkafka",
         "lapin",
         "aws-sdk-kinesis",
         "aws-config",
         "redb",
         "sqlx",
+        "reqwest",
     ];
-    const FLOWGATE: [&str; 6] = [
+    const FLOWGATE: [&str; 7] = [
         "flowgate-runtime",
         "flowgate-checkpoint",
         "flowgate-kafka",
         "flowgate-rabbitmq",
         "flowgate-kinesis",
+        "flowgate-http",
         "flowgate-cli",
     ];
     // (crate, the broker client or store engine it may use)
-    let rules: [(&str, &[&str]); 6] = [
+    let rules: [(&str, &[&str]); 7] = [
         ("flowgate-core", &[]),
         ("flowgate-runtime", &[]),
         ("flowgate-checkpoint", &["redb"]),
         ("flowgate-kafka", &["rdkafka"]),
         ("flowgate-rabbitmq", &["lapin"]),
         ("flowgate-kinesis", &["aws-sdk-kinesis", "aws-config"]),
+        ("flowgate-http", &["reqwest"]),
     ];
     for (krate, allowed) in rules {
         let tree = output(cargo().args([
