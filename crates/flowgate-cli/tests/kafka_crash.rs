@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod cli;
+mod http;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -711,76 +712,6 @@ fn lag_validate_and_reset_from_outside_agree_with_kafkas_tools() {
     );
 }
 
-/// The user's HTTP endpoint for the Kafka → HTTP crash loop: HTTP/1.1 with keep-alive, one
-/// thread per connection, 4 ms per request; records every request's path and
-/// `Idempotency-Key`.
-struct Endpoint {
-    addr: std::net::SocketAddr,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
-}
-
-impl Endpoint {
-    fn start() -> Endpoint {
-        use std::io::{BufRead, BufReader, Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let log = seen.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                let log = log.clone();
-                std::thread::spawn(move || {
-                    let mut reader = BufReader::new(conn.try_clone().unwrap());
-                    let mut conn = conn;
-                    loop {
-                        let mut request_line = String::new();
-                        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let path = request_line
-                            .split_whitespace()
-                            .nth(1)
-                            .unwrap_or_default()
-                            .to_string();
-                        let (mut length, mut key) = (0usize, String::new());
-                        loop {
-                            let mut line = String::new();
-                            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                                return;
-                            }
-                            let line = line.trim_end();
-                            if line.is_empty() {
-                                break;
-                            }
-                            if let Some((name, value)) = line.split_once(':') {
-                                match name.to_ascii_lowercase().as_str() {
-                                    "content-length" => length = value.trim().parse().unwrap(),
-                                    "idempotency-key" => key = value.trim().to_string(),
-                                    _ => {}
-                                }
-                            }
-                        }
-                        let mut body = vec![0; length];
-                        if reader.read_exact(&mut body).is_err() {
-                            return;
-                        }
-                        std::thread::sleep(Duration::from_millis(4));
-                        log.lock().unwrap().push((path, key));
-                        if conn
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
-        Endpoint { addr, seen }
-    }
-}
-
 /// Kafka → HTTP (one request per record, the idempotency key in `Idempotency-Key`),
 /// SIGKILLed 10 times: every record reaches the endpoint at least once, a record seen twice
 /// comes with the same key both times (so the endpoint can tell), and Kafka's own tool shows
@@ -794,7 +725,7 @@ fn sigkill_loop_into_an_http_endpoint_repeats_only_with_the_same_idempotency_key
     let topic = format!("http-crash-{nanos}");
     let group = format!("http-crash-group-{nanos}");
     let total = produce(dir.path(), &bootstrap, &topic);
-    let endpoint = Endpoint::start();
+    let endpoint = http::Recorder::start(Duration::from_millis(4), 200);
     let cfg = format!(
         "name = \"{group}\"\n\
          [source]\ntype = \"kafka\"\nbootstrap_servers = \"{bootstrap}\"\ntopics = [\"{topic}\"]\n\
@@ -809,7 +740,7 @@ fn sigkill_loop_into_an_http_endpoint_repeats_only_with_the_same_idempotency_key
     let path = dir.path().join("http.toml");
     std::fs::write(&path, &cfg).unwrap();
     kill_loop(&path, 23, KILLS, 800..1600);
-    let before_final = endpoint.seen.lock().unwrap().len() as u64;
+    let before_final = endpoint.seen().len() as u64;
     assert!(
         before_final > 0 && before_final < total,
         "the kills must interrupt real work ({before_final} of {total})"
@@ -821,9 +752,9 @@ fn sigkill_loop_into_an_http_endpoint_repeats_only_with_the_same_idempotency_key
     for row in &rows {
         assert_eq!(row.current, Some(row.end), "committed = log end: {row:?}");
     }
-    let seen = endpoint.seen.lock().unwrap().clone();
+    let seen = endpoint.seen();
     let mut times: BTreeMap<String, usize> = BTreeMap::new();
-    for (path, key) in &seen {
+    for (path, key, _) in &seen {
         // /records/TOPIC%2FPARTITION/OFFSET, and the key names the same record.
         let rest = path.strip_prefix("/records/").unwrap();
         let (partition, offset) = rest.rsplit_once('/').unwrap();
@@ -834,7 +765,10 @@ fn sigkill_loop_into_an_http_endpoint_repeats_only_with_the_same_idempotency_key
     for row in &rows {
         for offset in 0..row.end {
             let record = format!("{topic}/{}@{offset}", row.partition);
-            assert!(times.contains_key(&record), "{record} never reached the endpoint");
+            assert!(
+                times.contains_key(&record),
+                "{record} never reached the endpoint"
+            );
         }
     }
     assert_eq!(times.len() as u64, total);

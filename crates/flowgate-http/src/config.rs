@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 pub struct HttpSinkConfig {
     /// The endpoint. May name record fields: `{partition}`, `{position}`, `{key}` (the record
     /// key, percent-encoded) and `{header.NAME}` (a record header, percent-encoded); records
-    /// of one batch whose URLs differ go in separate requests. Required.
+    /// of one batch whose URLs differ go in separate requests. Required; checked when read.
+    #[serde(deserialize_with = "checked_url")]
     pub url: String,
     /// `post` (default), `put` or `patch`.
     pub method: HttpMethod,
@@ -110,6 +111,14 @@ impl fmt::Debug for HttpSinkConfig {
             .field("tls", &self.tls)
             .finish()
     }
+}
+
+/// The URL, refused when read if its template is malformed (so the error names the key and
+/// the file).
+fn checked_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let url = String::deserialize(d)?;
+    crate::request::UrlTemplate::parse(&url).map_err(|e| serde::de::Error::custom(e.message()))?;
+    Ok(url)
 }
 
 /// Header names whose values are credentials (hidden from `Debug`, marked sensitive on the
@@ -247,5 +256,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("retries"), "{err}");
+        let err = serde_json::from_str::<HttpSinkConfig>(r#"{"url":"http://x/{nope}"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("{nope}"), "{err}");
     }
 }

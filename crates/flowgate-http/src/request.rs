@@ -33,10 +33,11 @@ impl UrlTemplate {
     /// Parses the template; an unknown `{field}` or an unclosed brace names `sink.url`.
     pub(crate) fn parse(url: &str) -> Result<UrlTemplate, Error> {
         let bad = |what: &str| {
-            Error::config(format!("the URL template {what}"))
+            Error::config(format!(
+                "the URL template {what} (fields: {{partition}}, {{position}}, {{key}}, {{header.NAME}})"
+            ))
                 .with_context("key", "sink.url")
                 .with_context("url", flowgate_core::redact_url(url))
-                .with_hint("fields: {partition}, {position}, {key}, {header.NAME}")
         };
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(bad("must start with http:// or https://"));

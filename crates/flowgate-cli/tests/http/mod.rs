@@ -1,5 +1,6 @@
-//! Plain HTTP/1.1 GETs against loopback endpoints (the pipeline's, Prometheus's), and a
-//! `flowgate run` whose endpoint address is read from its announcement.
+//! Plain HTTP/1.1 GETs against loopback endpoints (the pipeline's, Prometheus's), a
+//! `flowgate run` whose endpoint address is read from its announcement, and a recording
+//! endpoint for the HTTP sink.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -103,4 +104,84 @@ pub(crate) fn run_with_endpoint(
     }
     std::thread::spawn(move || for _ in stderr.lines() {});
     (child, addr)
+}
+
+/// A user's HTTP endpoint for the HTTP sink: HTTP/1.1 with keep-alive, one thread per
+/// connection; answers every request with `status` after `delay` and records its method and
+/// path, `Idempotency-Key` and body.
+pub(crate) struct Recorder {
+    pub(crate) addr: std::net::SocketAddr,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String, Vec<u8>)>>>,
+}
+
+impl Recorder {
+    pub(crate) fn start(delay: Duration, status: u16) -> Recorder {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let log = log.clone();
+                std::thread::spawn(move || serve_connection(conn, delay, status, &log));
+            }
+        });
+        Recorder { addr, seen }
+    }
+
+    /// Every request so far: (path, idempotency key, body); `HEAD` requests as `HEAD path`.
+    pub(crate) fn seen(&self) -> Vec<(String, String, Vec<u8>)> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+fn serve_connection(
+    conn: TcpStream,
+    delay: Duration,
+    status: u16,
+    log: &std::sync::Mutex<Vec<(String, String, Vec<u8>)>>,
+) {
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let mut conn = conn;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut words = request_line.split_whitespace();
+        let method = words.next().unwrap_or_default().to_string();
+        let mut path = words.next().unwrap_or_default().to_string();
+        if method == "HEAD" {
+            path = format!("HEAD {path}");
+        }
+        let (mut length, mut key) = (0usize, String::new());
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                match name.to_ascii_lowercase().as_str() {
+                    "content-length" => length = value.trim().parse().unwrap(),
+                    "idempotency-key" => key = value.trim().to_string(),
+                    _ => {}
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        std::thread::sleep(delay);
+        log.lock().unwrap().push((path, key, body));
+        let answer = format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n");
+        if conn.write_all(answer.as_bytes()).is_err() {
+            return;
+        }
+    }
 }
