@@ -407,16 +407,8 @@ const MODES: [&str; 8] = [
 ];
 
 fn bench_runtime(rest: &[&str]) -> Result<(), String> {
-    let records: u64 = rest
-        .iter()
-        .find_map(|a| a.strip_prefix("--records="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(4_000_000);
-    let rounds: usize = rest
-        .iter()
-        .find_map(|a| a.strip_prefix("--rounds="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(5);
+    let records: u64 = flag(rest, "--records=", 4_000_000);
+    let rounds: usize = flag(rest, "--rounds=", 5);
     run(
         "build the harness",
         cargo().args(["build", "--release", "--example", "bench_runtime"]),
@@ -465,16 +457,8 @@ fn bench_runtime(rest: &[&str]) -> Result<(), String> {
 }
 
 fn bench_kafka(rest: &[&str]) -> Result<(), String> {
-    let records: u64 = rest
-        .iter()
-        .find_map(|a| a.strip_prefix("--records="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(1_000_000);
-    let rounds: usize = rest
-        .iter()
-        .find_map(|a| a.strip_prefix("--rounds="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(5);
+    let records: u64 = flag(rest, "--records=", 1_000_000);
+    let rounds: usize = flag(rest, "--rounds=", 5);
     let rig = Rig::new()?;
     rig.up(&[Broker::Kafka], Engine::Native)?;
     let env = rig.env_all(&[Broker::Kafka]);
@@ -560,11 +544,7 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
     }
     // Memory: a producer at 400,000 records/s outruns a sink at 40,000 records/s until the
     // backlog holds `rss_records`; the consumer's RSS is sampled every 100 ms.
-    let rss_records: u64 = rest
-        .iter()
-        .find_map(|a| a.strip_prefix("--rss-records="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(10_000_000);
+    let rss_records: u64 = flag(rest, "--rss-records=", 10_000_000);
     println!("\n| slow sink (producer 400,000/s, sink 40,000/s) | result |");
     println!("|---|---|");
     for (label, mode, inflight) in [
@@ -975,16 +955,8 @@ fn interleaved_fields(
 /// flowgate's HTTP sink against a raw `reqwest` loop, same concurrency and batch size, to a
 /// local endpoint answering at once and after 5 ms.
 fn bench_http(rest: &[&str]) -> Result<(), String> {
-    let records: u64 = rest
-        .iter()
-        .find_map(|a| a.strip_prefix("--records="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(1_000_000);
-    let rounds: usize = rest
-        .iter()
-        .find_map(|a| a.strip_prefix("--rounds="))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(5);
+    let records: u64 = flag(rest, "--records=", 1_000_000);
+    let rounds: usize = flag(rest, "--rounds=", 5);
     run(
         "build the harness",
         cargo().args([
@@ -1022,6 +994,14 @@ fn bench_http(rest: &[&str]) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// The value of `NAME=` among a task's arguments, or `default`.
+fn flag<T: std::str::FromStr>(rest: &[&str], name: &str, default: T) -> T {
+    rest.iter()
+        .find_map(|a| a.strip_prefix(name))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
 }
 
 fn median(v: &[f64]) -> f64 {

@@ -6,7 +6,7 @@ use flowgate_core::Error;
 use flowgate_core::tls::ClientIdentity;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::config::{HttpAuth, HttpSinkConfig, sensitive};
+use crate::config::{HttpAuth, HttpSinkConfig, HttpTls, sensitive};
 
 /// Builds the client: idle connections bounded, timeouts, the configured CA and client
 /// certificate, the static headers (credentials marked sensitive). Errors name the key.
@@ -82,6 +82,61 @@ fn default_headers(cfg: &HttpSinkConfig) -> Result<HeaderMap, Error> {
         headers.insert(header, value);
     }
     Ok(headers)
+}
+
+/// Why the endpoint refuses our TLS, when it says so: a handshake of our own with the
+/// configured CA and client certificate, then one read, since under TLS 1.3 the endpoint's
+/// alert about the client's certificate comes after the handshake and reqwest's pool may drop
+/// the connection without reading it. `None`: no custom TLS to check, or nothing refused.
+pub(crate) async fn tls_refusal(url: &str, tls: &HttpTls) -> Option<String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio::io::AsyncReadExt;
+    let ca = tls.ca_file.as_ref()?;
+    let parsed = reqwest::Url::parse(url).ok()?;
+    let host = parsed.host_str()?.trim_matches(['[', ']']).to_string();
+    let port = parsed.port_or_known_default()?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).ok()? {
+        roots.add(cert.ok()?).ok()?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .ok()?
+    .with_root_certificates(roots);
+    let config = match (&tls.cert_file, &tls.key_file) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_file_iter(cert)
+                .ok()?
+                .collect::<Result<Vec<_>, _>>()
+                .ok()?;
+            let key = PrivateKeyDer::from_pem_file(key).ok()?;
+            builder.with_client_auth_cert(chain, key).ok()?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = ServerName::try_from(host.clone()).ok()?;
+    let probe = async {
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .ok()?;
+        let mut stream = match connector.connect(name, tcp).await {
+            Ok(s) => s,
+            Err(e) => return Some(e.to_string()),
+        };
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut byte)).await {
+            Ok(Err(e)) => Some(e.to_string()),
+            _ => None,
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), probe)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Resolved credentials, applied to each request by reqwest (which marks them sensitive).

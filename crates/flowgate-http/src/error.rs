@@ -74,10 +74,21 @@ pub(crate) fn classify_entry(status: u16, error: Option<&str>, url: &str) -> Res
 /// A request that got no answer: timeouts and connection failures are transient; a TLS
 /// handshake refused for the client's certificate, or a certificate we do not trust, is a
 /// configuration error (retrying cannot fix it).
-pub(crate) fn no_answer(e: &reqwest::Error, url: &str) -> Error {
-    let chain = chain_text(e);
+///
+/// `probe`: what a TLS handshake of our own heard from the endpoint (see
+/// `client::tls_refusal`), when the failure itself does not say.
+pub(crate) fn no_answer(e: &reqwest::Error, url: &str, probe: Option<&str>) -> Error {
+    let mut chain = chain_text(e);
+    if let Some(heard) = probe {
+        chain.push_str("; a TLS handshake to the endpoint: ");
+        chain.push_str(heard);
+    }
+    let https = url.starts_with("https://");
     let url = flowgate_core::redact_url(url);
-    if flowgate_core::tls::refused_client_certificate(&chain) {
+    // A fatal alert in a fresh handshake of our own is the endpoint refusing this TLS setup
+    // (with a client certificate configured: that certificate); a retry cannot change it.
+    let refused_in_probe = probe.is_some_and(|p| p.contains("received fatal alert"));
+    if flowgate_core::tls::refused_client_certificate(&chain) || refused_in_probe {
         return Error::config("the HTTP endpoint refused the client certificate")
             .with_context("url", url)
             .with_context("cause", chain)
@@ -103,6 +114,10 @@ pub(crate) fn no_answer(e: &reqwest::Error, url: &str) -> Error {
         .with_context("cause", chain);
     if e.is_timeout() {
         err = err.with_hint("raise sink.timeout if the endpoint is slow but healthy");
+    } else if https && !e.is_connect() {
+        // Under TLS 1.3 an endpoint that refuses the client's certificate may only close the
+        // connection: the alert saying why can be lost.
+        err = err.with_hint("if the endpoint requires a client certificate, check that sink.tls.cert_file is one it trusts");
     }
     err
 }

@@ -44,6 +44,8 @@ struct Inner {
     max_record_bytes: usize,
     per_record_results: bool,
     error_body_limit: usize,
+    /// The custom TLS settings, to find out why a handshake failed.
+    tls: Option<crate::config::HttpTls>,
     /// An endpoint's `Retry-After` holds every request of this sink, not only the refused
     /// one: other partitions' requests would only be refused too.
     not_before: std::sync::Mutex<Option<tokio::time::Instant>>,
@@ -108,6 +110,7 @@ impl HttpSink {
                 max_record_bytes: cfg.max_record_bytes,
                 per_record_results: cfg.per_record_results,
                 error_body_limit: cfg.error_body_limit,
+                tls: cfg.tls.clone(),
                 not_before: std::sync::Mutex::new(None),
             }),
         })
@@ -190,23 +193,19 @@ impl Inner {
             tokio::time::sleep_until(until).await;
         }
         let started = Instant::now();
-        let answer = req.send().await;
-        let (status, headers, body) = match answer {
-            Err(e) => {
-                observe(started, "error");
-                return Err(Outcome::Whole(error::no_answer(&e, url)));
-            }
+        let answer = match req.send().await {
             Ok(resp) => {
                 let status = resp.status();
                 let headers = resp.headers().clone();
-                let body = match resp.bytes().await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        observe(started, "error");
-                        return Err(Outcome::Whole(error::no_answer(&e, url)));
-                    }
-                };
-                (status, headers, body)
+                resp.bytes().await.map(|body| (status, headers, body))
+            }
+            Err(e) => Err(e),
+        };
+        let (status, headers, body) = match answer {
+            Ok(answer) => answer,
+            Err(e) => {
+                observe(started, "error");
+                return Err(Outcome::Whole(self.no_answer(&e, url).await));
             }
         };
         observe(started, outcome_label(status.as_u16()));
@@ -226,6 +225,24 @@ impl Inner {
             return per_record(&body, records.len(), url);
         }
         Ok(())
+    }
+}
+
+impl Inner {
+    /// A request without an answer, as an error; when custom TLS is configured and the failure
+    /// does not say why, a handshake of our own asks the endpoint.
+    async fn no_answer(&self, e: &reqwest::Error, url: &str) -> Error {
+        let first = error::no_answer(e, url, None);
+        if first.kind() != ErrorKind::Transient || e.is_timeout() || e.is_connect() {
+            return first;
+        }
+        match &self.tls {
+            Some(tls) if url.starts_with("https://") => {
+                let heard = client::tls_refusal(url, tls).await;
+                error::no_answer(e, url, heard.as_deref())
+            }
+            _ => first,
+        }
     }
 }
 
@@ -396,7 +413,10 @@ impl Sink for HttpSink {
             )),
         };
         let req = s.credentials.apply(s.client.head(&url));
-        let resp = req.send().await.map_err(|e| error::no_answer(&e, &url))?;
+        let resp = match req.send().await {
+            Ok(resp) => resp,
+            Err(e) => return Err(s.no_answer(&e, &url).await),
+        };
         let code = resp.status().as_u16();
         if matches!(code, 401 | 403 | 407) {
             return error::classify(resp.status(), resp.headers(), b"", &url).map(|()| true);

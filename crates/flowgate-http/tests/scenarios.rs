@@ -167,6 +167,16 @@ async fn throttling_is_counted_paced_by_retry_after_and_loses_nothing() {
         rate: Some(3_000.0),
         ..Default::default()
     };
+    // The operator's view: the pipeline's /metrics.
+    let metrics = flowgate_runtime::Endpoint::start(
+        &flowgate_runtime::EndpointSettings {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        },
+        "throttled",
+    )
+    .await
+    .unwrap();
     let builder = pipeline("throttled", &endpoint, generator, good);
     let started = Instant::now();
     let (summary, stats) = run_for(builder, async |_| {
@@ -205,6 +215,20 @@ async fn throttling_is_counted_paced_by_retry_after_and_loses_nothing() {
     );
     assert_eq!(summary.stats.dead_lettered, 0, "nothing dead-lettered");
     nothing_lost_in_order(&endpoint, None);
+    let scraped = reqwest::get(format!("{}metrics", metrics.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        r#"flowgate_throttles_total{pipeline="throttled"}"#,
+        r#"flowgate_sink_request_seconds_bucket{sink="http",outcome="429""#,
+        r#"flowgate_sink_request_seconds_bucket{sink="http",outcome="2xx""#,
+        r#"flowgate_sink_concurrency{pipeline="throttled"}"#,
+    ] {
+        assert!(scraped.contains(series), "{series} in {scraped}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

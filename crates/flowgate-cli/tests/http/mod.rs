@@ -106,12 +106,15 @@ pub(crate) fn run_with_endpoint(
     (child, addr)
 }
 
+/// What the recorder saw of one request: (path, `Idempotency-Key`, body).
+pub(crate) type Request = (String, String, Vec<u8>);
+
 /// A user's HTTP endpoint for the HTTP sink: HTTP/1.1 with keep-alive, one thread per
 /// connection; answers every request with `status` after `delay` and records its method and
 /// path, `Idempotency-Key` and body.
 pub(crate) struct Recorder {
     pub(crate) addr: std::net::SocketAddr,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String, Vec<u8>)>>>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Request>>>,
 }
 
 impl Recorder {
@@ -131,7 +134,7 @@ impl Recorder {
     }
 
     /// Every request so far: (path, idempotency key, body); `HEAD` requests as `HEAD path`.
-    pub(crate) fn seen(&self) -> Vec<(String, String, Vec<u8>)> {
+    pub(crate) fn seen(&self) -> Vec<Request> {
         self.seen.lock().unwrap().clone()
     }
 }
@@ -140,7 +143,7 @@ fn serve_connection(
     conn: TcpStream,
     delay: Duration,
     status: u16,
-    log: &std::sync::Mutex<Vec<(String, String, Vec<u8>)>>,
+    log: &std::sync::Mutex<Vec<Request>>,
 ) {
     let mut reader = BufReader::new(conn.try_clone().unwrap());
     let mut conn = conn;
