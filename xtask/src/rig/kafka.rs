@@ -1,0 +1,169 @@
+//! Apache Kafka from Maven Central jars (KRaft, one node), with its SSL, SASL_SSL and SASL_PLAINTEXT listeners.
+
+use super::*;
+
+impl Rig {
+    pub(super) fn start_kafka(&self, dir: &Path) -> Res {
+        self.ensure_kafka_jars()?;
+        // `$FLOWGATE_RIG_KAFKA_LOG_DIR`, else the previous start's: a broker restarted by a
+        // test (`up --only kafka`, without the variable) finds its topics again.
+        let data = match std::env::var_os("FLOWGATE_RIG_KAFKA_LOG_DIR") {
+            Some(p) if !p.is_empty() => std::path::absolute(&p).map_err(|e| {
+                format!(
+                    "FLOWGATE_RIG_KAFKA_LOG_DIR={}: not a usable path: {e}",
+                    Path::new(&p).display()
+                )
+            })?,
+            _ => self.kafka_log_dir(),
+        };
+        // TLS and SASL listeners beside the plain one, with a certificate of the rig's CA
+        // (Kafka reads a PEM file holding the key and the chain).
+        let tls = dir.join("tls");
+        make_tls_certificates(&tls)?;
+        let keystore = tls.join("kafka-keystore.pem");
+        let read =
+            |f: &str| fs::read_to_string(tls.join(f)).map_err(|e| format!("cannot read {f}: {e}"));
+        write(
+            &keystore,
+            &format!("{}{}", read("server.key")?, read("server.pem")?),
+        )?;
+        let scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;";
+        let plain = format!(
+            "org.apache.kafka.common.security.plain.PlainLoginModule required user_{KAFKA_SASL_USER}=\"{KAFKA_SASL_PASSWORD}\";"
+        );
+        let mut sasl = String::from("sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512\n");
+        for l in ["sasl_ssl", "sasl_plaintext"] {
+            sasl.push_str(&format!(
+                "listener.name.{l}.scram-sha-512.sasl.jaas.config={scram}\n\
+                 listener.name.{l}.scram-sha-256.sasl.jaas.config={scram}\n\
+                 listener.name.{l}.plain.sasl.jaas.config={plain}\n"
+            ));
+        }
+        // `file.delete.delay.ms`: a deleted topic's files go after 1 s, not 60 s, so the
+        // benches can drop each run's topic (gigabytes) before the next run starts.
+        let props = format!(
+            "process.roles=broker,controller\n\
+             node.id=1\n\
+             controller.quorum.bootstrap.servers=127.0.0.1:{KAFKA_CONTROLLER_PORT}\n\
+             listeners=PLAINTEXT://127.0.0.1:{KAFKA_PORT},CONTROLLER://127.0.0.1:{KAFKA_CONTROLLER_PORT},\
+             SSL://127.0.0.1:{KAFKA_SSL_PORT},SASL_SSL://127.0.0.1:{KAFKA_SASL_SSL_PORT},\
+             SASL_PLAINTEXT://127.0.0.1:{KAFKA_SASL_PLAINTEXT_PORT}\n\
+             advertised.listeners=PLAINTEXT://127.0.0.1:{KAFKA_PORT},SSL://127.0.0.1:{KAFKA_SSL_PORT},\
+             SASL_SSL://127.0.0.1:{KAFKA_SASL_SSL_PORT},SASL_PLAINTEXT://127.0.0.1:{KAFKA_SASL_PLAINTEXT_PORT}\n\
+             controller.listener.names=CONTROLLER\n\
+             listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL,\
+             SASL_SSL:SASL_SSL,SASL_PLAINTEXT:SASL_PLAINTEXT\n\
+             inter.broker.listener.name=PLAINTEXT\n\
+             ssl.keystore.type=PEM\n\
+             ssl.keystore.location={keystore}\n\
+             ssl.truststore.type=PEM\n\
+             ssl.truststore.location={ca}\n\
+             listener.name.ssl.ssl.client.auth=required\n\
+             {sasl}\
+             log.dirs={data}\n\
+             num.partitions=4\n\
+             offsets.topic.replication.factor=1\n\
+             offsets.topic.num.partitions=4\n\
+             transaction.state.log.replication.factor=1\n\
+             transaction.state.log.min.isr=1\n\
+             transaction.state.log.num.partitions=4\n\
+             share.coordinator.state.topic.replication.factor=1\n\
+             share.coordinator.state.topic.min.isr=1\n\
+             group.initial.rebalance.delay.ms=0\n\
+             auto.create.topics.enable=true\n\
+             file.delete.delay.ms=1000\n",
+            data = data.display(),
+            keystore = keystore.display(),
+            ca = tls.join("ca.pem").display(),
+        );
+        write(&dir.join("server.properties"), &props)?;
+        let log4j = format!(
+            "status = warn\n\
+             appender.file.type = File\n\
+             appender.file.name = file\n\
+             appender.file.fileName = {}\n\
+             appender.file.layout.type = PatternLayout\n\
+             appender.file.layout.pattern = [%d] %p %m (%c)%n\n\
+             rootLogger.level = info\n\
+             rootLogger.appenderRef.file.ref = file\n",
+            dir.join("server.log").display()
+        );
+        write(&dir.join("log4j2.properties"), &log4j)?;
+        if !data.join("meta.properties").exists() {
+            run_quiet(
+                self.kafka_java(dir)
+                    .args([
+                        "kafka.tools.StorageTool",
+                        "format",
+                        "--standalone",
+                        "-t",
+                        KAFKA_CLUSTER_ID,
+                        "-c",
+                    ])
+                    .arg(dir.join("server.properties")),
+                "kafka storage format",
+            )?;
+        }
+        let mut cmd = self.kafka_java(dir);
+        // The heap and collector settings of Kafka's own launcher (`kafka-server-start.sh`,
+        // `kafka-run-class.sh`): a fixed heap and G1 aiming at 20 ms pauses. With the JVM's
+        // own defaults (a heap growing from 256 MB, 200 ms pause target) the broker collected
+        // every second, ~8 ms each, under the latency bench; with these every 3–4 s, 6–9 ms.
+        // Pauses are logged to `gc.log` in the broker's directory.
+        cmd.args([
+            "-Xms1g",
+            "-Xmx1g",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-XX:InitiatingHeapOccupancyPercent=35",
+            "-XX:+ExplicitGCInvokesConcurrent",
+            "-Djava.awt.headless=true",
+        ])
+        .arg(format!(
+            "-Xlog:gc:file={}:time,uptime:filecount=2,filesize=10M",
+            dir.join("gc.log").display()
+        ))
+        .arg("kafka.Kafka")
+        .arg(dir.join("server.properties"));
+        self.spawn(Broker::Kafka, "pid", &mut cmd, &dir.join("stdout.log"))
+    }
+
+    /// Kafka's jars (broker and tools) in the cache, fetched with Maven once.
+    pub(super) fn ensure_kafka_jars(&self) -> Res {
+        need_command("java", &["openjdk-17-jre-headless"])?;
+        let jars = self.kafka_jars();
+        if fs::read_dir(&jars).map(|d| d.count() > 10).unwrap_or(false) {
+            return Ok(());
+        }
+        need_command("mvn", &["maven"])?;
+        eprintln!(
+            "    kafka     fetching Apache Kafka {KAFKA_VERSION} jars from Maven Central into {}",
+            jars.display()
+        );
+        let pom = self.root.join("xtask/rig/pom.xml");
+        run_quiet(
+            Command::new("mvn")
+                .args(["-q", "-B", "-f"])
+                .arg(&pom)
+                .args([
+                    "dependency:copy-dependencies",
+                    &format!("-Dkafka.version={KAFKA_VERSION}"),
+                    &format!("-DoutputDirectory={}", jars.display()),
+                    "-DincludeScope=runtime",
+                ]),
+            "mvn dependency:copy-dependencies",
+        )
+    }
+
+    /// `java` with the Kafka classpath and the rig's log4j2 configuration.
+    pub(crate) fn kafka_java(&self, dir: &Path) -> Command {
+        let mut cmd = Command::new("java");
+        cmd.arg(format!(
+            "-Dlog4j2.configurationFile={}",
+            dir.join("log4j2.properties").display()
+        ))
+        .arg("-cp")
+        .arg(format!("{}/*", self.kafka_jars().display()));
+        cmd
+    }
+}
