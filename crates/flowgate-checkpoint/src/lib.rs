@@ -48,3 +48,16 @@ pub(crate) fn record_latency(
     metrics::histogram!(STORE_LATENCY, "store" => store, "operation" => operation)
         .record(started.elapsed().as_secs_f64());
 }
+
+/// How the shared stores retry a lost connection: 50 ms doubling to 2 s, with jitter, until
+/// the store's `give_up_after`.
+#[cfg(any(feature = "postgres", feature = "redis"))]
+pub(crate) fn store_backoff(
+    give_up_after: std::time::Duration,
+) -> flowgate_core::retry::BackoffPolicy {
+    flowgate_core::retry::BackoffPolicy::new(
+        std::time::Duration::from_millis(50),
+        std::time::Duration::from_secs(2),
+    )
+    .with_give_up_after(give_up_after)
+}

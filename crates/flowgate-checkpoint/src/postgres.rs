@@ -143,8 +143,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 macro_rules! retry {
     ($self:ident, $what:expr, |$c:ident| $body:expr) => {{
         let started = Instant::now();
-        let deadline = started + $self.cfg.give_up_after;
-        let mut wait = Duration::from_millis(50);
+        let mut backoff = crate::store_backoff($self.cfg.give_up_after).start();
         loop {
             let res: Result<_, Fail> = async {
                 let mut slot = $self.slot().await?;
@@ -165,11 +164,13 @@ macro_rules! retry {
                     crate::record_latency("postgres", $what, started);
                     break Ok(v);
                 }
-                Err(Fail::Pg(e)) if retryable(&e) && Instant::now() < deadline => {
-                    tracing::warn!(error = %e, retry_in = ?wait, "postgres store: {} failed; retrying", $what);
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(2));
-                }
+                Err(Fail::Pg(e)) if retryable(&e) => match backoff.next_delay() {
+                    Some(wait) => {
+                        tracing::warn!(error = %e, retry_in = ?wait, "postgres store: {} failed; retrying", $what);
+                        tokio::time::sleep(wait).await;
+                    }
+                    None => break Err($self.give_up($what, Fail::Pg(e))),
+                },
                 Err(e) => break Err($self.give_up($what, e)),
             }
         }

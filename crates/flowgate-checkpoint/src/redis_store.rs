@@ -274,8 +274,7 @@ impl RedisStore {
     /// Connects (retrying until `give_up_after`).
     pub async fn connect(cfg: RedisConfig) -> Result<Arc<Self>, Error> {
         let client = client(&cfg)?;
-        let deadline = Instant::now() + cfg.give_up_after;
-        let mut wait = Duration::from_millis(50);
+        let mut backoff = crate::store_backoff(cfg.give_up_after).start();
         // Bounded waits everywhere: the manager's own retries are ours to pace.
         let manager = redis::aio::ConnectionManagerConfig::new()
             .set_number_of_retries(1)
@@ -310,12 +309,12 @@ impl RedisStore {
                         .with_source(e)
                         .with_hint("the server's certificate must be signed by store.tls.ca_file (or a system root) and name the url's host"));
                 }
-                Err(e) if Instant::now() < deadline => {
-                    tracing::warn!(error = %e, retry_in = ?wait, "redis store: cannot connect; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(2));
-                }
                 Err(e) => {
+                    if let Some(wait) = backoff.next_delay() {
+                        tracing::warn!(error = %e, retry_in = ?wait, "redis store: cannot connect; retrying");
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
                     return Err(Error::transient("redis store: server unreachable")
                         .with_context("url", crate::redact_url(&cfg.url))
                         .with_source(e)
@@ -343,24 +342,23 @@ impl RedisStore {
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let started = Instant::now();
-        let deadline = started + self.cfg.give_up_after;
-        let mut wait = Duration::from_millis(50);
+        let mut backoff = crate::store_backoff(self.cfg.give_up_after).start();
         loop {
             match op(self.conn.clone()).await {
                 Ok(v) => {
                     crate::record_latency("redis", what, started);
                     return Ok(v);
                 }
-                Err(e)
-                    if (e.is_io_error() || e.is_connection_dropped() || e.is_timeout())
-                        && Instant::now() < deadline =>
-                {
-                    tracing::warn!(error = %e, retry_in = ?wait, "redis store: {what} failed; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(2));
-                }
                 Err(e) => {
-                    let kind = if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() {
+                    let lost = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
+                    if lost {
+                        if let Some(wait) = backoff.next_delay() {
+                            tracing::warn!(error = %e, retry_in = ?wait, "redis store: {what} failed; retrying");
+                            tokio::time::sleep(wait).await;
+                            continue;
+                        }
+                    }
+                    let kind = if lost {
                         ErrorKind::Transient
                     } else {
                         ErrorKind::Fatal

@@ -22,6 +22,7 @@ mod inspect;
 mod lease;
 mod position;
 mod record;
+pub mod retry;
 mod secret;
 mod sink;
 mod source;

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use flowgate_core::retry::{Backoff, BackoffPolicy};
 use flowgate_core::{
     Assignment, Checkpoint, Connection, Credits, Error, Headers, LagSample, LagUnit, PartitionId,
     Position, Record, Revocation, Source, SourceCapabilities, SourceContext, SourceEvent,
@@ -130,16 +131,23 @@ struct Commits {
     /// The highest offset the broker acknowledged per partition: a failed commit is retried
     /// only if it is still above it, so a late failure never moves the group's offset back.
     acknowledged: HashMap<Key, i64>,
-    /// After a failure, no commit before this moment (doubling up to 5 s).
+    /// After a failure, no commit before this moment.
     retry_at: Option<Instant>,
-    backoff: Duration,
+    /// The waits between failed commits (100 ms doubling to 5 s), from the first failure
+    /// since the last acknowledged commit.
+    failing: Option<Backoff>,
 }
+
+/// Failed commits wait 100 ms, doubling to 5 s, for as long as they fail (the group's
+/// offsets only lag; nothing is lost while they do).
+const COMMIT_BACKOFF: BackoffPolicy =
+    BackoffPolicy::new(Duration::from_millis(100), Duration::from_secs(5));
 
 impl Commits {
     fn acknowledged(&mut self, offsets: &[(Key, i64)]) {
         self.in_flight_since = None;
         self.retry_at = None;
-        self.backoff = Duration::ZERO;
+        self.failing = None;
         for (k, o) in offsets {
             let e = self.acknowledged.entry(k.clone()).or_insert(*o);
             *e = (*e).max(*o);
@@ -156,8 +164,12 @@ impl Commits {
             let e = self.pending.entry(k.clone()).or_insert(*o);
             *e = (*e).max(*o);
         }
-        self.backoff = (self.backoff * 2).clamp(Duration::from_millis(100), Duration::from_secs(5));
-        self.retry_at = Some(Instant::now() + self.backoff);
+        let wait = self
+            .failing
+            .get_or_insert_with(|| COMMIT_BACKOFF.start())
+            .next_delay()
+            .unwrap_or(COMMIT_BACKOFF.max);
+        self.retry_at = Some(Instant::now() + wait);
     }
 }
 
@@ -1228,15 +1240,16 @@ mod tests {
         c.failed(&[(key(0), 30), (key(1), 5)]);
         assert_eq!(c.pending.get(&key(0)), Some(&30));
         assert_eq!(c.pending.get(&key(1)), Some(&5));
-        let first = c.backoff;
+        let first = c.retry_at;
         c.failed(&[(key(0), 30)]);
-        assert!(c.backoff > first && c.retry_at.is_some());
+        assert!(c.retry_at > first, "a later retry after a second failure");
+        assert_eq!(c.failing.as_ref().map(|b| b.attempts()), Some(3));
         // A newer pending offset is never lowered by a retried one.
         c.pending.insert(key(0), 40);
         c.failed(&[(key(0), 30)]);
         assert_eq!(c.pending.get(&key(0)), Some(&40));
         c.acknowledged(&[(key(0), 40)]);
-        assert!(c.retry_at.is_none() && c.backoff.is_zero());
+        assert!(c.retry_at.is_none() && c.failing.is_none());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use aws_sdk_kinesis::primitives::DateTime;
 use aws_sdk_kinesis::types::ShardIteratorType;
 use bytes::Bytes;
+use flowgate_core::retry::{Backoff, BackoffPolicy};
 use flowgate_core::{
     Assignment, Checkpoint, Connection, Credits, Error, ErrorKind, LagSample, LagUnit, Lease,
     LeaseStore, PartitionId, Position, Record, Revocation, Source, SourceCapabilities,
@@ -716,8 +717,10 @@ async fn read_shard(ctx: Arc<Ctx>, shard: PartitionId, after: Option<Position>) 
     let mut iterator: Option<String> = None;
     let mut last = after;
     let mut next_call = tokio::time::Instant::now();
-    let mut backoff = Duration::from_millis(100);
-    let mut failing_since: Option<Instant> = None;
+    // Failing reads wait on this; its budget runs from the first failure since a success.
+    let policy = BackoffPolicy::new(Duration::from_millis(100), Duration::from_secs(5))
+        .with_give_up_after(ctx.cfg.give_up_after);
+    let mut failing: Option<Backoff> = None;
     loop {
         // An empty buffer and credit, or wait.
         let credit = loop {
@@ -749,9 +752,8 @@ async fn read_shard(ctx: Arc<Ctx>, shard: PartitionId, after: Option<Position>) 
         };
         match result {
             Ok(mut batch) => {
-                failing_since = None;
                 ctx.report_up(shard.as_str());
-                backoff = Duration::from_millis(100);
+                failing = None;
                 // An iterator at the last record read returns it (or its aggregate) again.
                 if let Some(l) = &last {
                     batch.records.retain(|r| r.position > *l);
@@ -813,16 +815,18 @@ async fn read_shard(ctx: Arc<Ctx>, shard: PartitionId, after: Option<Position>) 
                 if e.kind() == ErrorKind::Transient {
                     ctx.report_down(shard.as_str(), &e);
                 }
-                let since = *failing_since.get_or_insert_with(Instant::now);
-                if !e.is_temporary() || since.elapsed() > ctx.cfg.give_up_after {
+                let backoff = failing.get_or_insert_with(|| policy.start());
+                let wait = if e.is_temporary() {
+                    backoff.next_delay()
+                } else {
+                    None
+                };
+                let Some(wait) = wait else {
                     let _ = ctx.events.send(Err(e.with_context("shard", &shard)));
                     return;
-                }
-                tracing::warn!(shard = %shard, error = %e, retry_in = ?backoff, "kinesis: reading a shard failed; retrying");
-                let jitter =
-                    Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
-                next_call = tokio::time::Instant::now() + backoff + jitter;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                };
+                tracing::warn!(shard = %shard, error = %e, retry_in = ?wait, "kinesis: reading a shard failed; retrying");
+                next_call = tokio::time::Instant::now() + wait;
             }
         }
     }

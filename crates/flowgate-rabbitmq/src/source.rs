@@ -22,10 +22,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use flowgate_core::retry::BackoffPolicy;
 use flowgate_core::{
     Assignment, Checkpoint, Connection as BrokerConnection, Credits, Error, ErrorKind, Headers,
     IdempotencyKey, LagSample, LagUnit, PartitionId, Position, Record, Revocation, Source,
@@ -434,32 +435,33 @@ impl Driver {
     /// Connects with exponential backoff until `give_up_after`.
     async fn connect(&mut self) -> Result<Option<Connection>, Error> {
         let r = &self.cfg.reconnect;
-        let started = Instant::now();
-        let mut wait = r.initial_backoff;
+        let mut backoff = BackoffPolicy::new(r.initial_backoff, r.max_backoff)
+            .with_give_up_after(r.give_up_after)
+            .start();
         loop {
-            match self.connect_once().await {
+            let wait = match self.connect_once().await {
                 Ok(c) => return Ok(Some(c)),
                 Err(e) if e.kind() == ErrorKind::Config => return Err(e),
-                Err(e) if started.elapsed() >= r.give_up_after => {
-                    return Err(Error::fatal(format!(
-                        "rabbitmq: broker unreachable for {:?}; giving up",
-                        r.give_up_after
-                    ))
-                    .with_context("url", redact(&self.cfg.url))
-                    .with_context("last_error", e)
-                    .with_hint("check that RabbitMQ runs and the url is right"));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?wait, "rabbitmq: cannot connect; retrying")
-                }
-            }
-            // Up to a quarter more, so many consumers do not reconnect in lockstep.
-            let jitter = Duration::from_millis(fastrand::u64(0..=(wait.as_millis() / 4) as u64));
+                Err(e) => match backoff.next_delay() {
+                    Some(wait) => {
+                        tracing::warn!(error = %e, retry_in = ?wait, "rabbitmq: cannot connect; retrying");
+                        wait
+                    }
+                    None => {
+                        return Err(Error::fatal(format!(
+                            "rabbitmq: broker unreachable for {:?}; giving up",
+                            r.give_up_after
+                        ))
+                        .with_context("url", redact(&self.cfg.url))
+                        .with_context("last_error", e)
+                        .with_hint("check that RabbitMQ runs and the url is right"));
+                    }
+                },
+            };
             tokio::select! {
                 _ = self.closing.changed() => return Ok(None),
-                _ = tokio::time::sleep(wait + jitter) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
-            wait = (wait * 2).min(r.max_backoff);
         }
     }
 

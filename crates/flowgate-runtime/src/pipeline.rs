@@ -296,19 +296,17 @@ impl Pipeline {
         let retry = st.settings.retry.clone();
         let ctx = SourceContext::new(name.clone(), credits)
             .with_max_in_flight_per_partition(st.settings.max_in_flight_per_partition);
-        let mut attempts = 0usize;
+        let mut backoff = retry.policy().start();
         loop {
             match source.open(ctx.clone()).await {
                 Ok(()) => break,
-                Err(e) if e.is_temporary() && attempts + 1 < retry.max_attempts => {
-                    attempts += 1;
-                    let delay = retry
-                        .initial_backoff
-                        .saturating_mul(1 << attempts.min(16))
-                        .min(retry.max_backoff);
-                    tracing::warn!(pipeline = %name, error = %e, ?delay, attempt = attempts, "cannot open the source, retrying");
-                    tokio::time::sleep(delay).await;
-                }
+                Err(e) if e.is_temporary() => match backoff.next_delay() {
+                    Some(delay) => {
+                        tracing::warn!(pipeline = %name, error = %e, ?delay, attempt = backoff.attempts(), "cannot open the source, retrying");
+                        tokio::time::sleep(delay).await;
+                    }
+                    None => return Err(e.with_context("while", "opening the source")),
+                },
                 Err(e) => return Err(e.with_context("while", "opening the source")),
             }
         }

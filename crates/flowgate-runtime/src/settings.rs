@@ -224,6 +224,16 @@ pub struct RetrySettings {
     pub on_exhausted: ExhaustedPolicy,
 }
 
+impl RetrySettings {
+    /// The backoff these settings describe: `max_attempts` attempts in all (so one fewer
+    /// retries), no retry starting after `max_elapsed`.
+    pub(crate) fn policy(&self) -> flowgate_core::retry::BackoffPolicy {
+        flowgate_core::retry::BackoffPolicy::new(self.initial_backoff, self.max_backoff)
+            .with_max_attempts(self.max_attempts.saturating_sub(1))
+            .with_give_up_after(self.max_elapsed)
+    }
+}
+
 impl Default for RetrySettings {
     fn default() -> Self {
         RetrySettings {

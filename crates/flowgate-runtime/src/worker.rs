@@ -5,7 +5,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use flowgate_core::{
     DedupStore, Error, ErrorKind, IdempotencyKey, PartitionId, Position, PositionRange, Record,
     Sink, TxContext, WriteError,
@@ -156,32 +155,22 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Error>>,
 {
-    let mut delays = backoff(retry);
-    let started = Instant::now();
+    let mut backoff = retry.policy().start();
     loop {
         match op().await {
             Ok(v) => return Ok(v),
-            Err(e) if e.is_temporary() => match delays.next() {
-                Some(d) if started.elapsed() + d <= retry.max_elapsed => {
+            Err(e) if e.is_temporary() => match backoff.next_delay() {
+                Some(d) => {
                     tracing::warn!(error = %e, delay = ?d, "{what} failed, retrying");
                     tokio::time::sleep(e.retry_after().map_or(d, |r| r.max(d))).await;
                 }
-                _ => {
-                    return Err(e.with_context("gave_up_after", format!("{:?}", started.elapsed())));
+                None => {
+                    return Err(e.with_context("gave_up_after", format!("{:?}", backoff.elapsed())));
                 }
             },
             Err(e) => return Err(e),
         }
     }
-}
-
-fn backoff(retry: &RetrySettings) -> impl Iterator<Item = Duration> {
-    ExponentialBuilder::default()
-        .with_min_delay(retry.initial_backoff)
-        .with_max_delay(retry.max_backoff)
-        .with_max_times(retry.max_attempts.saturating_sub(1))
-        .with_jitter()
-        .build()
 }
 
 /// Sends a fatal completion if the worker panics, so the coordinator never waits forever.
@@ -467,7 +456,7 @@ async fn write_with_retry(
         oldest_timestamp: pending.first().and_then(|r| r.timestamp),
     };
     let collect_marks = shared.marker.is_some() && !transactional && !shared.positional;
-    let mut delays = backoff(&shared.retry);
+    let mut backoff = shared.retry.policy().start();
     let started = Instant::now();
     while !pending.is_empty() {
         let attempt = if transactional {
@@ -548,8 +537,8 @@ async fn write_with_retry(
             Stats::add(&shared.stats.throttles, 1);
             shared.metrics.throttles.increment(1);
         }
-        match delays.next() {
-            Some(d) if started.elapsed() + d <= shared.retry.max_elapsed => {
+        match backoff.next_delay() {
+            Some(d) => {
                 Stats::add(&shared.stats.retries, 1);
                 shared.metrics.retries.increment(1);
                 let d = err.retry_after().map_or(d, |r| r.max(d));
@@ -559,7 +548,7 @@ async fn write_with_retry(
             _ => {
                 let gave_up = format!(
                     "{} attempts over {:?}",
-                    shared.retry.max_attempts,
+                    backoff.attempts() + 1,
                     started.elapsed()
                 );
                 match shared.retry.on_exhausted {
