@@ -12,8 +12,10 @@
 //! - [`KinesisSink`]: `PutRecords` within the API limits (500 records, 5 MiB per call,
 //!   1 MiB per record); only failed entries are retried; a record over 1 MiB is poison.
 //!
-//! KPL-aggregated records are **not** de-aggregated: each Kinesis record is one flowgate
-//! record. The guide is `docs/brokers/kinesis.md`.
+//! KPL-aggregated records are read as their user records (module [`kpl`]). The guide is
+//! `docs/brokers/kinesis.md`.
+
+#![doc = include_str!("docs.md")]
 
 mod client;
 mod config;

@@ -13,9 +13,13 @@
 //!
 //! The guide with configuration keys and semantics is `docs/brokers/rabbitmq.md`.
 
+#![doc = include_str!("docs.md")]
+
+mod client;
 mod config;
-mod connect;
+mod delivery;
 mod error;
+mod lag;
 mod sink;
 mod source;
 

@@ -25,7 +25,7 @@ pub struct RabbitSink {
 impl RabbitSink {
     /// A sink; it connects on the first write.
     pub fn new(cfg: RabbitSinkConfig) -> Result<Self, Error> {
-        crate::connect::check_tls(&cfg.url, cfg.tls.as_ref(), "sink")?;
+        crate::client::check_tls(&cfg.url, cfg.tls.as_ref(), "sink")?;
         if cfg.exchange.is_empty() && cfg.routing_key.is_none() && cfg.routing_key_header.is_none()
         {
             tracing::debug!(
@@ -47,7 +47,7 @@ impl RabbitSink {
             }
         }
         *link = None;
-        let conn = crate::connect::connect(&self.cfg.url, self.cfg.tls.as_ref(), "sink").await?;
+        let conn = crate::client::connect(&self.cfg.url, self.cfg.tls.as_ref(), "sink").await?;
         let ch = conn
             .create_channel()
             .await

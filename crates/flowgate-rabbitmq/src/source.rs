@@ -20,8 +20,7 @@
 //!   a short-lived consumer attached at `last` (the stream's last chunk) that reads to the end
 //!   of that chunk.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -29,13 +28,13 @@ use bytes::Bytes;
 use flowgate_core::retry::BackoffPolicy;
 use flowgate_core::{
     Assignment, Checkpoint, Connection as BrokerConnection, Credits, Error, ErrorKind, Headers,
-    IdempotencyKey, LagSample, LagUnit, PartitionId, Position, Record, Revocation, Source,
-    SourceCapabilities, SourceContext, SourceEvent, StartPosition,
+    IdempotencyKey, LagUnit, PartitionId, Position, Record, Revocation, Source, SourceCapabilities,
+    SourceContext, SourceEvent, StartPosition,
 };
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -43,79 +42,9 @@ use lapin::{Channel, Connection, ExchangeKind};
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::config::{QueueType, RabbitSourceConfig, StreamStart, redact};
+use crate::delivery::{Live, Shared, lock, push_event, stream_offset, value_bytes};
 use crate::error::map;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// The channel currently consuming, and its epoch (one per connection).
-#[derive(Clone)]
-struct Live {
-    epoch: u64,
-    channel: Channel,
-}
-
-#[derive(Default)]
-struct Shared {
-    buf: VecDeque<Record>,
-    events: VecDeque<SourceEvent>,
-    error: Option<Error>,
-    live: Option<Live>,
-    /// Streams: stream offset → (epoch, delivery tag) of deliveries not yet acknowledged.
-    tags: BTreeMap<u64, (u64, u64)>,
-    /// Streams: the newest offset delivered by the broker.
-    last_offset: Option<u64>,
-    /// Queues: the delivery tags of the live channel already settled.
-    settled: Settled,
-}
-
-/// Delivery tags of one channel already settled, so that no ack or nack names one again: the
-/// broker closes the channel on an unknown delivery tag (an ack with `multiple` up to a tag
-/// that was rejected on its own is one).
-#[derive(Default, Debug)]
-struct Settled {
-    epoch: u64,
-    /// Every tag up to this one is settled.
-    through: u64,
-    /// Tags above `through` rejected one by one (poison records).
-    rejected: BTreeSet<u64>,
-}
-
-impl Settled {
-    /// The tag to ack with `multiple` so that everything up to `tag` is settled: `tag` itself,
-    /// or the last one below it not rejected; `None` if nothing is left to ack.
-    fn ack_through(&mut self, epoch: u64, tag: u64) -> Option<u64> {
-        self.follow(epoch);
-        let from = self.through;
-        if tag <= from {
-            return None;
-        }
-        let mut t = tag;
-        while t > from && self.rejected.contains(&t) {
-            t -= 1;
-        }
-        self.through = tag;
-        self.rejected = self.rejected.split_off(&(tag + 1));
-        (t > from).then_some(t)
-    }
-
-    /// Whether `tag` may still be rejected (it is not settled); records it as settled.
-    fn reject(&mut self, epoch: u64, tag: u64) -> bool {
-        self.follow(epoch);
-        tag > self.through && self.rejected.insert(tag)
-    }
-
-    /// A new channel numbers its deliveries from 1 again.
-    fn follow(&mut self, epoch: u64) {
-        if self.epoch != epoch {
-            *self = Settled {
-                epoch,
-                ..Settled::default()
-            };
-        }
-    }
-}
+use crate::lag::{AbortOnDrop, LagProbe, PROBE_MAX};
 
 /// RabbitMQ source over one queue (classic, quorum or stream). See the module docs.
 pub struct RabbitSource {
@@ -148,7 +77,7 @@ impl RabbitSource {
                     .with_context("key", "source.max_batch"),
             );
         }
-        crate::connect::check_tls(&cfg.url, cfg.tls.as_ref(), "source")?;
+        crate::client::check_tls(&cfg.url, cfg.tls.as_ref(), "source")?;
         if cfg.queue_type == QueueType::Stream && cfg.native_dead_letter == Some(true) {
             return Err(Error::config(
                 "rabbitmq source: streams cannot dead-letter on the broker; use a dead-letter sink",
@@ -355,7 +284,7 @@ impl Source for RabbitSource {
         _pipeline: &str,
         _checkpoints: &[Checkpoint],
     ) -> Result<Vec<flowgate_core::PartitionView>, Error> {
-        let conn = crate::connect::connect(&self.cfg.url, self.cfg.tls.as_ref(), "source").await?;
+        let conn = crate::client::connect(&self.cfg.url, self.cfg.tls.as_ref(), "source").await?;
         let ch = conn
             .create_channel()
             .await
@@ -429,7 +358,7 @@ struct Driver {
 
 impl Driver {
     async fn connect_once(&self) -> Result<Connection, Error> {
-        crate::connect::connect(&self.cfg.url, self.cfg.tls.as_ref(), "source").await
+        crate::client::connect(&self.cfg.url, self.cfg.tls.as_ref(), "source").await
     }
 
     /// Connects with exponential backoff until `give_up_after`.
@@ -754,197 +683,5 @@ impl Driver {
             timestamp: Some(timestamp),
             redelivered: d.redelivered,
         })
-    }
-}
-
-/// Queues an event for `next()` and wakes it.
-fn push_event(shared: &Mutex<Shared>, notify: &Notify, ev: SourceEvent) {
-    lock(shared).events.push_back(ev);
-    notify.notify_one();
-}
-
-/// A stream delivery's offset (its `x-stream-offset` header).
-fn stream_offset(d: &Delivery) -> Option<u64> {
-    match d
-        .properties
-        .headers()
-        .as_ref()?
-        .inner()
-        .get("x-stream-offset")?
-    {
-        AMQPValue::LongLongInt(o) => u64::try_from(*o).ok(),
-        _ => None,
-    }
-}
-
-/// A stream lag reading waits this long for the next message of the last chunk.
-const PROBE_IDLE: Duration = Duration::from_millis(100);
-/// A stream lag reading takes at most this long (a producer may keep the chunk growing).
-const PROBE_MAX: Duration = Duration::from_secs(1);
-/// Unacknowledged messages a stream lag reading may hold: bounds its memory (it needs the
-/// offsets, but AMQP sends whole messages). A stream may overshoot it by part of a chunk.
-const PROBE_PREFETCH: u16 = 16;
-
-/// Aborts a task when dropped (a session that ends takes its lag probe along).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Reads the queue's lag every `interval` on a channel of its own.
-struct LagProbe {
-    queue: String,
-    partition: PartitionId,
-    stream: bool,
-    interval: Duration,
-    shared: Arc<Mutex<Shared>>,
-    notify: Arc<Notify>,
-    closing: watch::Receiver<bool>,
-    tag: String,
-}
-
-impl LagProbe {
-    async fn run(mut self, ch: Channel) {
-        if self.stream {
-            if let Err(e) = ch
-                .basic_qos(PROBE_PREFETCH, BasicQosOptions::default())
-                .await
-            {
-                tracing::warn!(error = %e, queue = %self.queue, "rabbitmq: cannot set up lag readings; lag is not reported");
-                return;
-            }
-        }
-        let mut tick = tokio::time::interval(self.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        for n in 0u64.. {
-            tokio::select! {
-                _ = self.closing.changed() => break,
-                _ = tick.tick() => {}
-            }
-            let lag = if self.stream {
-                self.stream_lag(&ch, n).await
-            } else {
-                self.depth(&ch).await.map(Some)
-            };
-            match lag {
-                Ok(Some(lag)) => push_event(
-                    &self.shared,
-                    &self.notify,
-                    SourceEvent::Lag(vec![LagSample {
-                        partition: self.partition.clone(),
-                        lag,
-                        unit: LagUnit::Records,
-                    }]),
-                ),
-                Ok(None) => {}
-                Err(e) => {
-                    // The session's own channel sees the same failure and reconnects.
-                    tracing::debug!(error = %e, queue = %self.queue, "rabbitmq: lag reading failed");
-                    return;
-                }
-            }
-        }
-        let _ = ch.close(200, "flowgate closing".into()).await;
-    }
-
-    /// Ready messages (a passive declare).
-    async fn depth(&self, ch: &Channel) -> Result<u64, lapin::Error> {
-        let q = ch
-            .queue_declare(
-                self.queue.as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(u64::from(q.message_count()))
-    }
-
-    /// The stream's end (the highest offset of its last chunk, read by a consumer attached
-    /// at `last`) minus the newest offset delivered. `None` before the first delivery, or if
-    /// the stream's end could not be read.
-    async fn stream_lag(&self, ch: &Channel, n: u64) -> Result<Option<u64>, lapin::Error> {
-        let Some(delivered) = lock(&self.shared).last_offset else {
-            return Ok(None);
-        };
-        let tag = format!("{}-{n}", self.tag);
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-stream-offset".into(),
-            AMQPValue::LongString("last".into()),
-        );
-        let mut reader = ch
-            .basic_consume(
-                self.queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                args,
-            )
-            .await?;
-        let deadline = tokio::time::Instant::now() + PROBE_MAX;
-        let mut end = None;
-        while let Ok(Some(d)) = tokio::time::timeout_at(
-            deadline.min(tokio::time::Instant::now() + PROBE_IDLE),
-            reader.next(),
-        )
-        .await
-        {
-            let d = d?;
-            end = end.max(stream_offset(&d));
-            d.acker.ack(BasicAckOptions::default()).await?;
-        }
-        ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await?;
-        Ok(end.map(|end| end.saturating_sub(delivered)))
-    }
-}
-
-/// A header value as bytes (strings as is, numbers and booleans as text).
-fn value_bytes(v: &AMQPValue) -> Option<Bytes> {
-    Some(match v {
-        AMQPValue::LongString(s) => Bytes::copy_from_slice(s.as_bytes()),
-        AMQPValue::ShortString(s) => Bytes::copy_from_slice(s.as_str().as_bytes()),
-        AMQPValue::ByteArray(b) => Bytes::copy_from_slice(b.as_slice()),
-        AMQPValue::Boolean(b) => Bytes::from(b.to_string()),
-        AMQPValue::ShortShortInt(n) => Bytes::from(n.to_string()),
-        AMQPValue::ShortShortUInt(n) => Bytes::from(n.to_string()),
-        AMQPValue::ShortInt(n) => Bytes::from(n.to_string()),
-        AMQPValue::ShortUInt(n) => Bytes::from(n.to_string()),
-        AMQPValue::LongInt(n) => Bytes::from(n.to_string()),
-        AMQPValue::LongUInt(n) => Bytes::from(n.to_string()),
-        AMQPValue::LongLongInt(n) => Bytes::from(n.to_string()),
-        AMQPValue::Timestamp(n) => Bytes::from(n.to_string()),
-        _ => return None,
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Settled;
-
-    #[test]
-    fn no_ack_or_nack_names_a_settled_tag() {
-        let mut s = Settled::default();
-        assert!(s.reject(1, 5), "poison record 5 rejected");
-        // Everything up to 5 is done: ack through 4, since 5 is no longer outstanding.
-        assert_eq!(s.ack_through(1, 5), Some(4));
-        assert_eq!(
-            s.ack_through(1, 5),
-            None,
-            "the same checkpoint again: nothing to ack"
-        );
-        assert!(!s.reject(1, 3), "already acked");
-        assert!(s.reject(1, 7));
-        assert!(s.reject(1, 6));
-        assert_eq!(s.ack_through(1, 7), None, "6 and 7 were both rejected");
-        assert_eq!(s.ack_through(1, 9), Some(9));
-        // A new channel numbers its deliveries from 1 again.
-        assert_eq!(s.ack_through(2, 3), Some(3));
-        assert!(s.reject(2, 4));
     }
 }
