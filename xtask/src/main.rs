@@ -13,8 +13,8 @@ use rig::{Broker, Engine, Rig};
 const HELP: &str = "\
 cargo xtask <task>
 
-  test                     fmt check, clippy -D warnings, dependency rules, the alert rules'
-                           promtool checks and unit tests, unit and in-process tests, then
+  test                     fmt check, clippy -D warnings, dependency rules, rustdoc with
+                           -D warnings, the alert rules' promtool checks and unit tests, unit and in-process tests, then
                            the real-broker tests against `brokers up` (always followed by
                            `brokers down`)
   brokers up [--only a,b] [--engine native|docker]
@@ -133,6 +133,12 @@ fn test() -> Result<(), String> {
         ]),
     )?;
     dependency_rules()?;
+    run(
+        "cargo doc -D warnings",
+        cargo()
+            .args(["doc", "--workspace", "--no-deps", "--all-features", "--lib"])
+            .env("RUSTDOCFLAGS", "-D warnings"),
+    )?;
     let rig = Rig::new()?;
     alert_rules(&rig)?;
     // `flowgate top` is tested in a real terminal.

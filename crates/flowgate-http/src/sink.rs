@@ -21,7 +21,7 @@ pub const REQUEST_SECONDS: &str = "flowgate_sink_request_seconds";
 ///
 /// One request per batch (`ndjson`, `json_array`) or per record (`single`), records of one
 /// partition in order; the runtime's adaptive concurrency decides how many requests are in
-/// flight. What each answer means is in [`classify`](crate::error): `429`/`503` throttle
+/// flight. What each answer means (the crate docs list it): `429`/`503` throttle
 /// (honouring `Retry-After`), `408`/`5xx`/timeouts retry, other `4xx` dead-letter the
 /// record — a batch the endpoint rejects is split in halves until the rejected records are
 /// found, so one bad record never dead-letters its neighbours.
