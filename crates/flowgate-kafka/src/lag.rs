@@ -4,16 +4,23 @@
 //! so its lag is the committed view `kafka-consumer-groups --describe` shows.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use flowgate_core::{Checkpoint, Error, PartitionId, PartitionView, Position};
+use flowgate_core::{
+    Checkpoint, Connection, Error, LagSample, LagUnit, PartitionId, PartitionView, Position,
+    SourceEvent,
+};
 use rdkafka::Message;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::Notify;
 
 use crate::error::map;
-use crate::source::partition_id;
+use crate::rebalance::{PROBE_TIMEOUT, Shared, lock};
+use crate::records::{Key, partition_id};
 use backon::{BlockingRetryable, ExponentialBuilder};
 
 /// Records behind the high watermark, from the next offset to hand out: an offset, or a
@@ -225,6 +232,133 @@ fn parse_assignment(bytes: &[u8]) -> Vec<(String, i32)> {
     };
     let _ = parse(&mut b, &mut out);
     out
+}
+
+/// Samples lag once a second on a thread of its own, through the unsubscribed helper
+/// client, so a slow `ListOffsets` answer never holds up the poll thread. The same answers
+/// tell whether the brokers can be reached: librdkafka reports "all brokers down" once and then
+/// retries silently, so without this an unreachable cluster looked like an idle topic.
+pub(crate) struct LagReader {
+    pub(crate) helper: Arc<Mutex<Option<BaseConsumer>>>,
+    pub(crate) topics: Vec<String>,
+    /// The bootstrap servers, named in the connection events.
+    pub(crate) endpoint: String,
+    /// The last reachability reported (`None` before the first probe).
+    pub(crate) reachable: Mutex<Option<bool>>,
+    pub(crate) shared: Arc<Mutex<Shared>>,
+    pub(crate) notify: Arc<Notify>,
+    pub(crate) closing: Arc<AtomicBool>,
+}
+
+impl LagReader {
+    pub(crate) fn run(&self) {
+        self.warm_up();
+        let mut last = Instant::now();
+        while !self.closing.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(50));
+            // Serve the helper's own queue (logs, errors), which nothing else polls: it would
+            // grow for as long as the brokers stay away.
+            if let Some(h) = lock(&self.helper).as_ref() {
+                let _ = h.poll(Duration::ZERO);
+            }
+            if last.elapsed() >= Duration::from_secs(1) {
+                last = Instant::now();
+                self.sample();
+            }
+        }
+    }
+
+    /// Connects the helper to the group coordinator while the consumer joins the group: the
+    /// assignment callback reads the committed offsets through it, and a cold helper first
+    /// looks the coordinator up (~60 ms here) while the group waits for the callback. Bounded
+    /// by 2 s: a close meanwhile waits for it (the helper is behind the same lock).
+    pub(crate) fn warm_up(&self) {
+        let mut tpl = TopicPartitionList::new();
+        for t in &self.topics {
+            tpl.add_partition(t, 0);
+        }
+        if let Some(h) = lock(&self.helper).as_ref() {
+            if let Err(e) = h.committed_offsets(tpl, Duration::from_secs(2)) {
+                tracing::debug!(error = %e, "kafka: warming up the offsets reader failed; the assignment reads them cold");
+            }
+        }
+    }
+
+    /// Records behind the high watermark, per partition; with nothing assigned, a metadata
+    /// request stands in as the reachability probe.
+    pub(crate) fn sample(&self) {
+        let parts: Vec<(Key, PartitionId, Offset)> = lock(&self.shared)
+            .parts
+            .iter()
+            .map(|p| (p.key.clone(), p.id.clone(), p.next_offset))
+            .collect();
+        let mut samples = Vec::new();
+        let mut failure = None;
+        if parts.is_empty() {
+            let probe = match lock(&self.helper).as_ref() {
+                Some(h) => h
+                    .fetch_metadata(self.topics.first().map(String::as_str), PROBE_TIMEOUT)
+                    .map(|_| ()),
+                None => return,
+            };
+            failure = probe.err();
+        }
+        for ((t, p), id, next) in parts {
+            if self.closing.load(Ordering::Acquire) {
+                return;
+            }
+            let watermarks = match lock(&self.helper).as_ref() {
+                Some(h) => h.fetch_watermarks(&t, p, PROBE_TIMEOUT),
+                None => return,
+            };
+            match watermarks {
+                Ok((low, high)) => {
+                    if let Some(lag) = crate::lag::records_behind(low, high, next) {
+                        samples.push(LagSample {
+                            partition: id,
+                            lag,
+                            unit: LagUnit::Records,
+                        });
+                    }
+                }
+                // The brokers are away: one failure says so, without waiting out the timeout
+                // once per partition while the helper's lock is held.
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let reachable = !samples.is_empty() || failure.is_none();
+        let changed = lock(&self.reachable).replace(reachable) != Some(reachable);
+        let mut sh = lock(&self.shared);
+        if reachable {
+            sh.client_error = None;
+            sh.client_log = None;
+        }
+        if changed {
+            let event = if reachable {
+                Connection::Up
+            } else {
+                Connection::Down {
+                    endpoint: self.endpoint.clone(),
+                    // librdkafka's own word on the connection is clearer than a timeout.
+                    cause: sh
+                        .client_error
+                        .clone()
+                        .unwrap_or_else(|| failure.map_or_else(String::new, |e| e.to_string())),
+                }
+            };
+            sh.events.push_back(SourceEvent::Connection(event));
+        }
+        if !samples.is_empty() {
+            sh.events.push_back(SourceEvent::Lag(samples));
+        }
+        drop(sh);
+        if changed || reachable {
+            self.notify.notify_one();
+        }
+    }
 }
 
 #[cfg(test)]

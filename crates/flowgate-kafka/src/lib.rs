@@ -17,6 +17,8 @@ mod config;
 mod error;
 mod lag;
 mod queue;
+mod rebalance;
+mod records;
 mod sink;
 mod source;
 
@@ -24,5 +26,6 @@ pub use config::{
     AssignmentStrategy, Compression, GroupProtocol, KafkaSasl, KafkaSinkConfig, KafkaSourceConfig,
     KafkaTls, SaslMechanism, SecurityProtocol,
 };
+pub use records::partition_id;
 pub use sink::KafkaSink;
-pub use source::{KafkaSource, OffsetsLink, partition_id};
+pub use source::{KafkaSource, OffsetsLink};
