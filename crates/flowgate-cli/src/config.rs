@@ -36,9 +36,10 @@ use flowgate_runtime::adapters::{FaultConfig, GeneratorConfig};
 use flowgate_runtime::{KeyExtractor, RuntimeSettings};
 use serde::{Deserialize, Serialize};
 
+use crate::registry::{BrokerSink, BrokerSource};
+
 /// The whole file.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug)]
 pub(crate) struct PipelineConfig {
     /// Pipeline name: namespaces checkpoints and dedup marks.
     pub(crate) name: String,
@@ -47,65 +48,36 @@ pub(crate) struct PipelineConfig {
     /// Where records go.
     pub(crate) sink: SinkConfig,
     /// Where poison records go (optional).
-    #[serde(default)]
     pub(crate) dead_letter: Option<SinkConfig>,
     /// Checkpoint store. Default: embedded in `./flowgate-data`.
-    #[serde(default)]
     pub(crate) store: StoreConfig,
     /// Deduplication (needs a store). Off unless given.
-    #[serde(default)]
     pub(crate) dedup: Option<DedupConfig>,
     /// Runtime limits.
-    #[serde(default)]
     pub(crate) runtime: RuntimeSettings,
     /// The `/metrics`, `/health`, `/ready` and `/status` endpoint.
-    #[serde(default)]
     pub(crate) observability: flowgate_runtime::EndpointSettings,
 }
 
-/// Sources by type.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+/// Sources by type: the in-process generator, or a broker adapter of the registry.
+#[derive(Clone, Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per pipeline file, read once at start"
+)]
 pub(crate) enum SourceConfig {
     /// The in-process generator.
     Generator(GeneratorConfig),
-    /// Apache Kafka.
-    #[cfg(feature = "kafka")]
-    Kafka(flowgate_kafka::KafkaSourceConfig),
-    /// Apache Kafka (feature `kafka`, not compiled in).
-    #[cfg(not(feature = "kafka"))]
-    Kafka(NotCompiled),
-    /// AWS Kinesis Data Streams.
-    #[cfg(feature = "kinesis")]
-    Kinesis(flowgate_kinesis::KinesisSourceConfig),
-    /// AWS Kinesis Data Streams (feature `kinesis`, not compiled in).
-    #[cfg(not(feature = "kinesis"))]
-    Kinesis(NotCompiled),
-    /// RabbitMQ.
-    #[cfg(feature = "rabbitmq")]
-    Rabbitmq(flowgate_rabbitmq::RabbitSourceConfig),
-    /// RabbitMQ (feature `rabbitmq`, not compiled in).
-    #[cfg(not(feature = "rabbitmq"))]
-    Rabbitmq(NotCompiled),
+    /// Kafka, Kinesis, RabbitMQ (see `registry.rs`).
+    Broker(BrokerSource),
 }
 
-/// Settings of an adapter this binary was built without; accepted by the parser so that the
-/// error can name the missing Cargo feature.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[cfg_attr(
-    all(
-        feature = "kafka",
-        feature = "rabbitmq",
-        feature = "kinesis",
-        feature = "http"
-    ),
-    allow(dead_code)
+/// Sinks by type: the in-process ones, or an adapter of the registry.
+#[derive(Clone, Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per pipeline file, read once at start"
 )]
-pub(crate) struct NotCompiled {}
-
-/// Sinks by type.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub(crate) enum SinkConfig {
     /// Discards records (benchmarks, demos).
     Null(NullSinkConfig),
@@ -114,30 +86,8 @@ pub(crate) enum SinkConfig {
     /// Rows in a table of the pipeline's store (embedded or PostgreSQL), committed with the
     /// dedup marks in one transaction (exactly-once). Needs `dedup`.
     Table(TableSinkConfig),
-    /// Apache Kafka.
-    #[cfg(feature = "kafka")]
-    Kafka(flowgate_kafka::KafkaSinkConfig),
-    /// Apache Kafka (feature `kafka`, not compiled in).
-    #[cfg(not(feature = "kafka"))]
-    Kafka(NotCompiled),
-    /// AWS Kinesis Data Streams.
-    #[cfg(feature = "kinesis")]
-    Kinesis(flowgate_kinesis::KinesisSinkConfig),
-    /// AWS Kinesis Data Streams (feature `kinesis`, not compiled in).
-    #[cfg(not(feature = "kinesis"))]
-    Kinesis(NotCompiled),
-    /// RabbitMQ.
-    #[cfg(feature = "rabbitmq")]
-    Rabbitmq(flowgate_rabbitmq::RabbitSinkConfig),
-    /// RabbitMQ (feature `rabbitmq`, not compiled in).
-    #[cfg(not(feature = "rabbitmq"))]
-    Rabbitmq(NotCompiled),
-    /// An HTTP endpoint.
-    #[cfg(feature = "http")]
-    Http(flowgate_http::HttpSinkConfig),
-    /// An HTTP endpoint (feature `http`, not compiled in).
-    #[cfg(not(feature = "http"))]
-    Http(NotCompiled),
+    /// Kafka, Kinesis, RabbitMQ, HTTP (see `registry.rs`).
+    Broker(BrokerSink),
 }
 
 /// `type = "null"`.
@@ -228,44 +178,47 @@ struct NoKeys {}
 /// names its whole key path (serde's internally tagged enums buffer the section and lose it).
 trait Tagged: Sized {
     /// The `type` values, for the error on an unknown one.
-    const TYPES: &'static [&'static str];
+    fn types() -> Vec<&'static str>;
     /// The variant `kind` read from `rest` (the section without its `type` key).
     fn from_parts(kind: &str, rest: &Value) -> Result<Option<Self>, figment::Error>;
 }
 
 impl Tagged for SourceConfig {
-    const TYPES: &'static [&'static str] = &["generator", "kafka", "kinesis", "rabbitmq"];
+    fn types() -> Vec<&'static str> {
+        [&["generator"][..], BrokerSource::TYPES].concat()
+    }
     fn from_parts(kind: &str, rest: &Value) -> Result<Option<Self>, figment::Error> {
         Ok(Some(match kind {
             "generator" => SourceConfig::Generator(rest.deserialize()?),
-            "kafka" => SourceConfig::Kafka(rest.deserialize()?),
-            "kinesis" => SourceConfig::Kinesis(rest.deserialize()?),
-            "rabbitmq" => SourceConfig::Rabbitmq(rest.deserialize()?),
-            _ => return Ok(None),
+            _ => match BrokerSource::from_parts(kind, rest)? {
+                Some(b) => SourceConfig::Broker(b),
+                None => return Ok(None),
+            },
         }))
     }
 }
 
 impl Tagged for SinkConfig {
-    const TYPES: &'static [&'static str] = &[
-        "null", "jsonl", "table", "kafka", "kinesis", "rabbitmq", "http",
-    ];
+    fn types() -> Vec<&'static str> {
+        [&["null", "jsonl", "table"][..], BrokerSink::TYPES].concat()
+    }
     fn from_parts(kind: &str, rest: &Value) -> Result<Option<Self>, figment::Error> {
         Ok(Some(match kind {
             "null" => SinkConfig::Null(rest.deserialize()?),
             "jsonl" => SinkConfig::Jsonl(rest.deserialize()?),
             "table" => SinkConfig::Table(rest.deserialize()?),
-            "kafka" => SinkConfig::Kafka(rest.deserialize()?),
-            "kinesis" => SinkConfig::Kinesis(rest.deserialize()?),
-            "rabbitmq" => SinkConfig::Rabbitmq(rest.deserialize()?),
-            "http" => SinkConfig::Http(rest.deserialize()?),
-            _ => return Ok(None),
+            _ => match BrokerSink::from_parts(kind, rest)? {
+                Some(b) => SinkConfig::Broker(b),
+                None => return Ok(None),
+            },
         }))
     }
 }
 
 impl Tagged for StoreConfig {
-    const TYPES: &'static [&'static str] = &["embedded", "postgres", "redis", "memory", "none"];
+    fn types() -> Vec<&'static str> {
+        vec!["embedded", "postgres", "redis", "memory", "none"]
+    }
     fn from_parts(kind: &str, rest: &Value) -> Result<Option<Self>, figment::Error> {
         Ok(Some(match kind {
             "embedded" => StoreConfig::Embedded(rest.deserialize()?),
@@ -312,29 +265,6 @@ impl DedupConfig {
             },
         }
     }
-}
-
-/// The error for an adapter this binary was built without.
-#[cfg_attr(
-    all(
-        feature = "kafka",
-        feature = "rabbitmq",
-        feature = "kinesis",
-        feature = "http"
-    ),
-    allow(dead_code)
-)]
-pub(crate) fn missing_feature(kind: &str) -> Error {
-    let hint = if kind == "kafka" {
-        "build the flowgate CLI with `--features kafka` (on by default)".to_string()
-    } else {
-        format!("the {kind} adapter is not part of this release yet (see README, status table)")
-    };
-    Error::config(format!(
-        "this flowgate binary was built without the `{kind}` adapter"
-    ))
-    .with_context("key", "type")
-    .with_hint(hint)
 }
 
 /// Loads a configuration file (TOML or YAML by extension) and the `FLOWGATE_` environment.
@@ -436,14 +366,14 @@ fn tagged<T: Tagged>(value: &Value, section: &str) -> Result<T, figment::Error> 
             return Err(figment::Error::from(format!(
                 "invalid type: found {}, expected a string (one of {})",
                 other.to_actual(),
-                T::TYPES.join(", ")
+                T::types().join(", ")
             ))
             .with_path(&format!("{section}.type")));
         }
         None => {
             return Err(figment::Error::from(format!(
                 "missing `type`: expected one of {}",
-                T::TYPES.join(", ")
+                T::types().join(", ")
             ))
             .with_path(section));
         }
@@ -455,7 +385,7 @@ fn tagged<T: Tagged>(value: &Value, section: &str) -> Result<T, figment::Error> 
         Ok(Some(v)) => Ok(v),
         Ok(None) => Err(figment::Error::from(format!(
             "unknown type {kind:?}: expected one of {}",
-            T::TYPES.join(", ")
+            T::types().join(", ")
         ))
         .with_path(&format!("{section}.type"))),
         // The variant's errors carry paths inside the section: put the section in front.

@@ -10,13 +10,15 @@ use flowgate_runtime::adapters::{
 };
 
 use crate::config::{PipelineConfig, SinkConfig, SourceConfig, StoreConfig};
+use crate::registry::Resources;
+#[cfg(feature = "kafka")]
+use crate::registry::{BrokerSink, BrokerSource};
 
 /// The stores of `[store]`, by the roles they play.
 pub(crate) struct Stores {
     pub(crate) checkpoint: Option<Arc<dyn CheckpointStore>>,
     pub(crate) dedup: Option<Arc<dyn DedupStore>>,
     /// The same store's leases (Kinesis shards), fencing its own checkpoints.
-    #[cfg_attr(not(feature = "kinesis"), allow(dead_code))]
     pub(crate) leases: Option<Arc<dyn LeaseStore>>,
     pub(crate) embedded: Option<EmbeddedStore>,
     pub(crate) postgres: Option<Arc<PostgresStore>>,
@@ -122,42 +124,7 @@ pub(crate) async fn make_sink(
             };
             (sink, faults)
         }
-        #[cfg(feature = "kafka")]
-        SinkConfig::Kafka(k) => (Box::new(flowgate_kafka::KafkaSink::new(k.clone())?), &None),
-        #[cfg(not(feature = "kafka"))]
-        SinkConfig::Kafka(_) => {
-            return Err(
-                crate::config::missing_feature("kafka").with_context("key", format!("{key}.type"))
-            );
-        }
-        #[cfg(feature = "kinesis")]
-        SinkConfig::Kinesis(k) => (
-            Box::new(flowgate_kinesis::KinesisSink::connect(k.clone()).await?),
-            &None,
-        ),
-        #[cfg(not(feature = "kinesis"))]
-        SinkConfig::Kinesis(_) => {
-            return Err(crate::config::missing_feature("kinesis")
-                .with_context("key", format!("{key}.type")));
-        }
-        #[cfg(feature = "rabbitmq")]
-        SinkConfig::Rabbitmq(r) => (
-            Box::new(flowgate_rabbitmq::RabbitSink::new(r.clone())?),
-            &None,
-        ),
-        #[cfg(not(feature = "rabbitmq"))]
-        SinkConfig::Rabbitmq(_) => {
-            return Err(crate::config::missing_feature("rabbitmq")
-                .with_context("key", format!("{key}.type")));
-        }
-        #[cfg(feature = "http")]
-        SinkConfig::Http(h) => (Box::new(flowgate_http::HttpSink::new(h.clone())?), &None),
-        #[cfg(not(feature = "http"))]
-        SinkConfig::Http(_) => {
-            return Err(
-                crate::config::missing_feature("http").with_context("key", format!("{key}.type"))
-            );
-        }
+        SinkConfig::Broker(b) => (b.build(&Resources { stores }, key).await?, &None),
     };
     Ok(match faults {
         Some(f) => Box::new(FaultInjectingSink::new(sink, f.clone())),
@@ -173,13 +140,16 @@ pub(crate) async fn build(cfg: &PipelineConfig) -> Result<(Pipeline, Stores), Er
     let (source, bridge): (Box<dyn Source>, Option<Box<dyn Sink>>) = match (&cfg.source, &cfg.sink)
     {
         #[cfg(feature = "kafka")]
-        (SourceConfig::Kafka(k), SinkConfig::Kafka(sk)) if sk.transactional_id.is_some() => {
+        (
+            SourceConfig::Broker(BrokerSource::Kafka(k)),
+            SinkConfig::Broker(BrokerSink::Kafka(sk)),
+        ) if sk.transactional_id.is_some() => {
             let source = flowgate_kafka::KafkaSource::new(k.clone())?;
             let sink = flowgate_kafka::KafkaSink::new(sk.clone())?
                 .with_offsets_of(source.offsets_link())?;
             (Box::new(source), Some(Box::new(sink)))
         }
-        _ => (make_source(&cfg.source, &stores)?, None),
+        _ => (make_source(&cfg.source, &stores).await?, None),
     };
     let sink = match bridge {
         Some(sink) => sink,
@@ -206,40 +176,13 @@ pub(crate) async fn build(cfg: &PipelineConfig) -> Result<(Pipeline, Stores), Er
     Ok((b.build()?, stores))
 }
 
-/// The source `cfg` describes; Kinesis leases live in the pipeline's store.
-#[cfg_attr(not(feature = "kinesis"), allow(unused_variables))]
-pub(crate) fn make_source(cfg: &SourceConfig, stores: &Stores) -> Result<Box<dyn Source>, Error> {
+/// The source `cfg` describes.
+pub(crate) async fn make_source(
+    cfg: &SourceConfig,
+    stores: &Stores,
+) -> Result<Box<dyn Source>, Error> {
     Ok(match cfg {
         SourceConfig::Generator(g) => Box::new(GeneratorSource::new(g.clone())?),
-        #[cfg(feature = "kafka")]
-        SourceConfig::Kafka(k) => Box::new(flowgate_kafka::KafkaSource::new(k.clone())?),
-        #[cfg(not(feature = "kafka"))]
-        SourceConfig::Kafka(_) => {
-            return Err(crate::config::missing_feature("kafka").with_context("key", "source.type"));
-        }
-        #[cfg(feature = "kinesis")]
-        SourceConfig::Kinesis(k) => {
-            // Leases live in the pipeline's store, so a worker that lost a shard cannot
-            // checkpoint it; without a store, one worker owns every shard (in memory).
-            let leases: Arc<dyn LeaseStore> = match &stores.leases {
-                Some(l) => l.clone(),
-                None => Arc::new(MemoryStore::new()),
-            };
-            Box::new(flowgate_kinesis::KinesisSource::new(k.clone(), leases)?)
-        }
-        #[cfg(not(feature = "kinesis"))]
-        SourceConfig::Kinesis(_) => {
-            return Err(
-                crate::config::missing_feature("kinesis").with_context("key", "source.type")
-            );
-        }
-        #[cfg(feature = "rabbitmq")]
-        SourceConfig::Rabbitmq(r) => Box::new(flowgate_rabbitmq::RabbitSource::new(r.clone())?),
-        #[cfg(not(feature = "rabbitmq"))]
-        SourceConfig::Rabbitmq(_) => {
-            return Err(
-                crate::config::missing_feature("rabbitmq").with_context("key", "source.type")
-            );
-        }
+        SourceConfig::Broker(b) => b.build(&Resources { stores }).await?,
     })
 }

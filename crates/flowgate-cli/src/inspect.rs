@@ -82,7 +82,7 @@ pub(crate) async fn validate(path: &Path) -> i32 {
     report("store", &store_line);
     note(&store_line);
     let checkpoints = stored(&stores, &cfg.name).await.unwrap_or_default();
-    let source = match make_source(&cfg.source, &stores) {
+    let source = match make_source(&cfg.source, &stores).await {
         Ok(mut source) => source
             .inspect(&cfg.name, &checkpoints)
             .await
@@ -152,7 +152,7 @@ async fn lag_rows(cfg: &PipelineConfig) -> Result<Vec<LagRow>, Error> {
         Err(e) => return Err(e),
     };
     let checkpoints = stored(&stores, &cfg.name).await?;
-    let mut source = make_source(&cfg.source, &stores)?;
+    let mut source = make_source(&cfg.source, &stores).await?;
     let views = source.inspect(&cfg.name, &checkpoints).await?;
     let by_partition: BTreeMap<&PartitionId, &Checkpoint> =
         checkpoints.iter().map(|c| (&c.partition, c)).collect();
@@ -336,7 +336,8 @@ pub(crate) async fn reset(target: &Target, reset: Reset) -> Result<(), Error> {
     // The broker's view, where the file names a source that can give it: owners, and the
     // positions `earliest` and `latest` stand for.
     let views: Vec<PartitionView> = match &cfg {
-        Some(cfg) => match make_source(&cfg.source, &stores)?
+        Some(cfg) => match make_source(&cfg.source, &stores)
+            .await?
             .inspect(&pipeline, &existing)
             .await
         {

@@ -3,6 +3,7 @@
 mod config;
 mod factory;
 mod inspect;
+mod registry;
 mod top;
 
 use std::io::Write;
