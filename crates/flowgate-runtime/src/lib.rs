@@ -20,7 +20,7 @@
 //! Start with [`Pipeline::builder`].
 
 pub mod adapters;
-mod aimd;
+mod concurrency;
 mod dedup;
 #[cfg(feature = "endpoint")]
 pub mod endpoint;
@@ -41,7 +41,7 @@ pub use pipeline::{Pipeline, PipelineBuilder, resume_after};
 pub use progress::PartitionState;
 pub use settings::{
     BatchSettings, CommitSettings, ConcurrencyMode, ConcurrencySettings, ExhaustedPolicy,
-    HealthSettings, Ordering, OverflowPolicy, RetrySettings, RuntimeSettings,
+    HealthSettings, OverflowPolicy, RetrySettings, RuntimeSettings, SinkOrdering,
 };
 pub use shutdown::{Shutdown, ShutdownTrigger};
 pub use stats::{Health, NotReady, PartitionStatus, RunSummary, Stats, StatsSnapshot};

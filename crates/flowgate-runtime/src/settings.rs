@@ -16,7 +16,7 @@ pub struct RuntimeSettings {
     /// partition's credit drops to zero. Default 64 MiB.
     pub max_buffer_bytes: usize,
     /// Ordering promise towards the sink. Default `partition`.
-    pub ordering: Ordering,
+    pub ordering: SinkOrdering,
     /// Number of ordered lanes per partition when `ordering = "key"`. Default 16.
     pub key_lanes: usize,
     /// Batching towards the sink.
@@ -57,7 +57,7 @@ impl Default for RuntimeSettings {
         RuntimeSettings {
             max_in_flight_per_partition: 10_000,
             max_buffer_bytes: 64 * 1024 * 1024,
-            ordering: Ordering::Partition,
+            ordering: SinkOrdering::Partition,
             key_lanes: 16,
             batch: BatchSettings::default(),
             concurrency: ConcurrencySettings::default(),
@@ -124,7 +124,7 @@ impl RuntimeSettings {
 /// Ordering promise towards the sink.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Ordering {
+pub enum SinkOrdering {
     /// Records of one partition reach the sink in order: one batch per partition in flight.
     Partition,
     /// Records with the same key reach the sink in order; different keys of a partition may

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use flowgate_core::{
@@ -24,8 +25,9 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pub type TransformFn =
     Arc<dyn Fn(Record) -> BoxFuture<Result<Option<Record>, Error>> + Send + Sync>;
 
-/// What every worker shares.
-pub(crate) struct Shared {
+/// What every sink worker shares: the sink, the dead-letter sink, dedup, retries, metrics, and
+/// the channel back to the coordinator.
+pub(crate) struct WorkerContext {
     pub(crate) pipeline: String,
     pub(crate) sink: Arc<dyn Sink>,
     pub(crate) transactional: bool,
@@ -108,7 +110,7 @@ pub(crate) async fn marker_task(
     while let Some(first) = rx.recv().await {
         let mut reqs = vec![first];
         if let Some(due) = last_call.map(|at| at + interval) {
-            let limit = stats.concurrency.load(std::sync::atomic::Ordering::Relaxed);
+            let limit = stats.concurrency.load(Ordering::Relaxed);
             let max_waiting = usize::try_from(limit / 4).unwrap_or(usize::MAX).max(1);
             while reqs.len() < max_waiting {
                 tokio::select! {
@@ -175,7 +177,7 @@ where
 
 /// Sends a fatal completion if the worker panics, so the coordinator never waits forever.
 struct Guard {
-    shared: Arc<Shared>,
+    shared: Arc<WorkerContext>,
     info: Option<(PartitionId, u64, usize, Vec<u64>, usize)>,
 }
 
@@ -201,7 +203,7 @@ impl Drop for Guard {
 }
 
 /// Runs one batch to completion and reports it.
-pub(crate) async fn run(shared: Arc<Shared>, batch: Batch) {
+pub(crate) async fn run(shared: Arc<WorkerContext>, batch: Batch) {
     let Batch {
         partition,
         incarnation,
@@ -252,7 +254,7 @@ struct Outcome {
 type LaneRef<'a> = (&'a PartitionId, u64, usize);
 
 async fn process(
-    shared: &Arc<Shared>,
+    shared: &Arc<WorkerContext>,
     (partition, incarnation, lane): LaneRef<'_>,
     seqs: &[u64],
     mut records: Vec<Record>,
@@ -443,7 +445,7 @@ struct Written {
 }
 
 async fn write_with_retry(
-    shared: &Shared,
+    shared: &WorkerContext,
     sink: &dyn Sink,
     mut pending: Vec<Record>,
     transactional: bool,

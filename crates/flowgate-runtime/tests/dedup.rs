@@ -10,8 +10,8 @@ use flowgate_runtime::adapters::{
     FaultConfig, FaultInjectingSink, GeneratorConfig, GeneratorSource, MemorySink,
 };
 use flowgate_runtime::{
-    BatchSettings, CommitSettings, ConcurrencyMode, ConcurrencySettings, KeyExtractor, Ordering,
-    Pipeline, RuntimeSettings, Shutdown,
+    BatchSettings, CommitSettings, ConcurrencyMode, ConcurrencySettings, KeyExtractor, Pipeline,
+    RuntimeSettings, Shutdown, SinkOrdering,
 };
 use proptest::prelude::*;
 
@@ -23,7 +23,7 @@ fn run_pipeline(
     seed: u64,
     latency_ms: u64,
     mark_delay_ms: u64,
-    ordering: Ordering,
+    ordering: SinkOrdering,
     commit_every: u64,
     mark_interval_ms: u64,
 ) -> Arc<MemoryStore> {
@@ -104,7 +104,7 @@ proptest! {
         positional in any::<bool>(),
         mark_interval in 0u64..6,
     ) {
-        let ordering = if unordered { Ordering::Unordered } else { Ordering::Partition };
+        let ordering = if unordered { SinkOrdering::Unordered } else { SinkOrdering::Partition };
         let store = run_pipeline(
             positional, seed, latency, mark_delay, ordering, commit_every, mark_interval,
         );

@@ -18,8 +18,8 @@ use flowgate_runtime::adapters::{
     NullSink,
 };
 use flowgate_runtime::{
-    BatchSettings, CommitSettings, ConcurrencySettings, Health, KeyExtractor, Ordering,
-    OverflowPolicy, Pipeline, RuntimeSettings, Shutdown,
+    BatchSettings, CommitSettings, ConcurrencySettings, Health, KeyExtractor, OverflowPolicy,
+    Pipeline, RuntimeSettings, Shutdown, SinkOrdering,
 };
 
 mod common;
@@ -529,7 +529,7 @@ async fn unordered_processing_keeps_the_watermark_contiguous() {
     let sink = MemorySink::new();
     let store = Arc::new(MemoryStore::new());
     let settings = RuntimeSettings {
-        ordering: Ordering::Unordered,
+        ordering: SinkOrdering::Unordered,
         batch: BatchSettings {
             max_records: 10,
             ..Default::default()
@@ -587,7 +587,7 @@ async fn key_ordering_keeps_each_key_in_order() {
         },
     );
     let settings = RuntimeSettings {
-        ordering: Ordering::Key,
+        ordering: SinkOrdering::Key,
         key_lanes: 8,
         batch: BatchSettings {
             max_records: 16,

@@ -2,11 +2,12 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use flowgate_core::{Error, PartitionId, Record};
 
-use crate::settings::{Ordering, OverflowPolicy};
+use crate::settings::{OverflowPolicy, SinkOrdering};
 use crate::stats::Stats;
 
 use super::*;
@@ -94,7 +95,7 @@ impl State {
                 }
                 let seq = part.tracker.push(r.position.clone());
                 let lane_ix = match lanes_mode {
-                    Ordering::Key => {
+                    SinkOrdering::Key => {
                         let mut h = DefaultHasher::new();
                         r.key.as_deref().unwrap_or(&[]).hash(&mut h);
                         (h.finish() % part.lanes.len() as u64) as usize
@@ -153,10 +154,10 @@ impl State {
         let in_flight: usize = self.partitions.values().map(|p| p.tracker.pending()).sum();
         self.stats
             .in_flight
-            .store(in_flight as u64, std::sync::atomic::Ordering::Relaxed);
+            .store(in_flight as u64, Ordering::Relaxed);
         self.stats
             .buffer_bytes
-            .store(self.bytes as u64, std::sync::atomic::Ordering::Relaxed);
+            .store(self.bytes as u64, Ordering::Relaxed);
         Stats::peak(&self.stats.peak_buffer_bytes, self.bytes as u64);
         self.metrics.in_flight.set(in_flight as f64);
         self.metrics.buffer_bytes.set(self.bytes as f64);

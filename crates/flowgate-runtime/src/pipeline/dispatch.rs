@@ -1,10 +1,11 @@
 //! Dispatch: lanes into batches within the sink's limits and the concurrency, and what comes back from the workers.
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use flowgate_core::Source;
 
-use crate::settings::Ordering;
+use crate::settings::SinkOrdering;
 use crate::stats::Stats;
 use crate::worker::{self, Batch, Completion, WorkerEvent};
 
@@ -19,7 +20,7 @@ impl State {
         let limit = self.concurrency.limit();
         let linger = self.linger();
         let force = self.drain_deadline.is_some();
-        let unordered = self.settings.ordering == Ordering::Unordered;
+        let unordered = self.settings.ordering == SinkOrdering::Unordered;
         if self.fatal.is_some() {
             return;
         }
@@ -142,9 +143,7 @@ impl State {
         self.concurrency
             .on_batch(latency, throttled, Instant::now());
         let limit = self.concurrency.limit() as u64;
-        self.stats
-            .concurrency
-            .store(limit, std::sync::atomic::Ordering::Relaxed);
+        self.stats.concurrency.store(limit, Ordering::Relaxed);
         self.metrics.concurrency.set(limit as f64);
         if let Err(e) = result {
             self.fail(e.with_context("partition", &partition));

@@ -1,5 +1,6 @@
 //! Health: progress, the source's connection, and the periodic tick.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use flowgate_core::{Connection, Error};
@@ -82,14 +83,8 @@ impl State {
 
     pub(super) fn on_tick(&mut self, now: Instant) {
         self.check_disconnected(now);
-        let acked = self
-            .stats
-            .records_acked
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let in_flight = self
-            .stats
-            .in_flight
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let acked = self.stats.records_acked.load(Ordering::Relaxed);
+        let in_flight = self.stats.in_flight.load(Ordering::Relaxed);
         let lag = self.source_lag() + in_flight;
         if acked != self.health.last_acked || lag == 0 {
             self.health.last_acked = acked;

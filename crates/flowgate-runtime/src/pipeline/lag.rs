@@ -1,5 +1,6 @@
 //! Lag: the source's readings, and what each partition's status and gauges say about them.
 
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use flowgate_core::{LagSample, LagUnit};
@@ -89,13 +90,10 @@ impl State {
                 status,
             });
         }
+        self.stats.lag.store(total, Ordering::Relaxed);
         self.stats
-            .lag
-            .store(total, std::sync::atomic::Ordering::Relaxed);
-        self.stats.lag_rate_milli.store(
-            (total_rate * 1000.0) as i64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+            .lag_rate_milli
+            .store((total_rate * 1000.0) as i64, Ordering::Relaxed);
         self.stats.set_partitions(view);
     }
 }

@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use flowgate_core::{
@@ -17,15 +18,15 @@ use flowgate_core::{
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::aimd::Concurrency;
+use crate::concurrency::Concurrency;
 use crate::dedup::{KeyExtractor, LookupFloor};
 use crate::metrics::{Metrics, PartitionMetrics};
 use crate::progress::ProgressWindow;
-use crate::settings::{Ordering, RuntimeSettings};
+use crate::settings::{RuntimeSettings, SinkOrdering};
 use crate::shutdown::Shutdown;
 use crate::stats::{Health, RunSummary, Stats};
 use crate::tracker::AckTracker;
-use crate::worker::{self, BoxFuture, Shared, TransformFn, WorkerEvent};
+use crate::worker::{self, BoxFuture, TransformFn, WorkerContext, WorkerEvent};
 
 mod admission;
 mod commits;
@@ -241,7 +242,7 @@ impl Pipeline {
         if sink_caps.transactional && dedup_store.is_none() {
             tracing::warn!(pipeline = %name, "the sink is transactional but no dedup store is configured: writes are at-least-once");
         }
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(WorkerContext {
             pipeline: name.clone(),
             sink: sink.clone(),
             transactional,
@@ -302,10 +303,9 @@ impl Pipeline {
             committed: HashMap::new(),
         };
         stats.set_health(Health::Starting);
-        stats.concurrency.store(
-            st.concurrency.limit() as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        stats
+            .concurrency
+            .store(st.concurrency.limit() as u64, Ordering::Relaxed);
 
         Ok((
             st,
@@ -553,7 +553,7 @@ struct State {
     name: String,
     settings: RuntimeSettings,
     caps: SourceCapabilities,
-    shared: Arc<Shared>,
+    shared: Arc<WorkerContext>,
     store: Option<Arc<dyn CheckpointStore>>,
     extractor: Option<KeyExtractor>,
     credits: Credits,
@@ -640,7 +640,7 @@ impl State {
         for p in self.partitions.values() {
             for l in &p.lanes {
                 if let Some(t) = l.first_at {
-                    if l.busy == 0 || self.settings.ordering == Ordering::Unordered {
+                    if l.busy == 0 || self.settings.ordering == SinkOrdering::Unordered {
                         d = d.min(t + linger);
                     }
                 }

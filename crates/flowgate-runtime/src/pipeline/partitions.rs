@@ -1,6 +1,7 @@
 //! Partition lifecycle: assignments (start positions, fences, the checkpoints the broker lacks), revocations that drain before release, and removal.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use flowgate_core::{
@@ -12,7 +13,7 @@ use tokio::task::JoinHandle;
 use crate::dedup::LookupFloor;
 use crate::metrics::PartitionMetrics;
 use crate::progress::ProgressWindow;
-use crate::settings::Ordering;
+use crate::settings::SinkOrdering;
 use crate::tracker::AckTracker;
 use crate::worker::{self};
 
@@ -24,9 +25,7 @@ impl State {
         assignments: Vec<Assignment>,
         source: &mut Box<dyn Source>,
     ) -> Result<(), Error> {
-        self.stats
-            .rebalances
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.rebalances.fetch_add(1, Ordering::Relaxed);
         self.metrics.rebalances.increment(1);
         let stored: HashMap<PartitionId, Checkpoint> = match &self.store {
             Some(store) => {
@@ -42,7 +41,7 @@ impl State {
             None => HashMap::new(),
         };
         let lanes = match self.settings.ordering {
-            Ordering::Key => self.settings.key_lanes,
+            SinkOrdering::Key => self.settings.key_lanes,
             _ => 1,
         };
         let unit = match self.caps.lag_unit {
@@ -183,9 +182,7 @@ impl State {
     }
 
     pub(super) fn revoke(&mut self, rev: Revocation) {
-        self.stats
-            .rebalances
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.rebalances.fetch_add(1, Ordering::Relaxed);
         self.metrics.rebalances.increment(1);
         for p in &rev.partitions {
             self.credits.remove(p);
@@ -263,12 +260,8 @@ impl State {
             }
             let pending = part.tracker.pending() as u64;
             self.stats.in_flight.fetch_sub(
-                pending.min(
-                    self.stats
-                        .in_flight
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                ),
-                std::sync::atomic::Ordering::Relaxed,
+                pending.min(self.stats.in_flight.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
             );
             for lane in &part.lanes {
                 self.bytes -= lane.queued_bytes;
