@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use flowgate_core::SourceInbox;
 use flowgate_core::{
     Checkpoint, Connection, Error, LagSample, LagUnit, PartitionId, PartitionView, Position,
     SourceEvent,
@@ -16,7 +17,6 @@ use rdkafka::Message;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::Notify;
 
 use crate::error::map;
 use crate::rebalance::{PROBE_TIMEOUT, Shared, lock};
@@ -245,8 +245,7 @@ pub(crate) struct LagReader {
     pub(crate) endpoint: String,
     /// The last reachability reported (`None` before the first probe).
     pub(crate) reachable: Mutex<Option<bool>>,
-    pub(crate) shared: Arc<Mutex<Shared>>,
-    pub(crate) notify: Arc<Notify>,
+    pub(crate) inbox: Arc<SourceInbox<Shared>>,
     pub(crate) closing: Arc<AtomicBool>,
 }
 
@@ -287,7 +286,9 @@ impl LagReader {
     /// Records behind the high watermark, per partition; with nothing assigned, a metadata
     /// request stands in as the reachability probe.
     pub(crate) fn sample(&self) {
-        let parts: Vec<(Key, PartitionId, Offset)> = lock(&self.shared)
+        let parts: Vec<(Key, PartitionId, Offset)> = self
+            .inbox
+            .buffered()
             .parts
             .iter()
             .map(|p| (p.key.clone(), p.id.clone(), p.next_offset))
@@ -331,11 +332,14 @@ impl LagReader {
         }
         let reachable = !samples.is_empty() || failure.is_none();
         let changed = lock(&self.reachable).replace(reachable) != Some(reachable);
-        let mut sh = lock(&self.shared);
-        if reachable {
-            sh.client_error = None;
-            sh.client_log = None;
-        }
+        let client_error = {
+            let mut sh = self.inbox.buffered();
+            if reachable {
+                sh.client_error = None;
+                sh.client_log = None;
+            }
+            sh.client_error.clone()
+        };
         if changed {
             let event = if reachable {
                 Connection::Up
@@ -343,20 +347,14 @@ impl LagReader {
                 Connection::Down {
                     endpoint: self.endpoint.clone(),
                     // librdkafka's own word on the connection is clearer than a timeout.
-                    cause: sh
-                        .client_error
-                        .clone()
+                    cause: client_error
                         .unwrap_or_else(|| failure.map_or_else(String::new, |e| e.to_string())),
                 }
             };
-            sh.events.push_back(SourceEvent::Connection(event));
+            self.inbox.push_event(SourceEvent::Connection(event));
         }
         if !samples.is_empty() {
-            sh.events.push_back(SourceEvent::Lag(samples));
-        }
-        drop(sh);
-        if changed || reachable {
-            self.notify.notify_one();
+            self.inbox.push_event(SourceEvent::Lag(samples));
         }
     }
 }

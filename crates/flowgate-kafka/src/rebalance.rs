@@ -9,10 +9,10 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use flowgate_core::SourceInbox;
 use flowgate_core::retry::{Backoff, BackoffPolicy};
 use flowgate_core::{
-    Assignment, Checkpoint, Error, PartitionId, Position, Record, Revocation, SourceEvent,
-    StartPosition,
+    Assignment, Checkpoint, PartitionId, Position, Record, Revocation, SourceEvent, StartPosition,
 };
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -20,7 +20,6 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
-use tokio::sync::Notify;
 
 use crate::config::AssignmentStrategy;
 use crate::error::map;
@@ -49,11 +48,11 @@ pub(crate) struct Part {
     pub(crate) next_offset: Offset,
 }
 
+/// What the poll thread, the rebalance callbacks and the lag reader keep for `next()`
+/// (inside the source's [`SourceInbox`], with its events and error).
 #[derive(Default)]
 pub(crate) struct Shared {
     pub(crate) parts: Vec<Part>,
-    pub(crate) events: VecDeque<SourceEvent>,
-    pub(crate) error: Option<Error>,
     /// The last error librdkafka reported on the consumer (a refused connection, say).
     pub(crate) client_error: Option<String>,
     /// librdkafka's last error log line, which says why.
@@ -68,8 +67,7 @@ impl Shared {
 }
 
 pub(crate) struct GroupContext {
-    pub(crate) shared: Arc<Mutex<Shared>>,
-    pub(crate) notify: Arc<Notify>,
+    pub(crate) inbox: Arc<SourceInbox<Shared>>,
     pub(crate) commands: Mutex<std_mpsc::Receiver<Command>>,
     pub(crate) closing: Arc<AtomicBool>,
     pub(crate) helper: Arc<Mutex<Option<BaseConsumer>>>,
@@ -157,7 +155,7 @@ impl ClientContext for GroupContext {
         match level {
             L::Emerg | L::Alert | L::Critical | L::Error => {
                 tracing::error!(target: "librdkafka", "librdkafka: {fac} {message}");
-                lock(&self.shared).client_log = Some(message.to_string());
+                self.inbox.buffered().client_log = Some(message.to_string());
             }
             L::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {message}"),
             L::Notice | L::Info => {
@@ -198,7 +196,9 @@ impl ConsumerContext for GroupContext {
                     )
                 );
                 tracing::warn!(error = %e, fenced, "kafka: offset commit failed");
-                let owned: Vec<Key> = lock(&self.shared)
+                let owned: Vec<Key> = self
+                    .inbox
+                    .buffered()
                     .parts
                     .iter()
                     .map(|p| p.key.clone())
@@ -289,8 +289,7 @@ impl GroupContext {
     }
 
     pub(crate) fn push_event(&self, ev: SourceEvent) {
-        lock(&self.shared).events.push_back(ev);
-        self.notify.notify_one();
+        self.inbox.push_event(ev);
     }
 
     /// The group's committed offsets, read through a separate unsubscribed consumer (reading
@@ -377,7 +376,7 @@ impl GroupContext {
             let next_offset = offset;
             let queue = self.split(t, *p);
             let key = (t.clone(), *p);
-            let mut sh = lock(&self.shared);
+            let mut sh = self.inbox.buffered();
             sh.parts.retain(|x| x.key != key);
             sh.parts.push(Part {
                 key,
@@ -394,16 +393,15 @@ impl GroupContext {
             AssignmentStrategy::Eager => consumer.assign(&assign),
         };
         if let Err(e) = res {
-            lock(&self.shared).error = Some(map(e, "assigning partitions"));
-            self.notify.notify_one();
+            self.inbox.fail(map(e, "assigning partitions"));
         }
     }
 
     /// The partition's own queue, waking `next()` when it turns non-empty.
     pub(crate) fn split(&self, topic: &str, partition: i32) -> Option<PartitionFeed<GroupContext>> {
         let me = lock(&self.me).upgrade()?;
-        let notify = self.notify.clone();
-        let feed = PartitionFeed::split(&me, topic, partition, move || notify.notify_one());
+        let inbox = self.inbox.clone();
+        let feed = PartitionFeed::split(&me, topic, partition, move || inbox.wake());
         if feed.is_none() {
             tracing::warn!(
                 topic,
@@ -446,7 +444,7 @@ impl GroupContext {
         let lost = consumer.assignment_lost();
         // Queued records of revoked partitions were never handed out: the next owner reads them.
         let removed: Vec<Part> = {
-            let mut sh = lock(&self.shared);
+            let mut sh = self.inbox.buffered();
             let (gone, kept) = std::mem::take(&mut sh.parts)
                 .into_iter()
                 .partition(|p| keys.contains(&p.key));

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use flowgate_core::SourceInbox;
 use flowgate_core::{
     Checkpoint, Credits, Error, Source, SourceCapabilities, SourceContext, SourceEvent,
     StartPosition,
@@ -32,7 +33,6 @@ use rdkafka::Message;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, DefaultConsumerContext};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use tokio::sync::Notify;
 
 use crate::client::{Brokers, auth_error, is_auth_failure};
 use crate::config::{AssignmentStrategy, GroupProtocol, KafkaSourceConfig, is_secret};
@@ -44,8 +44,7 @@ use crate::records::*;
 /// Apache Kafka source. See the module docs for how credit, rebalances and commits work.
 pub struct KafkaSource {
     cfg: KafkaSourceConfig,
-    shared: Arc<Mutex<Shared>>,
-    notify: Arc<Notify>,
+    inbox: Arc<SourceInbox<Shared>>,
     commands: Option<std_mpsc::Sender<Command>>,
     closing: Arc<AtomicBool>,
     done: Option<std_mpsc::Receiver<()>>,
@@ -107,8 +106,7 @@ impl KafkaSource {
         }
         Ok(KafkaSource {
             cfg,
-            shared: Arc::default(),
-            notify: Arc::new(Notify::new()),
+            inbox: Arc::default(),
             commands: None,
             closing: Arc::new(AtomicBool::new(false)),
             done: None,
@@ -218,8 +216,7 @@ impl Source for KafkaSource {
             .map_err(|e| map(e, "creating the offsets reader"))?;
         let helper = Arc::new(Mutex::new(Some(helper)));
         let kctx = GroupContext {
-            shared: self.shared.clone(),
-            notify: self.notify.clone(),
+            inbox: self.inbox.clone(),
             commands: Mutex::new(cmd_rx),
             closing: self.closing.clone(),
             helper: helper.clone(),
@@ -253,8 +250,7 @@ impl Source for KafkaSource {
         let poller = Poller {
             endpoint: self.connection().describe(),
             credits: ctx.credits.clone(),
-            shared: self.shared.clone(),
-            notify: self.notify.clone(),
+            inbox: self.inbox.clone(),
             pause_after: self.cfg.pause_after,
         };
         let lag = LagReader {
@@ -262,8 +258,7 @@ impl Source for KafkaSource {
             topics: self.cfg.topics.clone(),
             endpoint: self.connection().describe(),
             reachable: Mutex::new(None),
-            shared: self.shared.clone(),
-            notify: self.notify.clone(),
+            inbox: self.inbox.clone(),
             closing: self.closing.clone(),
         };
         std::thread::Builder::new()
@@ -281,7 +276,7 @@ impl Source for KafkaSource {
                 ctx.drain_commands();
                 ctx.flush_commits(&consumer, CommitMode::Sync);
                 consumer.unsubscribe();
-                lock(&poller.shared).parts.clear();
+                poller.inbox.buffered().parts.clear();
                 if let Some(h) = lock(&ctx.helper).take() {
                     drop(h);
                 }
@@ -300,36 +295,23 @@ impl Source for KafkaSource {
         let Some(credits) = self.credits.clone() else {
             return Err(Error::fatal("KafkaSource::next called before open"));
         };
-        loop {
-            let notified = self.notify.notified();
-            let changed = credits.changed();
-            {
-                let mut sh = lock(&self.shared);
-                if let Some(e) = sh.error.take() {
-                    return Err(e);
-                }
-                if let Some(ev) = sh.events.pop_front() {
-                    return Ok(ev);
-                }
+        let max_batch = self.cfg.max_batch;
+        self.inbox
+            .next(&credits, Duration::from_millis(100), |sh, credits| {
                 let n = sh.parts.len();
                 let start = sh.rr;
                 for i in 0..n {
                     let part = &mut sh.parts[(start + i) % n];
-                    let take = credits.available(&part.id).min(self.cfg.max_batch);
-                    let batch = part.take(take);
+                    let batch = part.take(credits.available(&part.id).min(max_batch));
                     if let Some(last) = batch.last().and_then(|r| r.position.as_offset()) {
                         part.next_offset = Offset::Offset(last + 1);
                         sh.rr = (start + i + 1) % n;
-                        return Ok(SourceEvent::Records(batch));
+                        return Some(batch);
                     }
                 }
-            }
-            tokio::select! {
-                _ = notified => {}
-                _ = changed => {}
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            }
-        }
+                None
+            })
+            .await
     }
 
     async fn start(&mut self, starts: Vec<StartPosition>) -> Result<(), Error> {
@@ -404,8 +386,7 @@ struct Poller {
     /// The brokers as errors name them.
     endpoint: String,
     credits: Credits,
-    shared: Arc<Mutex<Shared>>,
-    notify: Arc<Notify>,
+    inbox: Arc<SourceInbox<Shared>>,
     pause_after: Duration,
 }
 
@@ -422,7 +403,7 @@ impl Poller {
             match consumer.poll(Duration::from_millis(20)) {
                 Some(Ok(m)) => {
                     let key = (m.topic().to_string(), m.partition());
-                    let mut sh = lock(&self.shared);
+                    let mut sh = self.inbox.buffered();
                     // Dropped if the partition is no longer assigned: its owner reads it again.
                     if let Some(part) = sh.part_mut(&key) {
                         if let Some(r) = to_record(&m, &part.id) {
@@ -430,29 +411,29 @@ impl Poller {
                         }
                     }
                     drop(sh);
-                    self.notify.notify_one();
+                    self.inbox.wake();
                 }
                 Some(Err(e))
                     if is_auth_failure(
                         &e,
-                        lock(&self.shared).client_log.as_deref().unwrap_or_default(),
+                        self.inbox
+                            .buffered()
+                            .client_log
+                            .as_deref()
+                            .unwrap_or_default(),
                     ) =>
                 {
                     // Retrying cannot fix credentials or certificates: stop with the cause.
-                    let mut sh = lock(&self.shared);
-                    if sh.error.is_none() {
-                        let cause = match &sh.client_log {
-                            Some(why) => format!("{e}: {why}"),
-                            None => e.to_string(),
-                        };
-                        sh.error = Some(auth_error(&self.endpoint, "source", &cause));
-                    }
-                    drop(sh);
-                    self.notify.notify_one();
+                    let cause = match &self.inbox.buffered().client_log {
+                        Some(why) => format!("{e}: {why}"),
+                        None => e.to_string(),
+                    };
+                    self.inbox
+                        .fail(auth_error(&self.endpoint, "source", &cause));
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "kafka: consumer error");
-                    let mut sh = lock(&self.shared);
+                    let mut sh = self.inbox.buffered();
                     sh.client_error = Some(match &sh.client_log {
                         Some(why) => format!("{e}: {why}"),
                         None => e.to_string(),
@@ -469,7 +450,7 @@ impl Poller {
         let mut resume = TopicPartitionList::new();
         let now = Instant::now();
         {
-            let mut sh = lock(&self.shared);
+            let mut sh = self.inbox.buffered();
             for part in sh.parts.iter_mut() {
                 let (t, p) = &part.key;
                 if self.credits.available(&part.id) == 0 {

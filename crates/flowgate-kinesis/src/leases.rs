@@ -75,9 +75,9 @@ pub(crate) async fn coordinate(ctx: Arc<Ctx>) {
                 }
                 let since = *failing_since.get_or_insert(started);
                 if !e.is_temporary() || since.elapsed() > ctx.cfg.give_up_after {
-                    let _ = ctx
-                        .events
-                        .send(Err(e.with_context("while", "managing shard leases")));
+                    ctx.shared
+                        .inbox
+                        .fail(e.with_context("while", "managing shard leases"));
                     return;
                 }
                 tracing::warn!(error = %e, "kinesis: lease round failed; retrying");
@@ -93,7 +93,7 @@ pub(crate) async fn round(
     listed_at: &mut Option<Instant>,
 ) -> Result<(), Error> {
     let refresh = listed_at.is_none_or(|t| t.elapsed() >= ctx.cfg.shard_refresh);
-    let ended_waiting = lock(&ctx.shared.state).owned.values().any(|o| o.ended);
+    let ended_waiting = ctx.shared.inbox.buffered().owned.values().any(|o| o.ended);
     if refresh || ended_waiting {
         *shards = list_shards(&ctx.client, &ctx.cfg.stream).await?;
         *listed_at = Some(Instant::now());
@@ -105,7 +105,10 @@ pub(crate) async fn round(
 
 /// Renews every held lease; a lease another worker took is revoked as lost.
 pub(crate) async fn renew(ctx: &Ctx) -> Result<(), Error> {
-    let held: Vec<Lease> = lock(&ctx.shared.state)
+    let held: Vec<Lease> = ctx
+        .shared
+        .inbox
+        .buffered()
         .owned
         .values()
         .map(|o| o.lease.clone())
@@ -117,15 +120,15 @@ pub(crate) async fn renew(ctx: &Ctx) -> Result<(), Error> {
             .await
         {
             Ok(renewed) => {
-                if let Some(o) = lock(&ctx.shared.state).owned.get_mut(&lease.partition) {
+                if let Some(o) = ctx.shared.inbox.buffered().owned.get_mut(&lease.partition) {
                     o.lease = renewed;
                 }
             }
             Err(e) if e.kind() == ErrorKind::Fenced => {
                 tracing::warn!(shard = %lease.partition, "kinesis: lease taken by another worker; the shard is lost here");
-                lock(&ctx.shared.state).owned.remove(&lease.partition);
+                ctx.shared.inbox.buffered().owned.remove(&lease.partition);
                 let (rev, _waiter) = Revocation::new(vec![lease.partition.clone()], true);
-                let _ = ctx.events.send(Ok(SourceEvent::Revoked(rev)));
+                ctx.shared.inbox.push_event(SourceEvent::Revoked(rev));
             }
             Err(e) => return Err(e),
         }
@@ -136,7 +139,10 @@ pub(crate) async fn renew(ctx: &Ctx) -> Result<(), Error> {
 /// Finishes the leases of shards read to their end whose last record was committed, then
 /// revokes them: their children become eligible.
 pub(crate) async fn finish_ended(ctx: &Ctx) -> Result<(), Error> {
-    let done: Vec<Lease> = lock(&ctx.shared.state)
+    let done: Vec<Lease> = ctx
+        .shared
+        .inbox
+        .buffered()
         .owned
         .values()
         .filter(|o| {
@@ -153,9 +159,9 @@ pub(crate) async fn finish_ended(ctx: &Ctx) -> Result<(), Error> {
     for lease in done {
         ctx.leases.finish(&ctx.pipeline, &lease).await?;
         tracing::info!(shard = %lease.partition, "kinesis: shard read to its end and committed; lease finished");
-        lock(&ctx.shared.state).owned.remove(&lease.partition);
+        ctx.shared.inbox.buffered().owned.remove(&lease.partition);
         let (rev, _waiter) = Revocation::new(vec![lease.partition.clone()], false);
-        let _ = ctx.events.send(Ok(SourceEvent::Revoked(rev)));
+        ctx.shared.inbox.push_event(SourceEvent::Revoked(rev));
     }
     Ok(())
 }
@@ -180,7 +186,7 @@ pub(crate) async fn balance(ctx: &Ctx, shards: &[ShardInfo]) -> Result<(), Error
             }
         }
     }
-    let mut mine = lock(&ctx.shared.state).owned.len();
+    let mut mine = ctx.shared.inbox.buffered().owned.len();
     let workers = load.len() + usize::from(!load.contains_key(&ctx.owner));
     let target = eligible.len().div_ceil(workers.max(1));
     for s in &eligible {
@@ -188,7 +194,7 @@ pub(crate) async fn balance(ctx: &Ctx, shards: &[ShardInfo]) -> Result<(), Error
             break;
         }
         let free = by_id.get(&s.id).is_none_or(|l| l.is_available());
-        if free && !lock(&ctx.shared.state).owned.contains_key(&s.id) {
+        if free && !ctx.shared.inbox.buffered().owned.contains_key(&s.id) {
             if let Some(l) = ctx
                 .leases
                 .acquire(&ctx.pipeline, &s.id, &ctx.owner, ctx.cfg.lease_ttl, None)
@@ -238,7 +244,7 @@ pub(crate) fn assign(ctx: &Ctx, lease: Lease) {
         fence: Some(lease.epoch),
         broker_position: None,
     };
-    lock(&ctx.shared.state).owned.insert(
+    ctx.shared.inbox.buffered().owned.insert(
         lease.partition.clone(),
         Owned {
             lease,
@@ -250,5 +256,7 @@ pub(crate) fn assign(ctx: &Ctx, lease: Lease) {
             reader: None,
         },
     );
-    let _ = ctx.events.send(Ok(SourceEvent::Assigned(vec![assignment])));
+    ctx.shared
+        .inbox
+        .push_event(SourceEvent::Assigned(vec![assignment]));
 }

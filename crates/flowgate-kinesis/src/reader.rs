@@ -21,7 +21,9 @@ use crate::shards::*;
 
 /// Whether this worker still owns `shard`, and its buffer is empty.
 pub(crate) fn buffer_state(ctx: &Ctx, shard: &PartitionId) -> Option<bool> {
-    lock(&ctx.shared.state)
+    ctx.shared
+        .inbox
+        .buffered()
         .owned
         .get(shard)
         .map(|o| o.buffer.is_empty())
@@ -86,14 +88,16 @@ pub(crate) async fn read_shard(ctx: Arc<Ctx>, shard: PartitionId, after: Option<
                 }
                 next_call = tokio::time::Instant::now() + pace;
                 if let Some(ms) = batch.millis_behind {
-                    let _ = ctx.events.send(Ok(SourceEvent::Lag(vec![LagSample {
-                        partition: shard.clone(),
-                        lag: u64::try_from(ms).unwrap_or(0),
-                        unit: LagUnit::Millis,
-                    }])));
+                    ctx.shared
+                        .inbox
+                        .push_event(SourceEvent::Lag(vec![LagSample {
+                            partition: shard.clone(),
+                            lag: u64::try_from(ms).unwrap_or(0),
+                            unit: LagUnit::Millis,
+                        }]));
                 }
                 {
-                    let mut st = lock(&ctx.shared.state);
+                    let mut st = ctx.shared.inbox.buffered();
                     let n = batch.records.len() as u64;
                     st.stats.entry(shard.clone()).or_default().records += n;
                     let Some(o) = st.owned.get_mut(&shard) else {
@@ -102,14 +106,16 @@ pub(crate) async fn read_shard(ctx: Arc<Ctx>, shard: PartitionId, after: Option<
                     o.buffer.extend(batch.records);
                     o.ended = ended;
                 }
-                ctx.shared.ready.notify_one();
+                ctx.shared.inbox.wake();
                 if ended {
                     tracing::info!(shard = %shard, "kinesis: shard ended (resharded); its lease finishes once the rest is committed");
                     return;
                 }
             }
             Err(Failure::Expired) => {
-                lock(&ctx.shared.state)
+                ctx.shared
+                    .inbox
+                    .buffered()
                     .stats
                     .entry(shard.clone())
                     .or_default()
@@ -120,7 +126,9 @@ pub(crate) async fn read_shard(ctx: Arc<Ctx>, shard: PartitionId, after: Option<
             }
             Err(Failure::Error(e)) => {
                 if e.kind() == ErrorKind::Throttled {
-                    lock(&ctx.shared.state)
+                    ctx.shared
+                        .inbox
+                        .buffered()
                         .stats
                         .entry(shard.clone())
                         .or_default()
@@ -137,7 +145,7 @@ pub(crate) async fn read_shard(ctx: Arc<Ctx>, shard: PartitionId, after: Option<
                     None
                 };
                 let Some(wait) = wait else {
-                    let _ = ctx.events.send(Err(e.with_context("shard", &shard)));
+                    ctx.shared.inbox.fail(e.with_context("shard", &shard));
                     return;
                 };
                 tracing::warn!(shard = %shard, error = %e, retry_in = ?wait, "kinesis: reading a shard failed; retrying");
@@ -171,7 +179,9 @@ pub(crate) async fn get_records(
     credit: usize,
 ) -> Result<Fetched, Failure> {
     let limit = credit.min(ctx.cfg.max_records_per_call);
-    lock(&ctx.shared.state)
+    ctx.shared
+        .inbox
+        .buffered()
         .stats
         .entry(shard.clone())
         .or_default()

@@ -6,15 +6,14 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use flowgate_core::SourceInbox;
 use flowgate_core::{
     Connection, Credits, Error, Lease, LeaseStore, PartitionId, Position, Record, SourceEvent,
 };
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::config::KinesisSourceConfig;
-
-pub(crate) type Event = Result<SourceEvent, Error>;
 
 /// Everything the tasks share.
 pub(crate) struct Ctx {
@@ -25,7 +24,6 @@ pub(crate) struct Ctx {
     pub(crate) pipeline: String,
     pub(crate) credits: Credits,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) events: mpsc::UnboundedSender<Event>,
     /// What cannot reach the endpoint now: the lease loop and shard readers, by name. The
     /// source is down while any is, up again once none is.
     pub(crate) failing: Mutex<std::collections::BTreeSet<String>>,
@@ -36,12 +34,12 @@ impl Ctx {
     pub(crate) fn report_down(&self, component: &str, cause: &Error) {
         let mut failing = lock(&self.failing);
         if failing.is_empty() {
-            let _ = self
-                .events
-                .send(Ok(SourceEvent::Connection(Connection::Down {
+            self.shared
+                .inbox
+                .push_event(SourceEvent::Connection(Connection::Down {
                     endpoint: endpoint(&self.cfg),
                     cause: cause.to_string(),
-                })));
+                }));
         }
         failing.insert(component.to_string());
     }
@@ -50,18 +48,18 @@ impl Ctx {
     pub(crate) fn report_up(&self, component: &str) {
         let mut failing = lock(&self.failing);
         if failing.remove(component) && failing.is_empty() {
-            let _ = self
-                .events
-                .send(Ok(SourceEvent::Connection(Connection::Up)));
+            self.shared
+                .inbox
+                .push_event(SourceEvent::Connection(Connection::Up));
         }
     }
 }
 
 #[derive(Default)]
 pub(crate) struct Shared {
-    pub(crate) state: Mutex<State>,
-    /// Records arrived or a shard ended (one waiter: `next`).
-    pub(crate) ready: Notify,
+    /// The owned shards with their buffers, the events and the fatal error for `next()`
+    /// (woken when records arrive or a shard ends).
+    pub(crate) inbox: SourceInbox<State>,
     /// `next` emptied a shard's buffer (readers wait for it).
     pub(crate) drained: Notify,
 }
@@ -142,7 +140,9 @@ pub struct KinesisStats(pub(crate) Arc<Shared>);
 impl KinesisStats {
     /// Statistics of every shard read so far.
     pub fn shards(&self) -> BTreeMap<PartitionId, ShardStats> {
-        lock(&self.0.state)
+        self.0
+            .inbox
+            .buffered()
             .stats
             .iter()
             .map(|(p, s)| (p.clone(), s.clone()))
@@ -151,7 +151,7 @@ impl KinesisStats {
 
     /// The shards this worker holds now.
     pub fn owned(&self) -> Vec<PartitionId> {
-        lock(&self.0.state).owned.keys().cloned().collect()
+        self.0.inbox.buffered().owned.keys().cloned().collect()
     }
 }
 

@@ -18,7 +18,6 @@ use flowgate_core::{
     Checkpoint, Connection, Credits, Error, LagUnit, Lease, LeaseStore, Record, Source,
     SourceCapabilities, SourceContext, SourceEvent, StartPosition,
 };
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::config::KinesisSourceConfig;
@@ -39,7 +38,6 @@ pub struct KinesisSource {
 /// What exists between `open` and `close`.
 struct Running {
     ctx: Arc<Ctx>,
-    events: mpsc::UnboundedReceiver<Event>,
     coordinator: JoinHandle<()>,
 }
 
@@ -70,11 +68,11 @@ impl KinesisSource {
     }
 }
 
-/// Hands over buffered records within each shard's credit.
-fn take_ready(shared: &Shared, credits: &Credits) -> Vec<Record> {
+/// Hands over buffered records within each shard's credit; wakes the readers of shards it
+/// emptied.
+fn take_ready(st: &mut State, credits: &Credits, drained: &tokio::sync::Notify) -> Vec<Record> {
     let mut out = Vec::new();
-    let mut drained = false;
-    let mut st = lock(&shared.state);
+    let mut emptied = false;
     for (p, o) in st.owned.iter_mut() {
         if !o.started || o.buffer.is_empty() {
             continue;
@@ -86,11 +84,10 @@ fn take_ready(shared: &Shared, credits: &Credits) -> Vec<Record> {
         let n = credit.min(o.buffer.len());
         out.extend(o.buffer.drain(..n));
         o.delivered = out.last().map(|r| r.position.clone());
-        drained |= o.buffer.is_empty();
+        emptied |= o.buffer.is_empty();
     }
-    drop(st);
-    if drained {
-        shared.drained.notify_waiters();
+    if emptied {
+        drained.notify_waiters();
     }
     out
 }
@@ -113,7 +110,6 @@ impl Source for KinesisSource {
 
     async fn open(&mut self, ctx: SourceContext) -> Result<(), Error> {
         let client = crate::client::build(&self.cfg.connection).await;
-        let (tx, rx) = mpsc::unbounded_channel();
         // Fail early and clearly when the stream does not exist or the credentials are
         // refused; an endpoint that cannot be reached is reported as a disconnection, and the
         // lease loop keeps trying (up to `give_up_after`).
@@ -124,10 +120,12 @@ impl Source for KinesisSource {
                     "check that the stream exists and endpoint_url, region and credentials are right",
                 ));
             }
-            let _ = tx.send(Ok(SourceEvent::Connection(Connection::Down {
-                endpoint: endpoint(&self.cfg),
-                cause: e.to_string(),
-            })));
+            self.shared
+                .inbox
+                .push_event(SourceEvent::Connection(Connection::Down {
+                    endpoint: endpoint(&self.cfg),
+                    cause: e.to_string(),
+                }));
             // The lease loop's first good round reports the endpoint back.
             failing.insert(LEASES.to_string());
         }
@@ -139,14 +137,12 @@ impl Source for KinesisSource {
             pipeline: ctx.pipeline.clone(),
             credits: ctx.credits,
             shared: self.shared.clone(),
-            events: tx,
             failing: Mutex::new(failing),
         });
         tracing::info!(stream = %self.cfg.stream, worker = %self.owner, leases = %self.leases.describe(), "kinesis source open");
         let coordinator = tokio::spawn(coordinate(run.clone()));
         self.run = Some(Running {
             ctx: run,
-            events: rx,
             coordinator,
         });
         Ok(())
@@ -156,46 +152,29 @@ impl Source for KinesisSource {
         let Some(run) = &self.run else {
             return Err(Error::fatal("kinesis source: next() before open()"));
         };
+        if run.coordinator.is_finished() {
+            // It ends on its own only after reporting a fatal error, which comes first.
+            return self.shared.inbox.try_next().unwrap_or_else(|| {
+                Err(Error::fatal(
+                    "kinesis source: the lease coordinator stopped",
+                ))
+            });
+        }
         let credits = run.ctx.credits.clone();
         let shared = self.shared.clone();
-        loop {
-            let changed = credits.changed();
-            let ready = shared.ready.notified();
-            let Some(run) = self.run.as_mut() else {
-                return Err(Error::fatal("kinesis source: closed"));
-            };
-            match run.events.try_recv() {
-                Ok(ev) => return ev,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    return Err(Error::fatal(
-                        "kinesis source: the lease coordinator stopped",
-                    ));
-                }
-                Err(mpsc::error::TryRecvError::Empty) => {}
-            }
-            let records = take_ready(&shared, &credits);
-            if !records.is_empty() {
-                return Ok(SourceEvent::Records(records));
-            }
-            let Some(run) = self.run.as_mut() else {
-                return Err(Error::fatal("kinesis source: closed"));
-            };
-            tokio::select! {
-                ev = run.events.recv() => match ev {
-                    Some(ev) => return ev,
-                    None => return Err(Error::fatal("kinesis source: the lease coordinator stopped")),
-                },
-                _ = ready => {}
-                _ = changed => {}
-            }
-        }
+        shared
+            .inbox
+            .next(&credits, Duration::from_millis(500), |st, credits| {
+                Some(take_ready(st, credits, &shared.drained))
+            })
+            .await
     }
 
     async fn start(&mut self, starts: Vec<StartPosition>) -> Result<(), Error> {
         let Some(run) = &self.run else {
             return Err(Error::fatal("kinesis source: start() before open()"));
         };
-        let mut st = lock(&self.shared.state);
+        let mut st = self.shared.inbox.buffered();
         for s in starts {
             let Some(o) = st.owned.get_mut(&s.partition) else {
                 continue;
@@ -222,7 +201,7 @@ impl Source for KinesisSource {
     }
 
     async fn commit(&mut self, checkpoints: &[Checkpoint]) -> Result<(), Error> {
-        let mut st = lock(&self.shared.state);
+        let mut st = self.shared.inbox.buffered();
         for c in checkpoints {
             if let Some(o) = st.owned.get_mut(&c.partition) {
                 if c.fence == Some(o.lease.epoch)
@@ -273,7 +252,7 @@ impl Source for KinesisSource {
         };
         run.coordinator.abort();
         let held: Vec<Lease> = {
-            let mut st = lock(&self.shared.state);
+            let mut st = self.shared.inbox.buffered();
             let held = st.owned.values().map(|o| o.lease.clone()).collect();
             st.owned.clear();
             held
@@ -303,6 +282,6 @@ impl Drop for KinesisSource {
         if let Some(run) = self.run.take() {
             run.coordinator.abort();
         }
-        lock(&self.shared.state).owned.clear();
+        self.shared.inbox.buffered().owned.clear();
     }
 }

@@ -1,20 +1,14 @@
 //! What the RabbitMQ source's connection task and `next()` share: the buffer of deliveries
-//! and events (bounded by the prefetch), the live channel, and the delivery tags already
+//! (bounded by the prefetch), the live channel, and the delivery tags already
 //! settled; and turning a delivery's AMQP properties into a record's parts.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::{Mutex, MutexGuard};
 
 use bytes::Bytes;
-use flowgate_core::{Error, Record, SourceEvent};
+use flowgate_core::Record;
 use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
-use tokio::sync::Notify;
-
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// The channel currently consuming, and its epoch (one per connection).
 #[derive(Clone)]
@@ -23,11 +17,11 @@ pub(crate) struct Live {
     pub(crate) channel: Channel,
 }
 
+/// What the connection task buffers for `next()` (inside the source's
+/// [`SourceInbox`](flowgate_core::SourceInbox), with its events and error).
 #[derive(Default)]
 pub(crate) struct Shared {
     pub(crate) buf: VecDeque<Record>,
-    pub(crate) events: VecDeque<SourceEvent>,
-    pub(crate) error: Option<Error>,
     pub(crate) live: Option<Live>,
     /// Streams: stream offset → (epoch, delivery tag) of deliveries not yet acknowledged.
     pub(crate) tags: BTreeMap<u64, (u64, u64)>,
@@ -82,12 +76,6 @@ impl Settled {
             };
         }
     }
-}
-
-/// Queues an event for `next()` and wakes it.
-pub(crate) fn push_event(shared: &Mutex<Shared>, notify: &Notify, ev: SourceEvent) {
-    lock(shared).events.push_back(ev);
-    notify.notify_one();
 }
 
 /// A stream delivery's offset (its `x-stream-offset` header).

@@ -4,19 +4,19 @@
 //! stream's end, found by a short-lived consumer attached at `last` (the stream's last chunk)
 //! that reads to the end of that chunk.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use flowgate_core::{LagSample, LagUnit, PartitionId, SourceEvent};
+use flowgate_core::{LagSample, LagUnit, PartitionId, SourceEvent, SourceInbox};
 use futures_util::StreamExt;
 use lapin::Channel;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
-use crate::delivery::{Shared, lock, push_event, stream_offset};
+use crate::delivery::{Shared, stream_offset};
 
 /// A stream lag reading waits this long for the next message of the last chunk.
 const PROBE_IDLE: Duration = Duration::from_millis(100);
@@ -41,8 +41,7 @@ pub(crate) struct LagProbe {
     pub(crate) partition: PartitionId,
     pub(crate) stream: bool,
     pub(crate) interval: Duration,
-    pub(crate) shared: Arc<Mutex<Shared>>,
-    pub(crate) notify: Arc<Notify>,
+    pub(crate) inbox: Arc<SourceInbox<Shared>>,
     pub(crate) closing: watch::Receiver<bool>,
     pub(crate) tag: String,
 }
@@ -71,15 +70,11 @@ impl LagProbe {
                 self.depth(&ch).await.map(Some)
             };
             match lag {
-                Ok(Some(lag)) => push_event(
-                    &self.shared,
-                    &self.notify,
-                    SourceEvent::Lag(vec![LagSample {
-                        partition: self.partition.clone(),
-                        lag,
-                        unit: LagUnit::Records,
-                    }]),
-                ),
+                Ok(Some(lag)) => self.inbox.push_event(SourceEvent::Lag(vec![LagSample {
+                    partition: self.partition.clone(),
+                    lag,
+                    unit: LagUnit::Records,
+                }])),
                 Ok(None) => {}
                 Err(e) => {
                     // The session's own channel sees the same failure and reconnects.
@@ -110,7 +105,7 @@ impl LagProbe {
     /// at `last`) minus the newest offset delivered. `None` before the first delivery, or if
     /// the stream's end could not be read.
     async fn stream_lag(&self, ch: &Channel, n: u64) -> Result<Option<u64>, lapin::Error> {
-        let Some(delivered) = lock(&self.shared).last_offset else {
+        let Some(delivered) = self.inbox.buffered().last_offset else {
             return Ok(None);
         };
         let tag = format!("{}-{n}", self.tag);

@@ -20,7 +20,7 @@
 //!   a short-lived consumer attached at `last` (the stream's last chunk) that reads to the end
 //!   of that chunk.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -29,7 +29,7 @@ use flowgate_core::retry::BackoffPolicy;
 use flowgate_core::{
     Assignment, Checkpoint, Connection as BrokerConnection, Credits, Error, ErrorKind, Headers,
     IdempotencyKey, LagUnit, PartitionId, Position, Record, Revocation, Source, SourceCapabilities,
-    SourceContext, SourceEvent, StartPosition,
+    SourceContext, SourceEvent, SourceInbox, StartPosition,
 };
 use futures_util::StreamExt;
 use lapin::message::Delivery;
@@ -39,10 +39,10 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ExchangeKind};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::config::{QueueType, RabbitSourceConfig, StreamStart, redact};
-use crate::delivery::{Live, Shared, lock, push_event, stream_offset, value_bytes};
+use crate::delivery::{Live, Shared, stream_offset, value_bytes};
 use crate::error::map;
 use crate::lag::{AbortOnDrop, LagProbe, PROBE_MAX};
 
@@ -50,8 +50,7 @@ use crate::lag::{AbortOnDrop, LagProbe, PROBE_MAX};
 pub struct RabbitSource {
     cfg: RabbitSourceConfig,
     partition: PartitionId,
-    shared: Arc<Mutex<Shared>>,
-    notify: Arc<Notify>,
+    inbox: Arc<SourceInbox<Shared>>,
     credits: Option<Credits>,
     starts: Option<mpsc::UnboundedSender<Option<Position>>>,
     closing: watch::Sender<bool>,
@@ -87,8 +86,7 @@ impl RabbitSource {
         Ok(RabbitSource {
             partition: PartitionId::new(&cfg.queue),
             cfg,
-            shared: Arc::default(),
-            notify: Arc::new(Notify::new()),
+            inbox: Arc::default(),
             credits: None,
             starts: None,
             closing: watch::channel(false).0,
@@ -112,7 +110,7 @@ impl RabbitSource {
     fn tag_of(&self, position: &Position, live: &Live) -> Option<u64> {
         if self.stream() {
             let offset = position.as_u64()?;
-            let (epoch, tag) = *lock(&self.shared).tags.get(&offset)?;
+            let (epoch, tag) = *self.inbox.buffered().tags.get(&offset)?;
             (epoch == live.epoch).then_some(tag)
         } else {
             let v = position.as_u128()?;
@@ -147,8 +145,7 @@ impl Source for RabbitSource {
         let driver = Driver {
             cfg,
             partition: self.partition.clone(),
-            shared: self.shared.clone(),
-            notify: self.notify.clone(),
+            inbox: self.inbox.clone(),
             starts: start_rx,
             closing: self.closing.subscribe(),
             tag: format!("flowgate-{}", ctx.pipeline),
@@ -179,31 +176,16 @@ impl Source for RabbitSource {
         let Some(credits) = self.credits.clone() else {
             return Err(Error::fatal("RabbitSource::next called before open"));
         };
-        loop {
-            let notified = self.notify.notified();
-            let changed = credits.changed();
-            {
-                let mut sh = lock(&self.shared);
-                if let Some(ev) = sh.events.pop_front() {
-                    return Ok(ev);
-                }
-                if let Some(e) = sh.error.take() {
-                    return Err(e);
-                }
+        let (partition, max_batch) = (self.partition.clone(), self.cfg.max_batch);
+        self.inbox
+            .next(&credits, Duration::from_millis(200), |sh, credits| {
                 let take = credits
-                    .available(&self.partition)
-                    .min(self.cfg.max_batch)
+                    .available(&partition)
+                    .min(max_batch)
                     .min(sh.buf.len());
-                if take > 0 {
-                    return Ok(SourceEvent::Records(sh.buf.drain(..take).collect()));
-                }
-            }
-            tokio::select! {
-                _ = notified => {}
-                _ = changed => {}
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            }
-        }
+                (take > 0).then(|| sh.buf.drain(..take).collect())
+            })
+            .await
     }
 
     async fn start(&mut self, starts: Vec<StartPosition>) -> Result<(), Error> {
@@ -223,7 +205,7 @@ impl Source for RabbitSource {
         let Some(cp) = checkpoints.iter().find(|c| c.partition == self.partition) else {
             return Ok(());
         };
-        let Some(live) = lock(&self.shared).live.clone() else {
+        let Some(live) = self.inbox.buffered().live.clone() else {
             // The channel is gone: its unacknowledged messages are redelivered anyway.
             return Ok(());
         };
@@ -231,7 +213,7 @@ impl Source for RabbitSource {
             let Some(offset) = cp.position.as_u64() else {
                 return Ok(());
             };
-            let mut sh = lock(&self.shared);
+            let mut sh = self.inbox.buffered();
             let rest = sh.tags.split_off(&(offset + 1));
             let done = std::mem::replace(&mut sh.tags, rest);
             done.values()
@@ -240,7 +222,7 @@ impl Source for RabbitSource {
                 .max()
         } else {
             self.tag_of(&cp.position, &live)
-                .and_then(|tag| lock(&self.shared).settled.ack_through(live.epoch, tag))
+                .and_then(|tag| self.inbox.buffered().settled.ack_through(live.epoch, tag))
         };
         let Some(tag) = tag else {
             return Ok(());
@@ -257,13 +239,13 @@ impl Source for RabbitSource {
     }
 
     async fn reject(&mut self, record: &Record, error: &Error) -> Result<(), Error> {
-        let Some(live) = lock(&self.shared).live.clone() else {
+        let Some(live) = self.inbox.buffered().live.clone() else {
             return Ok(());
         };
         let Some(tag) = self.tag_of(&record.position, &live) else {
             return Ok(());
         };
-        if !lock(&self.shared).settled.reject(live.epoch, tag) {
+        if !self.inbox.buffered().settled.reject(live.epoch, tag) {
             return Ok(());
         }
         tracing::warn!(queue = %self.cfg.queue, error = %error, "rabbitmq: poison record rejected to the dead-letter exchange");
@@ -349,8 +331,7 @@ enum Ended {
 struct Driver {
     cfg: RabbitSourceConfig,
     partition: PartitionId,
-    shared: Arc<Mutex<Shared>>,
-    notify: Arc<Notify>,
+    inbox: Arc<SourceInbox<Shared>>,
     starts: mpsc::UnboundedReceiver<Option<Position>>,
     closing: watch::Receiver<bool>,
     tag: String,
@@ -395,7 +376,7 @@ impl Driver {
     }
 
     fn push(&self, ev: SourceEvent) {
-        push_event(&self.shared, &self.notify, ev);
+        self.inbox.push_event(ev);
     }
 
     async fn run(mut self, first: Option<Connection>) {
@@ -415,8 +396,7 @@ impl Driver {
                     }
                     Ok(None) => return,
                     Err(e) => {
-                        lock(&self.shared).error = Some(e);
-                        self.notify.notify_one();
+                        self.inbox.fail(e);
                         return;
                     }
                 },
@@ -424,7 +404,7 @@ impl Driver {
             epoch += 1;
             let ended = self.session(&c, epoch).await;
             {
-                let mut sh = lock(&self.shared);
+                let mut sh = self.inbox.buffered();
                 sh.live = None;
                 // Unacknowledged deliveries come back on the next channel.
                 sh.buf.clear();
@@ -437,8 +417,7 @@ impl Driver {
                 }
                 Ended::Fatal(e) => {
                     let _ = c.close(200, "flowgate stopping".into()).await;
-                    lock(&self.shared).error = Some(e);
-                    self.notify.notify_one();
+                    self.inbox.fail(e);
                     return;
                 }
                 Ended::Lost(e) => {
@@ -577,7 +556,7 @@ impl Driver {
                 };
             }
         };
-        lock(&self.shared).live = Some(Live {
+        self.inbox.buffered().live = Some(Live {
             epoch,
             channel: ch.clone(),
         });
@@ -603,8 +582,8 @@ impl Driver {
                     Some(Ok(delivery)) => {
                         let record = self.record(delivery, epoch);
                         if let Some(r) = record {
-                            lock(&self.shared).buf.push_back(r);
-                            self.notify.notify_one();
+                            self.inbox.buffered().buf.push_back(r);
+                            self.inbox.wake();
                         }
                     }
                     Some(Err(e)) => return Ended::Lost(map(e, "consuming")),
@@ -629,8 +608,7 @@ impl Driver {
             partition: self.partition.clone(),
             stream: self.cfg.queue_type == QueueType::Stream,
             interval: self.cfg.lag_interval,
-            shared: self.shared.clone(),
-            notify: self.notify.clone(),
+            inbox: self.inbox.clone(),
             closing: self.closing.clone(),
             tag: format!("{}-lag", self.tag),
         }
@@ -652,7 +630,7 @@ impl Driver {
                 tracing::warn!(queue = %self.cfg.queue, "rabbitmq: stream delivery without x-stream-offset; skipped");
                 return None;
             };
-            let mut sh = lock(&self.shared);
+            let mut sh = self.inbox.buffered();
             sh.tags.insert(offset, (epoch, tag));
             sh.last_offset = Some(offset);
             Position::from(offset)
