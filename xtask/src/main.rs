@@ -514,6 +514,7 @@ fn bench_kafka(rest: &[&str]) -> Result<(), String> {
         "flowgate",
         "flowgate-dedup",
         "flowgate@30000",
+        "flowgate-endpoint",
     ];
     let runs = interleaved_fields(bin, &modes, rounds, &env, |_| topic.clone(), &n)?;
     // Fields: rate (creation → last record), steady rate (first → last), seconds to the first

@@ -8,6 +8,8 @@
 //! bench_kafka raw-stream TOPIC RECORDS      the same with a StreamConsumer (async stream)
 //! bench_kafka flowgate TOPIC RECORDS        KafkaSource -> null sink, checkpoints every 1000
 //! bench_kafka flowgate-dedup TOPIC RECORDS  the same with dedup by source position
+//! bench_kafka flowgate-endpoint TOPIC RECORDS  `flowgate` with the metrics endpoint on and
+//!                                           its /metrics and /status read every second
 //! bench_kafka produce TOPIC RECORDS RATE [stamp]  paced producer (stamp: send time in payload)
 //! bench_kafka slow-rss TOPIC RECORDS RATE   peak RSS while a producer at RATE outruns a sink
 //!                                           at RATE/10 (backlog grows to RECORDS)
@@ -281,6 +283,35 @@ fn source_config(topic: &str) -> KafkaSourceConfig {
         cfg.prefetch_records = *n;
     }
     cfg
+}
+
+/// The endpoint on (its Prometheus recorder records every metric) and a scraper reading
+/// `/metrics` and `/status` every second until the returned guard drops.
+async fn observed() -> tokio::task::JoinHandle<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let settings = flowgate_runtime::EndpointSettings {
+        listen: Some("127.0.0.1:0".parse().expect("address")),
+        ..Default::default()
+    };
+    let endpoint = flowgate_runtime::Endpoint::start(&settings, "bench")
+        .await
+        .expect("endpoint");
+    let addr = endpoint.local_addr();
+    tokio::spawn(async move {
+        let _endpoint = endpoint;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            for path in ["/metrics", "/status"] {
+                let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                let request =
+                    format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
+                conn.write_all(request.as_bytes()).await.expect("request");
+                let mut body = Vec::new();
+                conn.read_to_end(&mut body).await.expect("response");
+            }
+        }
+    })
 }
 
 async fn flowgate(started: Instant, topic: &str, records: u64, dedup: bool, store_on: bool) -> Run {
@@ -969,6 +1000,10 @@ fn main() {
             "flowgate" => flowgate(started, topic, records, false, true).await,
             "flowgate-dedup" => flowgate(started, topic, records, true, true).await,
             "flowgate-nostore" => flowgate(started, topic, records, false, false).await,
+            "flowgate-endpoint" => {
+                let _scraped = observed().await;
+                flowgate(started, topic, records, false, true).await
+            }
             "source-only" => source_only(started, topic, records).await,
             other => panic!("unknown mode {other}"),
         }

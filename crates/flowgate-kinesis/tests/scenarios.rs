@@ -515,6 +515,15 @@ async fn endpoint_restart_reads_as_disconnected_and_loses_nothing() {
         "after the restart",
     )
     .await;
+    // The shard reader may be back before the lease loop's next round reports the endpoint
+    // reachable again: health turns back within one lease tick.
+    let now_health = stats.clone();
+    flowgate_rig_tests::wait_until(
+        || format!("health back to healthy, still {:?}", now_health.health()),
+        Duration::from_secs(30),
+        || stats.health() == flowgate_runtime::Health::Healthy,
+    )
+    .await;
     let seen = health.stop().await;
     trigger.trigger();
     run.await.unwrap().unwrap();
