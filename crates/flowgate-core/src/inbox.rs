@@ -90,8 +90,9 @@ impl<S> SourceInbox<S> {
         self.wake.notify_one();
     }
 
-    /// Makes `next()` return `error` once the events queued before it are delivered; the
-    /// first error stays, later ones are dropped (they follow from it).
+    /// Makes `next()` return `error` once every queued event is delivered (events pushed
+    /// after it too). While an error waits to be returned, later ones are dropped (they follow
+    /// from it); sources stop after returning one.
     pub fn fail(&self, error: Error) {
         {
             let mut inner = self.lock();

@@ -92,7 +92,7 @@ impl fmt::Debug for HttpSinkConfig {
             .map(|(k, v)| (k.as_str(), if sensitive(k) { "<redacted>" } else { v }))
             .collect();
         f.debug_struct("HttpSinkConfig")
-            .field("url", &flowgate_core::redact_url(&self.url))
+            .field("url", &crate::error::shown_url(&self.url))
             .field("method", &self.method)
             .field("encoding", &self.encoding)
             .field("content_type", &self.content_type)
@@ -128,10 +128,17 @@ pub(crate) fn sensitive(name: &str) -> bool {
     n == "authorization"
         || n == "proxy-authorization"
         || n == "cookie"
-        || n.contains("token")
-        || n.contains("secret")
-        || n.contains("api-key")
-        || n.contains("apikey")
+        || [
+            "token",
+            "secret",
+            "key",
+            "password",
+            "auth",
+            "credential",
+            "signature",
+        ]
+        .iter()
+        .any(|word| n.contains(word))
 }
 
 /// The request method.

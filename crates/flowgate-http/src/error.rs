@@ -11,41 +11,73 @@ use reqwest::header::{HeaderMap, RETRY_AFTER};
 /// the runtime's retry budget decides when to give up, not the endpoint.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
+/// A URL as flowgate shows it (errors, logs, dead letters, `Debug`): without the password of
+/// its user info, and with every query value hidden, since endpoints often take their key in
+/// the query (`?code=…`, `?api_key=…`).
+pub(crate) fn shown_url(url: &str) -> String {
+    let url = flowgate_core::redact_url(url);
+    let Some((base, query)) = url.split_once('?') else {
+        return url;
+    };
+    let (query, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    let hidden: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) => format!("{name}=<redacted>"),
+            None => pair.to_string(),
+        })
+        .collect();
+    let mut out = format!("{base}?{}", hidden.join("&"));
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
+}
+
 /// An answer's status, `Retry-After` and (the start of) its body, as an outcome:
 ///
 /// | status | kind |
 /// |---|---|
 /// | 2xx | confirmed (`Ok`) |
 /// | 429, 503 | `Throttled`, with `Retry-After` (seconds or an HTTP date) |
-/// | 408, 425, other 5xx | `Transient` |
+/// | 408, 409, 425, other 5xx | `Transient` (409: a request with the same idempotency key still in progress) |
 /// | 401, 403, 407 | `Config` (the credentials are wrong: retrying cannot help) |
-/// | other 4xx (400, 404, 409, 413, 422, …) | `Poison` (dead letter with status and body) |
-/// | 1xx, 3xx (redirects are not followed) | `Poison` |
+/// | 3xx, 404, 405, 410, 415 on a fixed URL | `Config` (they describe the endpoint, not a record: a wrong URL, method or content type, a redirect) |
+/// | other 4xx (400, 413, 422, …; 404 and 410 on a templated URL) | `Poison` (dead letter with status and body) |
 pub(crate) fn classify(
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],
     url: &str,
+    fixed_url: bool,
 ) -> Result<(), Error> {
     if status.is_success() {
         return Ok(());
     }
     let code = status.as_u16();
+    let endpoint_wrong =
+        matches!(code, 300..=399 | 405 | 415) || (fixed_url && matches!(code, 404 | 410));
     let kind = match code {
         429 | 503 => ErrorKind::Throttled,
-        408 | 425 | 500..=599 => ErrorKind::Transient,
+        408 | 409 | 425 | 500..=599 => ErrorKind::Transient,
         401 | 403 | 407 => ErrorKind::Config,
+        _ if endpoint_wrong => ErrorKind::Config,
         _ => ErrorKind::Poison,
     };
-    let message = match kind {
-        ErrorKind::Throttled => "the HTTP endpoint asks to slow down",
-        ErrorKind::Transient => "the HTTP endpoint failed the request",
-        ErrorKind::Config => "the HTTP endpoint refused the credentials",
+    let message = match (kind, endpoint_wrong) {
+        (ErrorKind::Throttled, _) => "the HTTP endpoint asks to slow down",
+        (ErrorKind::Transient, _) => "the HTTP endpoint failed the request",
+        (ErrorKind::Config, false) => "the HTTP endpoint refused the credentials",
+        (ErrorKind::Config, true) => "the HTTP endpoint does not take these requests",
         _ => "the HTTP endpoint rejected the record",
     };
     let mut e = Error::new(kind, message)
         .with_context("status", code)
-        .with_context("url", flowgate_core::redact_url(url));
+        .with_context("url", shown_url(url));
     if !body.is_empty() {
         e = e.with_context("body", String::from_utf8_lossy(body));
     }
@@ -55,7 +87,11 @@ pub(crate) fn classify(
         }
     }
     if kind == ErrorKind::Config {
-        e = e.with_hint("check sink.auth and sink.headers (the token, user or password)");
+        e = e.with_hint(if endpoint_wrong {
+            "check sink.url, sink.method and sink.content_type (redirects are not followed)"
+        } else {
+            "check sink.auth and sink.headers (the token, user or password)"
+        });
     }
     Err(e)
 }
@@ -68,6 +104,7 @@ pub(crate) fn classify_entry(status: u16, error: Option<&str>, url: &str) -> Res
         &HeaderMap::new(),
         error.unwrap_or_default().as_bytes(),
         url,
+        false,
     )
 }
 
@@ -79,12 +116,16 @@ pub(crate) fn classify_entry(status: u16, error: Option<&str>, url: &str) -> Res
 /// `client::tls_refusal`), when the failure itself does not say.
 pub(crate) fn no_answer(e: &reqwest::Error, url: &str, probe: Option<&str>) -> Error {
     let mut chain = chain_text(e);
+    // reqwest names the URL in its own words: show it as flowgate shows URLs.
+    if let Some(raw) = e.url() {
+        chain = chain.replace(raw.as_str(), &shown_url(raw.as_str()));
+    }
     if let Some(heard) = probe {
         chain.push_str("; a TLS handshake to the endpoint: ");
         chain.push_str(heard);
     }
     let https = url.starts_with("https://");
-    let url = flowgate_core::redact_url(url);
+    let url = shown_url(url);
     // A fatal alert in a fresh handshake of our own is the endpoint refusing this TLS setup
     // (with a client certificate configured: that certificate); a retry cannot change it.
     let refused_in_probe = probe.is_some_and(|p| p.contains("received fatal alert"));
@@ -152,15 +193,20 @@ mod tests {
     use super::*;
     use reqwest::header::HeaderValue;
 
-    fn kind(code: u16) -> Option<ErrorKind> {
+    fn kind_at(code: u16, fixed: bool) -> Option<ErrorKind> {
         classify(
             StatusCode::from_u16(code).unwrap(),
             &HeaderMap::new(),
             b"",
             "http://x",
+            fixed,
         )
         .err()
         .map(|e| e.kind())
+    }
+
+    fn kind(code: u16) -> Option<ErrorKind> {
+        kind_at(code, false)
     }
 
     #[test]
@@ -171,15 +217,25 @@ mod tests {
         for t in [429, 503] {
             assert_eq!(kind(t), Some(ErrorKind::Throttled), "{t}");
         }
-        for t in [408, 425, 500, 502, 504, 599] {
+        for t in [408, 409, 425, 500, 502, 504, 599] {
             assert_eq!(kind(t), Some(ErrorKind::Transient), "{t}");
         }
-        for c in [401, 403, 407] {
+        for c in [301, 308, 401, 403, 405, 407, 415] {
             assert_eq!(kind(c), Some(ErrorKind::Config), "{c}");
         }
-        for p in [301, 400, 404, 409, 413, 422] {
-            assert_eq!(kind(p), Some(ErrorKind::Poison), "{p}");
+        for p in [400, 404, 410, 413, 422] {
+            assert_eq!(kind(p), Some(ErrorKind::Poison), "{p} on a templated URL");
         }
+        // On a fixed URL a 404 or 410 says the endpoint is wrong, not the record: dead-letter
+        // the whole stream record by record would be the wrong answer.
+        for c in [404, 410] {
+            assert_eq!(
+                kind_at(c, true),
+                Some(ErrorKind::Config),
+                "{c} on a fixed URL"
+            );
+        }
+        assert_eq!(kind_at(422, true), Some(ErrorKind::Poison));
     }
 
     #[test]
@@ -200,10 +256,26 @@ mod tests {
         assert_eq!(retry_after(&h, now), None);
 
         h.insert(RETRY_AFTER, HeaderValue::from_static("1"));
-        let e = classify(StatusCode::TOO_MANY_REQUESTS, &h, b"slow down", "http://x").unwrap_err();
+        let e = classify(
+            StatusCode::TOO_MANY_REQUESTS,
+            &h,
+            b"slow down",
+            "http://x",
+            true,
+        )
+        .unwrap_err();
         assert_eq!(e.retry_after(), Some(Duration::from_secs(1)));
         assert!(e.to_string().contains("status=429"), "{e}");
         assert!(e.to_string().contains("body=slow down"), "{e}");
+    }
+
+    #[test]
+    fn shown_urls_hide_passwords_and_query_values() {
+        assert_eq!(
+            shown_url("https://u:pw@h/f?code=abc&x=1#top"),
+            "https://u:<redacted>@h/f?code=<redacted>&x=<redacted>#top"
+        );
+        assert_eq!(shown_url("http://h/path"), "http://h/path");
     }
 
     #[test]
@@ -212,10 +284,15 @@ mod tests {
             StatusCode::UNPROCESSABLE_ENTITY,
             &HeaderMap::new(),
             b"{\"error\":\"amount missing\"}",
-            "https://app:s3cret@scoring.internal/v1",
+            "https://app:s3cret@scoring.internal/v1?code=q5ecret",
+            true,
         )
         .unwrap_err();
         assert!(!e.to_string().contains("s3cret"), "{e}");
+        assert!(
+            !e.to_string().contains("q5ecret"),
+            "query values are hidden too: {e}"
+        );
         assert!(e.to_string().contains("amount missing"), "{e}");
     }
 }

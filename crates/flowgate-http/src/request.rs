@@ -37,7 +37,7 @@ impl UrlTemplate {
                 "the URL template {what} (fields: {{partition}}, {{position}}, {{key}}, {{header.NAME}})"
             ))
                 .with_context("key", "sink.url")
-                .with_context("url", flowgate_core::redact_url(url))
+                .with_context("url", crate::error::shown_url(url))
         };
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(bad("must start with http:// or https://"));
@@ -186,13 +186,29 @@ pub(crate) fn key_text(r: &Record) -> String {
     hex
 }
 
-/// The idempotency key of a request: the record's own for one record; for a batch (contiguous
-/// records of one partition) `FIRST..LAST`, the same on every retry of the same records.
+/// The idempotency key of a request: the record's own for one record; for several,
+/// `FIRST..LAST/N-HASH` — the first and last records' keys, how many records, and a 64-bit
+/// FNV-1a hash of every record's key. The same records give the same key on every retry; a
+/// retry of only some of them (per-record outcomes) gives another.
 pub(crate) fn request_key(records: &[&Record]) -> Option<String> {
     match records {
         [] => None,
         [one] => Some(key_text(one)),
-        [first, .., last] => Some(format!("{}..{}", key_text(first), key_text(last))),
+        [first, .., last] => {
+            let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+            for r in records {
+                for b in key_text(r).bytes().chain(std::iter::once(b',')) {
+                    hash ^= u64::from(b);
+                    hash = hash.wrapping_mul(0x0100_0000_01b3);
+                }
+            }
+            Some(format!(
+                "{}..{}/{}-{hash:016x}",
+                key_text(first),
+                key_text(last),
+                records.len()
+            ))
+        }
     }
 }
 
@@ -275,9 +291,18 @@ mod tests {
         let binary = rec(7, "{}").with_idempotency_key(IdempotencyKey::new(vec![0u8, 255]));
         assert_eq!(key_text(&binary), "x00ff");
         let (a, b, c) = (rec(1, "{}"), rec(2, "{}"), rec(3, "{}"));
+        let all = request_key(&[&a, &b, &c]).unwrap();
+        assert!(all.starts_with("orders/3@1..orders/3@3/3-"), "{all}");
         assert_eq!(
-            request_key(&[&a, &b, &c]).as_deref(),
-            Some("orders/3@1..orders/3@3")
+            request_key(&[&a, &b, &c]).unwrap(),
+            all,
+            "stable across retries"
+        );
+        let subset = request_key(&[&a, &c]).unwrap();
+        assert!(subset.starts_with("orders/3@1..orders/3@3/2-"), "{subset}");
+        assert_ne!(
+            subset, all,
+            "a retry of some of the records is another request"
         );
         assert_eq!(request_key(&[&b]).as_deref(), Some("orders/3@2"));
     }

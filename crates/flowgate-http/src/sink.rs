@@ -210,7 +210,7 @@ impl Inner {
         };
         observe(started, outcome_label(status.as_u16()));
         let shown = &body[..body.len().min(self.error_body_limit)];
-        if let Err(e) = error::classify(status, &headers, shown, url) {
+        if let Err(e) = error::classify(status, &headers, shown, url, self.url.fixed().is_some()) {
             if let Some(after) = e.retry_after() {
                 let until = tokio::time::Instant::now() + after;
                 let mut hold = self
@@ -358,7 +358,17 @@ impl Sink for HttpSink {
             match s.send(batch, &compacted, &p.url, &p.records).await {
                 Ok(()) => {}
                 Err(Outcome::Some(errs)) => {
+                    let retried = errs
+                        .iter()
+                        .find(|(_, e)| e.is_temporary())
+                        .map(|(_, e)| e.duplicate());
                     failed.extend(errs.into_iter().map(|(at, e)| (p.records[at], e)));
+                    // A record that will be retried keeps its partition's order: the requests
+                    // after it wait for the same retry.
+                    if let Some(e) = retried {
+                        let rest = work.drain(..).rev().flat_map(|p| p.records);
+                        failed.extend(rest.map(|i| (i, e.duplicate())));
+                    }
                 }
                 Err(Outcome::Whole(e)) if e.kind() == ErrorKind::Poison && p.records.len() > 1 => {
                     // Find the rejected records: each half on its own, left first.
@@ -419,7 +429,7 @@ impl Sink for HttpSink {
         };
         let code = resp.status().as_u16();
         if matches!(code, 401 | 403 | 407) {
-            return error::classify(resp.status(), resp.headers(), b"", &url).map(|()| true);
+            return error::classify(resp.status(), resp.headers(), b"", &url, true).map(|()| true);
         }
         Ok(true)
     }

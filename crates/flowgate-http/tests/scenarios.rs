@@ -200,8 +200,10 @@ async fn throttling_is_counted_paced_by_retry_after_and_loses_nothing() {
         stats.snapshot().concurrency
     );
     assert!(throttled > 0, "the endpoint throttled");
+    // Without the hold every partition's retry is refused each second: 4 × 12 = 48 (49 was
+    // measured). With it, at most the requests already in flight when the first refusal came.
     assert!(
-        throttled <= 2 * 12,
+        throttled <= 3 * 12,
         "Retry-After holds every request of the sink, so few are refused: {throttled}"
     );
     assert!(

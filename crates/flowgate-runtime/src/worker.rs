@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
+use flowgate_core::retry::Backoff;
 use flowgate_core::{
     DedupStore, Error, ErrorKind, IdempotencyKey, PartitionId, Position, PositionRange, Record,
     Sink, TxContext, WriteError,
@@ -157,17 +158,23 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Error>>,
 {
-    let mut backoff = retry.policy().start();
+    // The budget runs from the first failure: a wait before the first attempt (a sink
+    // holding its requests for another partition's `Retry-After`) spends none of it.
+    let mut failing: Option<Backoff> = None;
     loop {
         match op().await {
             Ok(v) => return Ok(v),
-            Err(e) if e.is_temporary() => match backoff.next_delay() {
+            Err(e) if e.is_temporary() => match failing
+                .get_or_insert_with(|| retry.policy().start())
+                .next_delay()
+            {
                 Some(d) => {
                     tracing::warn!(error = %e, delay = ?d, "{what} failed, retrying");
                     tokio::time::sleep(e.retry_after().map_or(d, |r| r.max(d))).await;
                 }
                 None => {
-                    return Err(e.with_context("gave_up_after", format!("{:?}", backoff.elapsed())));
+                    let spent = failing.as_ref().map(Backoff::elapsed).unwrap_or_default();
+                    return Err(e.with_context("gave_up_after", format!("{spent:?}")));
                 }
             },
             Err(e) => return Err(e),
@@ -458,8 +465,8 @@ async fn write_with_retry(
         oldest_timestamp: pending.first().and_then(|r| r.timestamp),
     };
     let collect_marks = shared.marker.is_some() && !transactional && !shared.positional;
-    let mut backoff = shared.retry.policy().start();
-    let started = Instant::now();
+    // The budget runs from the first failure (see `retry_temporary`).
+    let mut failing: Option<Backoff> = None;
     while !pending.is_empty() {
         let attempt = if transactional {
             let marks: Vec<IdempotencyKey> = pending
@@ -539,6 +546,7 @@ async fn write_with_retry(
             Stats::add(&shared.stats.throttles, 1);
             shared.metrics.throttles.increment(1);
         }
+        let backoff = failing.get_or_insert_with(|| shared.retry.policy().start());
         match backoff.next_delay() {
             Some(d) => {
                 Stats::add(&shared.stats.retries, 1);
@@ -551,7 +559,7 @@ async fn write_with_retry(
                 let gave_up = format!(
                     "{} attempts over {:?}",
                     backoff.attempts() + 1,
-                    started.elapsed()
+                    backoff.elapsed()
                 );
                 match shared.retry.on_exhausted {
                     ExhaustedPolicy::DeadLetter => {
