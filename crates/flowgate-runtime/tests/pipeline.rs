@@ -1020,7 +1020,10 @@ async fn checkpoint_writes_start_at_least_min_interval_apart() {
     // The mean is (last − first) / gaps: only the first and the last call's scheduling delay
     // move it, by at most a worker's turn (2 ms here) spread over all the gaps.
     let ends = Duration::from_millis(2) / gaps.len() as u32;
-    assert!(mean + ends >= min_interval, "writes {mean:?} apart on average");
+    assert!(
+        mean + ends >= min_interval,
+        "writes {mean:?} apart on average"
+    );
     for gap in &gaps {
         assert!(*gap >= min_interval / 2, "writes {gap:?} apart");
     }
