@@ -113,27 +113,15 @@ pub(crate) async fn read_shard(ctx: Arc<Ctx>, shard: PartitionId, after: Option<
                 }
             }
             Err(Failure::Expired) => {
-                ctx.shared
-                    .inbox
-                    .buffered()
-                    .stats
-                    .entry(shard.clone())
-                    .or_default()
-                    .expired_iterators += 1;
-                count(EXPIRED_ITERATORS, &ctx.cfg.stream, &shard);
+                note(&ctx, &shard, EXPIRED_ITERATORS, |s| {
+                    s.expired_iterators += 1
+                });
                 tracing::info!(shard = %shard, "kinesis: shard iterator expired; re-acquiring it after the last record read");
                 iterator = None;
             }
             Err(Failure::Error(e)) => {
                 if e.kind() == ErrorKind::Throttled {
-                    ctx.shared
-                        .inbox
-                        .buffered()
-                        .stats
-                        .entry(shard.clone())
-                        .or_default()
-                        .throttles += 1;
-                    count(READ_THROTTLES, &ctx.cfg.stream, &shard);
+                    note(&ctx, &shard, READ_THROTTLES, |s| s.throttles += 1);
                 }
                 if e.kind() == ErrorKind::Transient {
                     ctx.report_down(shard.as_str(), &e);
@@ -155,8 +143,17 @@ pub(crate) async fn read_shard(ctx: Arc<Ctx>, shard: PartitionId, after: Option<
     }
 }
 
-pub(crate) fn count(name: &'static str, stream: &str, shard: &PartitionId) {
-    metrics::counter!(name, "stream" => stream.to_string(), "shard" => shard.to_string())
+/// Updates the shard's statistics and counts the event in the metric `name`.
+fn note(ctx: &Ctx, shard: &PartitionId, name: &'static str, update: impl FnOnce(&mut ShardStats)) {
+    update(
+        ctx.shared
+            .inbox
+            .buffered()
+            .stats
+            .entry(shard.clone())
+            .or_default(),
+    );
+    metrics::counter!(name, "stream" => ctx.cfg.stream.clone(), "shard" => shard.to_string())
         .increment(1);
 }
 
@@ -179,14 +176,7 @@ pub(crate) async fn get_records(
     credit: usize,
 ) -> Result<Fetched, Failure> {
     let limit = credit.min(ctx.cfg.max_records_per_call);
-    ctx.shared
-        .inbox
-        .buffered()
-        .stats
-        .entry(shard.clone())
-        .or_default()
-        .call(Instant::now());
-    count(GET_RECORDS_CALLS, &ctx.cfg.stream, shard);
+    note(ctx, shard, GET_RECORDS_CALLS, |s| s.call(Instant::now()));
     let out = ctx
         .client
         .get_records()
