@@ -18,7 +18,8 @@ cargo xtask <task>
                            the real-broker tests against `brokers up` (always followed by
                            `brokers down`)
   brokers up [--only a,b] [--engine native|docker]
-                           start Kafka, RabbitMQ, Kinesis (kinesis-mock), PostgreSQL, Redis
+                           start Kafka, RabbitMQ, Kinesis (kinesis-mock), PostgreSQL, Redis,
+                           DynamoDB (moto)
                            and a Prometheus server (scraping 127.0.0.1:19464 with the shipped
                            rules) on 127.0.0.1, wait until each answers, print
                            FLOWGATE_TEST_* vars
@@ -283,7 +284,7 @@ fn brokers(args: &[&str]) -> Result<(), String> {
             Ok(())
         }
         Some("logs") => {
-            Err("brokers logs NAME: which broker? kafka, rabbitmq, kinesis, postgres, redis".into())
+            Err("brokers logs NAME: which broker? kafka, rabbitmq, kinesis, postgres, redis, dynamodb, prometheus".into())
         }
         _ => Err(format!(
             "brokers: up, down, status, logs NAME or env\n\n{HELP}"
@@ -339,10 +340,11 @@ fn rig_client(client: &str, args: &[&str]) -> Result<(), String> {
 /// and stores depend on core only, and each broker client lives in its own adapter.
 fn dependency_rules() -> Result<(), String> {
     eprintln!("\n==> dependency rules (cargo tree)");
-    const BROKER_CLIENTS: [&str; 7] = [
+    const BROKER_CLIENTS: [&str; 8] = [
         "rdkafka",
         "lapin",
         "aws-sdk-kinesis",
+        "aws-sdk-dynamodb",
         "aws-config",
         "redb",
         "sqlx",
@@ -361,7 +363,10 @@ fn dependency_rules() -> Result<(), String> {
     let rules: [(&str, &[&str]); 7] = [
         ("flowgate-core", &[]),
         ("flowgate-runtime", &[]),
-        ("flowgate-checkpoint", &["redb"]),
+        (
+            "flowgate-checkpoint",
+            &["redb", "aws-sdk-dynamodb", "aws-config"],
+        ),
         ("flowgate-kafka", &["rdkafka"]),
         ("flowgate-rabbitmq", &["lapin"]),
         ("flowgate-kinesis", &["aws-sdk-kinesis", "aws-config"]),

@@ -10,11 +10,16 @@
 //!   pipeline; checkpoint writes are compare-and-set on position and fencing token.
 //! - [`RedisStore`] (feature `redis`): Redis, shared by every worker; checkpoint writes are an
 //!   atomic Lua compare-and-set, dedup marks expire in Redis itself.
+//! - [`DynamoDbStore`] (feature `dynamodb`): DynamoDB, shared by every worker; conditional
+//!   writes for checkpoints and leases (lease expiry by the reader's monotonic clock, as the
+//!   AWS KCL does), dedup marks with TTL. [`read_kcl_leases`] reads a KCL lease table.
 //! - [`MemoryStore`]: the same semantics in memory, for tests.
 //!
-//! Both pass the store conformance suite of `flowgate_core::testkit::store`. The rules every
+//! Every store passes the store conformance suite of `flowgate_core::testkit::store`. The rules every
 //! store applies to a checkpoint write (monotonic, fenced) live in [`rules`].
 
+#[cfg(feature = "dynamodb")]
+mod dynamodb;
 #[cfg(feature = "embedded")]
 mod embedded;
 mod memory;
@@ -24,6 +29,8 @@ mod postgres;
 mod redis_store;
 pub mod rules;
 
+#[cfg(feature = "dynamodb")]
+pub use dynamodb::{DynamoDbConfig, DynamoDbStore, KclCheckpoint, KclLease, read_kcl_leases};
 #[cfg(feature = "embedded")]
 pub use embedded::{EmbeddedStore, TableSink};
 pub use memory::MemoryStore;
@@ -39,7 +46,11 @@ pub(crate) use flowgate_core::redact_url;
 /// `store` and `operation`; retries included), through the `metrics` facade.
 pub const STORE_LATENCY: &str = "flowgate_store_operation_seconds";
 
-#[cfg(any(feature = "postgres", feature = "redis"))]
+/// Calls a shared store retried because it was throttled (`flowgate_store_throttled_total`,
+/// label `store`).
+pub const STORE_THROTTLES: &str = "flowgate_store_throttled_total";
+
+#[cfg(any(feature = "postgres", feature = "redis", feature = "dynamodb"))]
 pub(crate) fn record_latency(
     store: &'static str,
     operation: &'static str,
@@ -51,7 +62,7 @@ pub(crate) fn record_latency(
 
 /// How the shared stores retry a lost connection: 50 ms doubling to 2 s, with jitter, until
 /// the store's `give_up_after`.
-#[cfg(any(feature = "postgres", feature = "redis"))]
+#[cfg(any(feature = "postgres", feature = "redis", feature = "dynamodb"))]
 pub(crate) fn store_backoff(
     give_up_after: std::time::Duration,
 ) -> flowgate_core::retry::BackoffPolicy {

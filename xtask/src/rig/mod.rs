@@ -1,5 +1,6 @@
-//! The real-broker rig: Apache Kafka, RabbitMQ, Kinesis (kinesis-mock), PostgreSQL and Redis
-//! on 127.0.0.1, as native processes (no Docker engine needed) or through docker compose.
+//! The real-broker rig: Apache Kafka, RabbitMQ, Kinesis (kinesis-mock), PostgreSQL, Redis and
+//! DynamoDB (moto's server) on 127.0.0.1, as native processes (no Docker engine needed) or
+//! through docker compose.
 //!
 //! State (data, logs, PID files) lives in `target/flowgate-rig/<broker>/`; downloads (Kafka
 //! jars, the kinesis-local npm package) in `$FLOWGATE_RIG_CACHE` (default
@@ -20,6 +21,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+mod dynamodb;
 mod kafka;
 mod kinesis;
 mod postgres;
@@ -56,6 +58,9 @@ const KINESIS_TLS_PORT: u16 = 4567;
 const POSTGRES_PORT: u16 = 15432;
 const REDIS_PORT: u16 = 16379;
 const REDIS_TLS_PORT: u16 = 16380;
+const DYNAMODB_PORT: u16 = 15005;
+/// moto, installed when no `moto_server` is on the PATH.
+const MOTO_VERSION: &str = "5.2.5";
 const PROMETHEUS_PORT: u16 = 19090;
 /// Where the rig's Prometheus scrapes a pipeline under test (`--metrics-addr`).
 const PROMETHEUS_TARGET_PORT: u16 = 19464;
@@ -67,17 +72,20 @@ pub(crate) enum Broker {
     Kinesis,
     Postgres,
     Redis,
+    /// DynamoDB, as moto's server mode serves it (a store, for the DynamoDB store's tests).
+    Dynamodb,
     /// Not a broker: the Prometheus server that scrapes a pipeline under test with the shipped
     /// alert rules loaded.
     Prometheus,
 }
 
-pub(crate) const ALL: [Broker; 6] = [
+pub(crate) const ALL: [Broker; 7] = [
     Broker::Kafka,
     Broker::Rabbitmq,
     Broker::Kinesis,
     Broker::Postgres,
     Broker::Redis,
+    Broker::Dynamodb,
     Broker::Prometheus,
 ];
 
@@ -89,6 +97,7 @@ impl Broker {
             Broker::Kinesis => "kinesis",
             Broker::Postgres => "postgres",
             Broker::Redis => "redis",
+            Broker::Dynamodb => "dynamodb",
             Broker::Prometheus => "prometheus",
         }
     }
@@ -96,7 +105,7 @@ impl Broker {
     pub(crate) fn parse(s: &str) -> Result<Broker, String> {
         ALL.into_iter().find(|b| b.name() == s).ok_or_else(|| {
             format!(
-                "unknown broker {s:?}: expected one of kafka, rabbitmq, kinesis, postgres, redis, prometheus"
+                "unknown broker {s:?}: expected one of kafka, rabbitmq, kinesis, postgres, redis, dynamodb, prometheus"
             )
         })
     }
@@ -205,6 +214,10 @@ impl Broker {
                         .to_string(),
                 ),
             ],
+            Broker::Dynamodb => vec![v(
+                "FLOWGATE_TEST_DYNAMODB_ENDPOINT",
+                format!("http://127.0.0.1:{DYNAMODB_PORT}"),
+            )],
             Broker::Prometheus => vec![
                 v(
                     "FLOWGATE_TEST_PROMETHEUS_URL",
@@ -236,6 +249,7 @@ impl Broker {
             Broker::Kinesis => vec![KINESIS_PORT, KINESIS_TLS_PORT],
             Broker::Postgres => vec![POSTGRES_PORT],
             Broker::Redis => vec![REDIS_PORT, REDIS_TLS_PORT],
+            Broker::Dynamodb => vec![DYNAMODB_PORT],
             Broker::Prometheus => vec![PROMETHEUS_PORT],
         }
     }
@@ -390,6 +404,7 @@ impl Rig {
             Broker::Kinesis => self.start_kinesis(&dir),
             Broker::Postgres => self.start_postgres(&dir),
             Broker::Redis => self.start_redis(&dir),
+            Broker::Dynamodb => self.start_dynamodb(&dir),
             Broker::Prometheus => self.start_prometheus(&dir),
         }
     }
@@ -505,6 +520,10 @@ impl Rig {
                 check_alive("redis")?;
                 Ok(redis_ping())
             }),
+            Broker::Dynamodb => wait_until("dynamodb (moto /moto-api/)", timeout, || {
+                check_alive("dynamodb")?;
+                Ok(http_get_ok(DYNAMODB_PORT, "/moto-api/"))
+            }),
             Broker::Prometheus => wait_until("prometheus (/-/ready)", timeout, || {
                 check_alive("prometheus")?;
                 Ok(http_get_ok(PROMETHEUS_PORT, "/-/ready"))
@@ -578,6 +597,7 @@ impl Rig {
             Broker::Kinesis => vec![dir.join("stdout.log")],
             Broker::Postgres => vec![dir.join("postgres.log")],
             Broker::Redis => vec![dir.join("redis.log")],
+            Broker::Dynamodb => vec![dir.join("moto.log")],
             Broker::Prometheus => vec![dir.join("prometheus.log")],
         };
         for f in files {
@@ -631,6 +651,9 @@ impl Rig {
                 Broker::Redis => {
                     wait_until("redis (PING)", Duration::from_secs(60), || Ok(redis_ping()))?
                 }
+                Broker::Dynamodb => wait_until("dynamodb (moto)", Duration::from_secs(60), || {
+                    Ok(http_get_ok(DYNAMODB_PORT, "/moto-api/"))
+                })?,
                 // The compose file's health checks cover the others (metadata request,
                 // await_startup, pg_isready).
                 _ => {}
