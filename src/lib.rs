@@ -8,7 +8,8 @@
 //! - [`runtime`]: the pipeline builder and the in-process adapters (generator, null,
 //!   JSON-lines, fault injection) and, with feature `endpoint` (default), the HTTP endpoint
 //!   that serves `/metrics`, `/health`, `/ready` and `/status`;
-//! - [`checkpoint`]: the stores (in-memory; embedded redb with feature `embedded-store`);
+//! - [`checkpoint`]: the stores (in-memory; embedded redb with feature `embedded-store`;
+//!   PostgreSQL, Redis and DynamoDB with `postgres-store`, `redis-store`, `dynamodb-store`);
 //! - `kafka` (feature `kafka`): the Apache Kafka source and sink;
 //! - `rabbitmq` (feature `rabbitmq`): the RabbitMQ source and sink.
 //! - `kinesis` (feature `kinesis`): the Kinesis Data Streams source and sink.

@@ -1,23 +1,28 @@
-//! Harness of `cargo xtask bench stores`: checkpoint commits and dedup operations per second,
-//! one key per call against many keys per call, for the embedded store and PostgreSQL.
+//! Harness of `cargo xtask bench stores`: checkpoint commits, dedup operations and lease
+//! renewals per second, one key per call against many keys per call, for every store.
 //!
 //! ```text
 //! bench_stores STORE SECONDS     STORE: embedded | postgres (FLOWGATE_TEST_POSTGRES_URL)
 //!                                 | redis (FLOWGATE_TEST_REDIS_URL)
+//!                                 | dynamodb (FLOWGATE_TEST_DYNAMODB_ENDPOINT)
 //! ```
-//! Prints one line per measurement: `store operation keys_per_call calls_per_second keys_per_second`.
+//! Prints one line per measurement: `store operation keys_per_call calls_per_second keys_per_second`;
+//! for DynamoDB also `calls dynamodb operation api_calls_per_operation` (what AWS bills).
 #![allow(clippy::expect_used)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flowgate_checkpoint::{EmbeddedStore, PostgresConfig, PostgresStore, RedisConfig, RedisStore};
+use flowgate_checkpoint::{
+    DynamoDbConfig, DynamoDbStore, EmbeddedStore, PostgresConfig, PostgresStore, RedisConfig,
+    RedisStore,
+};
 use flowgate_core::{
-    Checkpoint, CheckpointStore, DedupStore, IdempotencyKey, PartitionId, Position,
+    Checkpoint, CheckpointStore, DedupStore, IdempotencyKey, LeaseStore, PartitionId, Position,
 };
 
-trait Store: CheckpointStore + DedupStore {}
-impl<T: CheckpointStore + DedupStore> Store for T {}
+trait Store: CheckpointStore + DedupStore + LeaseStore {}
+impl<T: CheckpointStore + DedupStore + LeaseStore> Store for T {}
 
 async fn measure<F, Fut>(seconds: f64, mut op: F) -> f64
 where
@@ -99,13 +104,90 @@ async fn run(name: &str, store: Arc<dyn Store>, seconds: f64) {
             rate * per_call as f64
         );
     }
+    let lease = store
+        .acquire(
+            &pipeline,
+            &PartitionId::new("shard"),
+            "bench",
+            Duration::from_secs(60),
+            None,
+        )
+        .await
+        .expect("acquire")
+        .expect("a fresh lease");
+    let s = store.clone();
+    let rate = measure(seconds, |_| {
+        let (s, p, lease) = (s.clone(), pipeline.clone(), lease.clone());
+        async move {
+            s.renew(&p, &lease, Duration::from_secs(60))
+                .await
+                .expect("renew");
+        }
+    })
+    .await;
+    println!("{name} lease-renew 1 {rate:.0} {rate:.0}");
+}
+
+/// DynamoDB API calls per store operation (retries included), averaged over `n` operations.
+async fn dynamodb_calls(store: &DynamoDbStore, n: u64) {
+    let pipeline = format!("calls-{}", std::process::id());
+    let per = |what: &str, before: u64, ops: u64| {
+        println!(
+            "calls dynamodb {what} {:.2}",
+            (store.api_calls() - before) as f64 / ops as f64
+        );
+    };
+    for per_call in [1usize, 16, 250] {
+        let before = store.api_calls();
+        for i in 0..n {
+            let cps: Vec<Checkpoint> = (0..per_call)
+                .map(|k| Checkpoint::new(PartitionId::new(format!("p{k}")), Position::from(i)))
+                .collect();
+            store
+                .commit(&format!("{pipeline}-{per_call}"), &cps)
+                .await
+                .expect("commit");
+        }
+        per(&format!("checkpoint-commit-of-{per_call}"), before, n);
+    }
+    let shard = PartitionId::new("shard");
+    let before = store.api_calls();
+    let lease = store
+        .acquire(&pipeline, &shard, "bench", Duration::from_secs(60), None)
+        .await
+        .expect("acquire")
+        .expect("a fresh lease");
+    per("lease-take", before, 1);
+    let before = store.api_calls();
+    for _ in 0..n {
+        store
+            .renew(&pipeline, &lease, Duration::from_secs(60))
+            .await
+            .expect("renew");
+    }
+    per("lease-renew", before, n);
+    let before = store.api_calls();
+    let _ = store.leases(&pipeline).await.expect("leases");
+    per("lease-list", before, 1);
+    let keys: Vec<IdempotencyKey> = (0..500)
+        .map(|k| IdempotencyKey::new(format!("c{k}")))
+        .collect();
+    let before = store.api_calls();
+    store
+        .mark(&pipeline, &keys, Duration::from_secs(3600))
+        .await
+        .expect("mark");
+    per("dedup-mark-of-500", before, 1);
+    let before = store.api_calls();
+    store.seen(&pipeline, &keys).await.expect("seen");
+    per("dedup-check-of-500", before, 1);
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (store, seconds) = match args.as_slice() {
         [s, secs] => (s.clone(), secs.parse::<f64>().expect("SECONDS")),
-        _ => panic!("usage: bench_stores embedded|postgres|redis SECONDS"),
+        _ => panic!("usage: bench_stores embedded|postgres|redis|dynamodb SECONDS"),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -142,6 +224,25 @@ fn main() {
                 .await
                 .expect("connect");
                 run("redis", s, seconds).await;
+            }
+            "dynamodb" => {
+                let endpoint = std::env::var("FLOWGATE_TEST_DYNAMODB_ENDPOINT").expect(
+                    "FLOWGATE_TEST_DYNAMODB_ENDPOINT (cargo xtask brokers up --only dynamodb)",
+                );
+                let s = DynamoDbStore::connect(DynamoDbConfig {
+                    table: format!("flowgate-bench-{}", std::process::id()),
+                    endpoint_url: Some(endpoint),
+                    region: Some("us-east-1".into()),
+                    access_key_id: Some("bench".into()),
+                    secret_access_key: Some("bench".into()),
+                    ..Default::default()
+                })
+                .await
+                .expect("connect");
+                // Calls first: moto copies every table for each transaction, so its transactions
+                // slow down as the dedup measurements below fill the table.
+                dynamodb_calls(&s, 20).await;
+                run("dynamodb", s, seconds).await;
             }
             other => panic!("unknown store {other}"),
         }

@@ -138,6 +138,8 @@ pub(crate) enum StoreConfig {
     Postgres(flowgate_checkpoint::PostgresConfig),
     /// Redis, shared by several workers (docs/stores.md).
     Redis(flowgate_checkpoint::RedisConfig),
+    /// DynamoDB, shared by several workers (docs/stores.md).
+    Dynamodb(flowgate_checkpoint::DynamoDbConfig),
     /// In memory (lost at exit).
     Memory,
     /// No checkpoint store: positions are committed to the broker only.
@@ -217,13 +219,16 @@ impl Tagged for SinkConfig {
 
 impl Tagged for StoreConfig {
     fn types() -> Vec<&'static str> {
-        vec!["embedded", "postgres", "redis", "memory", "none"]
+        vec![
+            "embedded", "postgres", "redis", "dynamodb", "memory", "none",
+        ]
     }
     fn from_parts(kind: &str, rest: &Value) -> Result<Option<Self>, figment::Error> {
         Ok(Some(match kind {
             "embedded" => StoreConfig::Embedded(rest.deserialize()?),
             "postgres" => StoreConfig::Postgres(rest.deserialize()?),
             "redis" => StoreConfig::Redis(rest.deserialize()?),
+            "dynamodb" => StoreConfig::Dynamodb(rest.deserialize()?),
             "memory" => {
                 rest.deserialize::<NoKeys>()?;
                 StoreConfig::Memory

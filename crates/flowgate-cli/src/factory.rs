@@ -35,6 +35,16 @@ impl Stores {
             postgres: None,
         }
     }
+
+    /// A store that plays every role and has no table sink.
+    fn shared<S: CheckpointStore + DedupStore + LeaseStore + 'static>(s: Arc<S>) -> Stores {
+        Stores {
+            checkpoint: Some(s.clone()),
+            dedup: Some(s.clone()),
+            leases: Some(s),
+            ..Stores::none()
+        }
+    }
 }
 
 /// Opens (connects to) `[store]`.
@@ -61,25 +71,12 @@ pub(crate) async fn open_store(cfg: &StoreConfig) -> Result<Stores, Error> {
             }
         }
         StoreConfig::Redis(c) => {
-            let s = flowgate_checkpoint::RedisStore::connect(c.clone()).await?;
-            Stores {
-                checkpoint: Some(s.clone()),
-                dedup: Some(s.clone()),
-                leases: Some(s),
-                embedded: None,
-                postgres: None,
-            }
+            Stores::shared(flowgate_checkpoint::RedisStore::connect(c.clone()).await?)
         }
-        StoreConfig::Memory => {
-            let s = Arc::new(MemoryStore::new());
-            Stores {
-                checkpoint: Some(s.clone()),
-                dedup: Some(s.clone()),
-                leases: Some(s),
-                embedded: None,
-                postgres: None,
-            }
+        StoreConfig::Dynamodb(c) => {
+            Stores::shared(flowgate_checkpoint::DynamoDbStore::connect(c.clone()).await?)
         }
+        StoreConfig::Memory => Stores::shared(Arc::new(MemoryStore::new())),
         StoreConfig::None => Stores::none(),
     })
 }

@@ -3,6 +3,8 @@
 mod config;
 mod factory;
 mod inspect;
+#[cfg(feature = "kinesis")]
+mod kcl;
 mod registry;
 mod top;
 
@@ -158,6 +160,34 @@ enum CheckpointAction {
         #[arg(long)]
         force: bool,
     },
+    /// Continue a Kinesis application's work from its AWS KCL lease table: write each shard's
+    /// last KCL checkpoint, and the shards KCL read to their end, into the pipeline's store.
+    /// Refused while KCL workers renew leases, or when the pipeline has checkpoints, unless
+    /// `--force`.
+    #[cfg(feature = "kinesis")]
+    ImportKcl {
+        /// The pipeline file: a Kinesis source reading the KCL application's stream, and the
+        /// store to write to.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The KCL lease table (by default KCL names it after the application).
+        #[arg(long)]
+        table: String,
+        /// DynamoDB endpoint of the lease table. Default: the store's (a DynamoDB store), else
+        /// AWS.
+        #[arg(long)]
+        endpoint_url: Option<String>,
+        /// Region of the lease table. Default: the store's, else the source's.
+        #[arg(long)]
+        region: Option<String>,
+        /// How long to watch the table for renewals by a live KCL worker.
+        #[arg(long, default_value = "15s", value_parser = humantime_serde::re::humantime::parse_duration)]
+        observe: Duration,
+        /// Import although KCL workers still renew leases, or the pipeline has checkpoints
+        /// (they are replaced).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn init_logging(default: &str, format: LogFormat) {
@@ -228,6 +258,25 @@ async fn main() {
                         force,
                     };
                     inspect::reset(&target.target(), reset).await
+                }
+                #[cfg(feature = "kinesis")]
+                CheckpointAction::ImportKcl {
+                    config,
+                    table,
+                    endpoint_url,
+                    region,
+                    observe,
+                    force,
+                } => {
+                    kcl::import(kcl::Import {
+                        config: &config,
+                        table: &table,
+                        endpoint_url,
+                        region,
+                        observe,
+                        force,
+                    })
+                    .await
                 }
             }
         }

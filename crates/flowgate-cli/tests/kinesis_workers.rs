@@ -1,5 +1,5 @@
 //! Two `flowgate run` processes share a 4-shard Kinesis stream (kinesis-mock) through leases in
-//! PostgreSQL: they balance 2 + 2; one is SIGKILLed mid-stream; the other takes its shards over from their
+//! PostgreSQL, and again in DynamoDB (moto): they balance 2 + 2; one is SIGKILLed mid-stream; the other takes its shards over from their
 //! checkpoints within a few lease periods; every record ends up in the sinks (duplicates only
 //! from the killed worker's uncommitted window, counted).
 #![cfg(feature = "broker-tests")]
@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flowgate_checkpoint::{PostgresConfig, PostgresStore};
+use flowgate_checkpoint::{DynamoDbConfig, DynamoDbStore, PostgresConfig, PostgresStore};
 use flowgate_core::{LeaseStore, PartitionId, Position, Record, Sink};
 use flowgate_kinesis::{KinesisConnection, KinesisSink, KinesisSinkConfig};
 use flowgate_rig_tests::{endpoint, unique};
@@ -102,14 +102,7 @@ async fn produce(stream: &str, round: usize) {
     }
 }
 
-fn config(
-    stream: &str,
-    worker: &str,
-    out: &Path,
-    pg_url: &str,
-    schema: &str,
-    name: &str,
-) -> String {
+fn config(stream: &str, worker: &str, out: &Path, store: &str, name: &str) -> String {
     let c = connection();
     format!(
         r#"
@@ -128,10 +121,7 @@ connection = {{ endpoint_url = "{endpoint}", region = "us-east-1", access_key_id
 type = "jsonl"
 path = "{out}"
 
-[store]
-type = "postgres"
-url = "{pg_url}"
-schema = "{schema}"
+{store}
 
 [runtime.commit]
 every_records = 200
@@ -156,7 +146,7 @@ fn spawn(dir: &Path, worker: &str, cfg: &str) -> Child {
 }
 
 /// Live leases per owner.
-async fn owners(store: &PostgresStore, name: &str) -> BTreeMap<String, usize> {
+async fn owners(store: &dyn LeaseStore, name: &str) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
     for l in store.leases(name).await.unwrap() {
         if let (Some(o), false) = (&l.owner, l.remaining.is_zero()) {
@@ -193,18 +183,46 @@ async fn wait_until(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_share_a_stream_and_one_takes_over_after_a_sigkill() {
-    let dir = tempfile::tempdir().unwrap();
-    let stream = unique("cli-workers");
-    let name = unique("cli-workers-pipeline");
     let pg_url = endpoint("FLOWGATE_TEST_POSTGRES_URL");
     let schema = unique("kw").replace('-', "_");
-    let store: Arc<PostgresStore> = PostgresStore::connect(PostgresConfig {
+    let store = PostgresStore::connect(PostgresConfig {
         url: pg_url.clone(),
         schema: schema.clone(),
         ..Default::default()
     })
     .await
     .unwrap();
+    let section =
+        format!("[store]\ntype = \"postgres\"\nurl = \"{pg_url}\"\nschema = \"{schema}\"");
+    share_and_take_over(store, &section).await;
+}
+
+/// The same with the leases and checkpoints in DynamoDB, where a lease's expiry is judged by
+/// each worker's own clock (the KCL's way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_share_a_stream_through_dynamodb_leases() {
+    let cfg = DynamoDbConfig {
+        table: unique("kw"),
+        endpoint_url: Some(endpoint("FLOWGATE_TEST_DYNAMODB_ENDPOINT")),
+        region: Some("us-east-1".into()),
+        access_key_id: Some("flowgate".into()),
+        secret_access_key: Some("flowgate".into()),
+        ..Default::default()
+    };
+    let store = DynamoDbStore::connect(cfg.clone()).await.unwrap();
+    let section = format!(
+        "[store]\ntype = \"dynamodb\"\ntable = \"{}\"\nendpoint_url = \"{}\"\nregion = \"us-east-1\"\naccess_key_id = \"flowgate\"\nsecret_access_key = \"flowgate\"",
+        cfg.table,
+        cfg.endpoint_url.as_deref().unwrap()
+    );
+    share_and_take_over(store, &section).await;
+}
+
+async fn share_and_take_over(store: Arc<dyn LeaseStore>, section: &str) {
+    let store = &*store;
+    let dir = tempfile::tempdir().unwrap();
+    let stream = unique("cli-workers");
+    let name = unique("cli-workers-pipeline");
     create_stream(&stream).await;
     produce(&stream, 0).await;
     let (out_a, out_b) = (dir.path().join("a.jsonl"), dir.path().join("b.jsonl"));
@@ -213,7 +231,7 @@ async fn two_processes_share_a_stream_and_one_takes_over_after_a_sigkill() {
     let config_a = dir.path().join("worker-a.toml");
     std::fs::write(
         &config_a,
-        config(&stream, "worker-a", &out_a, &pg_url, &schema, &name),
+        config(&stream, "worker-a", &out_a, section, &name),
     )
     .unwrap();
     let (code, report) = cli::validate(&config_a);
@@ -230,21 +248,21 @@ async fn two_processes_share_a_stream_and_one_takes_over_after_a_sigkill() {
     let mut a = spawn(
         dir.path(),
         "worker-a",
-        &config(&stream, "worker-a", &out_a, &pg_url, &schema, &name),
+        &config(&stream, "worker-a", &out_a, section, &name),
     );
     wait_until(
         "A takes the 4 shards",
         Duration::from_secs(60),
-        async || owners(&store, &name).await.get("worker-a") == Some(&4),
+        async || owners(store, &name).await.get("worker-a") == Some(&4),
     )
     .await;
     let mut b = spawn(
         dir.path(),
         "worker-b",
-        &config(&stream, "worker-b", &out_b, &pg_url, &schema, &name),
+        &config(&stream, "worker-b", &out_b, section, &name),
     );
     let balanced = wait_until("2 + 2", Duration::from_secs(60), async || {
-        let o = owners(&store, &name).await;
+        let o = owners(store, &name).await;
         o.get("worker-a") == Some(&2) && o.get("worker-b") == Some(&2)
     })
     .await;
@@ -267,7 +285,7 @@ async fn two_processes_share_a_stream_and_one_takes_over_after_a_sigkill() {
     let taken_over = wait_until(
         "B holds all 4 after A's SIGKILL",
         Duration::from_secs(TTL_SECS * 4),
-        async || owners(&store, &name).await.get("worker-b") == Some(&4),
+        async || owners(store, &name).await.get("worker-b") == Some(&4),
     )
     .await;
     producing.await.unwrap();
@@ -305,7 +323,8 @@ async fn two_processes_share_a_stream_and_one_takes_over_after_a_sigkill() {
     }
     assert_eq!(m.len(), 3 * PER_ROUND, "no unexpected records");
     eprintln!(
-        "cli/kinesis workers: {} records, 2 processes balanced 2+2 in {balanced:?}; after A's SIGKILL, B held all 4 shards in {taken_over:?} (lease ttl {TTL_SECS}s); {} duplicates (A's uncommitted window), 0 lost",
+        "cli/kinesis workers ({}): {} records, 2 processes balanced 2+2 in {balanced:?}; after A's SIGKILL, B held all 4 shards in {taken_over:?} (lease ttl {TTL_SECS}s); {} duplicates (A's uncommitted window), 0 lost",
+        store.describe(),
         m.len(),
         total - m.len()
     );

@@ -107,6 +107,7 @@ pub async fn read_kcl_leases(cfg: &DynamoDbConfig, table: &str) -> Result<Vec<Kc
             ..cfg.clone()
         },
         throttles: Default::default(),
+        calls: Default::default(),
         seen_leases: Default::default(),
     };
     let mut leases = Vec::new();

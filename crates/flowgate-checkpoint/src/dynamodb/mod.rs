@@ -134,6 +134,7 @@ pub struct DynamoDbStore {
     cfg: DynamoDbConfig,
     client: Client,
     throttles: AtomicU64,
+    calls: AtomicU64,
     seen_leases: leases::Observations,
 }
 
@@ -274,6 +275,7 @@ impl DynamoDbStore {
             client: client(&cfg).await,
             cfg,
             throttles: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
             seen_leases: leases::Observations::default(),
         };
         store.ensure_table().await?;
@@ -283,6 +285,12 @@ impl DynamoDbStore {
     /// How many calls were throttled (and retried) since the store was opened.
     pub fn throttles(&self) -> u64 {
         self.throttles.load(Ordering::Relaxed)
+    }
+
+    /// How many DynamoDB API calls the store made since it was opened, retries included (what
+    /// AWS bills and what a table's capacity must carry).
+    pub fn api_calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
     }
 
     fn describe_table(&self) -> String {
@@ -333,6 +341,7 @@ impl DynamoDbStore {
         let started = Instant::now();
         let mut backoff = crate::store_backoff(self.cfg.give_up_after).start();
         loop {
+            self.calls.fetch_add(1, Ordering::Relaxed);
             let e = match op().await {
                 Ok(v) => {
                     crate::record_latency("dynamodb", what, started);
