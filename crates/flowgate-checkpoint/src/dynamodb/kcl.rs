@@ -100,7 +100,7 @@ pub async fn read_kcl_leases(cfg: &DynamoDbConfig, table: &str) -> Result<Vec<Kc
     // A store handle on the KCL table, for its retries and error mapping; the table is read,
     // never created or written.
     let reader = DynamoDbStore {
-        client: super::client(cfg).await,
+        client: super::client::build(cfg).await,
         cfg: DynamoDbConfig {
             table: table.to_string(),
             create_table: false,
