@@ -81,75 +81,10 @@ impl std::fmt::Debug for RedisConfig {
     }
 }
 
-/// Checks every checkpoint (ARGV: n, then partition, fence, position-hex, value per
-/// checkpoint) against the hash KEYS[1] and the lease hash KEYS[2]; writes all of them or
-/// none. Returns 0, or the 1-based index of the first refused checkpoint.
-const COMMIT: &str = r#"
-local n = tonumber(ARGV[1])
-for i = 0, n - 1 do
-  local field, fence, pos = ARGV[2 + i * 4], tonumber(ARGV[3 + i * 4]), ARGV[4 + i * 4]
-  local lease = redis.call('HGET', KEYS[2], field)
-  if lease then
-    local epoch = tonumber(string.match(lease, '^(%d+)|'))
-    if fence < epoch then return i + 1 end
-  end
-  local old = redis.call('HGET', KEYS[1], field)
-  if old then
-    local bar = string.find(old, '|', 1, true)
-    local old_fence = tonumber(string.sub(old, 1, bar - 1))
-    local old_pos = string.sub(old, bar + 1)
-    if fence < old_fence then return i + 1 end
-    if #pos < #old_pos or (#pos == #old_pos and pos < old_pos) then return i + 1 end
-  end
-end
-for i = 0, n - 1 do
-  redis.call('HSET', KEYS[1], ARGV[2 + i * 4], ARGV[5 + i * 4])
-end
-return 0
-"#;
+mod leases;
+mod scripts;
 
-/// The server's clock in ms, in a script.
-const NOW: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"#;
-
-/// Takes the lease KEYS[1][ARGV[1]] for owner ARGV[2], ttl ARGV[3] ms, stealing epoch
-/// ARGV[4] (-1: no stealing). Returns the new epoch, or nil.
-const ACQUIRE: &str = r#"
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-local epoch = 0
-if old then
-  local e, exp, fin, owner = string.match(old, '^(%d+)|(%d+)|(%d)|(.*)$')
-  if fin == '1' then return false end
-  if owner ~= '' and tonumber(exp) > now and tonumber(e) ~= tonumber(ARGV[4]) then
-    return false
-  end
-  epoch = tonumber(e)
-end
-epoch = epoch + 1
-redis.call('HSET', KEYS[1], ARGV[1],
-  string.format('%d|%d|0|%s', epoch, now + tonumber(ARGV[3]), ARGV[2]))
-return epoch
-"#;
-
-/// Changes the lease KEYS[1][ARGV[1]] if owner ARGV[2] holds it at epoch ARGV[3]: ARGV[4] is
-/// `renew` (for ARGV[5] ms), `release` or `finish`. Returns 1, or nil if the lease was lost.
-const UPDATE: &str = r#"
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if not old then return false end
-local e, exp, fin, owner = string.match(old, '^(%d+)|(%d+)|(%d)|(.*)$')
-if fin == '1' or owner ~= ARGV[2] or tonumber(e) ~= tonumber(ARGV[3]) then return false end
-if ARGV[4] == 'renew' then
-  redis.call('HSET', KEYS[1], ARGV[1],
-    string.format('%s|%d|0|%s', e, now + tonumber(ARGV[5]), owner))
-elseif ARGV[4] == 'release' then
-  redis.call('HSET', KEYS[1], ARGV[1], string.format('%s|%d|0|', e, now))
-else
-  redis.call('HSET', KEYS[1], ARGV[1], string.format('%s|%d|1|', e, now))
-end
-return 1
-"#;
+use scripts::{ACQUIRE, COMMIT, NOW, UPDATE};
 
 /// Redis store: checkpoints with fencing, dedup marks with TTL, leases. See the module docs.
 pub struct RedisStore {
@@ -158,29 +93,6 @@ pub struct RedisStore {
     commit: redis::Script,
     acquire: redis::Script,
     update: redis::Script,
-}
-
-/// A stored lease: `epoch|expires-ms|finished|owner` (empty owner: not held), viewed at the
-/// server time `now_ms`.
-fn decode_lease(partition: String, value: &str, now_ms: u64) -> Option<Lease> {
-    let mut parts = value.splitn(4, '|');
-    let epoch: u64 = parts.next()?.parse().ok()?;
-    let expires: u64 = parts.next()?.parse().ok()?;
-    let finished = parts.next()? == "1";
-    let owner = parts.next()?;
-    let owner = (!owner.is_empty()).then(|| owner.to_string());
-    let remaining = if owner.is_some() {
-        Duration::from_millis(expires.saturating_sub(now_ms))
-    } else {
-        Duration::ZERO
-    };
-    Some(Lease {
-        partition: PartitionId::new(partition),
-        owner,
-        epoch,
-        remaining,
-        finished,
-    })
 }
 
 fn ttl_ms(ttl: Duration) -> u64 {
@@ -524,132 +436,6 @@ impl DedupStore for RedisStore {
             }
             async move { pipe.query_async::<()>(&mut c).await }
         })
-        .await
-    }
-}
-
-impl RedisStore {
-    /// Runs the lease update script; `None` from the script means the lease was lost.
-    async fn update_lease(
-        &self,
-        what: &'static str,
-        pipeline: &str,
-        lease: &Lease,
-        mode: &'static str,
-        ttl: Duration,
-    ) -> Result<(), Error> {
-        let key = self.key("ls", pipeline);
-        let owner = lease.owner.clone().unwrap_or_default();
-        let done: Option<i64> = self
-            .retry(what, |mut c| {
-                let mut inv = self.update.key(&key);
-                inv.arg(lease.partition.as_str())
-                    .arg(&owner)
-                    .arg(lease.epoch)
-                    .arg(mode)
-                    .arg(ttl_ms(ttl));
-                async move { inv.invoke_async(&mut c).await }
-            })
-            .await?;
-        match done {
-            Some(_) => Ok(()),
-            None => Err(lease.lost()),
-        }
-    }
-}
-
-#[async_trait]
-impl LeaseStore for RedisStore {
-    fn describe(&self) -> String {
-        self.describe_url()
-    }
-
-    async fn leases(&self, pipeline: &str) -> Result<Vec<Lease>, Error> {
-        let key = self.key("ls", pipeline);
-        let ((secs, micros), map): ((u64, u64), Vec<(String, String)>) = self
-            .retry("reading leases", |mut c| {
-                let mut pipe = redis::pipe();
-                pipe.atomic().cmd("TIME").cmd("HGETALL").arg(&key);
-                async move { pipe.query_async(&mut c).await }
-            })
-            .await?;
-        let now = secs * 1000 + micros / 1000;
-        let mut out = Vec::with_capacity(map.len());
-        for (partition, value) in map {
-            let lease = decode_lease(partition.clone(), &value, now).ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Corrupt,
-                    "redis store: a stored lease cannot be read",
-                )
-                .with_context("key", &key)
-                .with_context("partition", &partition)
-            })?;
-            out.push(lease);
-        }
-        out.sort_by(|a, b| a.partition.as_str().cmp(b.partition.as_str()));
-        Ok(out)
-    }
-
-    async fn acquire(
-        &self,
-        pipeline: &str,
-        partition: &PartitionId,
-        owner: &str,
-        ttl: Duration,
-        steal: Option<u64>,
-    ) -> Result<Option<Lease>, Error> {
-        if owner.is_empty() {
-            return Err(Error::config("a lease owner must not be empty"));
-        }
-        let key = self.key("ls", pipeline);
-        let steal = steal.map_or(-1, |e| i64::try_from(e).unwrap_or(i64::MAX));
-        let epoch: Option<u64> = self
-            .retry("taking a lease", |mut c| {
-                let mut inv = self.acquire.key(&key);
-                inv.arg(partition.as_str())
-                    .arg(owner)
-                    .arg(ttl_ms(ttl))
-                    .arg(steal);
-                async move { inv.invoke_async(&mut c).await }
-            })
-            .await?;
-        Ok(epoch.map(|epoch| Lease {
-            partition: partition.clone(),
-            owner: Some(owner.to_string()),
-            epoch,
-            remaining: ttl,
-            finished: false,
-        }))
-    }
-
-    async fn renew(&self, pipeline: &str, lease: &Lease, ttl: Duration) -> Result<Lease, Error> {
-        self.update_lease("renewing a lease", pipeline, lease, "renew", ttl)
-            .await?;
-        Ok(Lease {
-            remaining: ttl,
-            ..lease.clone()
-        })
-    }
-
-    async fn release(&self, pipeline: &str, lease: &Lease) -> Result<(), Error> {
-        self.update_lease(
-            "releasing a lease",
-            pipeline,
-            lease,
-            "release",
-            Duration::ZERO,
-        )
-        .await
-    }
-
-    async fn finish(&self, pipeline: &str, lease: &Lease) -> Result<(), Error> {
-        self.update_lease(
-            "finishing a lease",
-            pipeline,
-            lease,
-            "finish",
-            Duration::ZERO,
-        )
         .await
     }
 }
