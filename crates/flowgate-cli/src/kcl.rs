@@ -13,9 +13,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use flowgate_checkpoint::{DynamoDbConfig, KclCheckpoint, KclLease, read_kcl_leases};
-use flowgate_core::{Checkpoint, Error, PartitionId};
+use flowgate_core::{Checkpoint, Error, LeaseStore, PartitionId};
+use flowgate_kinesis::KinesisSourceConfig;
 
-use crate::config::{self, SourceConfig, StoreConfig};
+use crate::config::{self, PipelineConfig, SourceConfig, StoreConfig};
 use crate::factory::open_store;
 use crate::registry::BrokerSource;
 
@@ -110,17 +111,13 @@ fn renewed(before: &[KclLease], after: &[KclLease]) -> Vec<String> {
         .collect()
 }
 
-/// `flowgate checkpoints import-kcl`.
-pub(crate) async fn import(args: Import<'_>) -> Result<(), Error> {
-    let cfg = config::load(args.config)?;
-    let source = match &cfg.source {
-        SourceConfig::Broker(BrokerSource::Kinesis(k)) => k.clone(),
-        _ => {
-            return Err(Error::config("import-kcl needs a Kinesis source")
-                .with_context("key", "source.type")
-                .with_hint("the pipeline file must read the stream the KCL application read: [source] type = \"kinesis\""));
-        }
-    };
+/// The lease table's connection: the store's (a DynamoDB store), else AWS in the source's
+/// region; `--endpoint-url` and `--region` override.
+fn lease_table(
+    cfg: &PipelineConfig,
+    source: &KinesisSourceConfig,
+    args: &Import<'_>,
+) -> DynamoDbConfig {
     let mut dynamo = match &cfg.store {
         StoreConfig::Dynamodb(d) => d.clone(),
         _ => DynamoDbConfig {
@@ -128,51 +125,83 @@ pub(crate) async fn import(args: Import<'_>) -> Result<(), Error> {
             ..DynamoDbConfig::default()
         },
     };
-    if let Some(url) = args.endpoint_url {
-        dynamo.endpoint_url = Some(url);
+    if let Some(url) = &args.endpoint_url {
+        dynamo.endpoint_url = Some(url.clone());
     }
-    if let Some(region) = args.region {
-        dynamo.region = Some(region);
+    if let Some(region) = &args.region {
+        dynamo.region = Some(region.clone());
     }
-    let before = read_kcl_leases(&dynamo, args.table).await?;
-    if !args.force && !args.observe.is_zero() {
-        println!(
-            "watching {} for {:?}: a KCL worker that still renews its leases must be stopped first",
-            args.table, args.observe
-        );
-        tokio::time::sleep(args.observe).await;
-        let live = renewed(&before, &read_kcl_leases(&dynamo, args.table).await?);
-        if !live.is_empty() {
-            return Err(Error::config(format!(
-                "refused: KCL workers still renew leases: {}",
-                live.join(", ")
-            ))
-            .with_hint(
-                "stop the KCL application first (both would read the stream), or pass --force",
-            ));
-        }
+    dynamo
+}
+
+/// Reads the lease table; unless forced, watches it for `observe` and refuses if a KCL worker
+/// renews a lease meanwhile.
+async fn read_stopped(dynamo: &DynamoDbConfig, args: &Import<'_>) -> Result<Vec<KclLease>, Error> {
+    let before = read_kcl_leases(dynamo, args.table).await?;
+    if args.force || args.observe.is_zero() {
+        return Ok(before);
     }
-    let steps = plan(&before, &source.stream)?;
+    println!(
+        "watching {} for {:?}: a KCL worker that still renews its leases must be stopped first",
+        args.table, args.observe
+    );
+    tokio::time::sleep(args.observe).await;
+    let live = renewed(&before, &read_kcl_leases(dynamo, args.table).await?);
+    if live.is_empty() {
+        return Ok(before);
+    }
+    Err(Error::config(format!(
+        "refused: KCL workers still renew leases: {}",
+        live.join(", ")
+    ))
+    .with_hint("stop the KCL application first (both would read the stream), or pass --force"))
+}
+
+/// Marks `shard` finished in the pipeline's leases (already finished is fine).
+async fn finish(leases: &dyn LeaseStore, pipeline: &str, shard: &PartitionId) -> Result<(), Error> {
+    let taken = leases
+        .acquire(pipeline, shard, "kcl-import", Duration::from_secs(30), None)
+        .await?;
+    if let Some(lease) = taken {
+        return leases.finish(pipeline, &lease).await;
+    }
+    let held = leases.leases(pipeline).await?;
+    if held.iter().any(|l| &l.partition == shard && l.finished) {
+        return Ok(());
+    }
+    Err(
+        Error::config(format!("shard {shard}: a flowgate worker holds its lease"))
+            .with_hint("stop the pipeline before importing"),
+    )
+}
+
+/// `flowgate checkpoints import-kcl`.
+pub(crate) async fn import(args: Import<'_>) -> Result<(), Error> {
+    let cfg = config::load(args.config)?;
+    let SourceConfig::Broker(BrokerSource::Kinesis(source)) = &cfg.source else {
+        return Err(Error::config("import-kcl needs a Kinesis source")
+            .with_context("key", "source.type")
+            .with_hint("the pipeline file must read the stream the KCL application read: [source] type = \"kinesis\""));
+    };
+    let kcl = read_stopped(&lease_table(&cfg, source, &args), &args).await?;
+    let steps = plan(&kcl, &source.stream)?;
     let stores = open_store(&cfg.store).await?;
-    let (Some(checkpoints), Some(leases)) = (stores.checkpoint.clone(), stores.leases.clone())
-    else {
+    let (Some(checkpoints), Some(leases)) = (stores.checkpoint, stores.leases) else {
         return Err(
             Error::config("import-kcl needs a checkpoint store").with_context("key", "store.type")
         );
     };
     let existing = checkpoints.load(&cfg.name).await?;
+    if !existing.is_empty() && !args.force {
+        return Err(Error::config(format!(
+            "refused: pipeline {:?} already has {} checkpoint(s) in {}",
+            cfg.name,
+            existing.len(),
+            checkpoints.describe()
+        ))
+        .with_hint("`flowgate checkpoints reset -c FILE` first, or pass --force to replace them"));
+    }
     if !existing.is_empty() {
-        if !args.force {
-            return Err(Error::config(format!(
-                "refused: pipeline {:?} already has {} checkpoint(s) in {}",
-                cfg.name,
-                existing.len(),
-                checkpoints.describe()
-            ))
-            .with_hint(
-                "`flowgate checkpoints reset -c FILE` first, or pass --force to replace them",
-            ));
-        }
         checkpoints.reset(&cfg.name, None).await?;
     }
     println!(
@@ -181,53 +210,28 @@ pub(crate) async fn import(args: Import<'_>) -> Result<(), Error> {
         checkpoints.describe(),
         args.table
     );
-    let mut written = Vec::new();
-    for step in &steps {
+    let (mut written, mut finished) = (Vec::new(), 0);
+    for step in steps {
         match step {
             Step::Checkpoint(cp) => {
                 println!("  {}: continue after {}", cp.partition, cp.position);
-                written.push(cp.clone());
+                written.push(cp);
             }
             Step::Finished(shard) => {
-                let lease = leases
-                    .acquire(
-                        &cfg.name,
-                        shard,
-                        "kcl-import",
-                        Duration::from_secs(30),
-                        None,
-                    )
-                    .await?;
-                match lease {
-                    Some(lease) => leases.finish(&cfg.name, &lease).await?,
-                    None => {
-                        let held = leases.leases(&cfg.name).await?;
-                        if !held.iter().any(|l| &l.partition == shard && l.finished) {
-                            return Err(Error::config(format!(
-                                "shard {shard}: a flowgate worker holds its lease"
-                            ))
-                            .with_hint("stop the pipeline before importing"));
-                        }
-                    }
-                }
+                finish(&*leases, &cfg.name, &shard).await?;
                 println!("  {shard}: read to its end (finished)");
+                finished += 1;
             }
-            Step::Start(shard, kcl) => {
-                println!(
-                    "  {shard}: not started by KCL ({kcl}); starts at source.start ({:?})",
-                    source.start
-                );
-            }
+            Step::Start(shard, kcl) => println!(
+                "  {shard}: not started by KCL ({kcl}); starts at source.start ({:?})",
+                source.start
+            ),
         }
     }
     checkpoints.commit(&cfg.name, &written).await?;
     println!(
-        "imported {} checkpoint(s) and {} finished shard(s)",
-        written.len(),
-        steps
-            .iter()
-            .filter(|s| matches!(s, Step::Finished(_)))
-            .count()
+        "imported {} checkpoint(s) and {finished} finished shard(s)",
+        written.len()
     );
     Ok(())
 }
