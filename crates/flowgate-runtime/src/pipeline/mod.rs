@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use flowgate_core::{
     Checkpoint, CheckpointStore, Credits, DedupStore, Error, PartitionId, Position, Record,
-    Revocation, Sink, Source, SourceCapabilities, SourceContext, SourceEvent, StartPosition,
+    Revocation, Sink, SinkCapabilities, Source, SourceCapabilities, SourceContext, SourceEvent,
+    StartPosition,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -190,24 +191,7 @@ impl Pipeline {
             Some((s, e)) => (Some(s), Some(e)),
             None => (None, None),
         };
-        // A source that cannot start from a position (a RabbitMQ queue) has positions that
-        // mean nothing to a later process: its broker keeps the progress (acks), so nothing
-        // is written to the checkpoint store for it.
-        // Every answer of the store tells the pipeline's health whether it can be reached.
-        let store = store.map(|inner| -> Arc<dyn CheckpointStore> {
-            Arc::new(WatchedStore {
-                inner,
-                stats: stats.clone(),
-            })
-        });
-        let store = if caps.replayable {
-            store
-        } else {
-            if store.is_some() {
-                tracing::info!(pipeline = %name, "the source is not replayable (its broker keeps the progress): the checkpoint store is not used");
-            }
-            None
-        };
+        let store = checkpoint_store(store, &caps, &stats, &name);
         if matches!(extractor, Some(KeyExtractor::SourcePosition)) && !caps.replayable {
             return Err(Error::config(
                 "dedup by source position needs a replayable source: this source's positions change when a record is redelivered",
@@ -215,18 +199,9 @@ impl Pipeline {
             .with_context("key", "dedup.key")
             .with_hint("deduplicate by a message id instead (RabbitMQ queues: the AMQP message_id is the idempotency key; `key = \"key\"` or `header:NAME` uses it)"));
         }
-        let marker = dedup_store.as_ref().map(|store| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(worker::marker_task(
-                store.clone(),
-                name.clone(),
-                settings.dedup_ttl,
-                (settings.dedup_mark_interval, stats.clone()),
-                settings.retry.clone(),
-                rx,
-            ));
-            tx
-        });
+        let marker = dedup_store
+            .as_ref()
+            .map(|store| spawn_marker(store.clone(), &name, &settings, &stats));
         let transactional = sink_caps.transactional && dedup_store.is_some();
         let positional = matches!(extractor, Some(KeyExtractor::SourcePosition))
             && dedup_store
@@ -259,18 +234,7 @@ impl Pipeline {
             events: events_tx,
         });
         let credits = Credits::new();
-        let max_batch_records = sink_caps
-            .max_batch_records
-            .map_or(settings.batch.max_records, |m| {
-                m.min(settings.batch.max_records)
-            })
-            .max(1);
-        let max_batch_bytes = sink_caps
-            .max_batch_bytes
-            .map_or(settings.batch.max_bytes, |m| {
-                m.min(settings.batch.max_bytes)
-            })
-            .max(1);
+        let (max_batch_records, max_batch_bytes) = batch_limits(&sink_caps, &settings);
         let st = State {
             concurrency: Concurrency::new(&settings.concurrency),
             name: name.clone(),
@@ -318,6 +282,59 @@ impl Pipeline {
             },
         ))
     }
+}
+
+/// The checkpoint store as the pipeline uses it: every answer tells the pipeline's health
+/// whether the store can be reached; none for a source that cannot start from a position (a
+/// RabbitMQ queue), whose positions mean nothing to a later process (its broker keeps the
+/// progress, as acks).
+fn checkpoint_store(
+    store: Option<Arc<dyn CheckpointStore>>,
+    caps: &SourceCapabilities,
+    stats: &Arc<Stats>,
+    name: &str,
+) -> Option<Arc<dyn CheckpointStore>> {
+    let inner = store?;
+    if !caps.replayable {
+        tracing::info!(pipeline = %name, "the source is not replayable (its broker keeps the progress): the checkpoint store is not used");
+        return None;
+    }
+    Some(Arc::new(WatchedStore {
+        inner,
+        stats: stats.clone(),
+    }))
+}
+
+/// The task that commits dedup marks, and the channel that feeds it.
+fn spawn_marker(
+    store: Arc<dyn DedupStore>,
+    name: &str,
+    settings: &RuntimeSettings,
+    stats: &Arc<Stats>,
+) -> mpsc::UnboundedSender<worker::MarkRequest> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(worker::marker_task(
+        store,
+        name.to_string(),
+        settings.dedup_ttl,
+        (settings.dedup_mark_interval, stats.clone()),
+        settings.retry.clone(),
+        rx,
+    ));
+    tx
+}
+
+/// Records and bytes per batch: the settings', within the sink's own limits, at least 1.
+fn batch_limits(sink: &SinkCapabilities, settings: &RuntimeSettings) -> (usize, usize) {
+    let records = sink
+        .max_batch_records
+        .map_or(settings.batch.max_records, |m| {
+            m.min(settings.batch.max_records)
+        });
+    let bytes = sink.max_batch_bytes.map_or(settings.batch.max_bytes, |m| {
+        m.min(settings.batch.max_bytes)
+    });
+    (records.max(1), bytes.max(1))
 }
 
 /// What the coordinator works with besides its state.
