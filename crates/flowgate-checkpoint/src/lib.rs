@@ -17,6 +17,22 @@
 //!
 //! Every store passes the store conformance suite of `flowgate_core::testkit::store`. The rules every
 //! store applies to a checkpoint write (monotonic, fenced) live in [`rules`].
+//!
+//! ```no_run
+//! use flowgate_checkpoint::EmbeddedStore;
+//! use flowgate_core::{Checkpoint, CheckpointStore, PartitionId, Position};
+//!
+//! # async fn demo() -> Result<(), flowgate_core::Error> {
+//! // Give the store to `Pipeline::builder(..).checkpoint_store(..)`; or read it directly:
+//! let store = EmbeddedStore::open_dir("./flowgate-data").await?;
+//! store
+//!     .commit("orders", &[Checkpoint::new(PartitionId::new("orders/0"), Position::from(41u64))])
+//!     .await?;
+//! for cp in store.load("orders").await? {
+//!     println!("{} {}", cp.partition, cp.position);
+//! }
+//! # Ok(()) }
+//! ```
 
 #[cfg(feature = "dynamodb")]
 mod dynamodb;

@@ -1,3 +1,16 @@
+//!
+//! ```no_run
+//! use flowgate_http::{HttpSink, HttpSinkConfig};
+//!
+//! # fn demo() -> Result<(), flowgate_core::Error> {
+//! // POST batches of records to an endpoint; 429 and 503 slow the pipeline down.
+//! let sink = HttpSink::new(HttpSinkConfig {
+//!     url: "https://ingest.example.com/events".into(),
+//!     ..Default::default()
+//! })?;
+//! # let _ = sink;
+//! # Ok(()) }
+//! ```
 #![doc = include_str!("docs.md")]
 
 mod client;

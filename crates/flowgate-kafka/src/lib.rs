@@ -10,6 +10,27 @@
 //!   default, static membership optional.
 //! - [`KafkaSink`]: an idempotent producer (`acks=all`); records are confirmed by their
 //!   delivery reports; the idempotency key travels as a header.
+//!
+//! ```no_run
+//! use flowgate_kafka::{KafkaSink, KafkaSinkConfig, KafkaSource, KafkaSourceConfig};
+//!
+//! # fn demo() -> Result<(), flowgate_core::Error> {
+//! // A member of group `billing` reading `orders`; hand it to `Pipeline::builder(..).source(..)`.
+//! let source = KafkaSource::new(KafkaSourceConfig {
+//!     bootstrap_servers: "127.0.0.1:9092".into(),
+//!     topics: vec!["orders".into()],
+//!     group_id: Some("billing".into()),
+//!     ..Default::default()
+//! })?;
+//! // An idempotent producer writing every record to `invoices`.
+//! let sink = KafkaSink::new(KafkaSinkConfig {
+//!     bootstrap_servers: "127.0.0.1:9092".into(),
+//!     topic: Some("invoices".into()),
+//!     ..Default::default()
+//! })?;
+//! # let _ = (source, sink);
+//! # Ok(()) }
+//! ```
 #![doc = include_str!("docs.md")]
 
 mod client;

@@ -15,6 +15,28 @@
 //! KPL-aggregated records are read as their user records (module [`kpl`]). The guide is
 //! `docs/brokers/kinesis.md`.
 
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use flowgate_kinesis::{KinesisConnection, KinesisSource, KinesisSourceConfig};
+//!
+//! # fn demo(leases: Arc<dyn flowgate_core::LeaseStore>) -> Result<(), flowgate_core::Error> {
+//! // Read `clicks`, sharing its shards with the other workers through `leases` (a shared
+//! // store: PostgreSQL, Redis or DynamoDB).
+//! let source = KinesisSource::new(
+//!     KinesisSourceConfig {
+//!         stream: "clicks".into(),
+//!         connection: KinesisConnection {
+//!             region: Some("eu-west-1".into()),
+//!             ..Default::default()
+//!         },
+//!         ..Default::default()
+//!     },
+//!     leases,
+//! )?;
+//! # let _ = source;
+//! # Ok(()) }
+//! ```
 #![doc = include_str!("docs.md")]
 
 mod client;

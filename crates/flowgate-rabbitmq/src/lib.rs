@@ -13,6 +13,26 @@
 //!
 //! The guide with configuration keys and semantics is `docs/brokers/rabbitmq.md`.
 
+//!
+//! ```no_run
+//! use flowgate_rabbitmq::{RabbitSink, RabbitSinkConfig, RabbitSource, RabbitSourceConfig};
+//!
+//! # fn demo() -> Result<(), flowgate_core::Error> {
+//! // Consume the queue `orders` (prefetch bounded by the runtime's credit).
+//! let source = RabbitSource::new(RabbitSourceConfig {
+//!     url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+//!     queue: "orders".into(),
+//!     ..Default::default()
+//! })?;
+//! // Publish with confirms to the exchange `invoices`.
+//! let sink = RabbitSink::new(RabbitSinkConfig {
+//!     url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+//!     exchange: "invoices".into(),
+//!     ..Default::default()
+//! })?;
+//! # let _ = (source, sink);
+//! # Ok(()) }
+//! ```
 #![doc = include_str!("docs.md")]
 
 mod client;

@@ -159,6 +159,20 @@ fn get_s<'a>(item: &'a Item, name: &str) -> Option<&'a str> {
 
 impl DynamoDbStore {
     /// Connects, checks the table (creating it when allowed), retrying until `give_up_after`.
+    ///
+    /// ```no_run
+    /// use flowgate_checkpoint::{DynamoDbConfig, DynamoDbStore};
+    ///
+    /// # async fn demo() -> Result<(), flowgate_core::Error> {
+    /// // The standard credential chain, table `flowgate` in eu-west-1 (created if missing).
+    /// let store = DynamoDbStore::connect(DynamoDbConfig {
+    ///     region: Some("eu-west-1".into()),
+    ///     ..Default::default()
+    /// })
+    /// .await?;
+    /// # let _ = store;
+    /// # Ok(()) }
+    /// ```
     pub async fn connect(cfg: DynamoDbConfig) -> Result<Arc<Self>, Error> {
         if cfg.table.is_empty() {
             return Err(Error::config("dynamodb store: the table name is empty")
