@@ -37,3 +37,31 @@ async fn generator_into_a_table_exactly_once_across_restarts() {
         assert_eq!(rows.len() as u64, 1_000 * (run + 1), "one row per record");
     }
 }
+
+/// When `run` returns, the pipeline holds no handle on its stores any more (the dedup marker
+/// included): the embedded store reopens at once, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_is_free_when_run_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    for run in 0..10u64 {
+        let store = Arc::new(EmbeddedStore::open_dir(dir.path()).await.unwrap());
+        Pipeline::builder("free")
+            .source(
+                GeneratorSource::new(GeneratorConfig {
+                    partitions: 2,
+                    records_per_partition: Some(100 * (run + 1)),
+                    ..Default::default()
+                })
+                .unwrap(),
+            )
+            .sink(flowgate::runtime::adapters::NullSink::default())
+            .checkpoint_store(store.clone())
+            .dedup(store.clone(), KeyExtractor::SourcePosition)
+            .build()
+            .unwrap()
+            .run(Shutdown::never())
+            .await
+            .unwrap();
+        drop(store);
+    }
+}

@@ -2,6 +2,7 @@
 //!
 //! Few dependencies on purpose: std only.
 
+mod examples;
 mod rig;
 
 use std::path::Path;
@@ -186,6 +187,8 @@ fn test() -> Result<(), String> {
         let env = rig.env_all(&rig::ALL);
         cmd.envs(env.iter().cloned());
         run("cargo test (real brokers)", &mut cmd)?;
+        // The runnable programs of examples/, each against the brokers it needs.
+        examples::run_examples(&env)?;
         // Scenarios that drive the `flowgate` binary against the brokers (SIGKILL loops).
         let mut cli = cargo();
         cli.args([

@@ -33,6 +33,9 @@ pub mod tls;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+/// The attribute that lets a `Source`, `Sink` or store implementation use `async fn`s
+/// (the traits are declared with it).
+pub use async_trait::async_trait;
 pub use capability::{LagUnit, SinkCapabilities, SourceCapabilities};
 pub use checkpoint::Checkpoint;
 pub use credit::{CreditGrant, Credits};

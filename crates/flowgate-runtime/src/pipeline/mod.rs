@@ -165,9 +165,21 @@ impl Pipeline {
     pub async fn run(self, shutdown: Shutdown) -> Result<RunSummary, Error> {
         let started = Instant::now();
         let (mut st, mut run) = self.prepare()?;
-        st.open(&mut run.source, run.credits.clone()).await?;
-        let commit_task = st.turn(&mut run, shutdown).await;
-        st.shut_down(run, commit_task, started).await
+        let marker = run.marker.take();
+        let result = match st.open(&mut run.source, run.credits.clone()).await {
+            Ok(()) => {
+                let commit_task = st.turn(&mut run, shutdown).await;
+                st.shut_down(run, commit_task, started).await
+            }
+            Err(e) => Err(e),
+        };
+        // The state holds the last sender of the dedup marker's channel: once it is gone the
+        // marker ends and lets go of the store, so the caller may reopen it at once.
+        drop(st);
+        if let Some(marker) = marker {
+            let _ = tokio::time::timeout(Duration::from_secs(2), marker).await;
+        }
+        result
     }
 
     /// The coordinator's state from the builder's parts, checking how they fit together.
@@ -199,9 +211,13 @@ impl Pipeline {
             .with_context("key", "dedup.key")
             .with_hint("deduplicate by a message id instead (RabbitMQ queues: the AMQP message_id is the idempotency key; `key = \"key\"` or `header:NAME` uses it)"));
         }
-        let marker = dedup_store
-            .as_ref()
-            .map(|store| spawn_marker(store.clone(), &name, &settings, &stats));
+        let (marker, marker_task) = match &dedup_store {
+            Some(store) => {
+                let (tx, task) = spawn_marker(store.clone(), &name, &settings, &stats);
+                (Some(tx), Some(task))
+            }
+            None => (None, None),
+        };
         let transactional = sink_caps.transactional && dedup_store.is_some();
         let positional = matches!(extractor, Some(KeyExtractor::SourcePosition))
             && dedup_store
@@ -279,6 +295,7 @@ impl Pipeline {
                 sink,
                 dead_letter,
                 credits,
+                marker: marker_task,
             },
         ))
     }
@@ -311,9 +328,9 @@ fn spawn_marker(
     name: &str,
     settings: &RuntimeSettings,
     stats: &Arc<Stats>,
-) -> mpsc::UnboundedSender<worker::MarkRequest> {
+) -> (mpsc::UnboundedSender<worker::MarkRequest>, JoinHandle<()>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(worker::marker_task(
+    let task = tokio::spawn(worker::marker_task(
         store,
         name.to_string(),
         settings.dedup_ttl,
@@ -321,7 +338,7 @@ fn spawn_marker(
         settings.retry.clone(),
         rx,
     ));
-    tx
+    (tx, task)
 }
 
 /// Records and bytes per batch: the settings', within the sink's own limits, at least 1.
@@ -344,6 +361,8 @@ struct Running {
     sink: Arc<dyn Sink>,
     dead_letter: Option<Arc<dyn Sink>>,
     credits: Credits,
+    /// The dedup marker task, awaited after the state is gone.
+    marker: Option<JoinHandle<()>>,
 }
 
 impl State {
