@@ -49,10 +49,7 @@ pub(crate) struct LagProbe {
 impl LagProbe {
     pub(crate) async fn run(mut self, ch: Channel) {
         if self.stream {
-            if let Err(e) = ch
-                .basic_qos(PROBE_PREFETCH, BasicQosOptions::default())
-                .await
-            {
+            if let Err(e) = stream_probe_channel(&ch).await {
                 tracing::warn!(error = %e, queue = %self.queue, "rabbitmq: cannot set up lag readings; lag is not reported");
                 return;
             }
@@ -101,41 +98,72 @@ impl LagProbe {
         Ok(u64::from(q.message_count()))
     }
 
-    /// The stream's end (the highest offset of its last chunk, read by a consumer attached
-    /// at `last`) minus the newest offset delivered. `None` before the first delivery, or if
-    /// the stream's end could not be read.
+    /// The stream's end minus the newest offset delivered. `None` before the first delivery,
+    /// or if the stream's end could not be read.
     async fn stream_lag(&self, ch: &Channel, n: u64) -> Result<Option<u64>, lapin::Error> {
         let Some(delivered) = self.inbox.buffered().last_offset else {
             return Ok(None);
         };
-        let tag = format!("{}-{n}", self.tag);
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-stream-offset".into(),
-            AMQPValue::LongString("last".into()),
-        );
-        let mut reader = ch
-            .basic_consume(
-                self.queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                args,
-            )
-            .await?;
-        let deadline = tokio::time::Instant::now() + PROBE_MAX;
-        let mut end = None;
-        while let Ok(Some(d)) = tokio::time::timeout_at(
-            deadline.min(tokio::time::Instant::now() + PROBE_IDLE),
-            reader.next(),
-        )
-        .await
-        {
-            let d = d?;
-            end = end.max(stream_offset(&d));
-            d.acker.ack(BasicAckOptions::default()).await?;
-        }
-        ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-            .await?;
+        let end = stream_end(ch, &self.queue, &format!("{}-{n}", self.tag)).await?;
         Ok(end.map(|end| end.saturating_sub(delivered)))
+    }
+}
+
+/// The stream's end: the highest offset of its last chunk, read by a consumer attached at
+/// `last` (on a channel whose prefetch bounds what it holds). `None` for an empty stream.
+pub(crate) async fn stream_end(
+    ch: &Channel,
+    queue: &str,
+    tag: &str,
+) -> Result<Option<u64>, lapin::Error> {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        AMQPValue::LongString("last".into()),
+    );
+    let mut reader = ch
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            args,
+        )
+        .await?;
+    let deadline = tokio::time::Instant::now() + PROBE_MAX;
+    let mut end = None;
+    while let Ok(Some(d)) = tokio::time::timeout_at(
+        deadline.min(tokio::time::Instant::now() + PROBE_IDLE),
+        reader.next(),
+    )
+    .await
+    {
+        let d = d?;
+        end = end.max(stream_offset(&d));
+        d.acker.ack(BasicAckOptions::default()).await?;
+    }
+    ch.basic_cancel(tag.into(), BasicCancelOptions::default())
+        .await?;
+    Ok(end)
+}
+
+/// Prepares `ch` for [`stream_end`]: a prefetch that bounds what a reading holds.
+pub(crate) async fn stream_probe_channel(ch: &Channel) -> Result<(), lapin::Error> {
+    ch.basic_qos(PROBE_PREFETCH, BasicQosOptions::default())
+        .await
+}
+
+/// One reading of the stream's end on `ch` (for `flowgate lag`, from outside a pipeline);
+/// `None` for an empty stream or a failed reading (logged).
+pub(crate) async fn stream_end_once(ch: &Channel, queue: &str) -> Option<u64> {
+    let read = async {
+        stream_probe_channel(ch).await?;
+        stream_end(ch, queue, "flowgate-lag").await
+    };
+    match read.await {
+        Ok(end) => end,
+        Err(e) => {
+            tracing::warn!(error = %e, queue, "rabbitmq: cannot read the stream's end; lag unknown");
+            None
+        }
     }
 }

@@ -264,7 +264,7 @@ impl Source for RabbitSource {
     async fn inspect(
         &mut self,
         _pipeline: &str,
-        _checkpoints: &[Checkpoint],
+        checkpoints: &[Checkpoint],
     ) -> Result<Vec<flowgate_core::PartitionView>, Error> {
         let conn = crate::client::connect(&self.cfg.url, self.cfg.tls.as_ref(), "source").await?;
         let ch = conn
@@ -286,16 +286,34 @@ impl Source for RabbitSource {
                     .with_context("queue", &self.cfg.queue)
                     .with_context("key", "source.queue")
             })?;
-        let _ = conn.close(200, "flowgate lag".into()).await;
         let consumers = q.consumer_count();
-        // A stream keeps every message: its depth is not what is left to read.
-        let ready = (!self.stream()).then(|| u64::from(q.message_count()));
+        let partition = PartitionId::new(&self.cfg.queue);
+        // A stream keeps every message: its depth is not what is left to read, the distance
+        // from the stored checkpoint to the stream's end is.
+        let (end, lag) = if self.stream() {
+            let end = crate::lag::stream_end_once(&ch, &self.cfg.queue).await;
+            let checkpoint = checkpoints
+                .iter()
+                .find(|c| c.partition == partition)
+                .and_then(|c| c.position.as_u64());
+            // Without a checkpoint the source starts at `stream_start`: from the first
+            // retained message (all of it is behind, up to retention), or at the end.
+            let lag = end.and_then(|end| match (checkpoint, self.cfg.stream_start) {
+                (Some(done), _) => Some(end.saturating_sub(done)),
+                (None, StreamStart::First) => Some(end + 1),
+                (None, _) => None,
+            });
+            (end.map(Position::from), lag)
+        } else {
+            (None, Some(u64::from(q.message_count())))
+        };
+        let _ = conn.close(200, "flowgate lag".into()).await;
         Ok(vec![flowgate_core::PartitionView {
-            partition: PartitionId::new(&self.cfg.queue),
+            partition,
             broker_committed: None,
-            end: None,
-            lag_records: ready,
-            lag_seconds: ready.and_then(|n| (n == 0).then_some(0.0)),
+            end,
+            lag_records: lag,
+            lag_seconds: lag.and_then(|n| (n == 0).then_some(0.0)),
             owner: (consumers > 0).then(|| format!("{consumers} consumer(s)")),
         }])
     }

@@ -676,6 +676,23 @@ async fn stream_resumes_from_the_checkpoint() {
     let expected = first + 1_200 - (checkpoint as usize + 1);
     // Second run: the rest, from the checkpoint.
     publish(&queue, (1_000..1_200).map(|i| format!("s{i}"))).await;
+    // From outside (`flowgate lag`): the stream's end, and the distance to it from the
+    // stored checkpoint.
+    let lag_from_outside = || async {
+        let stored = flowgate_core::CheckpointStore::load(&*store, &name)
+            .await
+            .unwrap();
+        let mut probe = RabbitSource::new(source_config(&queue, QueueType::Stream)).unwrap();
+        let views = flowgate_core::Source::inspect(&mut probe, &name, &stored)
+            .await
+            .unwrap();
+        (views[0].end.clone(), views[0].lag_records)
+    };
+    assert_eq!(
+        lag_from_outside().await,
+        (Some(Position::from(1_199u64)), Some(1_199 - checkpoint)),
+        "flowgate lag on a stream: end 1199, behind by what follows the checkpoint"
+    );
     let (trigger, shutdown) = Shutdown::manual();
     let run = tokio::spawn(run_once(None).run(shutdown));
     let started = Instant::now();
@@ -690,6 +707,11 @@ async fn stream_resumes_from_the_checkpoint() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     trigger.trigger();
     run.await.unwrap().unwrap();
+    assert_eq!(
+        lag_from_outside().await,
+        (Some(Position::from(1_199u64)), Some(0)),
+        "read to the end: nothing behind"
+    );
     let payloads: Vec<String> = sink
         .records()
         .iter()
