@@ -2,6 +2,7 @@
 //!
 //! Few dependencies on purpose: std only.
 
+mod chaos;
 mod examples;
 mod rig;
 
@@ -49,6 +50,12 @@ cargo xtask <task>
   bench http               a raw reqwest loop against the flowgate HTTP sink (same concurrency
                            and batch size) to a local endpoint answering at once and after
                            5 ms, alternately. --records=N --rounds=N
+  chaos kafka [--cycles=N] [--minutes=M] [--rate=R] [--seed=S]
+                           faults at volume against the rig's Kafka: a numbered producer for
+                           the whole run, flowgate SIGKILLed every cycle (every tenth after a
+                           broker restart under it), then a ledger: nothing lost, duplicates
+                           counted, committed offsets = log end by kafka-consumer-groups;
+                           report in target/chaos/. Default 100 cycles
   bench stores             checkpoint commits and dedup checks per second, one key per call vs
                            many, on the embedded store, PostgreSQL and Redis. --seconds=N
   help                     this text
@@ -67,6 +74,7 @@ fn main() -> ExitCode {
         ["bench", "rabbitmq", rest @ ..] => bench_rabbitmq(rest),
         ["bench", "stores", rest @ ..] => bench_stores(rest),
         ["bench", "kinesis", rest @ ..] => bench_kinesis(rest),
+        ["chaos", rest @ ..] => chaos::chaos(rest),
         ["bench", "http", rest @ ..] => bench_http(rest),
         ["help"] | [] => {
             print!("{HELP}");
@@ -213,7 +221,10 @@ fn test() -> Result<(), String> {
             "top",
         ]);
         cli.envs(env);
-        run("cargo test (CLI against real brokers)", &mut cli)
+        run("cargo test (CLI against real brokers)", &mut cli)?;
+        // A short chaos run (the full one: `cargo xtask chaos kafka`, 100 cycles).
+        eprintln!("\n==> chaos kafka --cycles=4");
+        chaos::chaos(&["kafka", "--cycles=4"])
     });
     eprintln!("\n==> brokers down");
     let down = rig.down(&rig::ALL);

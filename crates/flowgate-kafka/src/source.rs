@@ -431,6 +431,22 @@ impl Poller {
                     self.inbox
                         .fail(auth_error(&self.endpoint, "source", &cause));
                 }
+                // librdkafka gives a consumer up after a fatal error (a static member fenced by
+                // its own rejoin after a long outage: FencedInstanceId): it never reads again,
+                // so the pipeline stops and says why, for its supervisor to start it again.
+                Some(Err(e)) if consumer.client().fatal_error().is_some() => {
+                    let (code, reason) = consumer
+                        .client()
+                        .fatal_error()
+                        .unwrap_or((rdkafka::types::RDKafkaErrorCode::Fatal, e.to_string()));
+                    self.inbox.fail(
+                        Error::fatal("kafka: the consumer failed fatally and reads no more")
+                            .with_context("endpoint", &self.endpoint)
+                            .with_context("code", format!("{code:?}"))
+                            .with_context("cause", reason)
+                            .with_hint("restart flowgate (its supervisor does): it resumes from its checkpoints. A FencedInstanceId after a broker outage longer than session_timeout is how Kafka fences a static member (group_instance_id)"),
+                    );
+                }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "kafka: consumer error");
                     let mut sh = self.inbox.buffered();

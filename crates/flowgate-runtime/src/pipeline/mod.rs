@@ -511,7 +511,13 @@ impl State {
         }
         stats.set_health(Health::Stopped);
         let drained = self.partitions.values().all(|p| p.tracker.pending() == 0);
-        let mut checkpoints: Vec<Checkpoint> = self.committed.values().cloned().collect();
+        // A source that cannot start from a position (a RabbitMQ queue) keeps its progress in
+        // its broker (acks): its positions (delivery tags) are not checkpoints.
+        let mut checkpoints: Vec<Checkpoint> = if self.caps.replayable {
+            self.committed.values().cloned().collect()
+        } else {
+            Vec::new()
+        };
         checkpoints.sort_by(|a, b| a.partition.cmp(&b.partition));
         let summary = RunSummary {
             pipeline: self.name.clone(),
