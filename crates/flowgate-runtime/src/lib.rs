@@ -27,6 +27,7 @@ pub mod endpoint;
 mod metrics;
 mod pipeline;
 mod progress;
+mod retry;
 mod settings;
 mod shutdown;
 mod stats;

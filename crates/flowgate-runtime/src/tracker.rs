@@ -62,14 +62,34 @@ impl AckTracker {
         }
     }
 
-    fn advance(&mut self) {
-        while self.slots.front().is_some_and(|s| s.acked) {
-            if let Some(slot) = self.slots.pop_front() {
-                self.watermark = Some(slot.position);
-                self.base += 1;
-                self.advanced += 1;
-            }
+    /// Acknowledges every sequence number in `seqs` (a batch's run of deliveries).
+    pub(crate) fn ack_range(&mut self, seqs: std::ops::Range<u64>) {
+        let start = seqs.start.max(self.base) - self.base;
+        let end = seqs
+            .end
+            .saturating_sub(self.base)
+            .min(self.slots.len() as u64);
+        if start >= end {
+            return;
         }
+        for slot in self.slots.range_mut(start as usize..end as usize) {
+            slot.acked = true;
+        }
+        if start == 0 {
+            self.advance();
+        }
+    }
+
+    fn advance(&mut self) {
+        let done = self.slots.iter().take_while(|s| s.acked).count();
+        if done == 0 {
+            return;
+        }
+        if let Some(last) = self.slots.drain(..done).next_back() {
+            self.watermark = Some(last.position);
+        }
+        self.base += done as u64;
+        self.advanced += done as u64;
     }
 
     /// Last position of the fully acknowledged prefix.
@@ -127,6 +147,38 @@ mod tests {
     }
 
     proptest! {
+        /// Acknowledging whole ranges, in any order and some twice, keeps the watermark at the
+        /// last position of the acknowledged prefix.
+        #[test]
+        fn range_acks_keep_the_watermark_contiguous(
+            n in 1u64..300,
+            cuts in proptest::collection::vec(1u64..300, 0..40),
+            order in proptest::collection::vec(any::<proptest::sample::Index>(), 1..80),
+        ) {
+            let mut t = AckTracker::new(7);
+            for p in 0..n {
+                t.push(Position::from(p * 3));
+            }
+            let mut bounds: Vec<u64> = cuts.into_iter().filter(|c| *c < n).collect();
+            bounds.extend([0, n]);
+            bounds.sort_unstable();
+            bounds.dedup();
+            let ranges: Vec<(u64, u64)> = bounds.windows(2).map(|w| (w[0], w[1])).collect();
+            let mut acked = vec![false; n as usize];
+            for ix in order {
+                let (lo, hi) = ranges[ix.index(ranges.len())];
+                t.ack_range(7 + lo..7 + hi);
+                for a in &mut acked[lo as usize..hi as usize] {
+                    *a = true;
+                }
+                let prefix = acked.iter().take_while(|a| **a).count() as u64;
+                let expect = prefix.checked_sub(1).map(|p| Position::from(p * 3));
+                prop_assert_eq!(t.watermark(), expect.as_ref());
+                prop_assert_eq!(t.pending() as u64, n - prefix);
+                prop_assert_eq!(t.prefix_end(), 7 + prefix);
+            }
+        }
+
         /// For random ack orders the watermark is always the last position of the acked
         /// prefix and never passes an unacknowledged record.
         #[test]

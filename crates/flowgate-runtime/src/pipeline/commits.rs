@@ -6,8 +6,8 @@ use std::time::Instant;
 use flowgate_core::{Checkpoint, CheckpointStore, Error, ErrorKind, PartitionId, Source};
 use tokio::task::JoinHandle;
 
+use crate::retry::retry_temporary;
 use crate::stats::Stats;
-use crate::worker::{self};
 
 use super::*;
 
@@ -76,7 +76,7 @@ impl State {
                 let retry = self.settings.retry.clone();
                 Some(tokio::spawn(async move {
                     let started = Instant::now();
-                    let res = worker::retry_temporary(&retry, "checkpoint commit", || {
+                    let res = retry_temporary(&retry, "checkpoint commit", || {
                         store.commit(&pipeline, &cps)
                     })
                     .await;
@@ -163,7 +163,7 @@ impl State {
         }
         if let Some(store) = &self.store {
             let pipeline = self.name.clone();
-            worker::retry_temporary(&self.settings.retry, "checkpoint commit", || {
+            retry_temporary(&self.settings.retry, "checkpoint commit", || {
                 store.commit(&pipeline, &cps)
             })
             .await?;
@@ -189,7 +189,7 @@ impl State {
         let res = match &self.store {
             Some(store) => {
                 let pipeline = self.name.clone();
-                worker::retry_temporary(&self.settings.retry, "final checkpoint", || {
+                retry_temporary(&self.settings.retry, "final checkpoint", || {
                     store.commit(&pipeline, &cps)
                 })
                 .await
@@ -252,9 +252,7 @@ pub(super) async fn commit_apart(
     let mut written = Vec::with_capacity(cps.len());
     for cp in cps {
         let one = std::slice::from_ref(&cp);
-        match worker::retry_temporary(retry, "checkpoint commit", || store.commit(pipeline, one))
-            .await
-        {
+        match retry_temporary(retry, "checkpoint commit", || store.commit(pipeline, one)).await {
             Ok(()) => written.push(cp),
             Err(e) if e.kind() == ErrorKind::Fenced => warn_refused(pipeline, one, &e),
             Err(e) => return (written, Err(e)),

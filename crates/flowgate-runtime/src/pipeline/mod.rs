@@ -7,14 +7,15 @@
 //! broker commit.
 
 use std::collections::{HashMap, VecDeque};
+
+use futures_util::stream::FuturesUnordered;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use flowgate_core::{
     Checkpoint, CheckpointStore, Credits, DedupStore, Error, PartitionId, Position, Record,
-    Revocation, Sink, SinkCapabilities, Source, SourceCapabilities, SourceContext, SourceEvent,
-    StartPosition,
+    Revocation, Sink, SinkCapabilities, Source, SourceCapabilities, SourceEvent, StartPosition,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -27,17 +28,21 @@ use crate::settings::{RuntimeSettings, SinkOrdering};
 use crate::shutdown::Shutdown;
 use crate::stats::{Health, RunSummary, Stats};
 use crate::tracker::AckTracker;
-use crate::worker::{self, BoxFuture, TransformFn, WorkerContext, WorkerEvent};
+use crate::worker::{self, BoxFuture, Completion, TransformFn, WorkerConfig, Workers};
 
 mod admission;
 mod commits;
 mod dispatch;
 mod health;
 mod lag;
+mod lane;
 mod partitions;
+mod run;
 
 use commits::WatchedStore;
 use health::HealthTracker;
+use lane::Lane;
+use run::Running;
 
 /// Builds a [`Pipeline`]: source → optional transform → sink, with optional dead-letter sink,
 /// checkpoint store and dedup store.
@@ -233,22 +238,24 @@ impl Pipeline {
         if sink_caps.transactional && dedup_store.is_none() {
             tracing::warn!(pipeline = %name, "the sink is transactional but no dedup store is configured: writes are at-least-once");
         }
-        let shared = Arc::new(WorkerContext {
-            pipeline: name.clone(),
-            sink: sink.clone(),
-            transactional,
-            dead_letter: dead_letter.clone(),
-            native_dead_letter: caps.native_dead_letter,
-            dedup: dedup_store,
-            positional,
-            marker,
-            transform,
-            retry: settings.retry.clone(),
-            dedup_ttl: settings.dedup_ttl,
-            stats: stats.clone(),
-            metrics: metrics.clone(),
-            events: events_tx,
-        });
+        let workers = Workers::new(
+            WorkerConfig {
+                pipeline: name.clone(),
+                sink: sink.clone(),
+                transactional,
+                dead_letter: dead_letter.clone(),
+                native_dead_letter: caps.native_dead_letter,
+                dedup: dedup_store,
+                positional,
+                marker,
+                transform,
+                retry: settings.retry.clone(),
+                dedup_ttl: settings.dedup_ttl,
+                stats: stats.clone(),
+                metrics: metrics.clone(),
+            },
+            events_tx,
+        );
         let credits = Credits::new();
         let (max_batch_records, max_batch_bytes) = batch_limits(&sink_caps, &settings);
         let st = State {
@@ -256,13 +263,14 @@ impl Pipeline {
             name: name.clone(),
             settings,
             caps: caps.clone(),
-            shared,
+            workers: Arc::new(workers),
+            settling: FuturesUnordered::new(),
             store,
             extractor,
             credits: credits.clone(),
             partitions: HashMap::new(),
             order: Vec::new(),
-            rr: 0,
+            next_partition: 0,
             next_incarnation: 1,
             bytes: 0,
             batches_in_flight: 0,
@@ -354,203 +362,12 @@ fn batch_limits(sink: &SinkCapabilities, settings: &RuntimeSettings) -> (usize, 
     (records.max(1), bytes.max(1))
 }
 
-/// What the coordinator works with besides its state.
-struct Running {
-    source: Box<dyn Source>,
-    events: mpsc::UnboundedReceiver<WorkerEvent>,
-    sink: Arc<dyn Sink>,
-    dead_letter: Option<Arc<dyn Sink>>,
-    credits: Credits,
-    /// The dedup marker task, awaited after the state is gone.
-    marker: Option<JoinHandle<()>>,
-}
-
-impl State {
-    /// Opens the source, retrying temporary failures within the retry budget.
-    async fn open(&mut self, source: &mut Box<dyn Source>, credits: Credits) -> Result<(), Error> {
-        let name = self.name.clone();
-        let stats = self.stats.clone();
-        let retry = self.settings.retry.clone();
-        let ctx = SourceContext::new(name.clone(), credits)
-            .with_max_in_flight_per_partition(self.settings.max_in_flight_per_partition);
-        let mut backoff = retry.policy().start();
-        loop {
-            match source.open(ctx.clone()).await {
-                Ok(()) => break,
-                Err(e) if e.is_temporary() => match backoff.next_delay() {
-                    Some(delay) => {
-                        tracing::warn!(pipeline = %name, error = %e, ?delay, attempt = backoff.attempts(), "cannot open the source, retrying");
-                        tokio::time::sleep(delay).await;
-                    }
-                    None => return Err(e.with_context("while", "opening the source")),
-                },
-                Err(e) => return Err(e.with_context("while", "opening the source")),
-            }
-        }
-        stats.set_health(Health::Healthy);
-        // Connected until a source or store answer says otherwise.
-        self.metrics.source_connected.set(1.0);
-        self.metrics.store_connected.set(1.0);
-        tracing::info!(pipeline = %name, store = self.store.as_ref().map(|s| s.describe()), "pipeline started");
-
-        Ok(())
-    }
-
-    /// The loop: worker completions first, then commits, shutdown, the source, timers; until
-    /// drained. Returns the checkpoint write still running, if any.
-    async fn turn(
-        &mut self,
-        run: &mut Running,
-        shutdown: Shutdown,
-    ) -> Option<JoinHandle<CommitOutput>> {
-        let source = &mut run.source;
-        let events_rx = &mut run.events;
-        let mut shutdown = shutdown;
-        let mut shutdown_fired = false;
-        let mut commit_task: Option<JoinHandle<CommitOutput>> = None;
-        let tick = Duration::from_millis(250);
-        let mut next_tick = Instant::now() + tick;
-
-        loop {
-            let now = Instant::now();
-            if now >= next_tick {
-                next_tick = now + tick;
-                self.on_tick(now);
-            }
-            self.dispatch(now);
-            if commit_task.is_none() {
-                commit_task = self.maybe_start_commit(now, source).await;
-            }
-            if self.finish_revokes(now, &mut commit_task, source).await {
-                continue;
-            }
-            if self.drain_complete(now) {
-                break;
-            }
-            let want_source = !self.source_done && self.drain_deadline.is_none();
-            let deadline = self
-                .next_deadline(now, commit_task.is_none())
-                .min(next_tick);
-            tokio::select! {
-                biased;
-                Some(ev) = events_rx.recv() => {
-                    self.on_worker_event(ev, source).await;
-                    // Amortise: take whatever else is ready.
-                    while let Ok(ev) = events_rx.try_recv() {
-                        self.on_worker_event(ev, source).await;
-                    }
-                }
-                res = async { commit_task.as_mut().expect("guarded").await }, if commit_task.is_some() => {
-                    commit_task = None;
-                    self.on_commit_done(res, source).await;
-                }
-                _ = &mut shutdown, if !shutdown_fired => {
-                    shutdown_fired = true;
-                    tracing::info!(pipeline = %self.name, "shutdown requested: draining");
-                    self.begin_drain(Instant::now());
-                }
-                ev = source.next(), if want_source => {
-                    match ev {
-                        Ok(ev) => self.on_source_event(ev, source).await,
-                        Err(e) if e.is_temporary() => {
-                            tracing::warn!(pipeline = %self.name, error = %e, "source error, retrying");
-                            tokio::time::sleep(self.settings.retry.initial_backoff).await;
-                        }
-                        Err(e) => self.fail(e),
-                    }
-                }
-                _ = tokio::time::sleep_until(deadline.into()) => {}
-            }
-        }
-
-        commit_task
-    }
-
-    /// The final checkpoint, then closing the source and the sinks; the run's summary.
-    async fn shut_down(
-        &mut self,
-        run: Running,
-        mut commit_task: Option<JoinHandle<CommitOutput>>,
-        started: Instant,
-    ) -> Result<RunSummary, Error> {
-        let Running {
-            mut source,
-            sink,
-            dead_letter,
-            ..
-        } = run;
-        let stats = self.stats.clone();
-        if let Some(task) = commit_task.take() {
-            let res = task.await;
-            self.on_commit_done(res, &mut source).await;
-        }
-        let flush = sink.flush().await;
-        if let Err(e) = flush {
-            self.fail(e);
-        }
-        if let Err(e) = self
-            .commit_now(&mut source, self.partitions.keys().cloned().collect())
-            .await
-        {
-            self.fail(e);
-        }
-        let close_timeout = Duration::from_secs(30);
-        match tokio::time::timeout(close_timeout, source.close()).await {
-            Ok(Err(e)) => {
-                tracing::warn!(pipeline = %self.name, error = %e, "closing the source failed")
-            }
-            Err(_) => {
-                tracing::warn!(pipeline = %self.name, "closing the source took longer than {close_timeout:?}; abandoned")
-            }
-            Ok(Ok(())) => {}
-        }
-        for s in std::iter::once(&sink).chain(dead_letter.as_ref()) {
-            if let Ok(Err(e)) = tokio::time::timeout(close_timeout, s.close()).await {
-                tracing::warn!(pipeline = %self.name, error = %e, "closing a sink failed");
-            }
-        }
-        stats.set_health(Health::Stopped);
-        let drained = self.partitions.values().all(|p| p.tracker.pending() == 0);
-        // A source that cannot start from a position (a RabbitMQ queue) keeps its progress in
-        // its broker (acks): its positions (delivery tags) are not checkpoints.
-        let mut checkpoints: Vec<Checkpoint> = if self.caps.replayable {
-            self.committed.values().cloned().collect()
-        } else {
-            Vec::new()
-        };
-        checkpoints.sort_by(|a, b| a.partition.cmp(&b.partition));
-        let summary = RunSummary {
-            pipeline: self.name.clone(),
-            elapsed: started.elapsed(),
-            stats: stats.snapshot(),
-            checkpoints,
-            drained,
-        };
-        tracing::info!(pipeline = %self.name, "{summary}");
-        match self.fatal.take() {
-            Some(e) => Err(e),
-            None => Ok(summary),
-        }
-    }
-}
-
 type CommitOutput = (Vec<Checkpoint>, Result<(), Error>, Instant);
 type CommitResult = Result<CommitOutput, tokio::task::JoinError>;
 
-struct Lane {
-    queue: VecDeque<Queued>,
-    queued_bytes: usize,
-    busy: usize,
-    first_at: Option<Instant>,
-}
-
-struct Queued {
-    seq: u64,
-    record: Record,
-    size: usize,
-    /// Positional dedup looks this record up in the store (see [`LookupFloor`]).
-    lookup: bool,
-}
+/// A written batch waiting for its dedup marks. `Sync` because the coordinator's state is
+/// borrowed across awaits of the pipeline's future.
+type Settling = std::pin::Pin<Box<dyn std::future::Future<Output = Completion> + Send + Sync>>;
 
 struct Part {
     incarnation: u64,
@@ -595,13 +412,16 @@ struct State {
     name: String,
     settings: RuntimeSettings,
     caps: SourceCapabilities,
-    shared: Arc<WorkerContext>,
+    workers: Arc<Workers>,
+    /// Batches written whose dedup marks are still being made durable.
+    settling: FuturesUnordered<Settling>,
     store: Option<Arc<dyn CheckpointStore>>,
     extractor: Option<KeyExtractor>,
     credits: Credits,
     partitions: HashMap<PartitionId, Part>,
     order: Vec<PartitionId>,
-    rr: usize,
+    /// The partition dispatch starts from next (round robin over `order`).
+    next_partition: usize,
     next_incarnation: u64,
     bytes: usize,
     batches_in_flight: usize,
@@ -650,7 +470,7 @@ impl State {
             let queued = self
                 .partitions
                 .values()
-                .any(|p| p.lanes.iter().any(|l| !l.queue.is_empty()));
+                .any(|p| p.lanes.iter().any(|l| !l.is_empty()));
             if self.fatal.is_some() || !queued {
                 return true;
             }

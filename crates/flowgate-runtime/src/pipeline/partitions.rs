@@ -13,9 +13,9 @@ use tokio::task::JoinHandle;
 use crate::dedup::LookupFloor;
 use crate::metrics::PartitionMetrics;
 use crate::progress::ProgressWindow;
+use crate::retry::retry_temporary;
 use crate::settings::SinkOrdering;
 use crate::tracker::AckTracker;
-use crate::worker::{self};
 
 use super::*;
 
@@ -30,7 +30,7 @@ impl State {
         let stored: HashMap<PartitionId, Checkpoint> = match &self.store {
             Some(store) => {
                 let pipeline = self.name.clone();
-                worker::retry_temporary(&self.settings.retry, "checkpoint load", || {
+                retry_temporary(&self.settings.retry, "checkpoint load", || {
                     store.load(&pipeline)
                 })
                 .await?
@@ -113,14 +113,7 @@ impl State {
             let part = Part {
                 incarnation: self.next_incarnation,
                 fence: a.fence,
-                lanes: (0..lanes)
-                    .map(|_| Lane {
-                        queue: VecDeque::new(),
-                        queued_bytes: 0,
-                        busy: 0,
-                        first_at: None,
-                    })
-                    .collect(),
+                lanes: (0..lanes).map(|_| Lane::default()).collect(),
                 tracker,
                 revoking: false,
                 lag: None,
@@ -155,7 +148,7 @@ impl State {
     /// Where positional dedup starts looking records up for a newly assigned partition: at
     /// the store's last mark for it. Every record is looked up if the store cannot tell.
     pub(super) async fn lookup_floor(&self, partition: &PartitionId) -> LookupFloor {
-        let (Some(store), true) = (&self.shared.dedup, self.shared.positional) else {
+        let (Some(store), true) = (&self.workers.dedup, self.workers.positional) else {
             return LookupFloor::All;
         };
         if self.lingering.contains_key(partition) {
@@ -163,7 +156,7 @@ impl State {
             tracing::debug!(pipeline = %self.name, %partition, "batches of an earlier ownership still running: every record of the partition is looked up");
             return LookupFloor::All;
         }
-        let res = worker::retry_temporary(&self.settings.retry, "dedup last mark", || {
+        let res = retry_temporary(&self.settings.retry, "dedup last mark", || {
             store.last_marked_position(&self.name, partition)
         })
         .await;
@@ -190,10 +183,7 @@ impl State {
                 part.revoking = true;
                 // Queued records were never sent: drop them; the next owner reads them again.
                 for lane in &mut part.lanes {
-                    self.bytes -= lane.queued_bytes;
-                    lane.queued_bytes = 0;
-                    lane.queue.clear();
-                    lane.first_at = None;
+                    self.bytes -= lane.clear();
                 }
             }
         }
