@@ -15,10 +15,9 @@ use std::time::{Duration, Instant};
 
 use flowgate_core::{
     Checkpoint, CheckpointStore, Credits, DedupStore, Error, PartitionId, Position, Record,
-    Revocation, Sink, SinkCapabilities, Source, SourceCapabilities, SourceEvent, StartPosition,
+    Revocation, Sink, Source, SourceCapabilities, SourceEvent, StartPosition,
 };
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
 use crate::concurrency::Concurrency;
 use crate::dedup::{KeyExtractor, LookupFloor};
@@ -28,7 +27,7 @@ use crate::settings::{RuntimeSettings, SinkOrdering};
 use crate::shutdown::Shutdown;
 use crate::stats::{Health, RunSummary, Stats};
 use crate::tracker::AckTracker;
-use crate::worker::{self, BoxFuture, Completion, TransformFn, WorkerConfig, Workers};
+use crate::worker::{BoxFuture, Completion, TransformFn, WorkerConfig, Workers};
 
 mod admission;
 mod commits;
@@ -38,11 +37,12 @@ mod lag;
 mod lane;
 mod partitions;
 mod run;
+mod setup;
 
-use commits::WatchedStore;
 use health::HealthTracker;
 use lane::Lane;
 use run::Running;
+use setup::{DedupMode, batch_limits, checkpoint_store, dedup_mode, spawn_marker};
 
 /// Builds a [`Pipeline`]: source → optional transform → sink, with optional dead-letter sink,
 /// checkpoint store and dedup store.
@@ -209,13 +209,6 @@ impl Pipeline {
             None => (None, None),
         };
         let store = checkpoint_store(store, &caps, &stats, &name);
-        if matches!(extractor, Some(KeyExtractor::SourcePosition)) && !caps.replayable {
-            return Err(Error::config(
-                "dedup by source position needs a replayable source: this source's positions change when a record is redelivered",
-            )
-            .with_context("key", "dedup.key")
-            .with_hint("deduplicate by a message id instead (RabbitMQ queues: the AMQP message_id is the idempotency key; `key = \"key\"` or `header:NAME` uses it)"));
-        }
         let (marker, marker_task) = match &dedup_store {
             Some(store) => {
                 let (tx, task) = spawn_marker(store.clone(), &name, &settings, &stats);
@@ -223,21 +216,11 @@ impl Pipeline {
             }
             None => (None, None),
         };
-        let transactional = sink_caps.transactional && dedup_store.is_some();
-        let positional = matches!(extractor, Some(KeyExtractor::SourcePosition))
-            && dedup_store
-                .as_ref()
-                .is_some_and(|s| s.supports_position_ranges())
-            && !transactional;
-        // With positional marks the key is only materialised for sinks that forward it.
-        let extractor = if positional && !sink_caps.forwards_idempotency_key {
-            None
-        } else {
-            extractor
-        };
-        if sink_caps.transactional && dedup_store.is_none() {
-            tracing::warn!(pipeline = %name, "the sink is transactional but no dedup store is configured: writes are at-least-once");
-        }
+        let DedupMode {
+            transactional,
+            positional,
+            extractor,
+        } = dedup_mode(&name, &caps, &sink_caps, dedup_store.as_ref(), extractor)?;
         let workers = Workers::new(
             WorkerConfig {
                 pipeline: name.clone(),
@@ -256,110 +239,18 @@ impl Pipeline {
             },
             events_tx,
         );
-        let credits = Credits::new();
-        let (max_batch_records, max_batch_bytes) = batch_limits(&sink_caps, &settings);
-        let st = State {
-            concurrency: Concurrency::new(&settings.concurrency),
-            name: name.clone(),
-            settings,
-            caps: caps.clone(),
-            workers: Arc::new(workers),
-            settling: FuturesUnordered::new(),
-            store,
-            extractor,
-            credits: credits.clone(),
-            partitions: HashMap::new(),
-            order: Vec::new(),
-            next_partition: 0,
-            next_incarnation: 1,
-            bytes: 0,
-            batches_in_flight: 0,
-            uncommitted: 0,
-            force_commit: false,
-            last_commit_at: Instant::now(),
-            last_sample_at: Instant::now(),
-            revokes: Vec::new(),
-            lingering: HashMap::new(),
-            drain_deadline: None,
-            source_done: false,
-            fatal: None,
-            stats: stats.clone(),
-            metrics,
-            max_batch_records,
-            max_batch_bytes,
-            health: HealthTracker::new(),
-            committed: HashMap::new(),
+        let limits = batch_limits(&sink_caps, &settings);
+        let state = State::new(name, settings, caps, workers, store, extractor, limits);
+        let running = Running {
+            source,
+            events: events_rx,
+            sink,
+            dead_letter,
+            credits: state.credits.clone(),
+            marker: marker_task,
         };
-        stats.set_health(Health::Starting);
-        stats
-            .concurrency
-            .store(st.concurrency.limit() as u64, Ordering::Relaxed);
-
-        Ok((
-            st,
-            Running {
-                source,
-                events: events_rx,
-                sink,
-                dead_letter,
-                credits,
-                marker: marker_task,
-            },
-        ))
+        Ok((state, running))
     }
-}
-
-/// The checkpoint store as the pipeline uses it: every answer tells the pipeline's health
-/// whether the store can be reached; none for a source that cannot start from a position (a
-/// RabbitMQ queue), whose positions mean nothing to a later process (its broker keeps the
-/// progress, as acks).
-fn checkpoint_store(
-    store: Option<Arc<dyn CheckpointStore>>,
-    caps: &SourceCapabilities,
-    stats: &Arc<Stats>,
-    name: &str,
-) -> Option<Arc<dyn CheckpointStore>> {
-    let inner = store?;
-    if !caps.replayable {
-        tracing::info!(pipeline = %name, "the source is not replayable (its broker keeps the progress): the checkpoint store is not used");
-        return None;
-    }
-    Some(Arc::new(WatchedStore {
-        inner,
-        stats: stats.clone(),
-    }))
-}
-
-/// The task that commits dedup marks, and the channel that feeds it.
-fn spawn_marker(
-    store: Arc<dyn DedupStore>,
-    name: &str,
-    settings: &RuntimeSettings,
-    stats: &Arc<Stats>,
-) -> (mpsc::UnboundedSender<worker::MarkRequest>, JoinHandle<()>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let task = tokio::spawn(worker::marker_task(
-        store,
-        name.to_string(),
-        settings.dedup_ttl,
-        (settings.dedup_mark_interval, stats.clone()),
-        settings.retry.clone(),
-        rx,
-    ));
-    (tx, task)
-}
-
-/// Records and bytes per batch: the settings', within the sink's own limits, at least 1.
-fn batch_limits(sink: &SinkCapabilities, settings: &RuntimeSettings) -> (usize, usize) {
-    let records = sink
-        .max_batch_records
-        .map_or(settings.batch.max_records, |m| {
-            m.min(settings.batch.max_records)
-        });
-    let bytes = sink.max_batch_bytes.map_or(settings.batch.max_bytes, |m| {
-        m.min(settings.batch.max_bytes)
-    });
-    (records.max(1), bytes.max(1))
 }
 
 type CommitOutput = (Vec<Checkpoint>, Result<(), Error>, Instant);
@@ -448,6 +339,57 @@ struct State {
 }
 
 impl State {
+    /// A coordinator that owns no partition yet.
+    fn new(
+        name: String,
+        settings: RuntimeSettings,
+        caps: SourceCapabilities,
+        workers: Workers,
+        store: Option<Arc<dyn CheckpointStore>>,
+        extractor: Option<KeyExtractor>,
+        (max_batch_records, max_batch_bytes): (usize, usize),
+    ) -> Self {
+        let stats = workers.stats.clone();
+        let metrics = workers.metrics.clone();
+        let concurrency = Concurrency::new(&settings.concurrency);
+        stats.set_health(Health::Starting);
+        stats
+            .concurrency
+            .store(concurrency.limit() as u64, Ordering::Relaxed);
+        State {
+            concurrency,
+            name,
+            settings,
+            caps,
+            workers: Arc::new(workers),
+            settling: FuturesUnordered::new(),
+            store,
+            extractor,
+            credits: Credits::new(),
+            partitions: HashMap::new(),
+            order: Vec::new(),
+            next_partition: 0,
+            next_incarnation: 1,
+            bytes: 0,
+            batches_in_flight: 0,
+            uncommitted: 0,
+            force_commit: false,
+            last_commit_at: Instant::now(),
+            last_sample_at: Instant::now(),
+            revokes: Vec::new(),
+            lingering: HashMap::new(),
+            drain_deadline: None,
+            source_done: false,
+            fatal: None,
+            stats,
+            metrics,
+            max_batch_records,
+            max_batch_bytes,
+            health: HealthTracker::new(),
+            committed: HashMap::new(),
+        }
+    }
+
     fn fail(&mut self, e: Error) {
         tracing::error!(pipeline = %self.name, error = %e, "fatal error: draining in-flight records and stopping");
         if self.fatal.is_none() {

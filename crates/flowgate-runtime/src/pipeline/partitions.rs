@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use flowgate_core::{
-    Assignment, Checkpoint, Error, ErrorKind, LagUnit, PartitionId, Revocation, Source,
+    Assignment, Checkpoint, Error, ErrorKind, LagUnit, PartitionId, Position, Revocation, Source,
     StartPosition,
 };
 use tokio::task::JoinHandle;
@@ -27,34 +27,15 @@ impl State {
     ) -> Result<(), Error> {
         self.stats.rebalances.fetch_add(1, Ordering::Relaxed);
         self.metrics.rebalances.increment(1);
-        let stored: HashMap<PartitionId, Checkpoint> = match &self.store {
-            Some(store) => {
-                let pipeline = self.name.clone();
-                retry_temporary(&self.settings.retry, "checkpoint load", || {
-                    store.load(&pipeline)
-                })
-                .await?
-                .into_iter()
-                .map(|c| (c.partition.clone(), c))
-                .collect()
-            }
-            None => HashMap::new(),
-        };
-        let lanes = match self.settings.ordering {
-            SinkOrdering::Key => self.settings.key_lanes,
-            _ => 1,
-        };
-        let unit = match self.caps.lag_unit {
-            Some(LagUnit::Millis) => "millis",
-            _ => "records",
-        };
+        let stored = self.load_checkpoints().await?;
         let mut starts = Vec::with_capacity(assignments.len());
         // Stored checkpoints the broker does not know yet: committed to it right after the
         // start, so the broker's own tools (and lag exporters reading them) show the true lag
         // after any crash.
         let mut align = Vec::new();
         for mut a in assignments {
-            let stored_fence = stored.get(&a.partition).and_then(|c| c.fence);
+            let stored = stored.get(&a.partition);
+            let stored_fence = stored.and_then(|c| c.fence);
             if a.fence.is_some() && stored_fence > a.fence {
                 // Only a reset of the broker's own epoch gets here (a Kafka group deleted and
                 // created anew starts its generations again at 1): the broker says this worker
@@ -64,70 +45,24 @@ impl State {
                     "the broker's ownership epoch is below the stored checkpoint's fence (was the consumer group deleted?); taking the stored fence");
                 a.fence = stored_fence;
             }
-            let from_store = stored.get(&a.partition).map(|c| c.position.clone());
-            let after = match (&from_store, &a.broker_position) {
-                (Some(s), Some(b)) if s != b => {
-                    tracing::warn!(pipeline = %self.name, partition = %a.partition, checkpoint = %s, broker = %b,
-                        "checkpoint store and broker disagree; the checkpoint store is the source of truth: committing its position to the broker");
-                    align.push(Checkpoint::new(a.partition.clone(), s.clone()).with_fence(a.fence));
-                    Some(s.clone())
-                }
-                (Some(s), None) if self.caps.broker_positions => {
-                    tracing::info!(pipeline = %self.name, partition = %a.partition, after = %s,
-                        "starting after the stored checkpoint; the broker has no committed position: committing it there");
-                    align.push(Checkpoint::new(a.partition.clone(), s.clone()).with_fence(a.fence));
-                    Some(s.clone())
-                }
-                (Some(s), _) => {
-                    tracing::info!(pipeline = %self.name, partition = %a.partition, after = %s, "starting after the stored checkpoint");
-                    Some(s.clone())
-                }
-                (None, Some(b)) => {
-                    tracing::info!(pipeline = %self.name, partition = %a.partition, after = %b, "no stored checkpoint; starting after the broker's committed position");
-                    Some(b.clone())
-                }
-                (None, None) => {
-                    tracing::info!(pipeline = %self.name, partition = %a.partition, "no checkpoint anywhere; starting at the source's configured default");
-                    None
-                }
-            };
-            let mut progress = ProgressWindow::new(
-                self.settings.health.lag_window,
-                self.settings.health.stall_window,
-            );
+            let from_store = stored.map(|c| c.position.clone());
+            let (after, needs_align) = self.start_after(&a, from_store.as_ref());
+            if let (Some(s), true) = (&after, needs_align) {
+                align.push(Checkpoint::new(a.partition.clone(), s.clone()).with_fence(a.fence));
+            }
+            let mut part = self.new_part(&a, after.clone()).await;
             if let (Some(s), Some(b)) = (&from_store, &a.broker_position) {
                 if s < b {
                     // Records the broker counts as consumed are read again.
-                    progress.rewound(Instant::now());
+                    part.progress.rewound(Instant::now());
                 }
             }
-            let mut tracker = AckTracker::new(0);
-            tracker.set_initial(after.clone());
             if let Some(pos) = &after {
                 self.committed.insert(
                     a.partition.clone(),
                     Checkpoint::new(a.partition.clone(), pos.clone()).with_fence(a.fence),
                 );
             }
-            let lookup = self.lookup_floor(&a.partition).await;
-            let part = Part {
-                incarnation: self.next_incarnation,
-                fence: a.fence,
-                lanes: (0..lanes).map(|_| Lane::default()).collect(),
-                tracker,
-                revoking: false,
-                lag: None,
-                progress,
-                metrics: Some(PartitionMetrics::new(
-                    &self.name,
-                    a.partition.as_str(),
-                    unit,
-                )),
-                lookup,
-                unsettled: 0,
-                commit_marks: VecDeque::new(),
-                committed_seq: 0,
-            };
             self.next_incarnation += 1;
             if self.partitions.insert(a.partition.clone(), part).is_none() {
                 self.order.push(a.partition.clone());
@@ -143,6 +78,91 @@ impl State {
             source.commit(&align).await?;
         }
         Ok(())
+    }
+
+    /// The pipeline's stored checkpoints, by partition (none without a store).
+    async fn load_checkpoints(&self) -> Result<HashMap<PartitionId, Checkpoint>, Error> {
+        let Some(store) = &self.store else {
+            return Ok(HashMap::new());
+        };
+        let pipeline = self.name.clone();
+        let loaded = retry_temporary(&self.settings.retry, "checkpoint load", || {
+            store.load(&pipeline)
+        })
+        .await?;
+        Ok(loaded
+            .into_iter()
+            .map(|c| (c.partition.clone(), c))
+            .collect())
+    }
+
+    /// Where an assigned partition starts: after the stored checkpoint if there is one (the
+    /// store is the source of truth), else after the broker's committed position, else at the
+    /// source's default. Also whether the broker must be told the stored position.
+    fn start_after(
+        &self,
+        a: &Assignment,
+        from_store: Option<&Position>,
+    ) -> (Option<Position>, bool) {
+        match (from_store, &a.broker_position) {
+            (Some(s), Some(b)) if s != b => {
+                tracing::warn!(pipeline = %self.name, partition = %a.partition, checkpoint = %s, broker = %b,
+                    "checkpoint store and broker disagree; the checkpoint store is the source of truth: committing its position to the broker");
+                (Some(s.clone()), true)
+            }
+            (Some(s), None) if self.caps.broker_positions => {
+                tracing::info!(pipeline = %self.name, partition = %a.partition, after = %s,
+                    "starting after the stored checkpoint; the broker has no committed position: committing it there");
+                (Some(s.clone()), true)
+            }
+            (Some(s), _) => {
+                tracing::info!(pipeline = %self.name, partition = %a.partition, after = %s, "starting after the stored checkpoint");
+                (Some(s.clone()), false)
+            }
+            (None, Some(b)) => {
+                tracing::info!(pipeline = %self.name, partition = %a.partition, after = %b, "no stored checkpoint; starting after the broker's committed position");
+                (Some(b.clone()), false)
+            }
+            (None, None) => {
+                tracing::info!(pipeline = %self.name, partition = %a.partition, "no checkpoint anywhere; starting at the source's configured default");
+                (None, false)
+            }
+        }
+    }
+
+    /// The state of a newly assigned partition that starts after `after`.
+    async fn new_part(&self, a: &Assignment, after: Option<Position>) -> Part {
+        let lanes = match self.settings.ordering {
+            SinkOrdering::Key => self.settings.key_lanes,
+            _ => 1,
+        };
+        let unit = match self.caps.lag_unit {
+            Some(LagUnit::Millis) => "millis",
+            _ => "records",
+        };
+        let mut tracker = AckTracker::new(0);
+        tracker.set_initial(after);
+        Part {
+            incarnation: self.next_incarnation,
+            fence: a.fence,
+            lanes: (0..lanes).map(|_| Lane::default()).collect(),
+            tracker,
+            revoking: false,
+            lag: None,
+            progress: ProgressWindow::new(
+                self.settings.health.lag_window,
+                self.settings.health.stall_window,
+            ),
+            metrics: Some(PartitionMetrics::new(
+                &self.name,
+                a.partition.as_str(),
+                unit,
+            )),
+            lookup: self.lookup_floor(&a.partition).await,
+            unsettled: 0,
+            commit_marks: VecDeque::new(),
+            committed_seq: 0,
+        }
     }
 
     /// Where positional dedup starts looking records up for a newly assigned partition: at

@@ -124,6 +124,8 @@ pub(crate) struct Workers {
     pub(crate) dedup: Option<Arc<dyn DedupStore>>,
     /// Dedup by position ranges (see [`WorkerConfig::positional`]).
     pub(crate) positional: bool,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) metrics: Metrics,
 }
 
 impl Workers {
@@ -132,6 +134,8 @@ impl Workers {
         Workers {
             dedup: config.dedup.clone(),
             positional: config.positional,
+            stats: config.stats.clone(),
+            metrics: config.metrics.clone(),
             chain: layers::build(config),
             events,
         }
