@@ -18,9 +18,9 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::client::records::{Key, partition_id};
 use crate::error::map;
-use crate::rebalance::{PROBE_TIMEOUT, Shared, lock};
-use crate::records::{Key, partition_id};
+use crate::rebalance::{ConsumerState, PROBE_TIMEOUT, lock};
 use backon::{BlockingRetryable, ExponentialBuilder};
 
 /// Records behind the high watermark, from the next offset to hand out: an offset, or a
@@ -245,7 +245,7 @@ pub(crate) struct LagReader {
     pub(crate) endpoint: String,
     /// The last reachability reported (`None` before the first probe).
     pub(crate) reachable: Mutex<Option<bool>>,
-    pub(crate) inbox: Arc<SourceInbox<Shared>>,
+    pub(crate) inbox: Arc<SourceInbox<ConsumerState>>,
     pub(crate) closing: Arc<AtomicBool>,
 }
 

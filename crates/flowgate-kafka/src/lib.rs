@@ -37,16 +37,14 @@ mod client;
 mod config;
 mod error;
 mod lag;
-mod queue;
 mod rebalance;
-mod records;
 mod sink;
 mod source;
 
+pub use client::records::partition_id;
 pub use config::{
     AssignmentStrategy, Compression, GroupProtocol, KafkaSasl, KafkaSinkConfig, KafkaSourceConfig,
     KafkaTls, SaslMechanism, SecurityProtocol,
 };
-pub use records::partition_id;
 pub use sink::KafkaSink;
 pub use source::{KafkaSource, OffsetsLink};

@@ -21,10 +21,10 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 
+use crate::client::queue::PartitionFeed;
+use crate::client::records::*;
 use crate::config::AssignmentStrategy;
 use crate::error::map;
-use crate::queue::PartitionFeed;
-use crate::records::*;
 
 pub(crate) enum Command {
     Start(Vec<StartPosition>),
@@ -32,7 +32,7 @@ pub(crate) enum Command {
 }
 
 /// An assigned partition.
-pub(crate) struct Part {
+pub(crate) struct AssignedPartition {
     pub(crate) key: Key,
     pub(crate) id: PartitionId,
     /// The partition's own librdkafka queue; `None` if it could not be split off (its
@@ -51,23 +51,24 @@ pub(crate) struct Part {
 /// What the poll thread, the rebalance callbacks and the lag reader keep for `next()`
 /// (inside the source's [`SourceInbox`], with its events and error).
 #[derive(Default)]
-pub(crate) struct Shared {
-    pub(crate) parts: Vec<Part>,
+pub(crate) struct ConsumerState {
+    pub(crate) parts: Vec<AssignedPartition>,
     /// The last error librdkafka reported on the consumer (a refused connection, say).
     pub(crate) client_error: Option<String>,
     /// librdkafka's last error log line, which says why.
     pub(crate) client_log: Option<String>,
-    pub(crate) rr: usize,
+    /// The partition `next()` reads first next time: it takes turns so that none starves.
+    pub(crate) next_partition: usize,
 }
 
-impl Shared {
-    pub(crate) fn part_mut(&mut self, key: &Key) -> Option<&mut Part> {
+impl ConsumerState {
+    pub(crate) fn part_mut(&mut self, key: &Key) -> Option<&mut AssignedPartition> {
         self.parts.iter_mut().find(|p| &p.key == key)
     }
 }
 
 pub(crate) struct GroupContext {
-    pub(crate) inbox: Arc<SourceInbox<Shared>>,
+    pub(crate) inbox: Arc<SourceInbox<ConsumerState>>,
     pub(crate) commands: Mutex<std_mpsc::Receiver<Command>>,
     pub(crate) closing: Arc<AtomicBool>,
     pub(crate) helper: Arc<Mutex<Option<BaseConsumer>>>,
@@ -279,7 +280,7 @@ impl GroupContext {
         loop {
             let cmd = lock(&self.commands).try_recv();
             match cmd {
-                Ok(Command::Commit(cps)) => self.absorb(&cps),
+                Ok(Command::Commit(checkpoints)) => self.absorb(&checkpoints),
                 Ok(Command::Start(_)) => {
                     tracing::warn!("kafka: start positions arrived after the assignment timed out")
                 }
@@ -326,7 +327,7 @@ impl GroupContext {
             .collect();
         // The generation that handed these partitions out fences their checkpoints: a member
         // that lost them in a later generation can no longer write over the new owner's.
-        let generation = crate::queue::generation(consumer);
+        let generation = crate::client::queue::generation(consumer);
         let assignments: Vec<Assignment> = keys
             .iter()
             .map(|(t, p)| {
@@ -378,7 +379,7 @@ impl GroupContext {
             let key = (t.clone(), *p);
             let mut sh = self.inbox.buffered();
             sh.parts.retain(|x| x.key != key);
-            sh.parts.push(Part {
+            sh.parts.push(AssignedPartition {
                 key,
                 id,
                 queue,
@@ -421,8 +422,8 @@ impl GroupContext {
         while Instant::now() < deadline && !self.closing.load(Ordering::Acquire) {
             match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(Command::Start(s)) => return Some(s),
-                Ok(Command::Commit(cps)) => {
-                    self.absorb(&cps);
+                Ok(Command::Commit(checkpoints)) => {
+                    self.absorb(&checkpoints);
                     self.flush_commits(consumer, CommitMode::Async);
                 }
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {}
@@ -443,7 +444,7 @@ impl GroupContext {
             .collect();
         let lost = consumer.assignment_lost();
         // Queued records of revoked partitions were never handed out: the next owner reads them.
-        let removed: Vec<Part> = {
+        let removed: Vec<AssignedPartition> = {
             let mut sh = self.inbox.buffered();
             let (gone, kept) = std::mem::take(&mut sh.parts)
                 .into_iter()
@@ -516,7 +517,7 @@ pub(crate) fn commit<C: ConsumerContext>(
         return true;
     }
     let res = match mode {
-        CommitMode::Async => crate::queue::commit_async(consumer, &tpl),
+        CommitMode::Async => crate::client::queue::commit_async(consumer, &tpl),
         CommitMode::Sync => consumer.commit(&tpl, mode),
     };
     match res {
@@ -528,7 +529,7 @@ pub(crate) fn commit<C: ConsumerContext>(
     }
 }
 
-impl Part {
+impl AssignedPartition {
     /// Up to `max` records: first those that came through the main queue, then the
     /// partition's own queue, without waiting.
     pub(crate) fn take(&mut self, max: usize) -> Vec<Record> {

@@ -34,17 +34,17 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, DefaultConsumerContext};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
+use crate::client::records::*;
 use crate::client::{Brokers, auth_error, is_auth_failure};
 use crate::config::{AssignmentStrategy, GroupProtocol, KafkaSourceConfig, is_secret};
 use crate::error::map;
 use crate::lag::LagReader;
 use crate::rebalance::*;
-use crate::records::*;
 
 /// Apache Kafka source. See the module docs for how credit, rebalances and commits work.
 pub struct KafkaSource {
     cfg: KafkaSourceConfig,
-    inbox: Arc<SourceInbox<Shared>>,
+    inbox: Arc<SourceInbox<ConsumerState>>,
     commands: Option<std_mpsc::Sender<Command>>,
     closing: Arc<AtomicBool>,
     done: Option<std_mpsc::Receiver<()>>,
@@ -299,13 +299,13 @@ impl Source for KafkaSource {
         self.inbox
             .next(&credits, Duration::from_millis(100), |sh, credits| {
                 let n = sh.parts.len();
-                let start = sh.rr;
+                let start = sh.next_partition;
                 for i in 0..n {
                     let part = &mut sh.parts[(start + i) % n];
                     let batch = part.take(credits.available(&part.id).min(max_batch));
                     if let Some(last) = batch.last().and_then(|r| r.position.as_offset()) {
                         part.next_offset = Offset::Offset(last + 1);
-                        sh.rr = (start + i + 1) % n;
+                        sh.next_partition = (start + i + 1) % n;
                         return Some(batch);
                     }
                 }
@@ -386,7 +386,7 @@ struct Poller {
     /// The brokers as errors name them.
     endpoint: String,
     credits: Credits,
-    inbox: Arc<SourceInbox<Shared>>,
+    inbox: Arc<SourceInbox<ConsumerState>>,
     pause_after: Duration,
 }
 

@@ -9,9 +9,9 @@ use aws_sdk_kinesis::primitives::DateTime;
 use aws_sdk_kinesis::types::ShardIteratorType;
 use flowgate_core::{Error, PartitionId, Position};
 
+use crate::client::kpl;
 use crate::config::{KinesisSourceConfig, StartAt};
 use crate::error::map;
-use crate::kpl;
 
 /// Seconds between now and the arrival of the first record of `shard` after `after`.
 pub(crate) async fn behind(

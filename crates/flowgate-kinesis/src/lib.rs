@@ -42,15 +42,15 @@
 mod client;
 mod config;
 mod error;
-pub mod kpl;
 mod lag;
 mod leases;
-mod reader;
-mod shards;
 mod sink;
 mod source;
 
+pub use client::kpl;
 pub use config::{KinesisConnection, KinesisSinkConfig, KinesisSourceConfig, StartAt};
-pub use shards::{EXPIRED_ITERATORS, GET_RECORDS_CALLS, KinesisStats, READ_THROTTLES, ShardStats};
+pub use leases::shards::{
+    EXPIRED_ITERATORS, GET_RECORDS_CALLS, KinesisStats, READ_THROTTLES, ShardStats,
+};
 pub use sink::{KinesisSink, MAX_BATCH_BYTES, MAX_BATCH_RECORDS, MAX_RECORD_BYTES};
 pub use source::KinesisSource;

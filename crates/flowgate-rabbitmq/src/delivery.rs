@@ -20,7 +20,7 @@ pub(crate) struct Live {
 /// What the connection task buffers for `next()` (inside the source's
 /// [`SourceInbox`](flowgate_core::SourceInbox), with its events and error).
 #[derive(Default)]
-pub(crate) struct Shared {
+pub(crate) struct DeliveryBuffer {
     pub(crate) buf: VecDeque<Record>,
     pub(crate) live: Option<Live>,
     /// Streams: stream offset → (epoch, delivery tag) of deliveries not yet acknowledged.

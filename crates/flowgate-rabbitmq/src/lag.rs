@@ -16,7 +16,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use tokio::sync::watch;
 
-use crate::delivery::{Shared, stream_offset};
+use crate::delivery::{DeliveryBuffer, stream_offset};
 
 /// A stream lag reading waits this long for the next message of the last chunk.
 const PROBE_IDLE: Duration = Duration::from_millis(100);
@@ -41,7 +41,7 @@ pub(crate) struct LagProbe {
     pub(crate) partition: PartitionId,
     pub(crate) stream: bool,
     pub(crate) interval: Duration,
-    pub(crate) inbox: Arc<SourceInbox<Shared>>,
+    pub(crate) inbox: Arc<SourceInbox<DeliveryBuffer>>,
     pub(crate) closing: watch::Receiver<bool>,
     pub(crate) tag: String,
 }

@@ -1,4 +1,5 @@
-//! The AWS SDK client, built from [`KinesisConnection`].
+//! The AWS SDK client, built from [`KinesisConnection`], and the records of the Kinesis
+//! Producer Library it reads, split by [`kpl`].
 
 use std::time::Duration;
 
@@ -7,6 +8,8 @@ use aws_config::timeout::TimeoutConfig;
 use aws_sdk_kinesis::config::Credentials;
 
 use crate::KinesisConnection;
+
+pub mod kpl;
 
 /// A Kinesis client. The SDK's own retries are off: flowgate retries with its own backoff
 /// and counts throttling, which the SDK would hide.

@@ -1,4 +1,5 @@
-//! Opening a connection (plain or TLS), in one place for the source and the sink.
+//! Opening a connection (plain or TLS), in one place for the source and the sink; and the
+//! source's connection task ([`driver`]).
 
 use flowgate_core::{Error, ErrorKind};
 use lapin::tcp::OwnedTLSConfig;
@@ -6,6 +7,8 @@ use lapin::{Connection, ConnectionProperties};
 
 use crate::config::{RabbitTls, redact};
 use crate::error::map;
+
+pub(crate) mod driver;
 
 /// Refuses TLS settings that cannot apply: they need an `amqps://` URL.
 pub(crate) fn check_tls(url: &str, tls: Option<&RabbitTls>, side: &str) -> Result<(), Error> {

@@ -1,4 +1,6 @@
-//! The librdkafka client settings shared by the source and the sink: brokers, TLS, SASL.
+//! The librdkafka client settings shared by the source and the sink: brokers, TLS, SASL;
+//! the partition queues read through librdkafka's C API ([`queue`]), and Kafka messages
+//! turned into flowgate records ([`records`]).
 
 use std::path::Path;
 
@@ -6,6 +8,9 @@ use flowgate_core::Error;
 use rdkafka::ClientConfig;
 
 use crate::config::{KafkaSasl, KafkaTls, SaslMechanism, SecurityProtocol};
+
+pub(crate) mod queue;
+pub(crate) mod records;
 
 /// How a client reaches its brokers: the first-class security keys of a source or sink.
 pub(crate) struct Brokers<'a> {

@@ -21,9 +21,11 @@ use flowgate_core::{
 use tokio::task::JoinHandle;
 
 use crate::config::KinesisSourceConfig;
+use crate::leases::shards::*;
 use crate::leases::{LEASES, coordinate, list_shards};
-use crate::reader::read_shard;
-use crate::shards::*;
+use reader::read_shard;
+
+mod reader;
 
 /// Reads a Kinesis stream; several workers of one pipeline split its shards through leases.
 /// See the module docs and `docs/brokers/kinesis.md`.
@@ -31,13 +33,13 @@ pub struct KinesisSource {
     cfg: KinesisSourceConfig,
     leases: Arc<dyn LeaseStore>,
     owner: String,
-    shared: Arc<Shared>,
+    shards: Arc<OwnedShards>,
     run: Option<Running>,
 }
 
 /// What exists between `open` and `close`.
 struct Running {
-    ctx: Arc<Ctx>,
+    ctx: Arc<SourceTasks>,
     coordinator: JoinHandle<()>,
 }
 
@@ -52,7 +54,7 @@ impl KinesisSource {
             cfg,
             leases,
             owner,
-            shared: Arc::new(Shared::default()),
+            shards: Arc::new(OwnedShards::default()),
             run: None,
         })
     }
@@ -64,16 +66,20 @@ impl KinesisSource {
 
     /// Per-shard statistics (calls, throttles, expired iterators).
     pub fn stats(&self) -> KinesisStats {
-        KinesisStats(self.shared.clone())
+        KinesisStats(self.shards.clone())
     }
 }
 
 /// Hands over buffered records within each shard's credit; wakes the readers of shards it
 /// emptied.
-fn take_ready(st: &mut State, credits: &Credits, drained: &tokio::sync::Notify) -> Vec<Record> {
+fn take_ready(
+    table: &mut ShardTable,
+    credits: &Credits,
+    drained: &tokio::sync::Notify,
+) -> Vec<Record> {
     let mut out = Vec::new();
     let mut emptied = false;
-    for (p, o) in st.owned.iter_mut() {
+    for (p, o) in table.owned.iter_mut() {
         if !o.started || o.buffer.is_empty() {
             continue;
         }
@@ -120,7 +126,7 @@ impl Source for KinesisSource {
                     "check that the stream exists and endpoint_url, region and credentials are right",
                 ));
             }
-            self.shared
+            self.shards
                 .inbox
                 .push_event(SourceEvent::Connection(Connection::Down {
                     endpoint: endpoint(&self.cfg),
@@ -129,14 +135,14 @@ impl Source for KinesisSource {
             // The lease loop's first good round reports the endpoint back.
             failing.insert(LEASES.to_string());
         }
-        let run = Arc::new(Ctx {
+        let run = Arc::new(SourceTasks {
             cfg: self.cfg.clone(),
             client,
             leases: self.leases.clone(),
             owner: self.owner.clone(),
             pipeline: ctx.pipeline.clone(),
             credits: ctx.credits,
-            shared: self.shared.clone(),
+            shards: self.shards.clone(),
             failing: Mutex::new(failing),
         });
         tracing::info!(stream = %self.cfg.stream, worker = %self.owner, leases = %self.leases.describe(), "kinesis source open");
@@ -154,18 +160,18 @@ impl Source for KinesisSource {
         };
         if run.coordinator.is_finished() {
             // It ends on its own only after reporting a fatal error, which comes first.
-            return self.shared.inbox.try_next().unwrap_or_else(|| {
+            return self.shards.inbox.try_next().unwrap_or_else(|| {
                 Err(Error::fatal(
                     "kinesis source: the lease coordinator stopped",
                 ))
             });
         }
         let credits = run.ctx.credits.clone();
-        let shared = self.shared.clone();
-        shared
+        let shards = self.shards.clone();
+        shards
             .inbox
-            .next(&credits, Duration::from_millis(500), |st, credits| {
-                Some(take_ready(st, credits, &shared.drained))
+            .next(&credits, Duration::from_millis(500), |table, credits| {
+                Some(take_ready(table, credits, &shards.drained))
             })
             .await
     }
@@ -174,9 +180,9 @@ impl Source for KinesisSource {
         let Some(run) = &self.run else {
             return Err(Error::fatal("kinesis source: start() before open()"));
         };
-        let mut st = self.shared.inbox.buffered();
+        let mut table = self.shards.inbox.buffered();
         for s in starts {
-            let Some(o) = st.owned.get_mut(&s.partition) else {
+            let Some(o) = table.owned.get_mut(&s.partition) else {
                 continue;
             };
             if o.started {
@@ -201,9 +207,9 @@ impl Source for KinesisSource {
     }
 
     async fn commit(&mut self, checkpoints: &[Checkpoint]) -> Result<(), Error> {
-        let mut st = self.shared.inbox.buffered();
+        let mut table = self.shards.inbox.buffered();
         for c in checkpoints {
-            if let Some(o) = st.owned.get_mut(&c.partition) {
+            if let Some(o) = table.owned.get_mut(&c.partition) {
                 if c.fence == Some(o.lease.epoch)
                     && o.committed.as_ref().is_none_or(|p| *p < c.position)
                 {
@@ -252,9 +258,9 @@ impl Source for KinesisSource {
         };
         run.coordinator.abort();
         let held: Vec<Lease> = {
-            let mut st = self.shared.inbox.buffered();
-            let held = st.owned.values().map(|o| o.lease.clone()).collect();
-            st.owned.clear();
+            let mut table = self.shards.inbox.buffered();
+            let held = table.owned.values().map(|o| o.lease.clone()).collect();
+            table.owned.clear();
             held
         };
         // Give the leases back so other workers take the shards at once instead of after the
@@ -282,6 +288,6 @@ impl Drop for KinesisSource {
         if let Some(run) = self.run.take() {
             run.coordinator.abort();
         }
-        self.shared.inbox.buffered().owned.clear();
+        self.shards.inbox.buffered().owned.clear();
     }
 }

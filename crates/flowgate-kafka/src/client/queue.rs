@@ -228,7 +228,7 @@ unsafe fn to_record(
     let mut ts_type = rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE;
     // SAFETY: valid message; the out-pointer points to a local.
     let ts = unsafe { rd::rd_kafka_message_timestamp(m, &mut ts_type) };
-    crate::records::record(
+    super::records::record(
         id,
         msg.offset,
         key,

@@ -11,7 +11,9 @@ use flowgate_core::{Assignment, Error, ErrorKind, Lease, PartitionId, Revocation
 
 use crate::error::map;
 
-use crate::shards::*;
+pub(crate) mod shards;
+
+use shards::*;
 
 /// A shard and its parents, from `ListShards`.
 #[derive(Clone, Debug)]
@@ -57,7 +59,7 @@ pub(crate) async fn list_shards(
 pub(crate) const LEASES: &str = "leases";
 
 /// The lease loop: every third of the lease ttl.
-pub(crate) async fn coordinate(ctx: Arc<Ctx>) {
+pub(crate) async fn coordinate(ctx: Arc<SourceTasks>) {
     let tick = (ctx.cfg.lease_ttl / 3).max(Duration::from_millis(100));
     let mut shards: Vec<ShardInfo> = Vec::new();
     let mut listed_at: Option<Instant> = None;
@@ -75,7 +77,7 @@ pub(crate) async fn coordinate(ctx: Arc<Ctx>) {
                 }
                 let since = *failing_since.get_or_insert(started);
                 if !e.is_temporary() || since.elapsed() > ctx.cfg.give_up_after {
-                    ctx.shared
+                    ctx.shards
                         .inbox
                         .fail(e.with_context("while", "managing shard leases"));
                     return;
@@ -88,12 +90,12 @@ pub(crate) async fn coordinate(ctx: Arc<Ctx>) {
 }
 
 pub(crate) async fn round(
-    ctx: &Ctx,
+    ctx: &SourceTasks,
     shards: &mut Vec<ShardInfo>,
     listed_at: &mut Option<Instant>,
 ) -> Result<(), Error> {
     let refresh = listed_at.is_none_or(|t| t.elapsed() >= ctx.cfg.shard_refresh);
-    let ended_waiting = ctx.shared.inbox.buffered().owned.values().any(|o| o.ended);
+    let ended_waiting = ctx.shards.inbox.buffered().owned.values().any(|o| o.ended);
     if refresh || ended_waiting {
         *shards = list_shards(&ctx.client, &ctx.cfg.stream).await?;
         *listed_at = Some(Instant::now());
@@ -104,9 +106,9 @@ pub(crate) async fn round(
 }
 
 /// Renews every held lease; a lease another worker took is revoked as lost.
-pub(crate) async fn renew(ctx: &Ctx) -> Result<(), Error> {
+pub(crate) async fn renew(ctx: &SourceTasks) -> Result<(), Error> {
     let held: Vec<Lease> = ctx
-        .shared
+        .shards
         .inbox
         .buffered()
         .owned
@@ -120,15 +122,15 @@ pub(crate) async fn renew(ctx: &Ctx) -> Result<(), Error> {
             .await
         {
             Ok(renewed) => {
-                if let Some(o) = ctx.shared.inbox.buffered().owned.get_mut(&lease.partition) {
+                if let Some(o) = ctx.shards.inbox.buffered().owned.get_mut(&lease.partition) {
                     o.lease = renewed;
                 }
             }
             Err(e) if e.kind() == ErrorKind::Fenced => {
                 tracing::warn!(shard = %lease.partition, "kinesis: lease taken by another worker; the shard is lost here");
-                ctx.shared.inbox.buffered().owned.remove(&lease.partition);
+                ctx.shards.inbox.buffered().owned.remove(&lease.partition);
                 let (rev, _waiter) = Revocation::new(vec![lease.partition.clone()], true);
-                ctx.shared.inbox.push_event(SourceEvent::Revoked(rev));
+                ctx.shards.inbox.push_event(SourceEvent::Revoked(rev));
             }
             Err(e) => return Err(e),
         }
@@ -138,9 +140,9 @@ pub(crate) async fn renew(ctx: &Ctx) -> Result<(), Error> {
 
 /// Finishes the leases of shards read to their end whose last record was committed, then
 /// revokes them: their children become eligible.
-pub(crate) async fn finish_ended(ctx: &Ctx) -> Result<(), Error> {
+pub(crate) async fn finish_ended(ctx: &SourceTasks) -> Result<(), Error> {
     let done: Vec<Lease> = ctx
-        .shared
+        .shards
         .inbox
         .buffered()
         .owned
@@ -159,16 +161,16 @@ pub(crate) async fn finish_ended(ctx: &Ctx) -> Result<(), Error> {
     for lease in done {
         ctx.leases.finish(&ctx.pipeline, &lease).await?;
         tracing::info!(shard = %lease.partition, "kinesis: shard read to its end and committed; lease finished");
-        ctx.shared.inbox.buffered().owned.remove(&lease.partition);
+        ctx.shards.inbox.buffered().owned.remove(&lease.partition);
         let (rev, _waiter) = Revocation::new(vec![lease.partition.clone()], false);
-        ctx.shared.inbox.push_event(SourceEvent::Revoked(rev));
+        ctx.shards.inbox.push_event(SourceEvent::Revoked(rev));
     }
     Ok(())
 }
 
 /// Takes free or expired leases up to this worker's fair share, then steals a bounded number
 /// from workers above it.
-pub(crate) async fn balance(ctx: &Ctx, shards: &[ShardInfo]) -> Result<(), Error> {
+pub(crate) async fn balance(ctx: &SourceTasks, shards: &[ShardInfo]) -> Result<(), Error> {
     let leases = ctx.leases.leases(&ctx.pipeline).await?;
     let by_id: HashMap<&PartitionId, &Lease> = leases.iter().map(|l| (&l.partition, l)).collect();
     let known: HashSet<&PartitionId> = shards.iter().map(|s| &s.id).collect();
@@ -186,7 +188,7 @@ pub(crate) async fn balance(ctx: &Ctx, shards: &[ShardInfo]) -> Result<(), Error
             }
         }
     }
-    let mut mine = ctx.shared.inbox.buffered().owned.len();
+    let mut mine = ctx.shards.inbox.buffered().owned.len();
     let workers = load.len() + usize::from(!load.contains_key(&ctx.owner));
     let target = eligible.len().div_ceil(workers.max(1));
     for s in &eligible {
@@ -194,7 +196,7 @@ pub(crate) async fn balance(ctx: &Ctx, shards: &[ShardInfo]) -> Result<(), Error
             break;
         }
         let free = by_id.get(&s.id).is_none_or(|l| l.is_available());
-        if free && !ctx.shared.inbox.buffered().owned.contains_key(&s.id) {
+        if free && !ctx.shards.inbox.buffered().owned.contains_key(&s.id) {
             if let Some(l) = ctx
                 .leases
                 .acquire(&ctx.pipeline, &s.id, &ctx.owner, ctx.cfg.lease_ttl, None)
@@ -237,14 +239,14 @@ pub(crate) async fn balance(ctx: &Ctx, shards: &[ShardInfo]) -> Result<(), Error
     Ok(())
 }
 
-pub(crate) fn assign(ctx: &Ctx, lease: Lease) {
+pub(crate) fn assign(ctx: &SourceTasks, lease: Lease) {
     tracing::info!(shard = %lease.partition, epoch = lease.epoch, "kinesis: lease taken");
     let assignment = Assignment {
         partition: lease.partition.clone(),
         fence: Some(lease.epoch),
         broker_position: None,
     };
-    ctx.shared.inbox.buffered().owned.insert(
+    ctx.shards.inbox.buffered().owned.insert(
         lease.partition.clone(),
         Owned {
             lease,
@@ -256,7 +258,7 @@ pub(crate) fn assign(ctx: &Ctx, lease: Lease) {
             reader: None,
         },
     );
-    ctx.shared
+    ctx.shards
         .inbox
         .push_event(SourceEvent::Assigned(vec![assignment]));
 }

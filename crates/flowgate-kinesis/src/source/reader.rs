@@ -2,6 +2,7 @@
 //! empty and the runtime gave it credit, never sooner than `min_call_interval` and the byte
 //! pace allow; an expired iterator is re-acquired after the last record read.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -13,15 +14,15 @@ use flowgate_core::{
     Error, ErrorKind, LagSample, LagUnit, PartitionId, Position, Record, SourceEvent,
 };
 
+use crate::client::kpl;
 use crate::config::StartAt;
 use crate::error::{code, map};
-use crate::kpl;
 
-use crate::shards::*;
+use crate::leases::shards::*;
 
 /// Whether this worker still owns `shard`, and its buffer is empty.
-pub(crate) fn buffer_state(ctx: &Ctx, shard: &PartitionId) -> Option<bool> {
-    ctx.shared
+pub(crate) fn buffer_state(ctx: &SourceTasks, shard: &PartitionId) -> Option<bool> {
+    ctx.shards
         .inbox
         .buffered()
         .owned
@@ -30,123 +31,198 @@ pub(crate) fn buffer_state(ctx: &Ctx, shard: &PartitionId) -> Option<bool> {
 }
 
 /// One shard's reader; ends at the shard's end, on a fatal error, or when aborted.
-pub(crate) async fn read_shard(ctx: Arc<Ctx>, shard: PartitionId, after: Option<Position>) {
-    let mut iterator: Option<String> = None;
-    let mut last = after;
-    let mut next_call = tokio::time::Instant::now();
+pub(crate) async fn read_shard(ctx: Arc<SourceTasks>, shard: PartitionId, after: Option<Position>) {
     // Failing reads wait on this; its budget runs from the first failure since a success.
     let policy = BackoffPolicy::new(Duration::from_millis(100), Duration::from_secs(5))
         .with_give_up_after(ctx.cfg.give_up_after);
-    let mut failing: Option<Backoff> = None;
-    loop {
-        // An empty buffer and credit, or wait.
-        let credit = loop {
-            let changed = ctx.credits.changed();
-            let drained = ctx.shared.drained.notified();
-            let Some(empty) = buffer_state(&ctx, &shard) else {
+    let reader = ShardReader {
+        ctx,
+        shard,
+        iterator: None,
+        last: after,
+        next_call: tokio::time::Instant::now(),
+        policy,
+        failing: None,
+    };
+    reader.run().await;
+}
+
+/// A shard's reader and where it stands in the shard.
+struct ShardReader {
+    ctx: Arc<SourceTasks>,
+    shard: PartitionId,
+    iterator: Option<String>,
+    /// The position of the last record read (or the checkpoint it started after).
+    last: Option<Position>,
+    /// No `GetRecords` before this (the pace, or the backoff after a failure).
+    next_call: tokio::time::Instant,
+    policy: BackoffPolicy,
+    /// The backoff of the failures since the last success.
+    failing: Option<Backoff>,
+}
+
+impl ShardReader {
+    async fn run(mut self) {
+        loop {
+            let Some(credit) = self.wait_for_credit().await else {
                 return;
             };
-            let credit = ctx.credits.available(&shard);
+            tokio::time::sleep_until(self.next_call).await;
+            let result = match &self.iterator {
+                Some(it) => get_records(&self.ctx, &self.shard, it, credit).await,
+                None => match shard_iterator(&self.ctx, &self.shard, self.last.as_ref()).await {
+                    Ok(it) => {
+                        self.iterator = Some(it);
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            let step = match result {
+                Ok(batch) => self.deliver(batch),
+                Err(Failure::Expired) => {
+                    self.on_expired();
+                    ControlFlow::Continue(())
+                }
+                Err(Failure::Error(e)) => self.on_error(e),
+            };
+            if step.is_break() {
+                return;
+            }
+        }
+    }
+
+    /// Waits for an empty buffer and credit, and returns the credit; `None` once this worker
+    /// no longer owns the shard.
+    async fn wait_for_credit(&self) -> Option<usize> {
+        let (ctx, shard) = (&self.ctx, &self.shard);
+        loop {
+            let changed = ctx.credits.changed();
+            let drained = ctx.shards.drained.notified();
+            let empty = buffer_state(ctx, shard)?;
+            let credit = ctx.credits.available(shard);
             if empty && credit > 0 {
-                break credit;
+                return Some(credit);
             }
             tokio::select! {
                 _ = changed => {}
                 _ = drained => {}
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
-        };
-        tokio::time::sleep_until(next_call).await;
-        let result = match &iterator {
-            Some(it) => get_records(&ctx, &shard, it, credit).await,
-            None => match shard_iterator(&ctx, &shard, last.as_ref()).await {
-                Ok(it) => {
-                    iterator = Some(it);
-                    continue;
-                }
-                Err(e) => Err(e),
-            },
-        };
-        match result {
-            Ok(mut batch) => {
-                ctx.report_up(shard.as_str());
-                failing = None;
-                // An iterator at the last record read returns it (or its aggregate) again.
-                if let Some(l) = &last {
-                    batch.records.retain(|r| r.position > *l);
-                }
-                if let Some(r) = batch.records.last() {
-                    last = Some(r.position.clone());
-                }
-                let ended = batch.next_iterator.is_none();
-                iterator = batch.next_iterator;
-                let mut pace = ctx.cfg.min_call_interval.max(Duration::from_secs_f64(
-                    batch.bytes as f64 / ctx.cfg.read_bytes_per_second as f64,
-                ));
-                if batch.records.is_empty() && !ended {
-                    pace = pace.max(ctx.cfg.idle_backoff);
-                }
-                next_call = tokio::time::Instant::now() + pace;
-                if let Some(ms) = batch.millis_behind {
-                    ctx.shared
-                        .inbox
-                        .push_event(SourceEvent::Lag(vec![LagSample {
-                            partition: shard.clone(),
-                            lag: u64::try_from(ms).unwrap_or(0),
-                            unit: LagUnit::Millis,
-                        }]));
-                }
-                {
-                    let mut st = ctx.shared.inbox.buffered();
-                    let n = batch.records.len() as u64;
-                    st.stats.entry(shard.clone()).or_default().records += n;
-                    let Some(o) = st.owned.get_mut(&shard) else {
-                        return;
-                    };
-                    o.buffer.extend(batch.records);
-                    o.ended = ended;
-                }
-                ctx.shared.inbox.wake();
-                if ended {
-                    tracing::info!(shard = %shard, "kinesis: shard ended (resharded); its lease finishes once the rest is committed");
-                    return;
-                }
-            }
-            Err(Failure::Expired) => {
-                note(&ctx, &shard, EXPIRED_ITERATORS, |s| {
-                    s.expired_iterators += 1
-                });
-                tracing::info!(shard = %shard, "kinesis: shard iterator expired; re-acquiring it after the last record read");
-                iterator = None;
-            }
-            Err(Failure::Error(e)) => {
-                if e.kind() == ErrorKind::Throttled {
-                    note(&ctx, &shard, READ_THROTTLES, |s| s.throttles += 1);
-                }
-                if e.kind() == ErrorKind::Transient {
-                    ctx.report_down(shard.as_str(), &e);
-                }
-                let backoff = failing.get_or_insert_with(|| policy.start());
-                let wait = if e.is_temporary() {
-                    backoff.next_delay()
-                } else {
-                    None
-                };
-                let Some(wait) = wait else {
-                    ctx.shared.inbox.fail(e.with_context("shard", &shard));
-                    return;
-                };
-                tracing::warn!(shard = %shard, error = %e, retry_in = ?wait, "kinesis: reading a shard failed; retrying");
-                next_call = tokio::time::Instant::now() + wait;
-            }
         }
+    }
+
+    /// Buffers what a `GetRecords` returned and paces the next call; breaks at the shard's
+    /// end or once the shard is no longer owned.
+    fn deliver(&mut self, mut batch: Fetched) -> ControlFlow<()> {
+        let (ctx, shard) = (&self.ctx, &self.shard);
+        ctx.report_up(shard.as_str());
+        self.failing = None;
+        // An iterator at the last record read returns it (or its aggregate) again.
+        if let Some(l) = &self.last {
+            batch.records.retain(|r| r.position > *l);
+        }
+        if let Some(r) = batch.records.last() {
+            self.last = Some(r.position.clone());
+        }
+        let ended = batch.next_iterator.is_none();
+        self.iterator = batch.next_iterator;
+        self.next_call =
+            tokio::time::Instant::now() + pace(ctx, batch.bytes, batch.records.is_empty(), ended);
+        if let Some(ms) = batch.millis_behind {
+            report_lag(ctx, shard, ms);
+        }
+        if !buffer(ctx, shard, batch.records, ended) {
+            return ControlFlow::Break(());
+        }
+        ctx.shards.inbox.wake();
+        if ended {
+            tracing::info!(shard = %shard, "kinesis: shard ended (resharded); its lease finishes once the rest is committed");
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn on_expired(&mut self) {
+        note(&self.ctx, &self.shard, EXPIRED_ITERATORS, |s| {
+            s.expired_iterators += 1
+        });
+        tracing::info!(shard = %self.shard, "kinesis: shard iterator expired; re-acquiring it after the last record read");
+        self.iterator = None;
+    }
+
+    /// Schedules a retry of a temporary failure within the backoff's budget; breaks after
+    /// failing the source otherwise.
+    fn on_error(&mut self, e: Error) -> ControlFlow<()> {
+        let (ctx, shard) = (&self.ctx, &self.shard);
+        if e.kind() == ErrorKind::Throttled {
+            note(ctx, shard, READ_THROTTLES, |s| s.throttles += 1);
+        }
+        if e.kind() == ErrorKind::Transient {
+            ctx.report_down(shard.as_str(), &e);
+        }
+        let backoff = self.failing.get_or_insert_with(|| self.policy.start());
+        let wait = if e.is_temporary() {
+            backoff.next_delay()
+        } else {
+            None
+        };
+        let Some(wait) = wait else {
+            ctx.shards.inbox.fail(e.with_context("shard", shard));
+            return ControlFlow::Break(());
+        };
+        tracing::warn!(shard = %shard, error = %e, retry_in = ?wait, "kinesis: reading a shard failed; retrying");
+        self.next_call = tokio::time::Instant::now() + wait;
+        ControlFlow::Continue(())
     }
 }
 
+/// How long to wait before the next `GetRecords`: the call interval, the byte pace, and the
+/// idle backoff after a call that read nothing in a shard that goes on.
+fn pace(ctx: &SourceTasks, bytes: usize, read_nothing: bool, ended: bool) -> Duration {
+    let pace = ctx.cfg.min_call_interval.max(Duration::from_secs_f64(
+        bytes as f64 / ctx.cfg.read_bytes_per_second as f64,
+    ));
+    if read_nothing && !ended {
+        pace.max(ctx.cfg.idle_backoff)
+    } else {
+        pace
+    }
+}
+
+fn report_lag(ctx: &SourceTasks, shard: &PartitionId, millis_behind: i64) {
+    ctx.shards
+        .inbox
+        .push_event(SourceEvent::Lag(vec![LagSample {
+            partition: shard.clone(),
+            lag: u64::try_from(millis_behind).unwrap_or(0),
+            unit: LagUnit::Millis,
+        }]));
+}
+
+/// Appends the records to the shard's buffer and counts them; `false` if this worker no
+/// longer owns the shard.
+fn buffer(ctx: &SourceTasks, shard: &PartitionId, records: Vec<Record>, ended: bool) -> bool {
+    let mut table = ctx.shards.inbox.buffered();
+    let n = records.len() as u64;
+    table.stats.entry(shard.clone()).or_default().records += n;
+    let Some(o) = table.owned.get_mut(shard) else {
+        return false;
+    };
+    o.buffer.extend(records);
+    o.ended = ended;
+    true
+}
+
 /// Updates the shard's statistics and counts the event in the metric `name`.
-fn note(ctx: &Ctx, shard: &PartitionId, name: &'static str, update: impl FnOnce(&mut ShardStats)) {
+fn note(
+    ctx: &SourceTasks,
+    shard: &PartitionId,
+    name: &'static str,
+    update: impl FnOnce(&mut ShardStats),
+) {
     update(
-        ctx.shared
+        ctx.shards
             .inbox
             .buffered()
             .stats
@@ -170,7 +246,7 @@ pub(crate) enum Failure {
 }
 
 pub(crate) async fn get_records(
-    ctx: &Ctx,
+    ctx: &SourceTasks,
     shard: &PartitionId,
     iterator: &str,
     credit: usize,
@@ -231,7 +307,7 @@ pub(crate) async fn get_records(
 
 /// An iterator after `after` (the last record read), or at the configured start.
 pub(crate) async fn shard_iterator(
-    ctx: &Ctx,
+    ctx: &SourceTasks,
     shard: &PartitionId,
     after: Option<&Position>,
 ) -> Result<String, Failure> {

@@ -15,26 +15,26 @@ use tokio::task::JoinHandle;
 
 use crate::config::KinesisSourceConfig;
 
-/// Everything the tasks share.
-pub(crate) struct Ctx {
+/// What the source's tasks (the lease loop and every shard reader) share.
+pub(crate) struct SourceTasks {
     pub(crate) cfg: KinesisSourceConfig,
     pub(crate) client: aws_sdk_kinesis::Client,
     pub(crate) leases: Arc<dyn LeaseStore>,
     pub(crate) owner: String,
     pub(crate) pipeline: String,
     pub(crate) credits: Credits,
-    pub(crate) shared: Arc<Shared>,
+    pub(crate) shards: Arc<OwnedShards>,
     /// What cannot reach the endpoint now: the lease loop and shard readers, by name. The
     /// source is down while any is, up again once none is.
     pub(crate) failing: Mutex<std::collections::BTreeSet<String>>,
 }
 
-impl Ctx {
+impl SourceTasks {
     /// `component` failed to reach Kinesis (or the lease store) with a temporary error.
     pub(crate) fn report_down(&self, component: &str, cause: &Error) {
         let mut failing = lock(&self.failing);
         if failing.is_empty() {
-            self.shared
+            self.shards
                 .inbox
                 .push_event(SourceEvent::Connection(Connection::Down {
                     endpoint: endpoint(&self.cfg),
@@ -48,24 +48,26 @@ impl Ctx {
     pub(crate) fn report_up(&self, component: &str) {
         let mut failing = lock(&self.failing);
         if failing.remove(component) && failing.is_empty() {
-            self.shared
+            self.shards
                 .inbox
                 .push_event(SourceEvent::Connection(Connection::Up));
         }
     }
 }
 
+/// The shards this worker owns, as `next()`, the readers and the lease loop see them.
 #[derive(Default)]
-pub(crate) struct Shared {
+pub(crate) struct OwnedShards {
     /// The owned shards with their buffers, the events and the fatal error for `next()`
     /// (woken when records arrive or a shard ends).
-    pub(crate) inbox: SourceInbox<State>,
+    pub(crate) inbox: SourceInbox<ShardTable>,
     /// `next` emptied a shard's buffer (readers wait for it).
     pub(crate) drained: Notify,
 }
 
+/// The owned shards with their buffers, and the read statistics of every shard read so far.
 #[derive(Default)]
-pub(crate) struct State {
+pub(crate) struct ShardTable {
     pub(crate) owned: BTreeMap<PartitionId, Owned>,
     pub(crate) stats: HashMap<PartitionId, ShardStats>,
 }
@@ -135,7 +137,7 @@ impl ShardStats {
 /// A handle on the source's per-shard statistics that stays valid after the source moved
 /// into a pipeline.
 #[derive(Clone)]
-pub struct KinesisStats(pub(crate) Arc<Shared>);
+pub struct KinesisStats(pub(crate) Arc<OwnedShards>);
 
 impl KinesisStats {
     /// Statistics of every shard read so far.
