@@ -5,9 +5,12 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use flowgate_core::{Checkpoint, Error, ErrorKind, PartitionId, PartitionView, Position};
+use flowgate_core::{
+    Checkpoint, CheckpointStore, Error, ErrorKind, PartitionId, PartitionView, Position,
+};
 
 use crate::config::{self, PipelineConfig, StoreConfig};
 use crate::factory::{Stores, make_sink, make_source, open_store};
@@ -333,31 +336,8 @@ pub(crate) async fn reset(target: &Target, reset: Reset) -> Result<(), Error> {
         Error::config("the pipeline has no checkpoint store").with_context("key", "store.type")
     })?;
     let existing = store.load(&pipeline).await?;
-    // The broker's view, where the file names a source that can give it: owners, and the
-    // positions `earliest` and `latest` stand for.
-    let views: Vec<PartitionView> = match &cfg {
-        Some(cfg) => match make_source(&cfg.source, &stores)
-            .await?
-            .inspect(&pipeline, &existing)
-            .await
-        {
-            Ok(v) => v,
-            Err(e) if e.kind() == ErrorKind::Unsupported => Vec::new(),
-            Err(e) => {
-                return Err(e.with_hint(
-                    "the broker must answer to tell who holds the partitions; fix the connection or use --data/--pipeline for the embedded store",
-                ));
-            }
-        },
-        None => Vec::new(),
-    };
-    let wanted: Vec<PartitionId> = if !reset.partitions.is_empty() {
-        reset.partitions.iter().map(PartitionId::new).collect()
-    } else if reset.to.is_some() && !views.is_empty() {
-        views.iter().map(|v| v.partition.clone()).collect()
-    } else {
-        existing.iter().map(|c| c.partition.clone()).collect()
-    };
+    let views = broker_views(cfg.as_ref(), &stores, &pipeline, &existing).await?;
+    let wanted = partitions_to_reset(&reset, &views, &existing);
     if wanted.is_empty() {
         println!(
             "nothing to reset: pipeline {pipeline:?} has no checkpoints in {}",
@@ -365,6 +345,75 @@ pub(crate) async fn reset(target: &Target, reset: Reset) -> Result<(), Error> {
         );
         return Ok(());
     }
+    refuse_held(&views, &wanted, reset.force)?;
+    let plan = plan_reset(reset.to.as_deref(), &wanted, &existing, &views)?;
+    println!("pipeline {pipeline:?} in {}:", store.describe());
+    for change in &plan {
+        println!(
+            "  {}: {} -> {}",
+            change.partition,
+            change.old.as_deref().unwrap_or("none"),
+            change
+                .new
+                .as_ref()
+                .map_or_else(|| "forgotten".to_string(), ToString::to_string)
+        );
+    }
+    if !reset.yes && !confirm(plan.len())? {
+        println!("nothing changed");
+        return Ok(());
+    }
+    apply_reset(&store, &pipeline, &plan, &existing).await?;
+    println!(
+        "reset {} checkpoint(s) of pipeline {pipeline:?}",
+        plan.len()
+    );
+    Ok(())
+}
+
+/// The broker's view, where the file names a source that can give it: owners, and the
+/// positions `earliest` and `latest` stand for.
+async fn broker_views(
+    cfg: Option<&PipelineConfig>,
+    stores: &Stores,
+    pipeline: &str,
+    existing: &[Checkpoint],
+) -> Result<Vec<PartitionView>, Error> {
+    let Some(cfg) = cfg else {
+        return Ok(Vec::new());
+    };
+    match make_source(&cfg.source, stores)
+        .await?
+        .inspect(pipeline, existing)
+        .await
+    {
+        Ok(v) => Ok(v),
+        Err(e) if e.kind() == ErrorKind::Unsupported => Ok(Vec::new()),
+        Err(e) => Err(e.with_hint(
+            "the broker must answer to tell who holds the partitions; fix the connection or use --data/--pipeline for the embedded store",
+        )),
+    }
+}
+
+/// The partitions named, else with `--to` every partition the broker knows, else every
+/// partition with a checkpoint.
+fn partitions_to_reset(
+    reset: &Reset,
+    views: &[PartitionView],
+    existing: &[Checkpoint],
+) -> Vec<PartitionId> {
+    if !reset.partitions.is_empty() {
+        reset.partitions.iter().map(PartitionId::new).collect()
+    } else if reset.to.is_some() && !views.is_empty() {
+        views.iter().map(|v| v.partition.clone()).collect()
+    } else {
+        existing.iter().map(|c| c.partition.clone()).collect()
+    }
+}
+
+/// Refuses, unless forced, when a running pipeline holds any of the partitions: it would
+/// write its own checkpoints over the reset ones.
+fn refuse_held(views: &[PartitionView], wanted: &[PartitionId], force: bool) -> Result<(), Error> {
     let held: Vec<String> = views
         .iter()
         .filter(|v| wanted.contains(&v.partition))
@@ -374,79 +423,101 @@ pub(crate) async fn reset(target: &Target, reset: Reset) -> Result<(), Error> {
                 .map(|o| format!("{} (held by {o})", v.partition))
         })
         .collect();
-    if !held.is_empty() && !reset.force {
+    if !held.is_empty() && !force {
         return Err(Error::config(format!(
             "refused: a running pipeline holds {}",
             held.join(", ")
         ))
         .with_hint("stop the pipeline first (it would write its own checkpoints over these), or pass --force"));
     }
-    let mut plan: Vec<(PartitionId, Option<String>, Option<Position>)> = Vec::new();
-    for p in &wanted {
+    Ok(())
+}
+
+/// One partition's checkpoint before and after the reset; no new position forgets it.
+struct CheckpointChange {
+    partition: PartitionId,
+    old: Option<String>,
+    new: Option<Position>,
+}
+
+fn plan_reset(
+    to: Option<&str>,
+    wanted: &[PartitionId],
+    existing: &[Checkpoint],
+    views: &[PartitionView],
+) -> Result<Vec<CheckpointChange>, Error> {
+    let mut plan = Vec::new();
+    for p in wanted {
         let old = existing
             .iter()
             .find(|c| &c.partition == p)
             .map(|c| c.position.to_string());
         let view = views.iter().find(|v| &v.partition == p);
-        let new = match reset.to.as_deref() {
-            None => None,
-            Some("latest") => Some(view.and_then(|v| v.end.clone()).ok_or_else(|| {
-                Error::config(format!("partition {p}: the broker names no last record"))
-                    .with_hint("an empty partition needs no reset; or pass --to POSITION")
-            })?),
-            Some("earliest") => {
-                return Err(Error::config("--to earliest: a checkpoint names the last record processed, and before the first there is none")
-                    .with_hint("reset without --to (the source then starts after the broker's committed position, or at its configured start), or pass --to POSITION"));
-            }
-            Some(text) => Some(Position::parse_decimal(text).map_err(|e| {
-                Error::config(format!("--to {text:?} is not a position"))
-                    .with_context("cause", e)
-                    .with_hint(
-                        "a decimal position (a Kafka offset, a Kinesis position), or `latest`",
-                    )
-            })?),
-        };
-        plan.push((p.clone(), old, new));
+        plan.push(CheckpointChange {
+            partition: p.clone(),
+            old,
+            new: reset_position(to, p, view)?,
+        });
     }
-    println!("pipeline {pipeline:?} in {}:", store.describe());
-    for (p, old, new) in &plan {
-        println!(
-            "  {p}: {} -> {}",
-            old.as_deref().unwrap_or("none"),
-            new.as_ref()
-                .map_or_else(|| "forgotten".to_string(), ToString::to_string)
-        );
-    }
-    if !reset.yes && !confirm(plan.len())? {
-        println!("nothing changed");
-        return Ok(());
-    }
+    Ok(plan)
+}
+
+/// The position `--to` names for partition `p`; `None` without `--to`.
+fn reset_position(
+    to: Option<&str>,
+    p: &PartitionId,
+    view: Option<&PartitionView>,
+) -> Result<Option<Position>, Error> {
+    Ok(match to {
+        None => None,
+        Some("latest") => Some(view.and_then(|v| v.end.clone()).ok_or_else(|| {
+            Error::config(format!("partition {p}: the broker names no last record"))
+                .with_hint("an empty partition needs no reset; or pass --to POSITION")
+        })?),
+        Some("earliest") => {
+            return Err(Error::config("--to earliest: a checkpoint names the last record processed, and before the first there is none")
+                .with_hint("reset without --to (the source then starts after the broker's committed position, or at its configured start), or pass --to POSITION"));
+        }
+        Some(text) => Some(Position::parse_decimal(text).map_err(|e| {
+            Error::config(format!("--to {text:?} is not a position"))
+                .with_context("cause", e)
+                .with_hint("a decimal position (a Kafka offset, a Kinesis position), or `latest`")
+        })?),
+    })
+}
+
+/// Forgets the checkpoints without a new position and writes the others, keeping each
+/// partition's fence.
+async fn apply_reset(
+    store: &Arc<dyn CheckpointStore>,
+    pipeline: &str,
+    plan: &[CheckpointChange],
+    existing: &[Checkpoint],
+) -> Result<(), Error> {
     let forget: Vec<PartitionId> = plan
         .iter()
-        .filter(|(_, _, new)| new.is_none())
-        .map(|(p, _, _)| p.clone())
+        .filter(|change| change.new.is_none())
+        .map(|change| change.partition.clone())
         .collect();
     if !forget.is_empty() {
-        store.reset(&pipeline, Some(&forget)).await?;
+        store.reset(pipeline, Some(&forget)).await?;
     }
     let set: Vec<Checkpoint> = plan
         .iter()
-        .filter_map(|(p, _, new)| {
+        .filter_map(|change| {
             let fence = existing
                 .iter()
-                .find(|c| &c.partition == p)
+                .find(|c| c.partition == change.partition)
                 .and_then(|c| c.fence);
-            new.clone()
-                .map(|pos| Checkpoint::new(p.clone(), pos).with_fence(fence))
+            change
+                .new
+                .clone()
+                .map(|pos| Checkpoint::new(change.partition.clone(), pos).with_fence(fence))
         })
         .collect();
     if !set.is_empty() {
-        store.commit(&pipeline, &set).await?;
+        store.commit(pipeline, &set).await?;
     }
-    println!(
-        "reset {} checkpoint(s) of pipeline {pipeline:?}",
-        plan.len()
-    );
     Ok(())
 }
 

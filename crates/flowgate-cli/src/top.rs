@@ -101,7 +101,20 @@ impl View {
             Constraint::Length(1),
         ])
         .areas(frame.area());
-        let header = match (&self.status, &self.error) {
+        frame.render_widget(
+            Paragraph::new(self.header()).block(Block::bordered().title(" flowgate top ")),
+            head,
+        );
+        frame.render_widget(self.partition_table(), body);
+        frame.render_widget(
+            Paragraph::new(format!(" s sort ({})   q quit", self.sort.name())),
+            foot,
+        );
+    }
+
+    /// The pipeline's health and rates, or why there are none.
+    fn header(&self) -> Line<'static> {
+        match (&self.status, &self.error) {
             (_, Some(e)) => Line::from(format!("{}: {e} (retrying)", self.addr))
                 .style(Style::default().fg(Color::Red)),
             (Some(s), None) => Line::from(format!(
@@ -114,11 +127,11 @@ impl View {
                 s["in_flight"].as_u64().unwrap_or(0),
             )),
             (None, None) => Line::from(format!("{}: waiting for /status", self.addr)),
-        };
-        frame.render_widget(
-            Paragraph::new(header).block(Block::bordered().title(" flowgate top ")),
-            head,
-        );
+        }
+    }
+
+    /// A row per partition, its lag bar scaled to the largest lag.
+    fn partition_table(&self) -> Table<'static> {
         let rows = self.rows();
         let max_lag = rows
             .iter()
@@ -126,47 +139,14 @@ impl View {
             .max()
             .unwrap_or(0)
             .max(1);
-        let bar_width = 20usize;
-        let table_rows = rows.iter().map(|r| {
-            let lag = r["lag"].as_u64().unwrap_or(0);
-            let filled = ((lag as f64 / max_lag as f64) * bar_width as f64).ceil() as usize;
-            let bar = format!(
-                "{}{} {lag}",
-                "█".repeat(filled.min(bar_width)),
-                "·".repeat(bar_width - filled.min(bar_width))
-            );
-            let status = r["status"].as_str().unwrap_or("?").to_string();
-            let color = match status.as_str() {
-                "OK" => Color::Green,
-                "WARN" => Color::Yellow,
-                "REWIND" => Color::Blue,
-                _ => Color::Red,
-            };
-            let secs = |v: &Value| {
-                v.as_f64()
-                    .map_or_else(|| "-".to_string(), |s| format!("{s:.1}s"))
-            };
-            let catch_up = match r["catch_up_seconds"].as_f64() {
-                Some(s) => format!("{s:.0}s"),
-                None => "falling behind".to_string(),
-            };
-            Row::new(vec![
-                r["partition"].as_str().unwrap_or("?").to_string(),
-                status,
-                bar,
-                secs(&r["lag_seconds"]),
-                format!("{:+.1}/s", r["lag_rate"].as_f64().unwrap_or(0.0)),
-                catch_up,
-                r["in_flight"].as_u64().unwrap_or(0).to_string(),
-            ])
-            .style(Style::default().fg(color))
-        });
-        let table = Table::new(
+        let table_rows: Vec<Row<'static>> =
+            rows.iter().map(|r| partition_row(r, max_lag)).collect();
+        Table::new(
             table_rows,
             [
                 Constraint::Min(14),
                 Constraint::Length(7),
-                Constraint::Length(bar_width as u16 + 12),
+                Constraint::Length(BAR_WIDTH as u16 + 12),
                 Constraint::Length(9),
                 Constraint::Length(11),
                 Constraint::Length(15),
@@ -185,13 +165,51 @@ impl View {
             ])
             .style(Style::default().add_modifier(Modifier::BOLD)),
         )
-        .block(Block::bordered());
-        frame.render_widget(table, body);
-        frame.render_widget(
-            Paragraph::new(format!(" s sort ({})   q quit", self.sort.name())),
-            foot,
-        );
+        .block(Block::bordered())
     }
+}
+
+/// Characters of a full lag bar.
+const BAR_WIDTH: usize = 20;
+
+/// One partition of `/status`, coloured by its status.
+fn partition_row(r: &Value, max_lag: u64) -> Row<'static> {
+    let lag = r["lag"].as_u64().unwrap_or(0);
+    let status = r["status"].as_str().unwrap_or("?").to_string();
+    let color = match status.as_str() {
+        "OK" => Color::Green,
+        "WARN" => Color::Yellow,
+        "REWIND" => Color::Blue,
+        _ => Color::Red,
+    };
+    let secs = |v: &Value| {
+        v.as_f64()
+            .map_or_else(|| "-".to_string(), |s| format!("{s:.1}s"))
+    };
+    let catch_up = match r["catch_up_seconds"].as_f64() {
+        Some(s) => format!("{s:.0}s"),
+        None => "falling behind".to_string(),
+    };
+    Row::new(vec![
+        r["partition"].as_str().unwrap_or("?").to_string(),
+        status,
+        lag_bar(lag, max_lag),
+        secs(&r["lag_seconds"]),
+        format!("{:+.1}/s", r["lag_rate"].as_f64().unwrap_or(0.0)),
+        catch_up,
+        r["in_flight"].as_u64().unwrap_or(0).to_string(),
+    ])
+    .style(Style::default().fg(color))
+}
+
+/// `lag` as a bar of `BAR_WIDTH` characters, full at `max_lag`, then the number.
+fn lag_bar(lag: u64, max_lag: u64) -> String {
+    let filled = ((lag as f64 / max_lag as f64) * BAR_WIDTH as f64).ceil() as usize;
+    format!(
+        "{}{} {lag}",
+        "█".repeat(filled.min(BAR_WIDTH)),
+        "·".repeat(BAR_WIDTH - filled.min(BAR_WIDTH))
+    )
 }
 
 /// `GET /status` on `addr`, as JSON.

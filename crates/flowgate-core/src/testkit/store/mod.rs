@@ -7,8 +7,12 @@ use async_trait::async_trait;
 
 use crate::{
     Checkpoint, CheckpointStore, DedupStore, ErrorKind, IdempotencyKey, Lease, LeaseStore,
-    PartitionId, Position, PositionRange,
+    PartitionId, Position,
 };
+
+mod positional;
+
+pub use positional::positional_marks;
 
 /// Opens a store under test; `reopen` must see everything committed before.
 #[async_trait]
@@ -188,149 +192,6 @@ pub async fn dedup_marks_are_durable_and_expire<H: StoreHarness>(h: &H) {
     assert_eq!(
         s.seen(pipeline, &[]).await.expect("empty"),
         Vec::<bool>::new()
-    );
-}
-
-/// Positional marks (when supported): a range covers exactly its positions, survives
-/// re-opening, is isolated per partition and pipeline, and expires.
-pub async fn positional_marks<H: StoreHarness>(h: &H) {
-    let pipeline = "conf-ranges";
-    let p = PartitionId::new("p");
-    let q = PartitionId::new("q");
-    let range = |part: &PartitionId, a: u64, b: u64| PositionRange {
-        partition: part.clone(),
-        first: Position::from(a),
-        last: Position::from(b),
-    };
-    let probe: Vec<Position> = [5u64, 10, 15, 20, 21, 30, 31, 45]
-        .into_iter()
-        .map(Position::from)
-        .collect();
-    {
-        let s = h.open().await;
-        if !s.supports_position_ranges() {
-            return;
-        }
-        s.mark_ranges(
-            pipeline,
-            &[range(&p, 10, 20), range(&p, 30, 30)],
-            Duration::from_secs(3600),
-        )
-        .await
-        .expect("mark_ranges");
-        s.mark_ranges(pipeline, &[range(&p, 40, 50)], Duration::from_millis(300))
-            .await
-            .expect("mark_ranges short");
-    }
-    let s = h.open().await;
-    let seen = s
-        .seen_positions(pipeline, &p, &probe)
-        .await
-        .expect("seen_positions");
-    assert_eq!(
-        seen,
-        vec![false, true, true, true, false, true, false, true],
-        "contract: a range covers exactly first..=last, durably"
-    );
-    // Unsorted input is answered in input order.
-    let rev: Vec<Position> = probe.iter().rev().cloned().collect();
-    let mut back = s
-        .seen_positions(pipeline, &p, &rev)
-        .await
-        .expect("seen_positions");
-    back.reverse();
-    assert_eq!(back, seen);
-    assert_eq!(
-        s.seen_positions(pipeline, &q, &probe).await.expect("seen"),
-        vec![false; 8],
-        "partitions are isolated"
-    );
-    assert_eq!(
-        s.seen_positions("conf-ranges-2", &p, &probe)
-            .await
-            .expect("seen"),
-        vec![false; 8],
-        "pipelines are isolated"
-    );
-    let last = |part: &PartitionId, pipeline: &'static str| {
-        let (s, part) = (s.clone(), part.clone());
-        async move {
-            s.last_marked_position(pipeline, &part)
-                .await
-                .expect("last_marked_position")
-        }
-    };
-    assert_eq!(
-        last(&p, pipeline).await,
-        Some(Position::from(50u64)),
-        "contract: the last marked position is the highest live range's end"
-    );
-    assert_eq!(last(&q, pipeline).await, None, "partitions are isolated");
-    assert_eq!(
-        last(&p, "conf-ranges-2").await,
-        None,
-        "pipelines are isolated"
-    );
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(
-        last(&p, pipeline).await,
-        Some(Position::from(30u64)),
-        "contract: an expired range no longer counts as the last mark"
-    );
-    let seen = s
-        .seen_positions(
-            pipeline,
-            &p,
-            &[Position::from(45u64), Position::from(15u64)],
-        )
-        .await
-        .expect("seen");
-    assert_eq!(
-        seen,
-        vec![false, true],
-        "contract: ranges expire after their TTL"
-    );
-    // A replayed, smaller batch inside an earlier range, then an overlapping one: the union stays
-    // marked.
-    s.mark_ranges(pipeline, &[range(&p, 100, 200)], Duration::from_secs(60))
-        .await
-        .expect("mark");
-    s.mark_ranges(pipeline, &[range(&p, 150, 160)], Duration::from_secs(60))
-        .await
-        .expect("mark nested");
-    s.mark_ranges(pipeline, &[range(&p, 190, 250)], Duration::from_secs(60))
-        .await
-        .expect("mark overlapping");
-    let probe: Vec<Position> = [99u64, 100, 170, 199, 230, 250, 251]
-        .into_iter()
-        .map(Position::from)
-        .collect();
-    assert_eq!(
-        s.seen_positions(pipeline, &p, &probe).await.expect("seen"),
-        vec![false, true, true, true, true, true, false],
-        "contract: nested and overlapping ranges keep their union marked"
-    );
-    assert_eq!(last(&p, pipeline).await, Some(Position::from(250u64)));
-    let big = Position::parse_decimal("49590338271490256608559692538361571095921575989136588898")
-        .expect("decimal");
-    let bigger = big.successor();
-    s.mark_ranges(
-        pipeline,
-        &[PositionRange {
-            partition: q.clone(),
-            first: big.clone(),
-            last: big.clone(),
-        }],
-        Duration::from_secs(60),
-    )
-    .await
-    .expect("mark big");
-    assert_eq!(last(&q, pipeline).await, Some(big.clone()));
-    assert_eq!(
-        s.seen_positions(pipeline, &q, &[big, bigger])
-            .await
-            .expect("seen"),
-        vec![true, false]
     );
 }
 
