@@ -31,6 +31,8 @@ mod retry;
 mod settings;
 mod shutdown;
 mod stats;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 mod tracker;
 mod worker;
 

@@ -10,6 +10,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 
 pub(crate) use flowgate_rig_tests::{rig, unique};
 
+pub(crate) mod harness;
+
 pub(crate) fn bootstrap() -> String {
     flowgate_rig_tests::endpoint("FLOWGATE_TEST_KAFKA_BOOTSTRAP")
 }

@@ -1,0 +1,173 @@
+//! Restart: the broker stopped and started under a running pipeline, with records written
+//! before and after. Nothing is lost, the outage reads as `disconnected` and then `healthy`,
+//! and the checkpoints (or acknowledgements) reach the end.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flowgate_core::{CheckpointStore, DedupStore};
+
+use crate::adapters::{FaultConfig, FaultInjectingSink, MemorySink};
+use crate::stats::Health;
+use crate::{KeyExtractor, Pipeline, RuntimeSettings, Shutdown};
+
+use super::harness::{
+    HealthLog, numbered, payload_counts, unique, wait_for_distinct, wait_for_no_backlog,
+};
+use super::{BrokerHarness, ScenarioReport};
+
+/// How the suite runs.
+#[derive(Clone, Copy, Debug)]
+pub struct RestartPlan {
+    /// Records produced before the restart.
+    pub before: usize,
+    /// Records produced after the broker is back.
+    pub after: usize,
+    /// The sink's pace, slow enough that the broker goes away mid-stream.
+    pub sink_per_sec: f64,
+    /// `max_in_flight_per_partition`.
+    pub max_in_flight: usize,
+    /// Records written before the broker is stopped.
+    pub stop_at: usize,
+    /// How long the broker stays down.
+    pub down_for: Duration,
+}
+
+/// Runs the suite. `store` is the checkpoint store of a replayable source, and the dedup
+/// store (by the record's key) of a queue, whose unacknowledged messages come again after
+/// the reconnect.
+pub async fn loses_nothing<H, S>(h: &H, plan: RestartPlan, store: Arc<S>) -> ScenarioReport
+where
+    H: BrokerHarness,
+    S: CheckpointStore + DedupStore + 'static,
+{
+    let caps = h.capabilities();
+    assert!(
+        caps.restartable,
+        "{}: the rig cannot restart this broker",
+        h.broker()
+    );
+    let stream = h.create().await;
+    let pipeline = unique(&format!("{}-restart", h.broker()));
+    h.produce(&stream, &numbered("m", 0..plan.before)).await;
+
+    let sink = MemorySink::new();
+    let mut builder = Pipeline::builder(pipeline.clone())
+        .source(h.source(&stream, &pipeline))
+        .sink(FaultInjectingSink::new(
+            sink.clone(),
+            FaultConfig {
+                capacity_per_sec: Some(plan.sink_per_sec),
+                ..Default::default()
+            },
+        ))
+        .settings(RuntimeSettings {
+            max_in_flight_per_partition: plan.max_in_flight,
+            ..Default::default()
+        });
+    builder = if caps.replayable {
+        builder.checkpoint_store(store.clone())
+    } else {
+        builder.dedup(store.clone(), KeyExtractor::Key)
+    };
+    let pipe = builder.build().expect("a valid pipeline");
+    let stats = pipe.stats();
+    let (trigger, shutdown) = Shutdown::manual();
+    let run = tokio::spawn(pipe.run(shutdown));
+
+    let started = std::time::Instant::now();
+    while sink.len() < plan.stop_at {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{}: the pipeline did not get going: {} records",
+            h.broker(),
+            sink.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let at_stop = sink.len();
+    let health = HealthLog::start(stats.clone());
+    let gone = h.restart(plan.down_for).await;
+    eprintln!(
+        "{}/restart: broker stopped at {at_stop} records written, back after {:.1}s",
+        h.broker(),
+        gone.as_secs_f64()
+    );
+    h.produce(
+        &stream,
+        &numbered("m", plan.before..plan.before + plan.after),
+    )
+    .await;
+    let total = plan.before + plan.after;
+    wait_for_distinct(&sink, total, Duration::from_secs(120), h.broker()).await;
+    // Let the last acknowledgements and commits go out.
+    wait_for_no_backlog(h, &stream, &pipeline, Duration::from_secs(30)).await;
+    let seen = health.stop().await;
+    eprintln!("{}/restart: health went {seen:?}", h.broker());
+    assert!(
+        seen.contains(&Health::Disconnected),
+        "{}: the outage never read as disconnected: {seen:?}",
+        h.broker()
+    );
+    assert_eq!(
+        seen.last(),
+        Some(&Health::Healthy),
+        "{}: {seen:?}",
+        h.broker()
+    );
+    trigger.trigger();
+    let summary = run
+        .await
+        .expect("the pipeline task")
+        .expect("the pipeline stops cleanly");
+
+    let written = sink.records();
+    let counts = payload_counts(&written);
+    for i in 0..total {
+        assert!(
+            counts.contains_key(&format!("m{i}")),
+            "{}: m{i} lost",
+            h.broker()
+        );
+    }
+    if caps.replayable {
+        // The checkpoints reached the end of every partition.
+        let stored = store.load(&pipeline).await.expect("the checkpoints load");
+        assert_eq!(
+            stored.len() as u32,
+            caps.partitions,
+            "{}: {stored:?}",
+            h.broker()
+        );
+        for cp in &stored {
+            let last = written
+                .iter()
+                .filter(|r| r.partition == cp.partition)
+                .map(|r| &r.position)
+                .max();
+            assert_eq!(
+                Some(&cp.position),
+                last,
+                "{}: checkpoint of {}",
+                h.broker(),
+                cp.partition
+            );
+        }
+    }
+    let report = ScenarioReport {
+        stream,
+        pipeline,
+        summary,
+        written,
+    };
+    eprintln!(
+        "{}/restart: {total} records, {} written ({} duplicates), {} rebalances, {} retries, {} dedup hits",
+        h.broker(),
+        report.written.len(),
+        report.duplicates(),
+        report.summary.stats.rebalances,
+        report.summary.stats.retries,
+        report.summary.stats.dedup_hits,
+    );
+    report
+}
