@@ -8,6 +8,8 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 pub(crate) use flowgate_rig_tests::{rig, unique};
 
+pub(crate) mod harness;
+
 pub(crate) fn url() -> String {
     flowgate_rig_tests::endpoint("FLOWGATE_TEST_RABBITMQ_URL")
 }
