@@ -1,5 +1,6 @@
 //! The runtime's broker-restart suite against the rig's Kafka (in a test binary of its own:
 //! the broker goes down under it).
+#![cfg(feature = "broker-tests")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! The RabbitMQ adapter against the real broker of `cargo xtask brokers up`: the core
 //! conformance suite for the source (classic queue and stream) and the sink, the slow sink,
-//! poison records to the dead-letter exchange, unroutable publishes, a deleted queue, and a
+//! unroutable publishes, a deleted queue, and a
 //! stream resumed from its checkpoint.
 #![cfg(feature = "broker-tests")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]

@@ -83,7 +83,7 @@ impl BrokerHarness for Kafka {
         )
     }
 
-    fn dead_letter_sink(&self, stream: &str) -> Option<Box<dyn Sink>> {
+    async fn dead_letter_sink(&self, stream: &str) -> Option<Box<dyn Sink>> {
         Some(Box::new(
             KafkaSink::new(KafkaSinkConfig {
                 bootstrap_servers: bootstrap(),

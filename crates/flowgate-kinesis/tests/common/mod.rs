@@ -9,6 +9,8 @@ use flowgate_kinesis::{KinesisConnection, KinesisSourceConfig};
 
 pub(crate) use flowgate_rig_tests::unique;
 
+pub(crate) mod harness;
+
 pub(crate) fn connection() -> KinesisConnection {
     KinesisConnection {
         endpoint_url: Some(flowgate_rig_tests::endpoint(

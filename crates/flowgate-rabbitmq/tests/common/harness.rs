@@ -108,7 +108,7 @@ impl BrokerHarness for Rabbit {
     }
 
     /// None: poison is rejected to the queue's dead-letter exchange.
-    fn dead_letter_sink(&self, _stream: &str) -> Option<Box<dyn Sink>> {
+    async fn dead_letter_sink(&self, _stream: &str) -> Option<Box<dyn Sink>> {
         None
     }
 

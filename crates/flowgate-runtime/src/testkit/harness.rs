@@ -48,7 +48,7 @@ pub trait BrokerHarness: Send + Sync {
 
     /// The sink dead letters of `stream` go to, or `None` when the source dead-letters on its
     /// broker (RabbitMQ's dead-letter exchange).
-    fn dead_letter_sink(&self, stream: &str) -> Option<Box<dyn Sink>>;
+    async fn dead_letter_sink(&self, stream: &str) -> Option<Box<dyn Sink>>;
 
     /// The payloads dead-lettered for `stream`, read with a plain client.
     async fn dead_letters(&self, stream: &str) -> Vec<String>;

@@ -2,7 +2,10 @@
 //! or the broker's own dead-letter route), is acknowledged, and the partition keeps flowing:
 //! every other record arrives, and the broker counts nothing left to consume.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use flowgate_core::CheckpointStore;
 
 use crate::adapters::{FaultConfig, FaultInjectingSink, MemorySink};
 use crate::{Pipeline, Shutdown};
@@ -17,8 +20,12 @@ fn is_poison(i: usize) -> bool {
     i % 50 == 7
 }
 
-/// Runs the suite: [`RECORDS`] records, of which 10 are poison.
-pub async fn dead_lettered_and_the_rest_flows<H: BrokerHarness>(h: &H) -> ScenarioReport {
+/// Runs the suite: [`RECORDS`] records, of which 10 are poison; `store` is the checkpoint
+/// store when the broker is replayable.
+pub async fn dead_lettered_and_the_rest_flows<H: BrokerHarness>(
+    h: &H,
+    store: Arc<dyn CheckpointStore>,
+) -> ScenarioReport {
     let stream = h.create().await;
     let pipeline = unique(&format!("{}-poison", h.broker()));
     let payloads: Vec<String> = (0..RECORDS)
@@ -48,7 +55,10 @@ pub async fn dead_lettered_and_the_rest_flows<H: BrokerHarness>(h: &H) -> Scenar
     let mut builder = Pipeline::builder(pipeline.clone())
         .source(h.source(&stream, &pipeline))
         .sink(faulty);
-    if let Some(dead_letter) = h.dead_letter_sink(&stream) {
+    if h.capabilities().replayable {
+        builder = builder.checkpoint_store(store);
+    }
+    if let Some(dead_letter) = h.dead_letter_sink(&stream).await {
         builder = builder.dead_letter(dead_letter);
     }
     let pipe = builder.build().expect("a valid pipeline");

@@ -1,6 +1,7 @@
 //! The runtime's scenario suites (delivery, poison) against the rig's RabbitMQ, through a
 //! harness of plain lapin clients; the broker restart suite runs in `broker_restart.rs`, a
 //! test binary of its own, so that no other test meets the broker down.
+#![cfg(feature = "broker-tests")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -20,5 +21,7 @@ async fn delivery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_is_dead_lettered_on_the_broker() {
-    testkit::poison::dead_lettered_and_the_rest_flows(&Rabbit::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open_dir(dir.path()).await.unwrap());
+    testkit::poison::dead_lettered_and_the_rest_flows(&Rabbit::default(), store).await;
 }
