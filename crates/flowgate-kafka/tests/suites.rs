@@ -1,4 +1,4 @@
-//! The runtime's scenario suites (delivery, poison) against the rig's Kafka,
+//! The runtime's scenario suites (delivery, poison, slow sink) against the rig's Kafka,
 //! through a harness of plain rdkafka clients; plus what is specific to Kafka. The broker restart
 //! suite runs in `broker_restart.rs`: a test binary of its own, so that no other test meets
 //! the broker down.
@@ -23,4 +23,10 @@ async fn poison_goes_to_the_dead_letter_topic() {
     // Kafka's own: the dead letter keeps the record's key.
     let letters = common::read_back(&dead_letter_topic(&report.stream)).await;
     assert!(letters.iter().all(|r| r.key.as_deref() == Some(&b"k"[..])));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_sink() {
+    let (_dir, store) = store().await;
+    testkit::slow_sink::bounded_and_no_rebalance(&Kafka, store).await;
 }

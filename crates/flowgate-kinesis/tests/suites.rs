@@ -1,4 +1,4 @@
-//! The runtime's scenario suites (delivery, poison) against the rig's kinesis-mock, through a
+//! The runtime's scenario suites (delivery, poison, slow sink) against the rig's kinesis-mock, through a
 //! harness of plain AWS SDK calls.
 #![cfg(feature = "broker-tests")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -18,4 +18,10 @@ async fn delivery() {
 async fn poison_goes_to_the_dead_letter_stream() {
     let h = Kinesis::default();
     testkit::poison::dead_lettered_and_the_rest_flows(&h, h.store.clone()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_sink() {
+    let h = Kinesis::default();
+    testkit::slow_sink::bounded_and_no_rebalance(&h, h.store.clone()).await;
 }

@@ -8,6 +8,10 @@
 //! - [`sink`]: confirmed writes read back, batch limits, idempotency key forwarding.
 //! - [`store`]: checkpoint durability, monotonicity, fencing, reset, isolation; dedup marks
 //!   and their TTL; the transactional path.
+//!
+//! The scenario suites that run whole pipelines against a broker (delivery, poison, broker
+//! restart) build on these and live in `flowgate-runtime`'s testkit, since they need the
+//! runtime.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod sink;

@@ -34,6 +34,7 @@ impl BrokerHarness for Kafka {
         Capabilities {
             replayable: true,
             restartable: true,
+            reports_lag: true,
             partitions: PARTITIONS,
         }
     }

@@ -43,6 +43,7 @@ impl BrokerHarness for Kinesis {
         Capabilities {
             replayable: true,
             restartable: true,
+            reports_lag: false,
             partitions: SHARDS,
         }
     }

@@ -45,6 +45,7 @@ impl BrokerHarness for Rabbit {
         Capabilities {
             replayable: false,
             restartable: true,
+            reports_lag: true,
             partitions: 1,
         }
     }

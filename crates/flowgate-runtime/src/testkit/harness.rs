@@ -22,6 +22,9 @@ pub struct Capabilities {
     pub restartable: bool,
     /// Partitions a new stream gets in the suites (1 for a queue).
     pub partitions: u32,
+    /// The broker tells how far behind a consumer is while it reads (kinesis-mock answers
+    /// `MillisBehindLatest` = 0 whatever the backlog; AWS does not).
+    pub reports_lag: bool,
 }
 
 /// A broker as the scenario suites drive it: the adapter's tests implement it with plain

@@ -3,7 +3,9 @@
 //! - [`delivery`]: every record arrives once and the broker's own count shows nothing left;
 //! - [`poison`]: a record the sink refuses goes to the dead letters, the rest flows on;
 //! - [`restart`]: the broker stopped and started mid-stream loses nothing, and the outage
-//!   reads as `disconnected` while it lasts.
+//!   reads as `disconnected` while it lasts;
+//! - [`slow_sink`]: a sink ten times slower than the backlog: in flight within the bound, no
+//!   rebalance, the lag visible, every record once.
 //!
 //! An adapter's tests implement [`BrokerHarness`] for its broker (create a stream, produce,
 //! read dead letters, restart the broker, count the backlog) and call each suite; what is
@@ -19,5 +21,6 @@ pub mod delivery;
 mod harness;
 pub mod poison;
 pub mod restart;
+pub mod slow_sink;
 
 pub use harness::{BrokerHarness, Capabilities, ScenarioReport};

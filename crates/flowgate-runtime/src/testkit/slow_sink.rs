@@ -1,0 +1,125 @@
+//! Slow sink: a sink ten times slower than the backlog it is given. The pipeline holds no
+//! more than its in-flight bound, keeps its membership (no rebalance while it is slow), shows
+//! the lag while it lasts, and delivers every record once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flowgate_core::CheckpointStore;
+
+use crate::adapters::{FaultConfig, FaultInjectingSink, MemorySink};
+use crate::{Pipeline, RuntimeSettings, Shutdown};
+
+use super::harness::{numbered, payload_counts, unique, wait_for_distinct, wait_for_no_backlog};
+use super::{BrokerHarness, ScenarioReport};
+
+/// Records produced by the suite.
+pub const RECORDS: usize = 3_000;
+/// The sink's pace, in records per second: the suite lasts about 10 s.
+pub const SINK_PER_SEC: f64 = 300.0;
+/// `max_in_flight_per_partition`: far below the backlog.
+pub const MAX_IN_FLIGHT: usize = 100;
+
+/// Runs the suite; `store` is the checkpoint store when the broker is replayable.
+pub async fn bounded_and_no_rebalance<H: BrokerHarness>(
+    h: &H,
+    store: Arc<dyn CheckpointStore>,
+) -> ScenarioReport {
+    let caps = h.capabilities();
+    let stream = h.create().await;
+    let pipeline = unique(&format!("{}-slow", h.broker()));
+    h.produce(&stream, &numbered("s", 0..RECORDS)).await;
+
+    let sink = MemorySink::new();
+    let mut builder = Pipeline::builder(pipeline.clone())
+        .source(h.source(&stream, &pipeline))
+        .sink(FaultInjectingSink::new(
+            sink.clone(),
+            FaultConfig {
+                capacity_per_sec: Some(SINK_PER_SEC),
+                ..Default::default()
+            },
+        ))
+        .settings(RuntimeSettings {
+            max_in_flight_per_partition: MAX_IN_FLIGHT,
+            ..Default::default()
+        });
+    if caps.replayable {
+        builder = builder.checkpoint_store(store);
+    }
+    let pipe = builder.build().expect("a valid pipeline");
+    let stats = pipe.stats();
+    let (trigger, shutdown) = Shutdown::manual();
+    let run = tokio::spawn(pipe.run(shutdown));
+
+    // Once records flow, every partition is assigned: from then on, no rebalance.
+    let started = std::time::Instant::now();
+    while sink.len() < RECORDS / 10 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{}: the pipeline did not get going",
+            h.broker()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let settled = stats.snapshot().rebalances;
+    let mut peak_lag = 0;
+    while payload_counts(&sink.records()).len() < RECORDS {
+        let s = stats.snapshot();
+        peak_lag = peak_lag.max(s.lag);
+        assert_eq!(
+            s.rebalances,
+            settled,
+            "{}: a rebalance while the sink was slow",
+            h.broker()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{}: only {} of {RECORDS} records in 120 s",
+            h.broker(),
+            sink.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_distinct(&sink, RECORDS, Duration::from_secs(1), h.broker()).await;
+    trigger.trigger();
+    let summary = run
+        .await
+        .expect("the pipeline task")
+        .expect("the pipeline stops cleanly");
+
+    let written = sink.records();
+    assert_eq!(written.len(), RECORDS, "{}: every record once", h.broker());
+    assert!(
+        summary.stats.peak_partition_in_flight <= MAX_IN_FLIGHT as u64,
+        "{}: {} records in flight in one partition, above the bound of {MAX_IN_FLIGHT}",
+        h.broker(),
+        summary.stats.peak_partition_in_flight
+    );
+    if caps.reports_lag {
+        assert!(
+            peak_lag >= (RECORDS / 4) as u64,
+            "{}: the lag never showed the backlog (peak {peak_lag})",
+            h.broker()
+        );
+    }
+    assert_eq!(
+        summary.stats.rebalances,
+        settled,
+        "{}: no rebalance",
+        h.broker()
+    );
+    wait_for_no_backlog(h, &stream, &pipeline, Duration::from_secs(15)).await;
+    eprintln!(
+        "{}/slow sink: {RECORDS} records at {SINK_PER_SEC}/s, peak in flight {} (bound {MAX_IN_FLIGHT}), peak lag {peak_lag}, {} rebalances",
+        h.broker(),
+        summary.stats.peak_partition_in_flight,
+        summary.stats.rebalances
+    );
+    ScenarioReport {
+        stream,
+        pipeline,
+        summary,
+        written,
+    }
+}
