@@ -36,7 +36,8 @@ cargo xtask <task>
                            port, database filled in), e.g. `rabbitmqctl list_queues`
   bench runtime            generator -> null sink through a raw loop and through the runtime
                            (records/s side by side, ratios; with and without the endpoint
-                           scraped every second) and instructions per record
+                           scraped every second) and instructions per record (callgrind,
+                           median of 3 runs: --callgrind-reps=N)
   bench kafka              a pre-filled 4-partition topic read by a raw rdkafka loop and by the
                            flowgate Kafka source (with and without dedup), side by side; then
                            the consumer's RSS behind a 10x slower sink while the backlog grows,
@@ -489,7 +490,7 @@ fn bench_runtime(rest: &[&str]) -> Result<(), String> {
             m / sink_1ms
         );
     }
-    callgrind(bin)
+    callgrind(bin, flag(rest, "--callgrind-reps=", 3))
 }
 
 fn bench_kafka(rest: &[&str]) -> Result<(), String> {
@@ -1068,8 +1069,10 @@ fn median(v: &[f64]) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
-/// Instructions per record from two callgrind runs of different sizes (start-up cancels out).
-fn callgrind(bin: &str) -> Result<(), String> {
+/// Instructions per record from two callgrind runs of different sizes (start-up cancels out),
+/// repeated `reps` times: the count moves with how the threads interleave (how many records
+/// each source call returns, how batches fall), so the median and the range are reported.
+fn callgrind(bin: &str, reps: usize) -> Result<(), String> {
     if Command::new("valgrind")
         .arg("--version")
         .stdout(Stdio::null())
@@ -1082,53 +1085,79 @@ fn callgrind(bin: &str) -> Result<(), String> {
         return Ok(());
     }
     let (small, large) = (100_000u64, 300_000u64);
-    println!("\n| mode | instructions per record (callgrind, {small} vs {large} records) |");
-    println!("|---|---:|");
-    let mut per: Vec<(String, f64)> = Vec::new();
-    for mode in [
+    println!(
+        "\n| mode | instructions per record (callgrind, {small} vs {large} records; median of {reps}) | range |"
+    );
+    println!("|---|---:|---:|");
+    let modes = [
         "raw",
         "runtime",
         "runtime-endpoint",
         "runtime-checkpoint",
         "runtime-checkpoint-dedup",
-    ] {
-        let ir = |n: u64| -> Result<f64, String> {
-            let file = format!("target/callgrind.{mode}.{n}.out");
-            let out = Command::new("valgrind")
-                .args([
-                    "--tool=callgrind",
-                    &format!("--callgrind-out-file={file}"),
-                    bin,
-                    mode,
-                    &n.to_string(),
-                ])
-                .output()
-                .map_err(|e| e.to_string())?;
-            let text = String::from_utf8_lossy(&out.stderr);
-            let line = text
-                .lines()
-                .find(|l| l.contains("Collected :"))
-                .ok_or(format!("no callgrind total for {mode}"))?;
-            line.rsplit(':')
-                .next()
-                .and_then(|v| v.trim().replace(',', "").parse::<f64>().ok())
-                .ok_or("bad callgrind total".to_string())
-        };
-        let v = (ir(large)? - ir(small)?) / (large - small) as f64;
-        println!("| {mode} | {v:.0} |");
-        per.push((mode.to_string(), v));
+    ];
+    let mut per: Vec<(&str, Vec<f64>)> = Vec::new();
+    for mode in modes {
+        let mut runs = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            runs.push(
+                (callgrind_total(bin, mode, large)? - callgrind_total(bin, mode, small)?)
+                    / (large - small) as f64,
+            );
+        }
+        let (lo, hi) = range(&runs);
+        println!("| {mode} | {:.0} | {lo:.0}–{hi:.0} |", median(&runs));
+        per.push((mode, runs));
     }
-    println!(
-        "| runtime's own (runtime - raw) | {:.0} |",
-        per[1].1 - per[0].1
-    );
-    println!(
-        "| checkpointing's own (runtime-checkpoint - runtime) | {:.0} |",
-        per[2].1 - per[1].1
-    );
-    println!(
-        "| positional dedup's own (runtime-checkpoint-dedup - runtime-checkpoint) | {:.0} |",
-        per[3].1 - per[2].1
-    );
+    let med = |mode: &str| {
+        per.iter()
+            .find(|(m, _)| *m == mode)
+            .map_or(0.0, |(_, runs)| median(runs))
+    };
+    for (what, mode, base) in [
+        ("the runtime's own", "runtime", "raw"),
+        ("the endpoint's own", "runtime-endpoint", "runtime"),
+        ("checkpointing's own", "runtime-checkpoint", "runtime"),
+        (
+            "positional dedup's own",
+            "runtime-checkpoint-dedup",
+            "runtime-checkpoint",
+        ),
+    ] {
+        println!(
+            "| {what} ({mode} − {base}, medians) | {:.0} | |",
+            med(mode) - med(base)
+        );
+    }
     Ok(())
+}
+
+/// The instructions callgrind counted for one run of `bin mode n`.
+fn callgrind_total(bin: &str, mode: &str, n: u64) -> Result<f64, String> {
+    let out = Command::new("valgrind")
+        .args([
+            "--tool=callgrind",
+            "--callgrind-out-file=/dev/null",
+            bin,
+            mode,
+            &n.to_string(),
+        ])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stderr);
+    let line = text
+        .lines()
+        .find(|l| l.contains("Collected :"))
+        .ok_or(format!("no callgrind total for {mode}"))?;
+    line.rsplit(':')
+        .next()
+        .and_then(|v| v.trim().replace(',', "").parse::<f64>().ok())
+        .ok_or("bad callgrind total".to_string())
+}
+
+fn range(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+            (lo.min(*x), hi.max(*x))
+        })
 }

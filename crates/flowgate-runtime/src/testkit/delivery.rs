@@ -5,12 +5,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flowgate_core::{CheckpointStore, PartitionId};
+use flowgate_core::CheckpointStore;
 
 use crate::adapters::MemorySink;
-use crate::{Pipeline, RuntimeSettings, Shutdown};
+use crate::{Pipeline, RuntimeSettings};
 
-use super::harness::{numbered, payload_counts, unique, wait_for_distinct, wait_for_no_backlog};
+use super::harness::{
+    Running, assert_checkpoints_at_last_records, numbered, payload_counts, unique,
+    wait_for_distinct, wait_for_no_backlog,
+};
 use super::{BrokerHarness, ScenarioReport};
 
 /// Records produced by the suite.
@@ -37,16 +40,10 @@ pub async fn every_record_once<H: BrokerHarness>(
     if caps.replayable {
         builder = builder.checkpoint_store(store.clone());
     }
-    let (trigger, shutdown) = Shutdown::manual();
-    let run = tokio::spawn(builder.build().expect("a valid pipeline").run(shutdown));
-    wait_for_distinct(&sink, RECORDS, Duration::from_secs(60), h.broker()).await;
-    trigger.trigger();
-    let summary = run
-        .await
-        .expect("the pipeline task")
-        .expect("the pipeline stops cleanly");
+    let running = Running::start(builder, sink);
+    wait_for_distinct(&running.sink, RECORDS, Duration::from_secs(60), h.broker()).await;
+    let (summary, written) = running.stop().await;
 
-    let written = sink.records();
     let counts = payload_counts(&written);
     for p in &payloads {
         assert_eq!(
@@ -69,30 +66,8 @@ pub async fn every_record_once<H: BrokerHarness>(
     );
     wait_for_no_backlog(h, &stream, &pipeline, Duration::from_secs(15)).await;
     if caps.replayable {
-        // The checkpoint of each partition is its last record's position.
         let stored = store.load(&pipeline).await.expect("the checkpoints load");
-        let partitions: std::collections::BTreeSet<&PartitionId> =
-            written.iter().map(|r| &r.partition).collect();
-        assert_eq!(
-            stored.len(),
-            partitions.len(),
-            "{}: a checkpoint per partition: {stored:?}",
-            h.broker()
-        );
-        for cp in &stored {
-            let last = written
-                .iter()
-                .filter(|r| r.partition == cp.partition)
-                .map(|r| &r.position)
-                .max();
-            assert_eq!(
-                Some(&cp.position),
-                last,
-                "{}: checkpoint of {}",
-                h.broker(),
-                cp.partition
-            );
-        }
+        assert_checkpoints_at_last_records(h.broker(), &stored, &written, caps.partitions);
     }
     ScenarioReport {
         stream,

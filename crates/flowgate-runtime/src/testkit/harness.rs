@@ -178,3 +178,91 @@ impl HealthLog {
         self.task.await.unwrap_or_default()
     }
 }
+
+/// A pipeline running on a task of its own, with the sink it writes to.
+pub(crate) struct Running {
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) sink: MemorySink,
+    trigger: crate::shutdown::ShutdownTrigger,
+    run: tokio::task::JoinHandle<Result<RunSummary, flowgate_core::Error>>,
+}
+
+impl Running {
+    /// Builds `builder` (whose sink writes to `sink`) and runs it.
+    pub(crate) fn start(builder: crate::PipelineBuilder, sink: MemorySink) -> Self {
+        let pipeline = builder.build().expect("a valid pipeline");
+        let stats = pipeline.stats();
+        let (trigger, shutdown) = crate::Shutdown::manual();
+        let run = tokio::spawn(pipeline.run(shutdown));
+        Running {
+            stats,
+            sink,
+            trigger,
+            run,
+        }
+    }
+
+    /// Polls until the sink holds `n` records; panics naming `what` after `limit`.
+    pub(crate) async fn wait_written(&self, n: usize, limit: Duration, what: &str) {
+        let started = std::time::Instant::now();
+        while self.sink.len() < n {
+            assert!(
+                started.elapsed() < limit,
+                "{what}: {} of {n} records written in {limit:?}: {:?}",
+                self.sink.len(),
+                self.stats.snapshot()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Shuts the pipeline down; its summary (it must stop cleanly) and every record written.
+    pub(crate) async fn stop(self) -> (RunSummary, Vec<Record>) {
+        self.trigger.trigger();
+        let summary = self
+            .run
+            .await
+            .expect("the pipeline task")
+            .expect("the pipeline stops cleanly");
+        (summary, self.sink.records())
+    }
+}
+
+/// Asserts one checkpoint per partition of `partitions`, each at the position of the last
+/// record written in its partition.
+pub(crate) fn assert_checkpoints_at_last_records(
+    broker: &str,
+    checkpoints: &[flowgate_core::Checkpoint],
+    written: &[Record],
+    partitions: u32,
+) {
+    assert_eq!(
+        checkpoints.len() as u32,
+        partitions,
+        "{broker}: a checkpoint per partition: {checkpoints:?}"
+    );
+    for cp in checkpoints {
+        let last = written
+            .iter()
+            .filter(|r| r.partition == cp.partition)
+            .map(|r| &r.position)
+            .max();
+        assert_eq!(
+            Some(&cp.position),
+            last,
+            "{broker}: the checkpoint of {} is its last record's position",
+            cp.partition
+        );
+    }
+}
+
+/// Asserts that the health states `seen` include `disconnected` and end `healthy`: an
+/// outage read as such, then the way back.
+pub(crate) fn assert_away_then_back(broker: &str, seen: Vec<Health>) {
+    eprintln!("{broker}/restart: health went {seen:?}");
+    assert!(
+        seen.contains(&Health::Disconnected),
+        "{broker}: the outage never read as disconnected: {seen:?}"
+    );
+    assert_eq!(seen.last(), Some(&Health::Healthy), "{broker}: {seen:?}");
+}

@@ -8,11 +8,11 @@ use std::time::Duration;
 use flowgate_core::{CheckpointStore, DedupStore};
 
 use crate::adapters::{FaultConfig, FaultInjectingSink, MemorySink};
-use crate::stats::Health;
-use crate::{KeyExtractor, Pipeline, RuntimeSettings, Shutdown};
+use crate::{KeyExtractor, Pipeline, RuntimeSettings};
 
 use super::harness::{
-    HealthLog, numbered, payload_counts, unique, wait_for_distinct, wait_for_no_backlog,
+    HealthLog, Running, assert_away_then_back, assert_checkpoints_at_last_records, numbered,
+    payload_counts, unique, wait_for_distinct, wait_for_no_backlog,
 };
 use super::{BrokerHarness, ScenarioReport};
 
@@ -70,58 +70,19 @@ where
     } else {
         builder.dedup(store.clone(), KeyExtractor::Key)
     };
-    let pipe = builder.build().expect("a valid pipeline");
-    let stats = pipe.stats();
-    let (trigger, shutdown) = Shutdown::manual();
-    let run = tokio::spawn(pipe.run(shutdown));
-
-    let started = std::time::Instant::now();
-    while sink.len() < plan.stop_at {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "{}: the pipeline did not get going: {} records",
-            h.broker(),
-            sink.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let at_stop = sink.len();
-    let health = HealthLog::start(stats.clone());
-    let gone = h.restart(plan.down_for).await;
-    eprintln!(
-        "{}/restart: broker stopped at {at_stop} records written, back after {:.1}s",
-        h.broker(),
-        gone.as_secs_f64()
-    );
-    h.produce(
-        &stream,
-        &numbered("m", plan.before..plan.before + plan.after),
-    )
-    .await;
+    let running = Running::start(builder, sink);
+    running
+        .wait_written(plan.stop_at, Duration::from_secs(60), h.broker())
+        .await;
+    let health = HealthLog::start(running.stats.clone());
+    bounce_under(h, &stream, &running, plan).await;
     let total = plan.before + plan.after;
-    wait_for_distinct(&sink, total, Duration::from_secs(120), h.broker()).await;
+    wait_for_distinct(&running.sink, total, Duration::from_secs(120), h.broker()).await;
     // Let the last acknowledgements and commits go out.
     wait_for_no_backlog(h, &stream, &pipeline, Duration::from_secs(30)).await;
-    let seen = health.stop().await;
-    eprintln!("{}/restart: health went {seen:?}", h.broker());
-    assert!(
-        seen.contains(&Health::Disconnected),
-        "{}: the outage never read as disconnected: {seen:?}",
-        h.broker()
-    );
-    assert_eq!(
-        seen.last(),
-        Some(&Health::Healthy),
-        "{}: {seen:?}",
-        h.broker()
-    );
-    trigger.trigger();
-    let summary = run
-        .await
-        .expect("the pipeline task")
-        .expect("the pipeline stops cleanly");
+    assert_away_then_back(h.broker(), health.stop().await);
+    let (summary, written) = running.stop().await;
 
-    let written = sink.records();
     let counts = payload_counts(&written);
     for i in 0..total {
         assert!(
@@ -133,26 +94,7 @@ where
     if caps.replayable {
         // The checkpoints reached the end of every partition.
         let stored = store.load(&pipeline).await.expect("the checkpoints load");
-        assert_eq!(
-            stored.len() as u32,
-            caps.partitions,
-            "{}: {stored:?}",
-            h.broker()
-        );
-        for cp in &stored {
-            let last = written
-                .iter()
-                .filter(|r| r.partition == cp.partition)
-                .map(|r| &r.position)
-                .max();
-            assert_eq!(
-                Some(&cp.position),
-                last,
-                "{}: checkpoint of {}",
-                h.broker(),
-                cp.partition
-            );
-        }
+        assert_checkpoints_at_last_records(h.broker(), &stored, &written, caps.partitions);
     }
     let report = ScenarioReport {
         stream,
@@ -170,4 +112,20 @@ where
         report.summary.stats.dedup_hits,
     );
     report
+}
+
+/// Restarts the broker under the running pipeline, then produces the plan's second part.
+async fn bounce_under<H: BrokerHarness>(h: &H, stream: &str, running: &Running, plan: RestartPlan) {
+    let at_stop = running.sink.len();
+    let gone = h.restart(plan.down_for).await;
+    eprintln!(
+        "{}/restart: broker stopped at {at_stop} records written, back after {:.1}s",
+        h.broker(),
+        gone.as_secs_f64()
+    );
+    h.produce(
+        stream,
+        &numbered("m", plan.before..plan.before + plan.after),
+    )
+    .await;
 }

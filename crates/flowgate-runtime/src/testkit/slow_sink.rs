@@ -8,9 +8,9 @@ use std::time::Duration;
 use flowgate_core::CheckpointStore;
 
 use crate::adapters::{FaultConfig, FaultInjectingSink, MemorySink};
-use crate::{Pipeline, RuntimeSettings, Shutdown};
+use crate::{Pipeline, RuntimeSettings};
 
-use super::harness::{numbered, payload_counts, unique, wait_for_distinct, wait_for_no_backlog};
+use super::harness::{Running, numbered, payload_counts, unique, wait_for_no_backlog};
 use super::{BrokerHarness, ScenarioReport};
 
 /// Records produced by the suite.
@@ -19,6 +19,27 @@ pub const RECORDS: usize = 3_000;
 pub const SINK_PER_SEC: f64 = 300.0;
 /// `max_in_flight_per_partition`: far below the backlog.
 pub const MAX_IN_FLIGHT: usize = 100;
+
+/// Until every record arrived: no rebalance; the highest lag seen.
+async fn watch_while_slow(broker: &str, running: &Running, settled: u64) -> u64 {
+    let started = std::time::Instant::now();
+    let mut peak_lag = 0;
+    while payload_counts(&running.sink.records()).len() < RECORDS {
+        let s = running.stats.snapshot();
+        peak_lag = peak_lag.max(s.lag);
+        assert_eq!(
+            s.rebalances, settled,
+            "{broker}: a rebalance while the sink was slow"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "{broker}: only {} of {RECORDS} records in 120 s",
+            running.sink.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    peak_lag
+}
 
 /// Runs the suite; `store` is the checkpoint store when the broker is replayable.
 pub async fn bounded_and_no_rebalance<H: BrokerHarness>(
@@ -47,48 +68,15 @@ pub async fn bounded_and_no_rebalance<H: BrokerHarness>(
     if caps.replayable {
         builder = builder.checkpoint_store(store);
     }
-    let pipe = builder.build().expect("a valid pipeline");
-    let stats = pipe.stats();
-    let (trigger, shutdown) = Shutdown::manual();
-    let run = tokio::spawn(pipe.run(shutdown));
-
+    let running = Running::start(builder, sink);
     // Once records flow, every partition is assigned: from then on, no rebalance.
-    let started = std::time::Instant::now();
-    while sink.len() < RECORDS / 10 {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "{}: the pipeline did not get going",
-            h.broker()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let settled = stats.snapshot().rebalances;
-    let mut peak_lag = 0;
-    while payload_counts(&sink.records()).len() < RECORDS {
-        let s = stats.snapshot();
-        peak_lag = peak_lag.max(s.lag);
-        assert_eq!(
-            s.rebalances,
-            settled,
-            "{}: a rebalance while the sink was slow",
-            h.broker()
-        );
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "{}: only {} of {RECORDS} records in 120 s",
-            h.broker(),
-            sink.len()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    wait_for_distinct(&sink, RECORDS, Duration::from_secs(1), h.broker()).await;
-    trigger.trigger();
-    let summary = run
-        .await
-        .expect("the pipeline task")
-        .expect("the pipeline stops cleanly");
+    running
+        .wait_written(RECORDS / 10, Duration::from_secs(60), h.broker())
+        .await;
+    let settled = running.stats.snapshot().rebalances;
+    let peak_lag = watch_while_slow(h.broker(), &running, settled).await;
+    let (summary, written) = running.stop().await;
 
-    let written = sink.records();
     assert_eq!(written.len(), RECORDS, "{}: every record once", h.broker());
     assert!(
         summary.stats.peak_partition_in_flight <= MAX_IN_FLIGHT as u64,
