@@ -51,12 +51,13 @@ cargo xtask <task>
   bench http               a raw reqwest loop against the flowgate HTTP sink (same concurrency
                            and batch size) to a local endpoint answering at once and after
                            5 ms, alternately. --records=N --rounds=N
-  chaos kafka [--cycles=N] [--minutes=M] [--rate=R] [--seed=S]
-                           faults at volume against the rig's Kafka: a numbered producer for
+  chaos kafka|rabbitmq|all [--cycles=N] [--minutes=M] [--rate=R] [--seed=S]
+                           faults at volume against the rig's broker: a numbered producer for
                            the whole run, flowgate SIGKILLed every cycle (every tenth after a
                            broker restart under it), then a ledger: nothing lost, duplicates
-                           counted, committed offsets = log end by kafka-consumer-groups;
-                           report in target/chaos/. Default 100 cycles
+                           counted, everything consumed by the broker's own tools
+                           (kafka-consumer-groups, rabbitmqctl list_queues); report in
+                           target/chaos/. Default 100 cycles
   bench stores             checkpoint commits and dedup checks per second, one key per call vs
                            many, on the embedded store, PostgreSQL and Redis. --seconds=N
   help                     this text
@@ -223,9 +224,9 @@ fn test() -> Result<(), String> {
         ]);
         cli.envs(env);
         run("cargo test (CLI against real brokers)", &mut cli)?;
-        // A short chaos run (the full one: `cargo xtask chaos kafka`, 100 cycles).
-        eprintln!("\n==> chaos kafka --cycles=4");
-        chaos::chaos(&["kafka", "--cycles=4"])
+        // A short chaos run on each broker (the full one: `cargo xtask chaos all`, 100 cycles each).
+        eprintln!("\n==> chaos all --cycles=4");
+        chaos::chaos(&["all", "--cycles=4"])
     });
     eprintln!("\n==> brokers down");
     let down = rig.down(&rig::ALL);

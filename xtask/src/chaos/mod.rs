@@ -1,16 +1,22 @@
-//! `cargo xtask chaos kafka [--cycles=N] [--minutes=M] [--rate=R] [--seed=S]`: faults at
-//! volume against a real Kafka broker, with one ledger at the end.
+//! `cargo xtask chaos kafka|rabbitmq|all [--cycles=N] [--minutes=M] [--rate=R] [--seed=S]`:
+//! faults at volume against a real broker, with one ledger at the end.
 //!
-//! A producer (Kafka's own console producer) writes uniquely numbered records for the whole
-//! run; `flowgate run` consumes them into a JSON-lines sink with checkpoints in the embedded
-//! store (static group membership). Each cycle starts flowgate, lets it run 1–3 s, and ends
-//! with a fault: SIGKILL of flowgate, or (every tenth cycle, and the last of a run of fewer
-//! than ten) the broker stopped and restarted under the running pipeline, then SIGKILL. After the last cycle the producer stops, flowgate
-//! runs once more to the end and stops on SIGTERM. The ledger: every record the topic holds
-//! (read back with Kafka's console consumer) was received (lost = 0), duplicates counted, and
-//! the group's committed offsets equal the end of every partition by Kafka's consumer-groups
-//! tool. The report (one row per cycle: fault, time to resume, records received) goes to
-//! `target/chaos/kafka-<time>/report.{md,json}`.
+//! A producer writes uniquely numbered records for the whole run (Kafka's own console
+//! producer; for RabbitMQ a pika client publishing with confirms); `flowgate run` consumes
+//! them into a JSON-lines sink. Each cycle starts flowgate, lets it run 1–3 s, and ends with a
+//! fault: SIGKILL of flowgate, or (every tenth cycle, and the last of a run of fewer than ten)
+//! the broker stopped and restarted under the running pipeline, then SIGKILL. The harness is
+//! the supervisor: a flowgate that exits by itself is started again, and counted. After the
+//! last cycle the producer stops, flowgate runs once more to the end and stops on SIGTERM.
+//! The ledger: every record the broker accepted was received (lost = 0), duplicates counted,
+//! and the broker's own tools show everything consumed (Kafka: the group's committed offsets
+//! equal the end of every partition, by kafka-consumer-groups; RabbitMQ: the queue holds no
+//! message, ready or unacknowledged, by `rabbitmqctl list_queues`). The report (one row per
+//! cycle: fault, time to resume, records received) goes to
+//! `target/chaos/<broker>-<time>/report.{md,json}`.
+
+mod kafka;
+mod rabbitmq;
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -23,8 +29,25 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::rig::{Broker, Engine, Rig};
 
-const PARTITIONS: u32 = 4;
-const BOOTSTRAP: &str = "127.0.0.1:9092";
+/// A broker the chaos run can drive: what it reads, how records are produced, and how its
+/// own tools tell what it accepted and whether everything was consumed.
+trait Target {
+    fn broker(&self) -> Broker;
+    /// Creates what the run reads (a topic, a queue); its name.
+    fn prepare(&self, rig: &Rig, stamp: u64) -> Result<String, String>;
+    /// The `[source]` section of the pipeline reading `stream`.
+    fn source(&self, stream: &str) -> String;
+    /// A producer fed the numbers 0, 1, 2, … on its standard input, one per line, each
+    /// written to `stream`; it exits when its input ends.
+    fn producer(&self, rig: &Rig, stream: &str, log: &Path) -> Result<Child, String>;
+    /// Every record number the broker accepted; `fed`: how many the producer was given.
+    fn accepted(&self, rig: &Rig, stream: &str, fed: u64) -> Result<Vec<u64>, String>;
+    /// The broker's own tools show every record of `stream` consumed by the pipeline.
+    fn consumed_to_end(&self, rig: &Rig, stream: &str) -> Result<bool, String>;
+    /// How the run is set up, and the check `consumed_to_end` makes, for the report.
+    fn setup(&self) -> &'static str;
+    fn end_check(&self) -> &'static str;
+}
 
 /// A small deterministic generator (xorshift), so a seed replays the same run of faults.
 struct Rng(u64);
@@ -170,32 +193,13 @@ fn flowgate(bin: &Path, config: &Path, log: &Path) -> Result<Child, String> {
         .map_err(|e| format!("cannot start {}: {e}", bin.display()))
 }
 
-/// The console producer, fed numbers 0, 1, 2, … at `rate` per second until `stop`.
-fn producer(
-    rig: &Rig,
-    topic: &str,
+/// Feeds `child`'s standard input the numbers 0, 1, 2, … at `rate` per second until `stop`;
+/// the thread returns how many it fed.
+fn feed(
+    mut child: Child,
     rate: u64,
     stop: Arc<AtomicBool>,
-    log: &Path,
 ) -> Result<(Child, std::thread::JoinHandle<u64>), String> {
-    let mut child = rig
-        .kafka_java(&rig.state_dir(Broker::Kafka))
-        .args([
-            "org.apache.kafka.tools.ConsoleProducer",
-            "--bootstrap-server",
-            BOOTSTRAP,
-            "--topic",
-            topic,
-            "--producer-property",
-            "acks=all",
-            "--producer-property",
-            "delivery.timeout.ms=120000",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(log).map_err(|e| e.to_string())?)
-        .spawn()
-        .map_err(|e| format!("cannot start the console producer: {e}"))?;
     let mut stdin = child.stdin.take().ok_or("the producer has no stdin")?;
     let feeder = std::thread::spawn(move || {
         let started = Instant::now();
@@ -216,59 +220,6 @@ fn producer(
     Ok((child, feeder))
 }
 
-/// Every value the topic holds, read back with Kafka's console consumer.
-fn topic_values(rig: &Rig, topic: &str) -> Result<Vec<u64>, String> {
-    let out = rig
-        .kafka_java(&rig.state_dir(Broker::Kafka))
-        .args([
-            "org.apache.kafka.tools.consumer.ConsoleConsumer",
-            "--bootstrap-server",
-            BOOTSTRAP,
-            "--topic",
-            topic,
-            "--from-beginning",
-            "--timeout-ms",
-            "15000",
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run the console consumer: {e}"))?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect())
-}
-
-/// `(partition, committed, log end)` of the group, by Kafka's consumer-groups tool.
-fn group_offsets(rig: &Rig, group: &str) -> Result<Vec<(String, Option<u64>, u64)>, String> {
-    let out = rig
-        .kafka_java(&rig.state_dir(Broker::Kafka))
-        .args([
-            "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
-            "--bootstrap-server",
-            BOOTSTRAP,
-            "--describe",
-            "--group",
-            group,
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run kafka-consumer-groups: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut rows = Vec::new();
-    for line in text.lines() {
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        // GROUP TOPIC PARTITION CURRENT-OFFSET LOG-END-OFFSET LAG …
-        if cols.len() >= 6
-            && cols[0] == group
-            && let Ok(end) = cols[4].parse()
-        {
-            rows.push((cols[2].to_string(), cols[3].parse().ok(), end));
-        }
-    }
-    Ok(rows)
-}
-
 fn stop_gracefully(child: &mut Child) {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -286,73 +237,119 @@ fn stop_gracefully(child: &mut Child) {
 
 pub(crate) fn chaos(args: &[&str]) -> Result<(), String> {
     let (target, o) = options(args)?;
-    if target != "kafka" {
-        return Err(format!(
-            "chaos {target}: only `kafka` has a chaos run (RabbitMQ and Kinesis are covered by their SIGKILL tests in crates/flowgate-cli/tests)"
-        ));
-    }
+    let targets: Vec<Box<dyn Target>> = match target.as_str() {
+        "kafka" => vec![Box::new(kafka::Kafka)],
+        "rabbitmq" => vec![Box::new(rabbitmq::Rabbitmq)],
+        "all" => vec![Box::new(kafka::Kafka), Box::new(rabbitmq::Rabbitmq)],
+        other => {
+            return Err(format!(
+                "chaos {other}: expected kafka, rabbitmq or all (Kinesis is covered by the SIGKILL and lease tests of crates/flowgate-cli/tests/kinesis_workers.rs)"
+            ));
+        }
+    };
     let rig = Rig::new()?;
-    rig.up(&[Broker::Kafka], Engine::Native)?;
     crate::run(
         "build flowgate",
         crate::cargo().args(["build", "-p", "flowgate-cli", "--bin", "flowgate"]),
     )?;
-    let bin = rig.root().join("target/debug/flowgate");
-    let stamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let dir = rig.root().join(format!("target/chaos/kafka-{stamp}"));
+    for t in &targets {
+        chaos_one(&rig, t.as_ref(), &o)?;
+    }
+    Ok(())
+}
+
+/// Where a run keeps its files.
+struct RunFiles {
+    dir: PathBuf,
+    sink: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+fn run_files(rig: &Rig, t: &dyn Target, stream: &str, stamp: u64) -> Result<RunFiles, String> {
+    let dir = rig
+        .root()
+        .join(format!("target/chaos/{}-{stamp}", t.broker().name()));
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let topic = format!("chaos-{stamp}-{}", std::process::id());
-    crate::run(
-        "create the topic",
-        rig.kafka_java(&rig.state_dir(Broker::Kafka)).args([
-            "org.apache.kafka.tools.TopicCommand",
-            "--bootstrap-server",
-            BOOTSTRAP,
-            "--create",
-            "--topic",
-            &topic,
-            "--partitions",
-            &PARTITIONS.to_string(),
-            "--replication-factor",
-            "1",
-        ]),
-    )?;
     let sink = dir.join("sink.jsonl");
     let config = dir.join("pipeline.toml");
     fs::write(
         &config,
         format!(
-            "name = \"{topic}\"\n\n[source]\ntype = \"kafka\"\nbootstrap_servers = \"{BOOTSTRAP}\"\n\
-             topics = [\"{topic}\"]\ngroup_instance_id = \"chaos-member\"\nsession_timeout = \"10s\"\n\n\
-             [sink]\ntype = \"jsonl\"\npath = \"{}\"\n\n[store]\ntype = \"embedded\"\npath = \"{}\"\n\n\
-             [runtime.commit]\nevery = \"200ms\"\n",
+            "name = \"{stream}\"\n\n{}\n\n[sink]\ntype = \"jsonl\"\npath = \"{}\"\n\n\
+             [store]\ntype = \"embedded\"\npath = \"{}\"\n\n[runtime.commit]\nevery = \"200ms\"\n",
+            t.source(stream),
             sink.display(),
             dir.join("data").display()
         ),
     )
     .map_err(|e| e.to_string())?;
-    let log = dir.join("flowgate.log");
+    Ok(RunFiles {
+        log: dir.join("flowgate.log"),
+        dir,
+        sink,
+        config,
+    })
+}
+
+fn chaos_one(rig: &Rig, t: &dyn Target, o: &Options) -> Result<(), String> {
+    rig.up(&[t.broker()], Engine::Native)?;
+    let bin = rig.root().join("target/debug/flowgate");
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let stream = t.prepare(rig, stamp)?;
+    let files = run_files(rig, t, &stream, stamp)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let (mut producer_child, feeder) = producer(
-        &rig,
-        &topic,
-        o.rate,
-        stop.clone(),
-        &dir.join("producer.log"),
-    )?;
+    let producer = t.producer(rig, &stream, &files.dir.join("producer.log"))?;
+    let (mut producer_child, feeder) = feed(producer, o.rate, stop.clone())?;
+    let started = Instant::now();
+    eprintln!(
+        "==> chaos {}: {} cycles, {stream}, report in {}",
+        t.broker().name(),
+        o.cycles,
+        files.dir.display()
+    );
+    let cycles = run_cycles(rig, t, &bin, &files, o)?;
+    stop.store(true, Ordering::Relaxed);
+    let fed = feeder.join().unwrap_or(0);
+    let _ = producer_child.wait();
+    // The last run: to the end, then a clean stop.
+    let mut last = flowgate(&bin, &files.config, &files.log)?;
+    let drain_started = Instant::now();
+    let mut drained = false;
+    while drain_started.elapsed() < Duration::from_secs(180) {
+        if t.consumed_to_end(rig, &stream)? {
+            drained = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    stop_gracefully(&mut last);
+    let run = Run {
+        stream: &stream,
+        files: &files,
+        cycles: &cycles,
+        fed,
+        drained,
+        started,
+    };
+    ledger(rig, t, o, &run)
+}
+
+/// The cycles: flowgate started, run 1–3 s, then the cycle's fault.
+fn run_cycles(
+    rig: &Rig,
+    t: &dyn Target,
+    bin: &Path,
+    files: &RunFiles,
+    o: &Options,
+) -> Result<Vec<Cycle>, String> {
     let mut rng = Rng(o.seed);
     let deadline = o
         .minutes
         .map(|m| Instant::now() + Duration::from_secs_f64(m * 60.0));
     let mut cycles: Vec<Cycle> = Vec::new();
-    let started = Instant::now();
-    eprintln!(
-        "==> chaos kafka: {} cycles, topic {topic}, report in {}",
-        o.cycles,
-        dir.display()
-    );
     for n in 0..o.cycles {
         if deadline.is_some_and(|d| Instant::now() > d) {
             break;
@@ -363,38 +360,38 @@ pub(crate) fn chaos(args: &[&str]) -> Result<(), String> {
         } else {
             Fault::Kill
         };
-        let before = line_count(&sink);
+        let before = line_count(&files.sink);
         let t0 = Instant::now();
         let mut restarts = 0;
         let mut run = Flowgate {
-            child: flowgate(&bin, &config, &log)?,
-            bin: &bin,
-            config: &config,
-            log: &log,
-            sink: &sink,
+            child: flowgate(bin, &files.config, &files.log)?,
+            bin,
+            config: &files.config,
+            log: &files.log,
+            sink: &files.sink,
         };
         let mut resume = wait_for_growth(
             &mut run,
-            sink_bytes(&sink),
+            sink_bytes(&files.sink),
             Duration::from_secs(60),
             &mut restarts,
         )?;
         let run_for = Duration::from_millis(1_000 + rng.below(2_000));
         std::thread::sleep(run_for.saturating_sub(t0.elapsed()));
         if fault == Fault::BrokerRestart {
-            rig.down(&[Broker::Kafka])?;
+            rig.down(&[t.broker()])?;
             std::thread::sleep(Duration::from_secs(2));
-            rig.up(&[Broker::Kafka], Engine::Native)?;
+            rig.up(&[t.broker()], Engine::Native)?;
             resume = wait_for_growth(
                 &mut run,
-                sink_bytes(&sink),
+                sink_bytes(&files.sink),
                 Duration::from_secs(120),
                 &mut restarts,
             )?;
         }
         let _ = run.child.kill();
         let _ = run.child.wait();
-        let received = line_count(&sink) - before;
+        let received = line_count(&files.sink) - before;
         eprintln!(
             "    cycle {n:>3} {:<30} ran {:>5.1}s, resumed in {}, {received} records{}",
             fault.name(),
@@ -414,111 +411,113 @@ pub(crate) fn chaos(args: &[&str]) -> Result<(), String> {
             restarts,
         });
     }
-    stop.store(true, Ordering::Relaxed);
-    let produced_lines = feeder.join().unwrap_or(0);
-    let _ = producer_child.wait();
-    // The last run: to the end, then a clean stop.
-    let mut last = flowgate(&bin, &config, &log)?;
-    let drain_started = Instant::now();
-    let mut drained = false;
-    while drain_started.elapsed() < Duration::from_secs(180) {
-        let rows = group_offsets(&rig, &topic)?;
-        if rows.len() == PARTITIONS as usize && rows.iter().all(|(_, c, e)| *c == Some(*e)) {
-            drained = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
-    stop_gracefully(&mut last);
-    ledger(
-        &rig,
-        &topic,
-        &sink,
-        &dir,
-        &o,
-        &cycles,
-        produced_lines,
-        drained,
-        started,
-    )
+    Ok(cycles)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn ledger(
-    rig: &Rig,
-    topic: &str,
-    sink: &Path,
-    dir: &Path,
-    o: &Options,
-    cycles: &[Cycle],
-    produced_lines: u64,
+/// What a run produced, for the ledger.
+struct Run<'a> {
+    stream: &'a str,
+    files: &'a RunFiles,
+    cycles: &'a [Cycle],
+    fed: u64,
     drained: bool,
     started: Instant,
-) -> Result<(), String> {
-    let in_topic = topic_values(rig, topic)?;
-    let got = received(sink);
+}
+
+/// What the ledger found.
+struct Tally {
+    accepted: usize,
+    received: usize,
+    distinct: usize,
+    lost: Vec<u64>,
+    unexpected: usize,
+    duplicates: usize,
+    consumed_to_end: bool,
+    resume_median: f64,
+    resume_worst: f64,
+    never: usize,
+    exits: u32,
+}
+
+fn tally(rig: &Rig, t: &dyn Target, run: &Run<'_>) -> Result<Tally, String> {
+    let accepted = t.accepted(rig, run.stream, run.fed)?;
+    let got = received(&run.files.sink);
     let mut counts: HashMap<u64, u32> = HashMap::new();
     for v in &got {
         *counts.entry(*v).or_default() += 1;
     }
-    let lost: Vec<u64> = in_topic
+    let lost: Vec<u64> = accepted
         .iter()
         .filter(|v| !counts.contains_key(v))
         .copied()
         .collect();
-    let duplicates = got.len() - counts.len();
-    let offsets = group_offsets(rig, topic)?;
-    let committed_at_end =
-        offsets.len() == PARTITIONS as usize && offsets.iter().all(|(_, c, e)| *c == Some(*e));
-    let kills = cycles.len();
-    let restarts = cycles
-        .iter()
-        .filter(|c| c.fault == Fault::BrokerRestart)
-        .count();
-    let resumes: Vec<f64> = cycles
+    let held: HashSet<u64> = accepted.iter().copied().collect();
+    let mut resumes: Vec<f64> = run
+        .cycles
         .iter()
         .filter_map(|c| c.resume.map(|d| d.as_secs_f64()))
         .collect();
-    let never = cycles.iter().filter(|c| c.resume.is_none()).count();
-    let exits: u32 = cycles.iter().map(|c| c.restarts).sum();
-    let worst = resumes.iter().copied().fold(0.0, f64::max);
-    let mut sorted = resumes.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    resumes.sort_by(f64::total_cmp);
+    Ok(Tally {
+        accepted: accepted.len(),
+        received: got.len(),
+        distinct: counts.len(),
+        lost,
+        unexpected: counts.keys().filter(|v| !held.contains(v)).count(),
+        duplicates: got.len() - counts.len(),
+        consumed_to_end: run.drained && t.consumed_to_end(rig, run.stream)?,
+        resume_median: resumes.get(resumes.len() / 2).copied().unwrap_or(0.0),
+        resume_worst: resumes.last().copied().unwrap_or(0.0),
+        never: run.cycles.iter().filter(|c| c.resume.is_none()).count(),
+        exits: run.cycles.iter().map(|c| c.restarts).sum(),
+    })
+}
+
+fn ledger(rig: &Rig, t: &dyn Target, o: &Options, run: &Run<'_>) -> Result<(), String> {
+    let x = tally(rig, t, run)?;
+    let name = t.broker().name();
+    let kills = run.cycles.len();
+    let restarts = run
+        .cycles
+        .iter()
+        .filter(|c| c.fault == Fault::BrokerRestart)
+        .count();
     let mut md = format!(
-        "# chaos kafka\n\n`cargo xtask chaos kafka --cycles={} --rate={} --seed={}`: {} cycles in {:.0} s \
-         ({kills} SIGKILLs of flowgate, {restarts} of them after a broker restart under the running pipeline), \
-         4 partitions, static membership (session timeout 10 s), checkpoints in the embedded store, \
-         commits every 200 ms, no dedup.\n\n\
+        "# chaos {name}\n\n`cargo xtask chaos {name} --cycles={} --rate={} --seed={}`: {} cycles in {:.0} s \
+         ({kills} SIGKILLs of flowgate, {restarts} of them after a broker restart under the running pipeline); {}\n\n\
          | | |\n|---|---|\n\
-         | records the producer sent | {produced_lines} |\n\
-         | records the topic holds (read back) | {} |\n\
+         | records the producer was given | {} |\n\
+         | records the broker accepted | {} |\n\
          | records received | {} ({} distinct) |\n\
          | **lost** | **{}** |\n\
-         | duplicates | {duplicates} ({:.2} per kill) |\n\
-         | committed offsets = log end (kafka-consumer-groups) | {} |\n\
-         | time to resume, median / worst | {median:.2} s / {worst:.2} s |\n\
-         | cycles that never resumed | {never} |\n\
-         | flowgate exits by itself (fatal errors), started again | {exits} |\n\n\
+         | duplicates | {} ({:.2} per kill) |\n\
+         | {} | {} |\n\
+         | time to resume, median / worst | {:.2} s / {:.2} s |\n\
+         | cycles that never resumed | {} |\n\
+         | flowgate exits by itself (fatal errors), started again | {} |\n\n\
          | cycle | fault | ran | resumed in | records | flowgate exited by itself |\n|---:|---|---:|---:|---:|---:|\n",
         o.cycles,
         o.rate,
         o.seed,
-        cycles.len(),
-        started.elapsed().as_secs_f64(),
-        in_topic.len(),
-        got.len(),
-        counts.len(),
-        lost.len(),
-        duplicates as f64 / kills.max(1) as f64,
-        if committed_at_end && drained {
-            "yes"
-        } else {
-            "**no**"
-        },
+        kills,
+        run.started.elapsed().as_secs_f64(),
+        t.setup(),
+        run.fed,
+        x.accepted,
+        x.received,
+        x.distinct,
+        x.lost.len(),
+        x.duplicates,
+        x.duplicates as f64 / kills.max(1) as f64,
+        t.end_check(),
+        if x.consumed_to_end { "yes" } else { "**no**" },
+        x.resume_median,
+        x.resume_worst,
+        x.never,
+        x.exits,
     );
     let mut json_rows = Vec::new();
-    for (i, c) in cycles.iter().enumerate() {
+    for (i, c) in run.cycles.iter().enumerate() {
         let resume = c.resume.map(|d| d.as_secs_f64());
         md.push_str(&format!(
             "| {i} | {} | {:.1} s | {} | {} | {} |\n",
@@ -538,27 +537,33 @@ fn ledger(
         ));
     }
     let json = format!(
-        "{{\"broker\":\"kafka\",\"cycles\":{},\"produced\":{produced_lines},\"in_topic\":{},\"received\":{},\"distinct\":{},\"lost\":{},\"duplicates\":{duplicates},\"committed_at_end\":{},\"resume_median_s\":{median:.3},\"resume_worst_s\":{worst:.3},\"never_resumed\":{never},\"exits\":{exits},\"rows\":[{}]}}\n",
-        cycles.len(),
-        in_topic.len(),
-        got.len(),
-        counts.len(),
-        lost.len(),
-        committed_at_end && drained,
+        "{{\"broker\":\"{name}\",\"cycles\":{kills},\"fed\":{},\"accepted\":{},\"received\":{},\"distinct\":{},\"lost\":{},\"duplicates\":{},\"consumed_to_end\":{},\"resume_median_s\":{:.3},\"resume_worst_s\":{:.3},\"never_resumed\":{},\"exits\":{},\"rows\":[{}]}}\n",
+        run.fed,
+        x.accepted,
+        x.received,
+        x.distinct,
+        x.lost.len(),
+        x.duplicates,
+        x.consumed_to_end,
+        x.resume_median,
+        x.resume_worst,
+        x.never,
+        x.exits,
         json_rows.join(",")
     );
+    let dir = &run.files.dir;
     write(&dir.join("report.md"), &md)?;
     write(&dir.join("report.json"), &json)?;
     println!("{}", md.split("| cycle |").next().unwrap_or(&md));
     println!("report: {}", dir.join("report.md").display());
-    let held: HashSet<u64> = in_topic.iter().copied().collect();
-    let unexpected = counts.keys().filter(|v| !held.contains(v)).count();
-    if !lost.is_empty() || unexpected > 0 || !(committed_at_end && drained) || never > 0 {
+    if !x.lost.is_empty() || x.unexpected > 0 || !x.consumed_to_end || x.never > 0 {
         return Err(format!(
-            "chaos kafka failed: {} lost (first {:?}), {unexpected} not in the topic, committed at end: {}, {never} cycles never resumed",
-            lost.len(),
-            lost.iter().take(5).collect::<Vec<_>>(),
-            committed_at_end && drained
+            "chaos {name} failed: {} lost (first {:?}), {} not accepted by the broker, consumed to the end: {}, {} cycles never resumed",
+            x.lost.len(),
+            x.lost.iter().take(5).collect::<Vec<_>>(),
+            x.unexpected,
+            x.consumed_to_end,
+            x.never
         ));
     }
     Ok(())
