@@ -205,8 +205,10 @@ fn feed(
         let started = Instant::now();
         let mut n = 0u64;
         while !stop.load(Ordering::Relaxed) {
+            // A producer slower than `rate` blocks the pipe: the numbers then go at its pace,
+            // and a stop is honoured at once rather than after the backlog of due numbers.
             let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
-            while n < due {
+            while n < due && !stop.load(Ordering::Relaxed) {
                 if writeln!(stdin, "{n}").is_err() {
                     return n;
                 }
