@@ -71,7 +71,7 @@ impl State {
                         seqs: taken.seqs,
                         lookups: taken.lookups,
                         bytes: taken.bytes,
-                        dispatched_at: now,
+                        started: now,
                     },
                     records: taken.records,
                 });
@@ -114,7 +114,7 @@ impl State {
         self.batches_in_flight -= 1;
         self.bytes -= ticket.bytes;
         self.concurrency
-            .on_batch(ticket.dispatched_at.elapsed(), throttled, Instant::now());
+            .on_batch(ticket.started.elapsed(), throttled, Instant::now());
         let limit = self.concurrency.limit() as u64;
         self.stats.concurrency.store(limit, Ordering::Relaxed);
         self.metrics.concurrency.set(limit as f64);

@@ -410,7 +410,7 @@ mod tests {
             seqs: ranges,
             lookups: Vec::new(),
             bytes: 0,
-            dispatched_at: Instant::now(),
+            started: Instant::now(),
         }
     }
 

@@ -75,7 +75,9 @@ pub(crate) struct Ticket {
     /// above anything marked; see `LookupFloor`).
     pub(crate) lookups: Vec<usize>,
     pub(crate) bytes: usize,
-    pub(crate) dispatched_at: Instant,
+    /// When a worker took the batch up: the latency the concurrency control sees runs from
+    /// here (the wait for a task to run it is not the sink's).
+    pub(crate) started: Instant,
 }
 
 /// A batch of one lane of one partition.
@@ -171,7 +173,11 @@ impl Drop for PanicGuard {
 
 /// Runs one batch through the layers and sends its completion.
 async fn run(workers: Arc<Workers>, batch: Batch) {
-    let Batch { ticket, records } = batch;
+    let Batch {
+        mut ticket,
+        records,
+    } = batch;
+    ticket.started = Instant::now();
     let mut guard = PanicGuard {
         events: workers.events.clone(),
         ticket: Some(ticket),
