@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_kinesis::types::ShardIteratorType;
 use flowgate_checkpoint::MemoryStore;
 use flowgate_core::{CheckpointStore, Sink, Source};
 use flowgate_kinesis::{KinesisSink, KinesisSinkConfig, KinesisSource, kpl};
 use flowgate_runtime::testkit::{BrokerHarness, Capabilities};
 
-use super::{client, connection, create_stream, put_keyed, read_all, source_config, unique};
+use super::{
+    client, connection, create_stream, put_keyed, read_all, read_shard, source_config, unique,
+};
 
 const SHARDS: u32 = 2;
 
@@ -105,36 +106,8 @@ impl BrokerHarness for Kinesis {
                 .iter()
                 .find(|c| c.partition.as_str() == s.shard_id())
                 .and_then(|c| kpl::sequence_of(&c.position));
-            let request = k
-                .get_shard_iterator()
-                .stream_name(stream)
-                .shard_id(s.shard_id());
-            let request = match &after {
-                Some((seq, _)) => request
-                    .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
-                    .starting_sequence_number(seq),
-                None => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
-            };
-            let mut it = request
-                .send()
-                .await
-                .expect("GetShardIterator")
-                .shard_iterator
-                .unwrap();
-            loop {
-                let r = k
-                    .get_records()
-                    .shard_iterator(&it)
-                    .limit(10_000)
-                    .send()
-                    .await
-                    .expect("GetRecords");
-                left += r.records().len() as u64;
-                match r.next_shard_iterator() {
-                    Some(next) if !r.records().is_empty() => it = next.to_string(),
-                    _ => break,
-                }
-            }
+            let after = after.as_ref().map(|(seq, _)| seq.as_str());
+            left += read_shard(&k, stream, s.shard_id(), after).await.len() as u64;
         }
         left
     }

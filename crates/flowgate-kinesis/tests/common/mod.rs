@@ -165,34 +165,50 @@ pub(crate) async fn read_all(k: &aws_sdk_kinesis::Client, stream: &str) -> Vec<(
         .expect("ListShards");
     let mut out = Vec::new();
     for s in shards.shards() {
-        let mut it = k
-            .get_shard_iterator()
-            .stream_name(stream)
-            .shard_id(s.shard_id())
-            .shard_iterator_type(ShardIteratorType::TrimHorizon)
+        out.extend(read_shard(k, stream, s.shard_id(), None).await);
+    }
+    out
+}
+
+/// `(partition key, payload)` of every record of one shard after the sequence number `after`
+/// (from the oldest without one), by `GetRecords` until a call returns none.
+pub(crate) async fn read_shard(
+    k: &aws_sdk_kinesis::Client,
+    stream: &str,
+    shard: &str,
+    after: Option<&str>,
+) -> Vec<(String, String)> {
+    let request = k.get_shard_iterator().stream_name(stream).shard_id(shard);
+    let request = match after {
+        Some(seq) => request
+            .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+            .starting_sequence_number(seq),
+        None => request.shard_iterator_type(ShardIteratorType::TrimHorizon),
+    };
+    let mut it = request
+        .send()
+        .await
+        .expect("GetShardIterator")
+        .shard_iterator
+        .unwrap();
+    let mut out = Vec::new();
+    loop {
+        let r = k
+            .get_records()
+            .shard_iterator(&it)
+            .limit(10_000)
             .send()
             .await
-            .expect("GetShardIterator")
-            .shard_iterator
-            .unwrap();
-        loop {
-            let r = k
-                .get_records()
-                .shard_iterator(&it)
-                .limit(10_000)
-                .send()
-                .await
-                .expect("GetRecords");
-            for rec in r.records() {
-                out.push((
-                    rec.partition_key().to_string(),
-                    String::from_utf8_lossy(rec.data().as_ref()).into_owned(),
-                ));
-            }
-            match r.next_shard_iterator() {
-                Some(next) if !r.records().is_empty() => it = next.to_string(),
-                _ => break,
-            }
+            .expect("GetRecords");
+        for rec in r.records() {
+            out.push((
+                rec.partition_key().to_string(),
+                String::from_utf8_lossy(rec.data().as_ref()).into_owned(),
+            ));
+        }
+        match r.next_shard_iterator() {
+            Some(next) if !r.records().is_empty() => it = next.to_string(),
+            _ => break,
         }
     }
     out

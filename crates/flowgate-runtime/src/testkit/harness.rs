@@ -266,3 +266,27 @@ pub(crate) fn assert_away_then_back(broker: &str, seen: Vec<Health>) {
     );
     assert_eq!(seen.last(), Some(&Health::Healthy), "{broker}: {seen:?}");
 }
+
+/// A pipeline reading `stream` into `sink` through a sink paced at `per_sec` records per
+/// second, with `max_in_flight` records in flight per partition.
+pub(crate) fn paced_pipeline<H: BrokerHarness + ?Sized>(
+    h: &H,
+    (stream, pipeline): (&str, &str),
+    sink: MemorySink,
+    per_sec: f64,
+    max_in_flight: usize,
+) -> crate::PipelineBuilder {
+    crate::Pipeline::builder(pipeline)
+        .source(h.source(stream, pipeline))
+        .sink(crate::adapters::FaultInjectingSink::new(
+            sink,
+            crate::adapters::FaultConfig {
+                capacity_per_sec: Some(per_sec),
+                ..Default::default()
+            },
+        ))
+        .settings(crate::RuntimeSettings {
+            max_in_flight_per_partition: max_in_flight,
+            ..Default::default()
+        })
+}

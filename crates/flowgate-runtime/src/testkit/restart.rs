@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use flowgate_core::{CheckpointStore, DedupStore};
 
-use crate::adapters::{FaultConfig, FaultInjectingSink, MemorySink};
-use crate::{KeyExtractor, Pipeline, RuntimeSettings};
+use crate::KeyExtractor;
+use crate::adapters::MemorySink;
 
 use super::harness::{
     HealthLog, Running, assert_away_then_back, assert_checkpoints_at_last_records, numbered,
-    payload_counts, unique, wait_for_distinct, wait_for_no_backlog,
+    paced_pipeline, payload_counts, unique, wait_for_distinct, wait_for_no_backlog,
 };
 use super::{BrokerHarness, ScenarioReport};
 
@@ -52,19 +52,13 @@ where
     h.produce(&stream, &numbered("m", 0..plan.before)).await;
 
     let sink = MemorySink::new();
-    let mut builder = Pipeline::builder(pipeline.clone())
-        .source(h.source(&stream, &pipeline))
-        .sink(FaultInjectingSink::new(
-            sink.clone(),
-            FaultConfig {
-                capacity_per_sec: Some(plan.sink_per_sec),
-                ..Default::default()
-            },
-        ))
-        .settings(RuntimeSettings {
-            max_in_flight_per_partition: plan.max_in_flight,
-            ..Default::default()
-        });
+    let mut builder = paced_pipeline(
+        h,
+        (&stream, &pipeline),
+        sink.clone(),
+        plan.sink_per_sec,
+        plan.max_in_flight,
+    );
     builder = if caps.replayable {
         builder.checkpoint_store(store.clone())
     } else {

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use flowgate_core::CheckpointStore;
 
-use crate::adapters::{FaultConfig, FaultInjectingSink, MemorySink};
-use crate::{Pipeline, RuntimeSettings};
+use crate::adapters::MemorySink;
 
-use super::harness::{Running, numbered, payload_counts, unique, wait_for_no_backlog};
+use super::harness::{
+    Running, numbered, paced_pipeline, payload_counts, unique, wait_for_no_backlog,
+};
 use super::{BrokerHarness, ScenarioReport};
 
 /// Records produced by the suite.
@@ -52,19 +53,13 @@ pub async fn bounded_and_no_rebalance<H: BrokerHarness>(
     h.produce(&stream, &numbered("s", 0..RECORDS)).await;
 
     let sink = MemorySink::new();
-    let mut builder = Pipeline::builder(pipeline.clone())
-        .source(h.source(&stream, &pipeline))
-        .sink(FaultInjectingSink::new(
-            sink.clone(),
-            FaultConfig {
-                capacity_per_sec: Some(SINK_PER_SEC),
-                ..Default::default()
-            },
-        ))
-        .settings(RuntimeSettings {
-            max_in_flight_per_partition: MAX_IN_FLIGHT,
-            ..Default::default()
-        });
+    let mut builder = paced_pipeline(
+        h,
+        (&stream, &pipeline),
+        sink.clone(),
+        SINK_PER_SEC,
+        MAX_IN_FLIGHT,
+    );
     if caps.replayable {
         builder = builder.checkpoint_store(store);
     }
