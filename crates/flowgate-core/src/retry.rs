@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 
+use crate::Error;
+
 /// How a retry waits: the first delay, doubling up to `max`, with up to as much again of
 /// random jitter (so that clients cut off together do not return together), until
 /// `max_attempts` retries or `give_up_after` since the start are spent.
@@ -114,6 +116,15 @@ impl Backoff {
         Some(delay)
     }
 
+    /// How long to wait after `err`: the wait it asks for when it says (`retry_after`: a
+    /// throttling broker knows when it has room again, and a wait grown by earlier refusals
+    /// would idle the sink long after), else the next exponential delay. Either counts as an
+    /// attempt; `None` when the attempts or the time budget are spent.
+    pub fn delay_after(&mut self, err: &Error) -> Option<Duration> {
+        let d = self.next_delay()?;
+        Some(err.retry_after().unwrap_or(d))
+    }
+
     /// Starts over (after a success): the next delay is the first again, and the budget is
     /// counted from now.
     pub fn reset(&mut self) {
@@ -148,6 +159,23 @@ mod tests {
         assert_eq!(b.attempts(), 5);
         b.reset();
         assert_eq!(b.next_delay(), Some(Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn a_throttle_that_says_when_is_retried_then_however_many_came_before() {
+        let policy = BackoffPolicy::new(Duration::from_millis(100), Duration::from_secs(5))
+            .with_max_attempts(10)
+            .without_jitter();
+        let mut b = policy.start();
+        let plain = Error::transient("refused");
+        let hinted = Error::throttled("slow down").with_retry_after(Duration::from_millis(20));
+        for _ in 0..5 {
+            b.delay_after(&plain);
+        }
+        let grown = b.delay_after(&plain).unwrap_or_default();
+        assert!(grown >= Duration::from_millis(3_200), "{grown:?}");
+        assert_eq!(b.delay_after(&hinted), Some(Duration::from_millis(20)));
+        assert_eq!(b.attempts(), 7, "a hinted wait is an attempt too");
     }
 
     #[test]

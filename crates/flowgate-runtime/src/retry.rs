@@ -27,11 +27,11 @@ where
             Ok(v) => return Ok(v),
             Err(e) if e.is_temporary() => match failing
                 .get_or_insert_with(|| retry.policy().start())
-                .next_delay()
+                .delay_after(&e)
             {
                 Some(d) => {
                     tracing::warn!(error = %e, delay = ?d, "{what} failed, retrying");
-                    tokio::time::sleep(e.retry_after().map_or(d, |r| r.max(d))).await;
+                    tokio::time::sleep(d).await;
                 }
                 None => {
                     let spent = failing.as_ref().map(Backoff::elapsed).unwrap_or_default();

@@ -65,11 +65,10 @@ pub(super) async fn write_with_retry(
             common.metrics.throttles.increment(1);
         }
         let backoff = failing.get_or_insert_with(|| common.retry.policy().start());
-        match backoff.next_delay() {
+        match backoff.delay_after(&err) {
             Some(d) => {
                 Stats::add(&common.stats.retries, 1);
                 common.metrics.retries.increment(1);
-                let d = err.retry_after().map_or(d, |r| r.max(d));
                 tracing::debug!(error = %err, delay = ?d, records = pending.len(), "sink write failed, retrying");
                 tokio::time::sleep(d).await;
             }
