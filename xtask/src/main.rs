@@ -1,9 +1,10 @@
 //! flowgate's task runner. `cargo xtask help` lists the tasks.
 //!
-//! Few dependencies on purpose: std only.
+//! Few dependencies on purpose: std, and plotters for the figures of `bench patterns`.
 
 mod chaos;
 mod examples;
+mod patterns;
 mod rig;
 
 use std::path::Path;
@@ -51,13 +52,24 @@ cargo xtask <task>
   bench http               a raw reqwest loop against the flowgate HTTP sink (same concurrency
                            and batch size) to a local endpoint answering at once and after
                            5 ms, alternately. --records=N --rounds=N
-  chaos kafka|rabbitmq|all [--cycles=N] [--minutes=M] [--rate=R] [--seed=S]
+  chaos kafka|rabbitmq|all [--cycles=N] [--minutes=M] [--rate=R] [--seed=S] [--store=postgres]
                            faults at volume against the rig's broker: a numbered producer for
                            the whole run, flowgate SIGKILLed every cycle (every tenth after a
-                           broker restart under it), then a ledger: nothing lost, duplicates
+                           broker restart under it, every tenth from the fifth after a network
+                           fault through toxiproxy: latency, bandwidth, a 15 s cut, resets;
+                           every tenth from the third with a sink stalled 20 s; with
+                           --store=postgres, every tenth from the eighth after a restart of
+                           the checkpoint store), then a ledger: nothing lost, duplicates
                            counted, everything consumed by the broker's own tools
                            (kafka-consumer-groups, rabbitmqctl list_queues); report in
                            target/chaos/. Default 100 cycles
+  bench patterns [spike|slow-sink|throttle|storm|all] [--scale=F] [--docs]
+                           the patterns users meet, drawn over time from flowgate's /metrics
+                           and RSS: a 2x producer spike (overflow block vs shed_oldest), a 10x
+                           slower sink on Kafka (lag, RSS, rebalances), a throttling sink
+                           (adaptive vs fixed concurrency), a member joining and leaving every
+                           5 s (classic vs KIP-848). SVG and CSV in target/bench-report/;
+                           --docs copies the SVGs to docs/img/. About 15 minutes for all
   bench stores             checkpoint commits and dedup checks per second, one key per call vs
                            many, on the embedded store, PostgreSQL and Redis. --seconds=N
   help                     this text
@@ -78,6 +90,7 @@ fn main() -> ExitCode {
         ["bench", "kinesis", rest @ ..] => bench_kinesis(rest),
         ["chaos", rest @ ..] => chaos::chaos(rest),
         ["bench", "http", rest @ ..] => bench_http(rest),
+        ["bench", "patterns", rest @ ..] => patterns::patterns(rest),
         ["help"] | [] => {
             print!("{HELP}");
             Ok(())

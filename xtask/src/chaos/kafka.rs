@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 
 use super::Target;
-use crate::rig::{Broker, Rig};
+use crate::rig::{Broker, KAFKA_VIA_PROXY_PORT, Rig};
 
 const PARTITIONS: u32 = 4;
 const BOOTSTRAP: &str = "127.0.0.1:9092";
@@ -21,10 +21,7 @@ impl Target for Kafka {
         let topic = format!("chaos-{stamp}-{}", std::process::id());
         crate::run(
             "create the topic",
-            rig.kafka_java(&rig.state_dir(Broker::Kafka)).args([
-                "org.apache.kafka.tools.TopicCommand",
-                "--bootstrap-server",
-                BOOTSTRAP,
+            &mut rig.kafka_topics(&[
                 "--create",
                 "--topic",
                 &topic,
@@ -39,9 +36,15 @@ impl Target for Kafka {
 
     fn source(&self, topic: &str) -> String {
         format!(
-            "[source]\ntype = \"kafka\"\nbootstrap_servers = \"{BOOTSTRAP}\"\n\
+            "[source]\ntype = \"kafka\"\nbootstrap_servers = \"127.0.0.1:{KAFKA_VIA_PROXY_PORT}\"\n\
              topics = [\"{topic}\"]\ngroup_instance_id = \"chaos-member\"\nsession_timeout = \"10s\""
         )
+    }
+
+    /// The rig's listener advertised at the proxy's port, so every connection of the
+    /// client goes through the proxy.
+    fn proxy(&self) -> (u16, u16) {
+        (KAFKA_VIA_PROXY_PORT, 9097)
     }
 
     fn producer(&self, rig: &Rig, topic: &str, log: &Path) -> Result<Child, String> {

@@ -1,12 +1,18 @@
-//! `cargo xtask chaos kafka|rabbitmq|all [--cycles=N] [--minutes=M] [--rate=R] [--seed=S]`:
+//! `cargo xtask chaos kafka|rabbitmq|all [--cycles=N] [--minutes=M] [--rate=R] [--seed=S]
+//! [--store=postgres]`:
 //! faults at volume against a real broker, with one ledger at the end.
 //!
 //! A producer writes uniquely numbered records for the whole run (Kafka's own console
 //! producer; for RabbitMQ a pika client publishing with confirms); `flowgate run` consumes
-//! them into a JSON-lines sink. Each cycle starts flowgate, lets it run 1–3 s, and ends with a
-//! fault: SIGKILL of flowgate, or (every tenth cycle, and the last of a run of fewer than ten)
-//! the broker stopped and restarted under the running pipeline, then SIGKILL. The harness is
-//! the supervisor: a flowgate that exits by itself is started again, and counted. After the
+//! them into a JSON-lines sink, reaching the broker through a toxiproxy proxy. Each cycle
+//! starts flowgate, lets it run 1–3 s, and ends with a fault: SIGKILL of flowgate; or (every
+//! tenth cycle, and the last of a run of fewer than ten) the broker stopped and restarted
+//! under the running pipeline, then SIGKILL; or (every tenth from the fifth, and the second
+//! of a short run: a cut) a network fault through the proxy — latency, a bandwidth limit, a cut
+//! longer than the Kafka session timeout, connection resets, in turn — then SIGKILL; or (every
+//! tenth from the third, and the third of a short run) a sink that stalls for 20 s, then
+//! SIGKILL; or, with `--store=postgres`, (every tenth from the eighth) the checkpoint store
+//! restarted, then SIGKILL. The harness is the supervisor: a flowgate that exits by itself is started again, and counted. After the
 //! last cycle the producer stops, flowgate runs once more to the end and stops on SIGTERM.
 //! The ledger: every record the broker accepted was received (lost = 0), duplicates counted,
 //! and the broker's own tools show everything consumed (Kafka: the group's committed offsets
@@ -16,6 +22,7 @@
 //! `target/chaos/<broker>-<time>/report.{md,json}`.
 
 mod kafka;
+mod network;
 mod rabbitmq;
 
 use std::collections::{HashMap, HashSet};
@@ -28,6 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::rig::{Broker, Engine, Rig};
+use network::{Net, Toxiproxy};
 
 /// A broker the chaos run can drive: what it reads, how records are produced, and how its
 /// own tools tell what it accepted and whether everything was consumed.
@@ -35,8 +43,12 @@ trait Target {
     fn broker(&self) -> Broker;
     /// Creates what the run reads (a topic, a queue); its name.
     fn prepare(&self, rig: &Rig, stamp: u64) -> Result<String, String>;
-    /// The `[source]` section of the pipeline reading `stream`.
+    /// The `[source]` section of the pipeline reading `stream` through the proxy (the
+    /// first of [`Target::proxy`]).
     fn source(&self, stream: &str) -> String;
+    /// The ports of the proxy between flowgate and the broker: where it listens, and the
+    /// broker's port it forwards to.
+    fn proxy(&self) -> (u16, u16);
     /// A producer fed the numbers 0, 1, 2, … on its standard input, one per line, each
     /// written to `stream`; it exits when its input ends.
     fn producer(&self, rig: &Rig, stream: &str, log: &Path) -> Result<Child, String>;
@@ -65,21 +77,50 @@ impl Rng {
 enum Fault {
     Kill,
     BrokerRestart,
+    Network(Net),
+    /// The sink stops answering 1 s after flowgate starts, for 20 s.
+    SinkStall,
+    /// The checkpoint store (PostgreSQL, with `--store=postgres`) stopped and restarted.
+    StoreRestart,
 }
+
+/// When a stalling sink answers again, from flowgate's start.
+const STALL_ENDS: Duration = Duration::from_secs(21);
 
 impl Fault {
     fn name(self) -> &'static str {
         match self {
             Fault::Kill => "SIGKILL",
             Fault::BrokerRestart => "broker restart, then SIGKILL",
+            Fault::Network(n) => n.name(),
+            Fault::SinkStall => "sink stalled 20 s, then SIGKILL",
+            Fault::StoreRestart => "store restart, then SIGKILL",
+        }
+    }
+
+    /// Cycle `n` of `cycles`: of every ten, the third stalls the sink, the fifth injects a
+    /// network fault (each kind in turn), the eighth restarts the store (with
+    /// `--store=postgres`), the tenth restarts the broker; the others, and every cycle's end,
+    /// SIGKILL flowgate. A run of fewer than ten cycles has a network cut second, a stalled
+    /// sink third, and ends with a broker restart.
+    fn of_cycle(n: usize, cycles: usize, postgres: bool) -> Fault {
+        let short = cycles < 10;
+        match n % 10 {
+            _ if short && n + 1 == cycles => Fault::BrokerRestart,
+            1 if short => Fault::Network(Net::Cut),
+            2 => Fault::SinkStall,
+            4 if !short => Fault::Network(Net::ALL[(n / 10) % Net::ALL.len()]),
+            7 if postgres => Fault::StoreRestart,
+            9 => Fault::BrokerRestart,
+            _ => Fault::Kill,
         }
     }
 }
 
 struct Cycle {
     fault: Fault,
-    /// From the fault's end (flowgate started again, or the broker back) to the next record
-    /// in the sink.
+    /// From the fault's end (flowgate started again, the broker back, or the network fault
+    /// lifted) to the next record in the sink.
     resume: Option<Duration>,
     ran: Duration,
     received: usize,
@@ -92,6 +133,8 @@ struct Options {
     minutes: Option<f64>,
     rate: u64,
     seed: u64,
+    /// Checkpoints in PostgreSQL (restarted by some cycles) rather than the embedded store.
+    postgres: bool,
 }
 
 fn options(args: &[&str]) -> Result<(String, Options), String> {
@@ -101,6 +144,7 @@ fn options(args: &[&str]) -> Result<(String, Options), String> {
         minutes: None,
         rate: 2_000,
         seed: 0x5eed,
+        postgres: false,
     };
     for a in args {
         let num = |v: &str| v.parse::<u64>().map_err(|e| format!("{a}: {e}"));
@@ -112,6 +156,12 @@ fn options(args: &[&str]) -> Result<(String, Options), String> {
             o.rate = num(v)?.max(1);
         } else if let Some(v) = a.strip_prefix("--seed=") {
             o.seed = num(v)?.max(1);
+        } else if let Some(v) = a.strip_prefix("--store=") {
+            o.postgres = match v {
+                "postgres" => true,
+                "embedded" => false,
+                _ => return Err(format!("{a}: expected embedded or postgres")),
+            };
         } else if !a.starts_with("--") {
             target = a.to_string();
         } else {
@@ -222,7 +272,7 @@ fn feed(
     Ok((child, feeder))
 }
 
-fn stop_gracefully(child: &mut Child) {
+pub(crate) fn stop_gracefully(child: &mut Child) {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -265,43 +315,76 @@ struct RunFiles {
     dir: PathBuf,
     sink: PathBuf,
     config: PathBuf,
+    /// The same pipeline with a sink that stalls (`Fault::SinkStall`).
+    stall_config: PathBuf,
     log: PathBuf,
 }
 
-fn run_files(rig: &Rig, t: &dyn Target, stream: &str, stamp: u64) -> Result<RunFiles, String> {
+fn run_files(
+    rig: &Rig,
+    t: &dyn Target,
+    stream: &str,
+    stamp: u64,
+    postgres: bool,
+) -> Result<RunFiles, String> {
     let dir = rig
         .root()
         .join(format!("target/chaos/{}-{stamp}", t.broker().name()));
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let sink = dir.join("sink.jsonl");
-    let config = dir.join("pipeline.toml");
-    fs::write(
-        &config,
+    let store = if postgres {
+        let url = Broker::Postgres
+            .env(rig)
+            .into_iter()
+            .find(|(k, _)| k == "FLOWGATE_TEST_POSTGRES_URL")
+            .map(|(_, v)| v)
+            .unwrap_or_default();
+        format!("type = \"postgres\"\nurl = \"{url}\"\nschema = \"chaos_{stamp}\"")
+    } else {
         format!(
-            "name = \"{stream}\"\n\n{}\n\n[sink]\ntype = \"jsonl\"\npath = \"{}\"\n\n\
-             [store]\ntype = \"embedded\"\npath = \"{}\"\n\n[runtime.commit]\nevery = \"200ms\"\n",
+            "type = \"embedded\"\npath = \"{}\"",
+            dir.join("data").display()
+        )
+    };
+    let pipeline = |faults: &str| {
+        format!(
+            "name = \"{stream}\"\n\n{}\n\n[sink]\ntype = \"jsonl\"\npath = \"{}\"\n{faults}\n\
+             [store]\n{store}\n\n[runtime.commit]\nevery = \"200ms\"\n",
             t.source(stream),
             sink.display(),
-            dir.join("data").display()
-        ),
-    )
-    .map_err(|e| e.to_string())?;
+        )
+    };
+    let config = dir.join("pipeline.toml");
+    let stall_config = dir.join("pipeline-stalling-sink.toml");
+    write(&config, &pipeline(""))?;
+    write(
+        &stall_config,
+        &pipeline("faults = { stall_after = \"1s\", stall_for = \"20s\" }\n"),
+    )?;
     Ok(RunFiles {
         log: dir.join("flowgate.log"),
         dir,
         sink,
         config,
+        stall_config,
     })
 }
 
 fn chaos_one(rig: &Rig, t: &dyn Target, o: &Options) -> Result<(), String> {
-    rig.up(&[t.broker()], Engine::Native)?;
+    let brokers: &[Broker] = if o.postgres {
+        &[t.broker(), Broker::Postgres]
+    } else {
+        &[t.broker()]
+    };
+    rig.up(brokers, Engine::Native)?;
     let bin = rig.root().join("target/debug/flowgate");
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let stream = t.prepare(rig, stamp)?;
-    let files = run_files(rig, t, &stream, stamp)?;
+    let files = run_files(rig, t, &stream, stamp, o.postgres)?;
+    let (listen, upstream) = t.proxy();
+    let proxy = Toxiproxy::start(rig, listen, upstream, &files.dir.join("toxiproxy.log"))?;
     let stop = Arc::new(AtomicBool::new(false));
     let producer = t.producer(rig, &stream, &files.dir.join("producer.log"))?;
     let (mut producer_child, feeder) = feed(producer, o.rate, stop.clone())?;
@@ -312,7 +395,7 @@ fn chaos_one(rig: &Rig, t: &dyn Target, o: &Options) -> Result<(), String> {
         o.cycles,
         files.dir.display()
     );
-    let cycles = run_cycles(rig, t, &bin, &files, o)?;
+    let cycles = run_cycles(rig, t, &proxy, &bin, &files, o)?;
     stop.store(true, Ordering::Relaxed);
     let fed = feeder.join().unwrap_or(0);
     let _ = producer_child.wait();
@@ -343,6 +426,7 @@ fn chaos_one(rig: &Rig, t: &dyn Target, o: &Options) -> Result<(), String> {
 fn run_cycles(
     rig: &Rig,
     t: &dyn Target,
+    proxy: &Toxiproxy,
     bin: &Path,
     files: &RunFiles,
     o: &Options,
@@ -356,19 +440,18 @@ fn run_cycles(
         if deadline.is_some_and(|d| Instant::now() > d) {
             break;
         }
-        // Every tenth cycle, and the last of a shorter run, restarts the broker.
-        let fault = if n % 10 == 9 || (o.cycles < 10 && n + 1 == o.cycles) {
-            Fault::BrokerRestart
-        } else {
-            Fault::Kill
+        let fault = Fault::of_cycle(n, o.cycles, o.postgres);
+        let config = match fault {
+            Fault::SinkStall => &files.stall_config,
+            _ => &files.config,
         };
         let before = line_count(&files.sink);
         let t0 = Instant::now();
         let mut restarts = 0;
         let mut run = Flowgate {
-            child: flowgate(bin, &files.config, &files.log)?,
+            child: flowgate(bin, config, &files.log)?,
             bin,
-            config: &files.config,
+            config,
             log: &files.log,
             sink: &files.sink,
         };
@@ -380,10 +463,22 @@ fn run_cycles(
         )?;
         let run_for = Duration::from_millis(1_000 + rng.below(2_000));
         std::thread::sleep(run_for.saturating_sub(t0.elapsed()));
-        if fault == Fault::BrokerRestart {
-            rig.down(&[t.broker()])?;
-            std::thread::sleep(Duration::from_secs(2));
-            rig.up(&[t.broker()], Engine::Native)?;
+        if fault != Fault::Kill {
+            match fault {
+                Fault::Network(net) => proxy.inject(net)?,
+                Fault::SinkStall => {
+                    std::thread::sleep((t0 + STALL_ENDS).saturating_duration_since(Instant::now()));
+                }
+                _ => {
+                    let restarted = match fault {
+                        Fault::StoreRestart => Broker::Postgres,
+                        _ => t.broker(),
+                    };
+                    rig.down(&[restarted])?;
+                    std::thread::sleep(Duration::from_secs(2));
+                    rig.up(&[restarted], Engine::Native)?;
+                }
+            }
             resume = wait_for_growth(
                 &mut run,
                 sink_bytes(&files.sink),
@@ -479,14 +574,9 @@ fn ledger(rig: &Rig, t: &dyn Target, o: &Options, run: &Run<'_>) -> Result<(), S
     let x = tally(rig, t, run)?;
     let name = t.broker().name();
     let kills = run.cycles.len();
-    let restarts = run
-        .cycles
-        .iter()
-        .filter(|c| c.fault == Fault::BrokerRestart)
-        .count();
     let mut md = format!(
-        "# chaos {name}\n\n`cargo xtask chaos {name} --cycles={} --rate={} --seed={}`: {} cycles in {:.0} s \
-         ({kills} SIGKILLs of flowgate, {restarts} of them after a broker restart under the running pipeline); {}\n\n\
+        "# chaos {name}\n\n`cargo xtask chaos {name} --cycles={} --rate={} --seed={}{}`: {} cycles in {:.0} s \
+         (each ends with a SIGKILL of flowgate; the faults before it, by kind, below); {}\n\n\
          | | |\n|---|---|\n\
          | records the producer was given | {} |\n\
          | records the broker accepted | {} |\n\
@@ -496,11 +586,12 @@ fn ledger(rig: &Rig, t: &dyn Target, o: &Options, run: &Run<'_>) -> Result<(), S
          | {} | {} |\n\
          | time to resume, median / worst | {:.2} s / {:.2} s |\n\
          | cycles that never resumed | {} |\n\
-         | flowgate exits by itself (fatal errors), started again | {} |\n\n\
+         | flowgate exits by itself (fatal errors), started again | {} |\n\n{}\n\
          | cycle | fault | ran | resumed in | records | flowgate exited by itself |\n|---:|---|---:|---:|---:|---:|\n",
         o.cycles,
         o.rate,
         o.seed,
+        if o.postgres { " --store=postgres" } else { "" },
         kills,
         run.started.elapsed().as_secs_f64(),
         t.setup(),
@@ -517,6 +608,7 @@ fn ledger(rig: &Rig, t: &dyn Target, o: &Options, run: &Run<'_>) -> Result<(), S
         x.resume_worst,
         x.never,
         x.exits,
+        by_fault(run.cycles),
     );
     let mut json_rows = Vec::new();
     for (i, c) in run.cycles.iter().enumerate() {
@@ -569,6 +661,36 @@ fn ledger(rig: &Rig, t: &dyn Target, o: &Options, run: &Run<'_>) -> Result<(), S
         ));
     }
     Ok(())
+}
+
+/// Per kind of fault: cycles, the median and worst time to resume, and exits.
+fn by_fault(cycles: &[Cycle]) -> String {
+    let mut kinds: Vec<Fault> = Vec::new();
+    for c in cycles {
+        if !kinds.contains(&c.fault) {
+            kinds.push(c.fault);
+        }
+    }
+    let mut md = String::from(
+        "| fault | cycles | resume median | resume worst | flowgate exited by itself |\n|---|---:|---:|---:|---:|\n",
+    );
+    for k in kinds {
+        let of: Vec<&Cycle> = cycles.iter().filter(|c| c.fault == k).collect();
+        let mut r: Vec<f64> = of
+            .iter()
+            .filter_map(|c| c.resume.map(|d| d.as_secs_f64()))
+            .collect();
+        r.sort_by(f64::total_cmp);
+        md.push_str(&format!(
+            "| {} | {} | {:.2} s | {:.2} s | {} |\n",
+            k.name(),
+            of.len(),
+            r.get(r.len() / 2).copied().unwrap_or(0.0),
+            r.last().copied().unwrap_or(0.0),
+            of.iter().map(|c| c.restarts).sum::<u32>()
+        ));
+    }
+    md
 }
 
 fn write(path: &PathBuf, text: &str) -> Result<(), String> {

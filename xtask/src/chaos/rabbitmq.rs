@@ -68,7 +68,12 @@ impl Target for Rabbitmq {
     }
 
     fn source(&self, queue: &str) -> String {
-        format!("[source]\ntype = \"rabbitmq\"\nurl = \"{URL}\"\nqueue = \"{queue}\"")
+        let url = URL.replace(":5672/", &format!(":{}/", self.proxy().0));
+        format!("[source]\ntype = \"rabbitmq\"\nurl = \"{url}\"\nqueue = \"{queue}\"")
+    }
+
+    fn proxy(&self) -> (u16, u16) {
+        (35_672, 5_672)
     }
 
     fn producer(&self, rig: &Rig, queue: &str, log: &Path) -> Result<Child, String> {

@@ -47,12 +47,13 @@ impl Rig {
              controller.quorum.bootstrap.servers=127.0.0.1:{KAFKA_CONTROLLER_PORT}\n\
              listeners=PLAINTEXT://127.0.0.1:{KAFKA_PORT},CONTROLLER://127.0.0.1:{KAFKA_CONTROLLER_PORT},\
              SSL://127.0.0.1:{KAFKA_SSL_PORT},SASL_SSL://127.0.0.1:{KAFKA_SASL_SSL_PORT},\
-             SASL_PLAINTEXT://127.0.0.1:{KAFKA_SASL_PLAINTEXT_PORT}\n\
+             SASL_PLAINTEXT://127.0.0.1:{KAFKA_SASL_PLAINTEXT_PORT},PROXIED://127.0.0.1:{KAFKA_PROXIED_PORT}\n\
              advertised.listeners=PLAINTEXT://127.0.0.1:{KAFKA_PORT},SSL://127.0.0.1:{KAFKA_SSL_PORT},\
-             SASL_SSL://127.0.0.1:{KAFKA_SASL_SSL_PORT},SASL_PLAINTEXT://127.0.0.1:{KAFKA_SASL_PLAINTEXT_PORT}\n\
+             SASL_SSL://127.0.0.1:{KAFKA_SASL_SSL_PORT},SASL_PLAINTEXT://127.0.0.1:{KAFKA_SASL_PLAINTEXT_PORT},\
+             PROXIED://127.0.0.1:{KAFKA_VIA_PROXY_PORT}\n\
              controller.listener.names=CONTROLLER\n\
              listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SSL:SSL,\
-             SASL_SSL:SASL_SSL,SASL_PLAINTEXT:SASL_PLAINTEXT\n\
+             SASL_SSL:SASL_SSL,SASL_PLAINTEXT:SASL_PLAINTEXT,PROXIED:PLAINTEXT\n\
              inter.broker.listener.name=PLAINTEXT\n\
              ssl.keystore.type=PEM\n\
              ssl.keystore.location={keystore}\n\
@@ -153,6 +154,18 @@ impl Rig {
                 ]),
             "mvn dependency:copy-dependencies",
         )
+    }
+
+    /// Kafka's topics tool against the rig's broker, e.g. `["--create", "--topic", t, …]`.
+    pub(crate) fn kafka_topics(&self, args: &[&str]) -> Command {
+        let mut cmd = self.kafka_java(&self.state_dir(Broker::Kafka));
+        cmd.args([
+            "org.apache.kafka.tools.TopicCommand",
+            "--bootstrap-server",
+            "127.0.0.1:9092",
+        ])
+        .args(args);
+        cmd
     }
 
     /// `java` with the Kafka classpath and the rig's log4j2 configuration.

@@ -29,6 +29,7 @@ mod prometheus;
 mod rabbitmq;
 mod redis;
 mod tls;
+mod toxiproxy;
 
 use kinesis::kinesis_list_streams;
 use postgres::psql_db;
@@ -46,6 +47,11 @@ const KAFKA_SSL_PORT: u16 = 9094;
 const KAFKA_SASL_SSL_PORT: u16 = 9095;
 /// SASL without TLS.
 const KAFKA_SASL_PLAINTEXT_PORT: u16 = 9096;
+/// A plain listener advertised at [`KAFKA_VIA_PROXY_PORT`]: a client bootstrapping through a
+/// proxy listening there (the chaos run's toxiproxy) keeps every connection on the proxy.
+const KAFKA_PROXIED_PORT: u16 = 9097;
+/// Where the chaos run's toxiproxy listens for [`KAFKA_PROXIED_PORT`].
+pub(crate) const KAFKA_VIA_PROXY_PORT: u16 = 29092;
 /// The SASL user the rig creates (SCRAM credentials and a PLAIN entry).
 const KAFKA_SASL_USER: &str = "flowgate";
 const KAFKA_SASL_PASSWORD: &str = "flowgate-rig-secret";
