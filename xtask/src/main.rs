@@ -4,6 +4,7 @@
 
 mod chaos;
 mod examples;
+mod peers;
 mod rig;
 
 use std::path::Path;
@@ -58,6 +59,13 @@ cargo xtask <task>
                            counted, everything consumed by the broker's own tools
                            (kafka-consumer-groups, rabbitmqctl list_queues); report in
                            target/chaos/. Default 100 cycles
+  bench peers              flowgate beside its peers on the same data, alternating rounds:
+                           Kafka Connect standalone (FileStreamSink, 1 and 4 tasks),
+                           kafka-consumer-perf-test and the raw rdkafka loop on a pre-filled
+                           topic; the kill test (flowgate and Connect SIGKILLed under a live
+                           producer: lost, repeated, time to resume); RabbitMQ PerfTest and the
+                           raw lapin loop on a pre-filled queue. --records=N --rounds=N --kills=N
+                           --kill-rate=R --rabbit-records=N --only=kafka,kill,rabbitmq
   bench stores             checkpoint commits and dedup checks per second, one key per call vs
                            many, on the embedded store, PostgreSQL and Redis. --seconds=N
   help                     this text
@@ -78,6 +86,7 @@ fn main() -> ExitCode {
         ["bench", "kinesis", rest @ ..] => bench_kinesis(rest),
         ["chaos", rest @ ..] => chaos::chaos(rest),
         ["bench", "http", rest @ ..] => bench_http(rest),
+        ["bench", "peers", rest @ ..] => peers::bench_peers(rest),
         ["help"] | [] => {
             print!("{HELP}");
             Ok(())
