@@ -5,6 +5,7 @@
 mod chaos;
 mod examples;
 mod patterns;
+mod peers;
 mod rig;
 
 use std::path::Path;
@@ -70,6 +71,13 @@ cargo xtask <task>
                            (adaptive vs fixed concurrency), a member joining and leaving every
                            5 s (classic vs KIP-848). SVG and CSV in target/bench-report/;
                            --docs copies the SVGs to docs/img/. About 15 minutes for all
+  bench peers              flowgate beside its peers on the same data, alternating rounds:
+                           Kafka Connect standalone (FileStreamSink, 1 and 4 tasks),
+                           kafka-consumer-perf-test and the raw rdkafka loop on a pre-filled
+                           topic; the kill test (flowgate and Connect SIGKILLed under a live
+                           producer: lost, repeated, time to resume); RabbitMQ PerfTest and the
+                           raw lapin loop on a pre-filled queue. --records=N --rounds=N --kills=N
+                           --kill-rate=R --rabbit-records=N --only=kafka,kill,rabbitmq
   bench stores             checkpoint commits and dedup checks per second, one key per call vs
                            many, on the embedded store, PostgreSQL and Redis. --seconds=N
   help                     this text
@@ -91,6 +99,7 @@ fn main() -> ExitCode {
         ["chaos", rest @ ..] => chaos::chaos(rest),
         ["bench", "http", rest @ ..] => bench_http(rest),
         ["bench", "patterns", rest @ ..] => patterns::patterns(rest),
+        ["bench", "peers", rest @ ..] => peers::bench_peers(rest),
         ["help"] | [] => {
             print!("{HELP}");
             Ok(())

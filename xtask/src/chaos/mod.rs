@@ -245,7 +245,7 @@ fn flowgate(bin: &Path, config: &Path, log: &Path) -> Result<Child, String> {
 
 /// Feeds `child`'s standard input the numbers 0, 1, 2, … at `rate` per second until `stop`;
 /// the thread returns how many it fed.
-fn feed(
+pub(crate) fn feed(
     mut child: Child,
     rate: u64,
     stop: Arc<AtomicBool>,

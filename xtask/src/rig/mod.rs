@@ -337,6 +337,11 @@ impl Rig {
         self.state.join(b.name())
     }
 
+    /// Where downloads are kept (`$FLOWGATE_RIG_CACHE`, default `~/.cache/flowgate-rig`).
+    pub(crate) fn cache(&self) -> &Path {
+        &self.cache
+    }
+
     fn kafka_jars(&self) -> PathBuf {
         self.cache
             .join(format!("kafka-{KAFKA_VERSION}"))
