@@ -116,13 +116,23 @@ impl Backoff {
         Some(delay)
     }
 
-    /// How long to wait after `err`: the wait it asks for when it says (`retry_after`: a
-    /// throttling broker knows when it has room again, and a wait grown by earlier refusals
-    /// would idle the sink long after), else the next exponential delay. Either counts as an
-    /// attempt; `None` when the attempts or the time budget are spent.
+    /// How long to wait after `err`. When it says (`retry_after`: a throttling broker knows
+    /// when it has room again, and a wait grown by earlier refusals would idle the sink long
+    /// after), its wait, at least the policy's first delay; such a wait neither grows the
+    /// next delays nor spends `max_attempts`, only the time budget. Otherwise the next
+    /// exponential delay. `None` when the attempts or the time budget are spent.
     pub fn delay_after(&mut self, err: &Error) -> Option<Duration> {
-        let d = self.next_delay()?;
-        Some(err.retry_after().unwrap_or(d))
+        let Some(asked) = err.retry_after() else {
+            return self.next_delay();
+        };
+        let wait = asked.max(self.policy.initial);
+        if let Some(budget) = self.policy.give_up_after {
+            if self.started.elapsed() + wait > budget {
+                return None;
+            }
+        }
+        self.attempts += 1;
+        Some(wait)
     }
 
     /// Starts over (after a success): the next delay is the first again, and the budget is
@@ -174,8 +184,17 @@ mod tests {
         }
         let grown = b.delay_after(&plain).unwrap_or_default();
         assert!(grown >= Duration::from_millis(3_200), "{grown:?}");
-        assert_eq!(b.delay_after(&hinted), Some(Duration::from_millis(20)));
-        assert_eq!(b.attempts(), 7, "a hinted wait is an attempt too");
+        assert_eq!(
+            b.delay_after(&hinted),
+            Some(Duration::from_millis(100)),
+            "the hint, at least the first delay"
+        );
+        for _ in 0..20 {
+            assert!(b.delay_after(&hinted).is_some(), "hinted waits spend no attempts");
+        }
+        let after = b.delay_after(&plain).unwrap_or_default();
+        assert!(after >= Duration::from_millis(5_000), "{after:?}: not grown by hints");
+        assert_eq!(b.attempts(), 28);
     }
 
     #[test]
