@@ -50,7 +50,13 @@ pub(super) fn svg(path: &Path, title: &str, panels: &[Panel]) -> Result<(), Stri
             .configure_mesh()
             .x_desc("seconds")
             .y_desc(&panel.y_label)
-            .y_label_formatter(&|v| format!("{v:.0}"))
+            .y_label_formatter(&|v| {
+                if v.fract().abs() < 1e-9 {
+                    format!("{v:.0}")
+                } else {
+                    format!("{v:.1}")
+                }
+            })
             .draw()
             .map_err(fail(path))?;
         for (i, s) in panel.series.iter().enumerate() {
