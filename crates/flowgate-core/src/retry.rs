@@ -190,10 +190,16 @@ mod tests {
             "the hint, at least the first delay"
         );
         for _ in 0..20 {
-            assert!(b.delay_after(&hinted).is_some(), "hinted waits spend no attempts");
+            assert!(
+                b.delay_after(&hinted).is_some(),
+                "hinted waits spend no attempts"
+            );
         }
         let after = b.delay_after(&plain).unwrap_or_default();
-        assert!(after >= Duration::from_millis(5_000), "{after:?}: not grown by hints");
+        assert!(
+            after >= Duration::from_millis(5_000),
+            "{after:?}: not grown by hints"
+        );
         assert_eq!(b.attempts(), 28);
     }
 
