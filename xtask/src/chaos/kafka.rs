@@ -122,8 +122,7 @@ impl Target for Kafka {
     }
 
     fn setup(&self) -> &'static str {
-        "4 partitions, static membership (session timeout 10 s), checkpoints in the embedded store, \
-         commits every 200 ms, no dedup."
+        "4 partitions, static membership (session timeout 10 s), commits every 200 ms, no dedup."
     }
 
     fn end_check(&self) -> &'static str {

@@ -574,6 +574,12 @@ fn ledger(rig: &Rig, t: &dyn Target, o: &Options, run: &Run<'_>) -> Result<(), S
     let x = tally(rig, t, run)?;
     let name = t.broker().name();
     let kills = run.cycles.len();
+    let store = if o.postgres {
+        "PostgreSQL"
+    } else {
+        "the embedded store"
+    };
+    let setup = format!("{} Checkpoints in {store}.", t.setup());
     let mut md = format!(
         "# chaos {name}\n\n`cargo xtask chaos {name} --cycles={} --rate={} --seed={}{}`: {} cycles in {:.0} s \
          (each ends with a SIGKILL of flowgate; the faults before it, by kind, below); {}\n\n\
@@ -594,7 +600,7 @@ fn ledger(rig: &Rig, t: &dyn Target, o: &Options, run: &Run<'_>) -> Result<(), S
         if o.postgres { " --store=postgres" } else { "" },
         kills,
         run.started.elapsed().as_secs_f64(),
-        t.setup(),
+        setup,
         run.fed,
         x.accepted,
         x.received,
