@@ -7,6 +7,7 @@ mod examples;
 mod patterns;
 mod peers;
 mod rig;
+mod versions;
 
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
@@ -64,6 +65,11 @@ cargo xtask <task>
                            counted, everything consumed by the broker's own tools
                            (kafka-consumer-groups, rabbitmqctl list_queues); report in
                            target/chaos/. Default 100 cycles
+  kafka-versions [--versions=A,B] [--cycles=N]
+                           the Kafka adapter's broker tests, the CLI's SIGKILL tests and a
+                           short chaos run against each Apache Kafka release (default
+                           3.9.1,4.4.0; the rig runs 4.1.1), one after another; report in
+                           target/bench-report/kafka-versions.md
   bench patterns [spike|slow-sink|throttle|storm|all] [--scale=F] [--docs]
                            the patterns users meet, drawn over time from flowgate's /metrics
                            and RSS: a 2x producer spike (overflow block vs shed_oldest), a 10x
@@ -97,6 +103,7 @@ fn main() -> ExitCode {
         ["bench", "stores", rest @ ..] => bench_stores(rest),
         ["bench", "kinesis", rest @ ..] => bench_kinesis(rest),
         ["chaos", rest @ ..] => chaos::chaos(rest),
+        ["kafka-versions", rest @ ..] => versions::kafka_versions(rest),
         ["bench", "http", rest @ ..] => bench_http(rest),
         ["bench", "patterns", rest @ ..] => patterns::patterns(rest),
         ["bench", "peers", rest @ ..] => peers::bench_peers(rest),
@@ -345,7 +352,7 @@ fn kafka_tool(tool: &str, args: &[&str]) -> Result<(), String> {
     let class = match tool {
         "consumer-groups" => "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
         "topics" => "org.apache.kafka.tools.TopicCommand",
-        "console-producer" => "org.apache.kafka.tools.ConsoleProducer",
+        "console-producer" => rig::kafka_console_producer_class(),
         "console-consumer" => "org.apache.kafka.tools.consumer.ConsoleConsumer",
         "producer-perf-test" => "org.apache.kafka.tools.ProducerPerformance",
         "consumer-perf-test" => "org.apache.kafka.tools.ConsumerPerformance",

@@ -36,12 +36,21 @@ fn kafka_tool(class: &str) -> Command {
     cmd
 }
 
+/// The console producer's class: in Kafka's core jar before 4.0, in its tools jar since.
+fn console_producer() -> &'static str {
+    if flowgate_rig_tests::endpoint("FLOWGATE_TEST_KAFKA_VERSION").starts_with("3.") {
+        "kafka.tools.ConsoleProducer"
+    } else {
+        "org.apache.kafka.tools.ConsoleProducer"
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_source_reads_topics_of_every_codec_written_by_the_console_producer() {
     for (_, codec) in CODECS {
         let topic = unique(&format!("codec-in-{codec}"));
         create_topic(&topic, 1).await;
-        let mut producer = kafka_tool("org.apache.kafka.tools.ConsoleProducer")
+        let mut producer = kafka_tool(console_producer())
             .args(["--bootstrap-server", &bootstrap(), "--topic", &topic])
             .args(["--producer-property", &format!("compression.type={codec}")])
             .args(["--producer-property", "linger.ms=50"])

@@ -48,23 +48,7 @@ impl Target for Kafka {
     }
 
     fn producer(&self, rig: &Rig, topic: &str, log: &Path) -> Result<Child, String> {
-        rig.kafka_java(&rig.state_dir(Broker::Kafka))
-            .args([
-                "org.apache.kafka.tools.ConsoleProducer",
-                "--bootstrap-server",
-                BOOTSTRAP,
-                "--topic",
-                topic,
-                "--producer-property",
-                "acks=all",
-                "--producer-property",
-                "delivery.timeout.ms=120000",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).map_err(|e| e.to_string())?)
-            .spawn()
-            .map_err(|e| format!("cannot start the console producer: {e}"))
+        rig.kafka_console_producer(topic, log)
     }
 
     /// Every value the topic holds, read back with Kafka's console consumer.

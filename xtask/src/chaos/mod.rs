@@ -22,6 +22,7 @@
 //! `target/chaos/<broker>-<time>/report.{md,json}`.
 
 mod kafka;
+mod kinesis;
 mod network;
 mod rabbitmq;
 
@@ -34,6 +35,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::peers::measure::line_count;
 use crate::rig::{Broker, Engine, Rig};
 use network::{Net, Toxiproxy};
 
@@ -59,6 +61,15 @@ trait Target {
     /// How the run is set up, and the check `consumed_to_end` makes, for the report.
     fn setup(&self) -> &'static str;
     fn end_check(&self) -> &'static str;
+    /// The ledger reads the checkpoints while the pipeline runs: they must be in PostgreSQL.
+    fn checkpoints_in_postgres(&self) -> bool {
+        false
+    }
+    /// The broker keeps what it accepted across a restart; if not, the run restarts the
+    /// store instead.
+    fn restarts_broker(&self) -> bool {
+        true
+    }
 }
 
 /// A small deterministic generator (xorshift), so a seed replays the same run of faults.
@@ -103,9 +114,9 @@ impl Fault {
     /// `--store=postgres`), the tenth restarts the broker; the others, and every cycle's end,
     /// SIGKILL flowgate. A run of fewer than ten cycles has a network cut second, a stalled
     /// sink third, and ends with a broker restart.
-    fn of_cycle(n: usize, cycles: usize, postgres: bool) -> Fault {
+    fn of_cycle(n: usize, cycles: usize, postgres: bool, restarts_broker: bool) -> Fault {
         let short = cycles < 10;
-        match n % 10 {
+        let fault = match n % 10 {
             _ if short && n + 1 == cycles => Fault::BrokerRestart,
             1 if short => Fault::Network(Net::Cut),
             2 => Fault::SinkStall,
@@ -113,6 +124,11 @@ impl Fault {
             7 if postgres => Fault::StoreRestart,
             9 => Fault::BrokerRestart,
             _ => Fault::Kill,
+        };
+        match fault {
+            Fault::BrokerRestart if !restarts_broker && postgres => Fault::StoreRestart,
+            Fault::BrokerRestart if !restarts_broker => Fault::Kill,
+            f => f,
         }
     }
 }
@@ -128,6 +144,7 @@ struct Cycle {
     restarts: u32,
 }
 
+#[derive(Clone, Copy)]
 struct Options {
     cycles: usize,
     minutes: Option<f64>,
@@ -171,6 +188,11 @@ fn options(args: &[&str]) -> Result<(String, Options), String> {
     Ok((target, o))
 }
 
+/// The PostgreSQL schema holding a run's checkpoints (with `--store=postgres`).
+fn pg_schema(stream: &str) -> String {
+    stream.replace('-', "_")
+}
+
 /// Lines of the JSON-lines sink, and their payloads (the record numbers).
 fn received(sink: &Path) -> Vec<u64> {
     let Ok(text) = fs::read_to_string(sink) else {
@@ -182,10 +204,6 @@ fn received(sink: &Path) -> Vec<u64> {
             rest[..rest.find('"')?].parse().ok()
         })
         .collect()
-}
-
-fn line_count(sink: &Path) -> usize {
-    fs::read(sink).map_or(0, |b| b.iter().filter(|c| **c == b'\n').count())
 }
 
 fn sink_bytes(sink: &Path) -> u64 {
@@ -292,10 +310,15 @@ pub(crate) fn chaos(args: &[&str]) -> Result<(), String> {
     let targets: Vec<Box<dyn Target>> = match target.as_str() {
         "kafka" => vec![Box::new(kafka::Kafka)],
         "rabbitmq" => vec![Box::new(rabbitmq::Rabbitmq)],
-        "all" => vec![Box::new(kafka::Kafka), Box::new(rabbitmq::Rabbitmq)],
+        "kinesis" => vec![Box::new(kinesis::Kinesis)],
+        "all" => vec![
+            Box::new(kafka::Kafka),
+            Box::new(rabbitmq::Rabbitmq),
+            Box::new(kinesis::Kinesis),
+        ],
         other => {
             return Err(format!(
-                "chaos {other}: expected kafka, rabbitmq or all (Kinesis is covered by the SIGKILL and lease tests of crates/flowgate-cli/tests/kinesis_workers.rs)"
+                "chaos {other}: expected kafka, rabbitmq, kinesis or all"
             ));
         }
     };
@@ -339,7 +362,10 @@ fn run_files(
             .find(|(k, _)| k == "FLOWGATE_TEST_POSTGRES_URL")
             .map(|(_, v)| v)
             .unwrap_or_default();
-        format!("type = \"postgres\"\nurl = \"{url}\"\nschema = \"chaos_{stamp}\"")
+        format!(
+            "type = \"postgres\"\nurl = \"{url}\"\nschema = \"{}\"",
+            pg_schema(stream)
+        )
     } else {
         format!(
             "type = \"embedded\"\npath = \"{}\"",
@@ -371,6 +397,10 @@ fn run_files(
 }
 
 fn chaos_one(rig: &Rig, t: &dyn Target, o: &Options) -> Result<(), String> {
+    let o = &Options {
+        postgres: o.postgres || t.checkpoints_in_postgres(),
+        ..*o
+    };
     let brokers: &[Broker] = if o.postgres {
         &[t.broker(), Broker::Postgres]
     } else {
@@ -440,12 +470,12 @@ fn run_cycles(
         if deadline.is_some_and(|d| Instant::now() > d) {
             break;
         }
-        let fault = Fault::of_cycle(n, o.cycles, o.postgres);
+        let fault = Fault::of_cycle(n, o.cycles, o.postgres, t.restarts_broker());
         let config = match fault {
             Fault::SinkStall => &files.stall_config,
             _ => &files.config,
         };
-        let before = line_count(&files.sink);
+        let before = line_count(&files.sink)?;
         let t0 = Instant::now();
         let mut restarts = 0;
         let mut run = Flowgate {
@@ -488,7 +518,7 @@ fn run_cycles(
         }
         let _ = run.child.kill();
         let _ = run.child.wait();
-        let received = line_count(&files.sink) - before;
+        let received = (line_count(&files.sink)? - before) as usize;
         eprintln!(
             "    cycle {n:>3} {:<30} ran {:>5.1}s, resumed in {}, {received} records{}",
             fault.name(),

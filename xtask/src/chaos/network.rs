@@ -2,8 +2,6 @@
 //! toxiproxy proxy, whose toxics (latency, a bandwidth limit, connection resets) and whose
 //! switch (a full cut) the chaos run drives through toxiproxy's HTTP API.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -121,29 +119,17 @@ impl Drop for Toxiproxy {
 
 /// One call to toxiproxy's API; the answer's body, or what went wrong.
 fn api(method: &str, path: &str, body: &str) -> Result<String, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", API_PORT))
-        .map_err(|e| format!("toxiproxy {method} {path}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
+    let (status, answer) = crate::rig::http(
+        method,
+        API_PORT,
+        path,
+        &[("Content-Type", "application/json")],
+        body,
     )
-    .map_err(|e| format!("toxiproxy {method} {path}: {e}"))?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer)
-        .map_err(|e| format!("toxiproxy {method} {path}: {e}"))?;
-    let status = answer.split_whitespace().nth(1).unwrap_or_default();
-    if status.starts_with('2') {
-        Ok(answer
-            .split_once("\r\n\r\n")
-            .map_or("", |b| b.1)
-            .to_string())
+    .map_err(|e| format!("toxiproxy: {e}"))?;
+    if (200..300).contains(&status) {
+        Ok(answer)
     } else {
-        Err(format!(
-            "toxiproxy {method} {path}: {}",
-            answer.lines().next().unwrap_or_default()
-        ))
+        Err(format!("toxiproxy {method} {path}: HTTP {status} {answer}"))
     }
 }

@@ -1,8 +1,6 @@
 //! What a running `flowgate run` shows from outside, sampled over time: its `/metrics`
 //! endpoint (what a Prometheus server would scrape) and its resident memory.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -75,15 +73,10 @@ impl Recorder {
 
 /// `GET /metrics` on 127.0.0.1:`port`, parsed.
 pub(super) fn scrape(port: u16) -> Option<Sample> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).ok()?;
-    if !body.starts_with("HTTP/1.1 200") && !body.starts_with("HTTP/1.0 200") {
-        return None;
+    match crate::rig::http("GET", port, "/metrics", &[], "") {
+        Ok((200, body)) => Some(parse(&body)),
+        _ => None,
     }
-    Some(parse(&body))
 }
 
 /// The metrics a recording keeps, each summed over its label sets.
@@ -113,14 +106,7 @@ fn parse(text: &str) -> Sample {
 
 /// Resident set size of `pid` in MiB (`VmRSS`), 0 once it is gone.
 fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
+    crate::peers::measure::proc_status_mib(pid, "VmRSS")
 }
 
 /// Per-second rates of a counter between consecutive samples, at the later sample's time. A

@@ -5,7 +5,7 @@
 //! first record not written before.
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -84,7 +84,9 @@ pub(super) fn run(ctx: &Ctx<'_>, c: Contender, kills: usize, rate: u64) -> Resul
     create_topic(ctx, &topic)?;
     let dir = ctx.run_dir(&format!("kill-{slug}"))?;
     let stop = Arc::new(AtomicBool::new(false));
-    let producer = producer(ctx, &topic, &dir.join("producer.log"))?;
+    let producer = ctx
+        .rig
+        .kafka_console_producer(&topic, &dir.join("producer.log"))?;
     let (mut producer, feeder) = crate::chaos::feed(producer, rate, stop.clone())?;
     let start = || -> Result<Child, String> {
         let mut cmd = match c {
@@ -205,23 +207,4 @@ pub(super) fn create_topic(ctx: &Ctx<'_>, topic: &str) -> Result<(), String> {
             "1",
         ]),
     )
-}
-
-/// Kafka's console producer (`acks=all`), one record per line of its standard input.
-fn producer(ctx: &Ctx<'_>, topic: &str, log: &std::path::Path) -> Result<Child, String> {
-    let mut cmd: Command = ctx.rig.kafka_java(&ctx.rig.state_dir(Broker::Kafka));
-    cmd.args([
-        "org.apache.kafka.tools.ConsoleProducer",
-        "--bootstrap-server",
-        BOOTSTRAP,
-        "--topic",
-        topic,
-        "--producer-property",
-        "acks=all",
-    ])
-    .stdin(Stdio::piped())
-    .stdout(Stdio::null())
-    .stderr(kafka::log_file(log)?)
-    .spawn()
-    .map_err(|e| format!("cannot start Kafka's console producer: {e}"))
 }

@@ -43,12 +43,18 @@ pub(super) fn children_cpu() -> Result<f64, String> {
 
 /// A process's peak resident set (VmHWM), MiB; 0 once it has exited.
 pub(super) fn peak_rss_mib(pid: u32) -> f64 {
+    proc_status_mib(pid, "VmHWM")
+}
+
+/// A size `field` of `/proc/PID/status` (`VmRSS`, `VmHWM`, …) in MiB; 0 once the process
+/// is gone.
+pub(crate) fn proc_status_mib(pid: u32, field: &str) -> f64 {
     fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         })
         .map_or(0.0, |kib| kib / 1024.0)
 }
@@ -58,7 +64,7 @@ pub(super) fn file_len(path: &Path) -> u64 {
 }
 
 /// Lines in a file, by `wc -l` (fast on hundreds of megabytes, unlike a debug build's loop).
-pub(super) fn line_count(path: &Path) -> Result<u64, String> {
+pub(crate) fn line_count(path: &Path) -> Result<u64, String> {
     if !path.exists() {
         return Ok(0);
     }

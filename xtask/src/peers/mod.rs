@@ -15,7 +15,7 @@
 
 mod kafka;
 mod kill;
-mod measure;
+pub(crate) mod measure;
 mod rabbitmq;
 
 use std::path::{Path, PathBuf};

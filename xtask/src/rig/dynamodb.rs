@@ -11,37 +11,16 @@ use super::*;
 impl Rig {
     /// A Python interpreter that imports moto's server.
     fn moto_python(&self) -> Res<PathBuf> {
-        let imports = |python: &Path| {
-            Command::new(python)
-                .args(["-c", "import moto.server, werkzeug"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if imports(Path::new("python3")) {
-            return Ok(PathBuf::from("python3"));
-        }
-        let venv = self.cache.join(format!("moto-{MOTO_VERSION}"));
-        let bin = venv.join("bin/python");
-        if !bin.exists() {
-            need_command("python3", &["python3", "python3-venv"])?;
-            eprintln!(
-                "    dynamodb  installing moto[server]=={MOTO_VERSION} into {}",
-                venv.display()
-            );
-            run_quiet(
-                Command::new("python3").args(["-m", "venv"]).arg(&venv),
-                "python3 -m venv (for moto)",
-            )?;
-            run_quiet(
-                Command::new(venv.join("bin/pip"))
-                    .args(["install", "--quiet"])
-                    .arg(format!("moto[server]=={MOTO_VERSION}")),
-                "pip install moto[server]",
-            )?;
-        }
-        Ok(bin)
+        self.python_with("import moto.server, werkzeug", "moto[server]", MOTO_VERSION)
+    }
+
+    /// A Python interpreter that imports boto3 (moto's, which depends on it).
+    pub(crate) fn boto3_python(&self) -> Res<PathBuf> {
+        self.python_with(
+            "import moto.server, werkzeug, boto3",
+            "moto[server]",
+            MOTO_VERSION,
+        )
     }
 
     pub(super) fn start_dynamodb(&self, dir: &Path) -> Res {

@@ -42,7 +42,8 @@ impl Rig {
         // `file.delete.delay.ms`: a deleted topic's files go after 1 s, not 60 s, so the
         // benches can drop each run's topic (gigabytes) before the next run starts.
         let props = format!(
-            "process.roles=broker,controller\n\
+            "# kafka.version={version}\n\
+             process.roles=broker,controller\n\
              node.id=1\n\
              controller.quorum.bootstrap.servers=127.0.0.1:{KAFKA_CONTROLLER_PORT}\n\
              listeners=PLAINTEXT://127.0.0.1:{KAFKA_PORT},CONTROLLER://127.0.0.1:{KAFKA_CONTROLLER_PORT},\
@@ -73,6 +74,7 @@ impl Rig {
              group.initial.rebalance.delay.ms=0\n\
              auto.create.topics.enable=true\n\
              file.delete.delay.ms=1000\n",
+            version = kafka_version(),
             data = data.display(),
             keystore = keystore.display(),
             ca = tls.join("ca.pem").display(),
@@ -138,7 +140,8 @@ impl Rig {
         }
         need_command("mvn", &["maven"])?;
         eprintln!(
-            "    kafka     fetching Apache Kafka {KAFKA_VERSION} jars from Maven Central into {}",
+            "    kafka     fetching Apache Kafka {} jars from Maven Central into {}",
+            kafka_version(),
             jars.display()
         );
         let pom = self.root.join("xtask/rig/pom.xml");
@@ -148,7 +151,7 @@ impl Rig {
                 .arg(&pom)
                 .args([
                     "dependency:copy-dependencies",
-                    &format!("-Dkafka.version={KAFKA_VERSION}"),
+                    &format!("-Dkafka.version={}", kafka_version()),
                     &format!("-DoutputDirectory={}", jars.display()),
                     "-DincludeScope=runtime",
                 ]),
@@ -168,6 +171,28 @@ impl Rig {
         cmd
     }
 
+    /// Kafka's console producer (`acks=all`) writing each line of its standard input to
+    /// `topic`, its messages in `log`.
+    pub(crate) fn kafka_console_producer(&self, topic: &str, log: &Path) -> Res<Child> {
+        self.kafka_java(&self.state_dir(Broker::Kafka))
+            .args([
+                kafka_console_producer_class(),
+                "--bootstrap-server",
+                "127.0.0.1:9092",
+                "--topic",
+                topic,
+                "--producer-property",
+                "acks=all",
+                "--producer-property",
+                "delivery.timeout.ms=120000",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?)
+            .spawn()
+            .map_err(|e| format!("cannot start Kafka's console producer: {e}"))
+    }
+
     /// `java` with the Kafka classpath and the rig's log4j2 configuration.
     pub(crate) fn kafka_java(&self, dir: &Path) -> Command {
         let mut cmd = Command::new("java");
@@ -178,5 +203,14 @@ impl Rig {
         .arg("-cp")
         .arg(format!("{}/*", self.kafka_jars().display()));
         cmd
+    }
+}
+
+/// The console producer's class: in Kafka's core jar before 4.0, in its tools jar since.
+pub(crate) fn kafka_console_producer_class() -> &'static str {
+    if kafka_version().starts_with("3.") {
+        "kafka.tools.ConsoleProducer"
+    } else {
+        "org.apache.kafka.tools.ConsoleProducer"
     }
 }

@@ -64,25 +64,23 @@ impl Rig {
 
 /// A ListStreams call over plain HTTP (kinesis-mock accepts any credentials).
 pub(super) fn kinesis_list_streams() -> Res<String> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], KINESIS_PORT));
-    let mut s =
-        TcpStream::connect_timeout(&addr, Duration::from_millis(500)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    let body = "{}";
-    let req = format!(
-        "POST / HTTP/1.1\r\nHost: 127.0.0.1:{KINESIS_PORT}\r\nContent-Type: application/x-amz-json-1.1\r\n\
-         X-Amz-Target: Kinesis_20131202.ListStreams\r\n\
-         Authorization: AWS4-HMAC-SHA256 Credential=flowgate/20260101/us-east-1/kinesis/aws4_request, SignedHeaders=host, Signature=0\r\n\
-         X-Amz-Date: 20260101T000000Z\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-    let mut resp = String::new();
-    let _ = s.read_to_string(&mut resp);
-    if resp.starts_with("HTTP/1.1 200") {
-        Ok(resp)
-    } else {
-        Err(resp.lines().next().unwrap_or("no answer").to_string())
+    let (status, body) = http(
+        "POST",
+        KINESIS_PORT,
+        "/",
+        &[
+            ("Content-Type", "application/x-amz-json-1.1"),
+            ("X-Amz-Target", "Kinesis_20131202.ListStreams"),
+            (
+                "Authorization",
+                "AWS4-HMAC-SHA256 Credential=flowgate/20260101/us-east-1/kinesis/aws4_request, SignedHeaders=host, Signature=0",
+            ),
+            ("X-Amz-Date", "20260101T000000Z"),
+        ],
+        "{}",
+    )?;
+    match status {
+        200 => Ok(body),
+        other => Err(format!("ListStreams: HTTP {other}")),
     }
 }

@@ -11,13 +11,17 @@
 //! elsewhere than `target/flowgate-rig/kafka/data`, until it is set again; on a RAM
 //! filesystem (`/dev/shm/…`) the kernel's writeback of the log no longer shares the machine
 //! with what a latency bench measures.
+//!
+//! `$FLOWGATE_RIG_KAFKA_VERSION` runs another Apache Kafka release than [`KAFKA_VERSION`]
+//! (e.g. `3.9.1`, `4.4.0`): its jars go to their own cache directory and its log to
+//! `kafka/data-<version>`, so switching versions never hands one release another's log.
 
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -31,11 +35,13 @@ mod redis;
 mod tls;
 mod toxiproxy;
 
+pub(crate) use kafka::kafka_console_producer_class;
 use kinesis::kinesis_list_streams;
 use postgres::psql_db;
 use redis::redis_ping;
 use tls::make_tls_certificates;
 
+/// The Apache Kafka the rig runs unless `$FLOWGATE_RIG_KAFKA_VERSION` names another.
 pub(crate) const KAFKA_VERSION: &str = "4.1.1";
 const KAFKA_CLUSTER_ID: &str = "4L6g3nShT-eMCtK--X86sw";
 const KINESIS_LOCAL_VERSION: &str = "0.6.2";
@@ -85,6 +91,18 @@ pub(crate) enum Broker {
     Prometheus,
 }
 
+/// The Apache Kafka release the rig runs: `$FLOWGATE_RIG_KAFKA_VERSION`, else [`KAFKA_VERSION`].
+pub(crate) fn kafka_version() -> &'static str {
+    static V: OnceLock<String> = OnceLock::new();
+    V.get_or_init(|| {
+        std::env::var("FLOWGATE_RIG_KAFKA_VERSION")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| KAFKA_VERSION.to_string())
+    })
+}
+
 pub(crate) const ALL: [Broker; 7] = [
     Broker::Kafka,
     Broker::Rabbitmq,
@@ -129,6 +147,7 @@ impl Broker {
                     "FLOWGATE_TEST_KAFKA_CLASSPATH",
                     format!("{}/*", rig.kafka_jars().display()),
                 ),
+                v("FLOWGATE_TEST_KAFKA_VERSION", kafka_version().to_string()),
                 v(
                     "FLOWGATE_TEST_KAFKA_SSL_BOOTSTRAP",
                     format!("127.0.0.1:{KAFKA_SSL_PORT}"),
@@ -317,15 +336,23 @@ impl Rig {
         })
     }
 
+    /// The running (or last started) broker's log directory; for a first start of a
+    /// version, `kafka/data` ([`KAFKA_VERSION`]) or `kafka/data-<version>`.
     pub(crate) fn kafka_log_dir(&self) -> PathBuf {
         let dir = self.state_dir(Broker::Kafka);
-        fs::read_to_string(dir.join("server.properties"))
-            .ok()
-            .and_then(|p| {
-                p.lines()
-                    .find_map(|l| l.strip_prefix("log.dirs=").map(PathBuf::from))
+        let version = kafka_version();
+        let props = fs::read_to_string(dir.join("server.properties")).unwrap_or_default();
+        let same_version = props
+            .lines()
+            .any(|l| l.strip_prefix("# kafka.version=") == Some(version));
+        props
+            .lines()
+            .filter(|_| same_version)
+            .find_map(|l| l.strip_prefix("log.dirs=").map(PathBuf::from))
+            .unwrap_or_else(|| match version {
+                KAFKA_VERSION => dir.join("data"),
+                v => dir.join(format!("data-{v}")),
             })
-            .unwrap_or_else(|| dir.join("data"))
     }
 
     /// The workspace's root directory.
@@ -344,7 +371,7 @@ impl Rig {
 
     fn kafka_jars(&self) -> PathBuf {
         self.cache
-            .join(format!("kafka-{KAFKA_VERSION}"))
+            .join(format!("kafka-{}", kafka_version()))
             .join("jars")
     }
 
@@ -739,6 +766,46 @@ fn apt_install(packages: &[&str]) -> Res {
     )
 }
 
+impl Rig {
+    /// A Python interpreter for which `check` (e.g. `import pika`) succeeds: a `python3` on
+    /// the PATH, else a virtual environment in the rig's cache with `package==version`
+    /// installed (made once).
+    fn python_with(&self, check: &str, package: &str, version: &str) -> Res<PathBuf> {
+        let imports = |python: &Path| {
+            Command::new(python)
+                .args(["-c", check])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if imports(Path::new("python3")) {
+            return Ok(PathBuf::from("python3"));
+        }
+        let name = package.split('[').next().unwrap_or(package);
+        let venv = self.cache.join(format!("{name}-{version}"));
+        let bin = venv.join("bin/python");
+        if !imports(&bin) {
+            need_command("python3", &["python3", "python3-venv"])?;
+            eprintln!(
+                "    python    installing {package}=={version} into {}",
+                venv.display()
+            );
+            run_quiet(
+                Command::new("python3").args(["-m", "venv"]).arg(&venv),
+                &format!("python3 -m venv (for {name})"),
+            )?;
+            run_quiet(
+                Command::new(venv.join("bin/pip"))
+                    .args(["install", "--quiet"])
+                    .arg(format!("{package}=={version}")),
+                &format!("pip install {package}"),
+            )?;
+        }
+        Ok(bin)
+    }
+}
+
 pub(crate) fn need_command(name: &str, packages: &[&str]) -> Res {
     if command_exists(name) {
         return Ok(());
@@ -827,14 +894,39 @@ fn port_open(port: u16) -> bool {
 
 /// `GET path` on 127.0.0.1:`port` answers 200.
 fn http_get_ok(port: u16, path: &str) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
-        return false;
+    http("GET", port, path, &[], "").is_ok_and(|(status, _)| status == 200)
+}
+
+/// One HTTP/1.0 request to 127.0.0.1:`port`: the answer's status code and body.
+pub(crate) fn http(
+    method: &str,
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Res<(u16, String)> {
+    let fail = |e: std::io::Error| format!("{method} 127.0.0.1:{port}{path}: {e}");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).map_err(fail)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(fail)?;
+    let mut request = format!(
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
     }
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).is_ok() && head.ends_with(b"200")
+    request.push_str("\r\n");
+    request.push_str(body);
+    s.write_all(request.as_bytes()).map_err(fail)?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).map_err(fail)?;
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("{method} 127.0.0.1:{port}{path}: not an HTTP answer"))?;
+    let body = answer.split_once("\r\n\r\n").map_or("", |b| b.1);
+    Ok((status, body.to_string()))
 }

@@ -9,31 +9,7 @@ impl Rig {
     /// A Python interpreter that imports pika (a `python3` that does, or a virtual
     /// environment in the rig's cache with the pinned version).
     pub(crate) fn pika_python(&self) -> Res<PathBuf> {
-        let imports = Command::new("python3")
-            .args(["-c", "import pika"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if imports {
-            return Ok(PathBuf::from("python3"));
-        }
-        let venv = self.cache.join(format!("pika-{PIKA_VERSION}"));
-        let bin = venv.join("bin/python");
-        if !bin.exists() {
-            need_command("python3", &["python3", "python3-venv"])?;
-            run_quiet(
-                Command::new("python3").args(["-m", "venv"]).arg(&venv),
-                "python3 -m venv (for pika)",
-            )?;
-            run_quiet(
-                Command::new(venv.join("bin/pip"))
-                    .args(["install", "--quiet"])
-                    .arg(format!("pika=={PIKA_VERSION}")),
-                "pip install pika",
-            )?;
-        }
-        Ok(bin)
+        self.python_with("import pika", "pika", PIKA_VERSION)
     }
 
     pub(super) fn start_rabbitmq(&self, dir: &Path) -> Res {

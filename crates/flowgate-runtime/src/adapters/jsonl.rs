@@ -8,8 +8,7 @@ use flowgate_core::{
     Error, IdempotencyKey, PartitionId, Position, Record, Sink, SinkCapabilities, WriteError,
 };
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
-use tokio::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Settings of the [`JsonLinesSink`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -29,7 +28,8 @@ pub struct JsonLinesConfig {
 /// written to the file (and synced, with `fsync`).
 pub struct JsonLinesSink {
     cfg: JsonLinesConfig,
-    file: Mutex<tokio::fs::File>,
+    /// Written from blocking tasks, one per batch.
+    file: Arc<Mutex<std::fs::File>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -61,13 +61,6 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-fn text_or_hex(b: &[u8]) -> (Option<Cow<'_, str>>, Option<String>) {
-    match std::str::from_utf8(b) {
-        Ok(s) => (Some(Cow::Borrowed(s)), None),
-        Err(_) => (None, Some(hex(b))),
-    }
-}
-
 impl JsonLinesSink {
     /// Opens (creating) the file for appending.
     pub async fn open(cfg: JsonLinesConfig) -> Result<Self, Error> {
@@ -76,19 +69,21 @@ impl JsonLinesSink {
                 .await
                 .map_err(|e| io_err("cannot create the directory of", &cfg.path, e))?;
         }
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&cfg.path)
-            .await
-            .map_err(|e| io_err("cannot open", &cfg.path, e))?;
         let path = cfg.path.clone();
-        tokio::task::spawn_blocking(move || repair_torn_tail(&path))
-            .await
-            .map_err(|e| Error::fatal("JSON-lines repair task failed").with_source(e))??;
+        let file = tokio::task::spawn_blocking(move || {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| io_err("cannot open", &path, e))?;
+            repair_torn_tail(&path)?;
+            Ok::<_, Error>(file)
+        })
+        .await
+        .map_err(|e| Error::fatal("JSON-lines open task failed").with_source(e))??;
         Ok(JsonLinesSink {
             cfg,
-            file: Mutex::new(file),
+            file: Arc::new(Mutex::new(file)),
         })
     }
 
@@ -141,38 +136,67 @@ impl JsonLinesSink {
         Ok(out)
     }
 
+    /// The batch as JSON lines. Fields are written in place (strings escaped by serde_json)
+    /// rather than through a [`Line`] per record: no allocation per record unless a key or
+    /// payload is not UTF-8 or the record has headers.
     fn encode(batch: &[Record]) -> Result<Vec<u8>, Error> {
+        use std::io::Write;
         let mut buf = Vec::with_capacity(batch.len() * 160);
         for r in batch {
-            let (key, key_hex) = r.key.as_deref().map_or((None, None), text_or_hex);
-            let (payload, payload_hex) = text_or_hex(&r.payload);
-            let line = Line {
-                partition: Cow::Borrowed(r.partition.as_str()),
-                position: Cow::Owned(r.position.to_string()),
-                key,
-                key_hex,
-                payload,
-                payload_hex,
-                idempotency_key: r
-                    .idempotency_key
-                    .as_ref()
-                    .map(|k| String::from_utf8_lossy(k.as_bytes())),
-                headers: r
+            buf.extend_from_slice(b"{\"partition\":");
+            json_str(&mut buf, r.partition.as_str())?;
+            // Positions are decimal digits: no escaping needed.
+            buf.extend_from_slice(b",\"position\":\"");
+            let _ = write!(buf, "{}", r.position);
+            buf.push(b'"');
+            if let Some(k) = r.key.as_deref() {
+                text_or_hex_field(&mut buf, "key", k)?;
+            }
+            text_or_hex_field(&mut buf, "payload", &r.payload)?;
+            if let Some(k) = &r.idempotency_key {
+                buf.extend_from_slice(b",\"idempotency_key\":");
+                json_str(&mut buf, &String::from_utf8_lossy(k.as_bytes()))?;
+            }
+            if !r.headers.is_empty() {
+                // By name, the last value of a repeated name (as a map reads them back).
+                let headers: BTreeMap<&str, Cow<'_, str>> = r
                     .headers
                     .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_string(),
-                            String::from_utf8_lossy(&h.value).into_owned(),
-                        )
-                    })
-                    .collect(),
-            };
-            serde_json::to_writer(&mut buf, &line)
-                .map_err(|e| Error::poison("record cannot be encoded as JSON").with_source(e))?;
-            buf.push(b'\n');
+                    .map(|h| (&*h.name, String::from_utf8_lossy(&h.value)))
+                    .collect();
+                buf.extend_from_slice(b",\"headers\":");
+                serde_json::to_writer(&mut buf, &headers).map_err(unencodable)?;
+            }
+            buf.extend_from_slice(b"}\n");
         }
         Ok(buf)
+    }
+}
+
+fn unencodable(e: serde_json::Error) -> Error {
+    Error::poison("record cannot be encoded as JSON").with_source(e)
+}
+
+/// `s` as a JSON string.
+fn json_str(buf: &mut Vec<u8>, s: &str) -> Result<(), Error> {
+    serde_json::to_writer(&mut *buf, s).map_err(unencodable)
+}
+
+/// `,"name":"text"` for UTF-8 bytes, else `,"name_hex":"…"`.
+fn text_or_hex_field(buf: &mut Vec<u8>, name: &str, b: &[u8]) -> Result<(), Error> {
+    buf.extend_from_slice(b",\"");
+    buf.extend_from_slice(name.as_bytes());
+    match std::str::from_utf8(b) {
+        Ok(text) => {
+            buf.extend_from_slice(b"\":");
+            json_str(buf, text)
+        }
+        Err(_) => {
+            buf.extend_from_slice(b"_hex\":\"");
+            buf.extend_from_slice(hex(b).as_bytes());
+            buf.push(b'"');
+            Ok(())
+        }
     }
 }
 
@@ -243,32 +267,83 @@ impl Sink for JsonLinesSink {
             return Ok(());
         }
         let buf = Self::encode(batch)?;
-        let mut f = self.file.lock().await;
-        f.write_all(&buf)
-            .await
-            .map_err(|e| io_err("cannot write", &self.cfg.path, e))?;
-        f.flush()
-            .await
-            .map_err(|e| io_err("cannot flush", &self.cfg.path, e))?;
-        if self.cfg.fsync {
-            f.sync_data()
-                .await
-                .map_err(|e| io_err("cannot sync", &self.cfg.path, e))?;
-        }
+        let fsync = self.cfg.fsync;
+        self.on_file(move |f, path| {
+            use std::io::Write;
+            f.write_all(&buf)
+                .map_err(|e| io_err("cannot write", path, e))?;
+            if fsync {
+                f.sync_data().map_err(|e| io_err("cannot sync", path, e))?;
+            }
+            Ok(())
+        })
+        .await?;
         Ok(())
     }
 
     async fn flush(&self) -> Result<(), Error> {
-        let f = self.file.lock().await;
-        f.sync_data()
+        self.on_file(|f, path| f.sync_data().map_err(|e| io_err("cannot sync", path, e)))
             .await
-            .map_err(|e| io_err("cannot sync", &self.cfg.path, e))
+    }
+}
+
+impl JsonLinesSink {
+    /// Runs `op` on the file in a blocking task (one per call: a write and its sync together).
+    async fn on_file(
+        &self,
+        op: impl FnOnce(&mut std::fs::File, &Path) -> Result<(), Error> + Send + 'static,
+    ) -> Result<(), Error> {
+        let file = Arc::clone(&self.file);
+        let path = self.cfg.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut f = file.lock().map_err(|_| {
+                Error::fatal("a JSON-lines write panicked").with_context("path", path.display())
+            })?;
+            op(&mut f, &path)
+        })
+        .await
+        .map_err(|e| Error::fatal("JSON-lines write task failed").with_source(e))?
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_field_is_written_as_json_and_reads_back() {
+        let mut r = Record::new(
+            PartitionId::new("orders-\"3\""),
+            Position::new(u128::from(u64::MAX) + 7),
+            Bytes::from_static(b"\xff\x00payload"),
+        );
+        r.key = Some(Bytes::from_static(b"k\n\x01\\"));
+        r.idempotency_key = Some(IdempotencyKey::new("id-1".to_string()));
+        r.headers.push("b", "two");
+        r.headers.push("a", "\"one\"");
+        r.headers.push("b", "three");
+        let plain = Record::new(PartitionId::new("p"), Position::from(0u64), "");
+        let buf = JsonLinesSink::encode(&[r.clone(), plain.clone()]).unwrap();
+        let text = String::from_utf8(buf.clone()).unwrap();
+        assert_eq!(
+            text.lines().next().unwrap(),
+            r#"{"partition":"orders-\"3\"","position":"18446744073709551622","key":"k\n\u0001\\","payload_hex":"ff007061796c6f6164","idempotency_key":"id-1","headers":{"a":"\"one\"","b":"three"}}"#
+        );
+        assert_eq!(
+            text.lines().nth(1).unwrap(),
+            r#"{"partition":"p","position":"0","payload":""}"#
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        std::fs::write(&path, &buf).unwrap();
+        let back = JsonLinesSink::read(&path).unwrap();
+        assert_eq!(back[0].partition, r.partition);
+        assert_eq!(back[0].position, r.position);
+        assert_eq!(back[0].key, r.key);
+        assert_eq!(back[0].payload, r.payload);
+        assert_eq!(back[0].idempotency_key, r.idempotency_key);
+        assert_eq!(back[1], plain);
+    }
 
     #[tokio::test]
     async fn a_torn_tail_from_a_crash_is_cut_before_appending() {
