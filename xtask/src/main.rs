@@ -54,16 +54,18 @@ cargo xtask <task>
   bench http               a raw reqwest loop against the flowgate HTTP sink (same concurrency
                            and batch size) to a local endpoint answering at once and after
                            5 ms, alternately. --records=N --rounds=N
-  chaos kafka|rabbitmq|all [--cycles=N] [--minutes=M] [--rate=R] [--seed=S] [--store=postgres]
+  chaos kafka|rabbitmq|kinesis|all [--cycles=N] [--minutes=M] [--rate=R] [--seed=S] [--store=postgres]
                            faults at volume against the rig's broker: a numbered producer for
                            the whole run, flowgate SIGKILLed every cycle (every tenth after a
                            broker restart under it, every tenth from the fifth after a network
                            fault through toxiproxy: latency, bandwidth, a 15 s cut, resets;
-                           every tenth from the third with a sink stalled 20 s; with
-                           --store=postgres, every tenth from the eighth after a restart of
-                           the checkpoint store), then a ledger: nothing lost, duplicates
-                           counted, everything consumed by the broker's own tools
-                           (kafka-consumer-groups, rabbitmqctl list_queues); report in
+                           every tenth from the third with a sink stalled 20 s; on Kafka every
+                           tenth from the seventh after a second member joined and left 3x;
+                           with --store=postgres (always for Kinesis), every tenth from the
+                           eighth after a restart of the checkpoint store), then a ledger:
+                           nothing lost, duplicates counted, everything consumed by the
+                           broker's own tools (kafka-consumer-groups, rabbitmqctl list_queues,
+                           Kinesis GetRecords after each checkpoint); report in
                            target/chaos/. Default 100 cycles
   kafka-versions [--versions=A,B] [--cycles=N]
                            the Kafka adapter's broker tests, the CLI's SIGKILL tests and a

@@ -141,12 +141,21 @@ async fn the_sink_writes_every_codec_and_the_console_consumer_reads_it() {
         );
 
         let segment = log_dir.join(format!("{topic}-0/00000000000000000000.log"));
-        let dump = kafka_tool("kafka.tools.DumpLogSegments")
-            .arg("--files")
-            .arg(&segment)
-            .stderr(Stdio::null())
-            .output()
-            .unwrap();
+        // The tool moved from Kafka's core jar to its tools jar in 4.x.
+        let dump = [
+            "org.apache.kafka.tools.DumpLogSegments",
+            "kafka.tools.DumpLogSegments",
+        ]
+        .into_iter()
+        .map(|class| {
+            kafka_tool(class)
+                .arg("--files")
+                .arg(&segment)
+                .output()
+                .unwrap()
+        })
+        .find(|out| !String::from_utf8_lossy(&out.stderr).contains("ClassNotFoundException"))
+        .expect("Kafka's jars hold DumpLogSegments");
         let dump = String::from_utf8_lossy(&dump.stdout);
         let want = format!("compresscodec: {codec}");
         assert!(

@@ -41,6 +41,14 @@ impl Target for Kafka {
         )
     }
 
+    /// A dynamic member (no `group_instance_id`): it joins and leaves at once.
+    fn churn_member_source(&self, topic: &str) -> Option<String> {
+        Some(format!(
+            "[source]\ntype = \"kafka\"\nbootstrap_servers = \"127.0.0.1:{KAFKA_VIA_PROXY_PORT}\"\n\
+             topics = [\"{topic}\"]\nsession_timeout = \"10s\""
+        ))
+    }
+
     /// The rig's listener advertised at the proxy's port, so every connection of the
     /// client goes through the proxy.
     fn proxy(&self) -> (u16, u16) {

@@ -1,9 +1,10 @@
-//! `cargo xtask chaos kafka|rabbitmq|all [--cycles=N] [--minutes=M] [--rate=R] [--seed=S]
-//! [--store=postgres]`:
+//! `cargo xtask chaos kafka|rabbitmq|kinesis|all [--cycles=N] [--minutes=M] [--rate=R]
+//! [--seed=S] [--store=postgres]`:
 //! faults at volume against a real broker, with one ledger at the end.
 //!
 //! A producer writes uniquely numbered records for the whole run (Kafka's own console
-//! producer; for RabbitMQ a pika client publishing with confirms); `flowgate run` consumes
+//! producer; for RabbitMQ a pika client publishing with confirms; for Kinesis a boto3 client
+//! calling `PutRecords`); `flowgate run` consumes
 //! them into a JSON-lines sink, reaching the broker through a toxiproxy proxy. Each cycle
 //! starts flowgate, lets it run 1–3 s, and ends with a fault: SIGKILL of flowgate; or (every
 //! tenth cycle, and the last of a run of fewer than ten) the broker stopped and restarted
@@ -11,13 +12,16 @@
 //! of a short run: a cut) a network fault through the proxy — latency, a bandwidth limit, a cut
 //! longer than the Kafka session timeout, connection resets, in turn — then SIGKILL; or (every
 //! tenth from the third, and the third of a short run) a sink that stalls for 20 s, then
-//! SIGKILL; or, with `--store=postgres`, (every tenth from the eighth) the checkpoint store
-//! restarted, then SIGKILL. The harness is the supervisor: a flowgate that exits by itself is started again, and counted. After the
+//! SIGKILL; or, with `--store=postgres` (always for Kinesis), (every tenth from the eighth)
+//! the checkpoint store restarted, then SIGKILL; or, for Kafka, (every tenth from the
+//! seventh) a second member of the group joining and leaving every 5 s, three times, then
+//! SIGKILL. The harness is the supervisor: a flowgate that exits by itself is started again, and counted. After the
 //! last cycle the producer stops, flowgate runs once more to the end and stops on SIGTERM.
 //! The ledger: every record the broker accepted was received (lost = 0), duplicates counted,
 //! and the broker's own tools show everything consumed (Kafka: the group's committed offsets
 //! equal the end of every partition, by kafka-consumer-groups; RabbitMQ: the queue holds no
-//! message, ready or unacknowledged, by `rabbitmqctl list_queues`). The report (one row per
+//! message, ready or unacknowledged, by `rabbitmqctl list_queues`; Kinesis: `GetRecords`
+//! after each shard's checkpoint returns nothing). The report (one row per
 //! cycle: fault, time to resume, records received) goes to
 //! `target/chaos/<broker>-<time>/report.{md,json}`.
 
@@ -65,6 +69,12 @@ trait Target {
     fn checkpoints_in_postgres(&self) -> bool {
         false
     }
+    /// The `[source]` section of a second member of the same consumer group, joining and
+    /// leaving at once (no static membership): the rebalance churn cycles. `None`: the
+    /// broker has no groups to churn.
+    fn churn_member_source(&self, _stream: &str) -> Option<String> {
+        None
+    }
     /// The broker keeps what it accepted across a restart; if not, the run restarts the
     /// store instead.
     fn restarts_broker(&self) -> bool {
@@ -93,6 +103,8 @@ enum Fault {
     SinkStall,
     /// The checkpoint store (PostgreSQL, with `--store=postgres`) stopped and restarted.
     StoreRestart,
+    /// A second member of the group joins and leaves every 5 s, three times.
+    Churn,
 }
 
 /// When a stalling sink answers again, from flowgate's start.
@@ -106,31 +118,43 @@ impl Fault {
             Fault::Network(n) => n.name(),
             Fault::SinkStall => "sink stalled 20 s, then SIGKILL",
             Fault::StoreRestart => "store restart, then SIGKILL",
+            Fault::Churn => "a member joins and leaves 3×, then SIGKILL",
         }
     }
 
     /// Cycle `n` of `cycles`: of every ten, the third stalls the sink, the fifth injects a
-    /// network fault (each kind in turn), the eighth restarts the store (with
-    /// `--store=postgres`), the tenth restarts the broker; the others, and every cycle's end,
-    /// SIGKILL flowgate. A run of fewer than ten cycles has a network cut second, a stalled
-    /// sink third, and ends with a broker restart.
-    fn of_cycle(n: usize, cycles: usize, postgres: bool, restarts_broker: bool) -> Fault {
+    /// network fault (each kind in turn), the seventh churns the group (Kafka), the eighth
+    /// restarts the store (with PostgreSQL), the tenth restarts the broker (or, for a broker
+    /// that loses data on a restart, the store); the others, and every cycle's end, SIGKILL
+    /// flowgate. A run of fewer than ten cycles has a network cut second, a stalled sink
+    /// third, and ends with a broker restart.
+    fn of_cycle(n: usize, cycles: usize, t: &Schedule) -> Fault {
         let short = cycles < 10;
         let fault = match n % 10 {
             _ if short && n + 1 == cycles => Fault::BrokerRestart,
             1 if short => Fault::Network(Net::Cut),
             2 => Fault::SinkStall,
             4 if !short => Fault::Network(Net::ALL[(n / 10) % Net::ALL.len()]),
-            7 if postgres => Fault::StoreRestart,
+            6 if t.churn && !short => Fault::Churn,
+            7 if t.postgres => Fault::StoreRestart,
             9 => Fault::BrokerRestart,
             _ => Fault::Kill,
         };
         match fault {
-            Fault::BrokerRestart if !restarts_broker && postgres => Fault::StoreRestart,
-            Fault::BrokerRestart if !restarts_broker => Fault::Kill,
+            Fault::BrokerRestart if !t.restarts_broker && t.postgres => Fault::StoreRestart,
+            Fault::BrokerRestart if !t.restarts_broker => Fault::Kill,
             f => f,
         }
     }
+}
+
+/// What a run's faults can use.
+struct Schedule {
+    /// The checkpoints are in PostgreSQL (which can be restarted).
+    postgres: bool,
+    restarts_broker: bool,
+    /// A second group member can churn.
+    churn: bool,
 }
 
 struct Cycle {
@@ -341,6 +365,17 @@ struct RunFiles {
     /// The same pipeline with a sink that stalls (`Fault::SinkStall`).
     stall_config: PathBuf,
     log: PathBuf,
+    /// The churning second member's pipeline (`Fault::Churn`), its sink and log.
+    churn_config: Option<PathBuf>,
+    churn_sink: PathBuf,
+    churn_log: PathBuf,
+}
+
+impl RunFiles {
+    /// Lines in both sinks.
+    fn lines(&self) -> Result<u64, String> {
+        Ok(line_count(&self.sink)? + line_count(&self.churn_sink)?)
+    }
 }
 
 fn run_files(
@@ -372,27 +407,55 @@ fn run_files(
             dir.join("data").display()
         )
     };
-    let pipeline = |faults: &str| {
+    let pipeline = |source: &str, sink: &Path, store: &str, faults: &str| {
         format!(
-            "name = \"{stream}\"\n\n{}\n\n[sink]\ntype = \"jsonl\"\npath = \"{}\"\n{faults}\n\
+            "name = \"{stream}\"\n\n{source}\n\n[sink]\ntype = \"jsonl\"\npath = \"{}\"\n{faults}\n\
              [store]\n{store}\n\n[runtime.commit]\nevery = \"200ms\"\n",
-            t.source(stream),
             sink.display(),
         )
     };
+    let source = t.source(stream);
     let config = dir.join("pipeline.toml");
     let stall_config = dir.join("pipeline-stalling-sink.toml");
-    write(&config, &pipeline(""))?;
+    write(&config, &pipeline(&source, &sink, &store, ""))?;
     write(
         &stall_config,
-        &pipeline("faults = { stall_after = \"1s\", stall_for = \"20s\" }\n"),
+        &pipeline(
+            &source,
+            &sink,
+            &store,
+            "faults = { stall_after = \"1s\", stall_for = \"20s\" }\n",
+        ),
     )?;
+    // The second member shares PostgreSQL; with the embedded store it keeps its own (a
+    // partition coming back then starts from the group's committed offset or an older
+    // checkpoint of the first member: repeats, never a gap).
+    let churn_sink = dir.join("sink-churn.jsonl");
+    let churn_config = match t.churn_member_source(stream) {
+        Some(source) => {
+            let store = if postgres {
+                store.clone()
+            } else {
+                format!(
+                    "type = \"embedded\"\npath = \"{}\"",
+                    dir.join("data-churn").display()
+                )
+            };
+            let path = dir.join("pipeline-churn-member.toml");
+            write(&path, &pipeline(&source, &churn_sink, &store, ""))?;
+            Some(path)
+        }
+        None => None,
+    };
     Ok(RunFiles {
         log: dir.join("flowgate.log"),
+        churn_log: dir.join("flowgate-churn.log"),
         dir,
         sink,
         config,
         stall_config,
+        churn_config,
+        churn_sink,
     })
 }
 
@@ -470,12 +533,20 @@ fn run_cycles(
         if deadline.is_some_and(|d| Instant::now() > d) {
             break;
         }
-        let fault = Fault::of_cycle(n, o.cycles, o.postgres, t.restarts_broker());
+        let fault = Fault::of_cycle(
+            n,
+            o.cycles,
+            &Schedule {
+                postgres: o.postgres,
+                restarts_broker: t.restarts_broker(),
+                churn: files.churn_config.is_some(),
+            },
+        );
         let config = match fault {
             Fault::SinkStall => &files.stall_config,
             _ => &files.config,
         };
-        let before = line_count(&files.sink)?;
+        let before = files.lines()?;
         let t0 = Instant::now();
         let mut restarts = 0;
         let mut run = Flowgate {
@@ -499,6 +570,11 @@ fn run_cycles(
                 Fault::SinkStall => {
                     std::thread::sleep((t0 + STALL_ENDS).saturating_duration_since(Instant::now()));
                 }
+                Fault::Churn => {
+                    if let Some(config) = &files.churn_config {
+                        churn(bin, config, &files.churn_log)?;
+                    }
+                }
                 _ => {
                     let restarted = match fault {
                         Fault::StoreRestart => Broker::Postgres,
@@ -518,7 +594,7 @@ fn run_cycles(
         }
         let _ = run.child.kill();
         let _ = run.child.wait();
-        let received = (line_count(&files.sink)? - before) as usize;
+        let received = (files.lines()? - before) as usize;
         eprintln!(
             "    cycle {n:>3} {:<30} ran {:>5.1}s, resumed in {}, {received} records{}",
             fault.name(),
@@ -539,6 +615,18 @@ fn run_cycles(
         });
     }
     Ok(cycles)
+}
+
+/// A second member joins the group and leaves it (SIGTERM: it leaves at once) three times,
+/// 5 s in and 5 s out.
+fn churn(bin: &Path, config: &Path, log: &Path) -> Result<(), String> {
+    for _ in 0..3 {
+        let mut member = flowgate(bin, config, log)?;
+        std::thread::sleep(Duration::from_secs(5));
+        stop_gracefully(&mut member);
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    Ok(())
 }
 
 /// What a run produced, for the ledger.
@@ -568,7 +656,8 @@ struct Tally {
 
 fn tally(rig: &Rig, t: &dyn Target, run: &Run<'_>) -> Result<Tally, String> {
     let accepted = t.accepted(rig, run.stream, run.fed)?;
-    let got = received(&run.files.sink);
+    let mut got = received(&run.files.sink);
+    got.extend(received(&run.files.churn_sink));
     let mut counts: HashMap<u64, u32> = HashMap::new();
     for v in &got {
         *counts.entry(*v).or_default() += 1;

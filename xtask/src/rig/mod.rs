@@ -511,21 +511,35 @@ impl Rig {
                 // One mechanism per request: the broker refuses two changes of one user's
                 // credentials in the same request.
                 for mechanism in ["SCRAM-SHA-256", "SCRAM-SHA-512"] {
-                    run_quiet(
-                        self.kafka_java(&dir).args([
-                            "kafka.admin.ConfigCommand",
-                            "--bootstrap-server",
-                            &format!("127.0.0.1:{KAFKA_PORT}"),
-                            "--alter",
-                            "--add-config",
-                            &format!("{mechanism}=[password={KAFKA_SASL_PASSWORD}]"),
-                            "--entity-type",
-                            "users",
-                            "--entity-name",
-                            KAFKA_SASL_USER,
-                        ]),
-                        "kafka: creating the SCRAM user",
-                    )?;
+                    // The tool moved from Kafka's core jar to its tools jar in 4.x.
+                    let mut res = Ok(());
+                    for class in [
+                        "org.apache.kafka.tools.ConfigCommand",
+                        "kafka.admin.ConfigCommand",
+                    ] {
+                        res = run_quiet(
+                            self.kafka_java(&dir).args([
+                                class,
+                                "--bootstrap-server",
+                                &format!("127.0.0.1:{KAFKA_PORT}"),
+                                "--alter",
+                                "--add-config",
+                                &format!("{mechanism}=[password={KAFKA_SASL_PASSWORD}]"),
+                                "--entity-type",
+                                "users",
+                                "--entity-name",
+                                KAFKA_SASL_USER,
+                            ]),
+                            "kafka: creating the SCRAM user",
+                        );
+                        if !res
+                            .as_ref()
+                            .is_err_and(|e| e.contains("ClassNotFoundException"))
+                        {
+                            break;
+                        }
+                    }
+                    res?;
                 }
                 wait_until("kafka (TLS and SASL listeners)", timeout, || {
                     Ok(port_open(KAFKA_SSL_PORT)
