@@ -4,26 +4,25 @@
 //!
 //! A producer writes uniquely numbered records for the whole run (Kafka's own console
 //! producer; for RabbitMQ a pika client publishing with confirms; for Kinesis a boto3 client
-//! calling `PutRecords`); `flowgate run` consumes
-//! them into a JSON-lines sink, reaching the broker through a toxiproxy proxy. Each cycle
-//! starts flowgate, lets it run 1–3 s, and ends with a fault: SIGKILL of flowgate; or (every
-//! tenth cycle, and the last of a run of fewer than ten) the broker stopped and restarted
-//! under the running pipeline, then SIGKILL; or (every tenth from the fifth, and the second
-//! of a short run: a cut) a network fault through the proxy — latency, a bandwidth limit, a cut
-//! longer than the Kafka session timeout, connection resets, in turn — then SIGKILL; or (every
-//! tenth from the third, and the third of a short run) a sink that stalls for 20 s, then
-//! SIGKILL; or, with `--store=postgres` (always for Kinesis), (every tenth from the eighth)
-//! the checkpoint store restarted, then SIGKILL; or, for Kafka, (every tenth from the
-//! seventh) a second member of the group joining and leaving every 5 s, three times, then
-//! SIGKILL. The harness is the supervisor: a flowgate that exits by itself is started again, and counted. After the
-//! last cycle the producer stops, flowgate runs once more to the end and stops on SIGTERM.
-//! The ledger: every record the broker accepted was received (lost = 0), duplicates counted,
-//! and the broker's own tools show everything consumed (Kafka: the group's committed offsets
-//! equal the end of every partition, by kafka-consumer-groups; RabbitMQ: the queue holds no
-//! message, ready or unacknowledged, by `rabbitmqctl list_queues`; Kinesis: `GetRecords`
-//! after each shard's checkpoint returns nothing). The report (one row per
-//! cycle: fault, time to resume, records received) goes to
-//! `target/chaos/<broker>-<time>/report.{md,json}`.
+//! calling `PutRecords`); `flowgate run` consumes them into a JSON-lines sink, reaching the
+//! broker through a toxiproxy proxy. Each cycle starts flowgate, lets it run 1–3 s, and ends
+//! with a fault: SIGKILL of flowgate; or (every tenth cycle, and the last of a run of fewer
+//! than ten) the broker stopped and restarted under the running pipeline, then SIGKILL; or
+//! (every tenth from the fifth, and the second of a short run: a cut) a network fault through
+//! the proxy — latency, a bandwidth limit, a cut longer than the Kafka session timeout,
+//! connection resets, in turn — then SIGKILL; or (every tenth from the third, and the third of
+//! a short run) a sink that stalls for 20 s, then SIGKILL; or, with `--store=postgres` (always
+//! for Kinesis), (every tenth from the eighth) the checkpoint store restarted, then SIGKILL;
+//! or, for Kafka, (every tenth from the seventh) a second member of the group joining and
+//! leaving every 5 s, three times, then SIGKILL. The harness is the supervisor: a flowgate
+//! that exits by itself is started again, and counted. After the last cycle the producer
+//! stops, flowgate runs once more to the end and stops on SIGTERM. The ledger: every record
+//! the broker accepted was received (lost = 0), duplicates counted, and the broker's own
+//! tools show everything consumed (Kafka: the group's committed offsets equal the end of
+//! every partition, by kafka-consumer-groups; RabbitMQ: the queue holds no message, ready or
+//! unacknowledged, by `rabbitmqctl list_queues`; Kinesis: `GetRecords` after each shard's
+//! checkpoint returns nothing). The report (one row per cycle: fault, time to resume, records
+//! received) goes to `target/chaos/<broker>-<time>/report.{md,json}`.
 
 mod kafka;
 mod kinesis;
@@ -94,7 +93,7 @@ impl Rng {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Fault {
     Kill,
     BrokerRestart,
@@ -820,4 +819,54 @@ fn by_fault(cycles: &[Cycle]) -> String {
 
 fn write(path: &PathBuf, text: &str) -> Result<(), String> {
     fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn faults(cycles: usize, s: &Schedule) -> Vec<Fault> {
+        (0..cycles).map(|n| Fault::of_cycle(n, cycles, s)).collect()
+    }
+
+    #[test]
+    fn every_kind_of_fault_has_its_place_in_ten_cycles() {
+        let kafka = Schedule {
+            postgres: true,
+            restarts_broker: true,
+            churn: true,
+        };
+        let f = faults(20, &kafka);
+        assert_eq!(f[2], Fault::SinkStall);
+        assert_eq!(f[4], Fault::Network(Net::ALL[0]));
+        assert_eq!(f[14], Fault::Network(Net::ALL[1]));
+        assert_eq!(f[6], Fault::Churn);
+        assert_eq!(f[7], Fault::StoreRestart);
+        assert_eq!(f[9], Fault::BrokerRestart);
+        assert_eq!(f.iter().filter(|x| **x == Fault::Kill).count(), 10);
+    }
+
+    #[test]
+    fn a_broker_that_loses_data_on_restart_has_its_store_restarted_instead() {
+        let kinesis = Schedule {
+            postgres: true,
+            restarts_broker: false,
+            churn: false,
+        };
+        let f = faults(10, &kinesis);
+        assert_eq!(f[6], Fault::Kill);
+        assert_eq!(f[7], Fault::StoreRestart);
+        assert_eq!(f[9], Fault::StoreRestart);
+        assert!(!f.contains(&Fault::BrokerRestart));
+        let short = faults(4, &kinesis);
+        assert_eq!(
+            short,
+            [
+                Fault::Kill,
+                Fault::Network(Net::Cut),
+                Fault::SinkStall,
+                Fault::StoreRestart
+            ]
+        );
+    }
 }
