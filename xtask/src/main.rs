@@ -54,7 +54,7 @@ cargo xtask <task>
   bench http               a raw reqwest loop against the flowgate HTTP sink (same concurrency
                            and batch size) to a local endpoint answering at once and after
                            5 ms, alternately. --records=N --rounds=N
-  chaos kafka|rabbitmq|kinesis|all [--cycles=N] [--minutes=M] [--rate=R] [--seed=S] [--store=postgres]
+  chaos kafka|rabbitmq|kinesis|all [--cycles=N] [--minutes=M] [--rate=R] [--seed=S] [--store=postgres] [--mixed]
                            faults at volume against the rig's broker: a numbered producer for
                            the whole run, flowgate SIGKILLed every cycle (every tenth after a
                            broker restart under it, every tenth from the fifth after a network
@@ -66,7 +66,8 @@ cargo xtask <task>
                            nothing lost, duplicates counted, everything consumed by the
                            broker's own tools (kafka-consumer-groups, rabbitmqctl list_queues,
                            Kinesis GetRecords after each checkpoint); report in
-                           target/chaos/. Default 100 cycles
+                           target/chaos/. Default 100 cycles; --mixed draws each cycle's
+                           fault at random from the seed
   kafka-versions [--versions=A,B] [--cycles=N]
                            the Kafka adapter's broker tests, the CLI's SIGKILL tests and a
                            short chaos run against each Apache Kafka release (default

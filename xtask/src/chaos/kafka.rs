@@ -41,6 +41,11 @@ impl Target for Kafka {
         )
     }
 
+    /// The topic goes (a 100-cycle run leaves gigabytes); the group's offsets with it.
+    fn cleanup(&self, rig: &Rig, topic: &str) -> Result<(), String> {
+        crate::output(&mut rig.kafka_topics(&["--delete", "--topic", topic])).map(drop)
+    }
+
     /// A dynamic member (no `group_instance_id`): it joins and leaves at once.
     fn churn_member_source(&self, topic: &str) -> Option<String> {
         Some(format!(

@@ -1,5 +1,5 @@
 //! `cargo xtask chaos kafka|rabbitmq|kinesis|all [--cycles=N] [--minutes=M] [--rate=R]
-//! [--seed=S] [--store=postgres]`:
+//! [--seed=S] [--store=postgres] [--mixed]`:
 //! faults at volume against a real broker, with one ledger at the end.
 //!
 //! A producer writes uniquely numbered records for the whole run (Kafka's own console
@@ -22,7 +22,8 @@
 //! every partition, by kafka-consumer-groups; RabbitMQ: the queue holds no message, ready or
 //! unacknowledged, by `rabbitmqctl list_queues`; Kinesis: `GetRecords` after each shard's
 //! checkpoint returns nothing). The report (one row per cycle: fault, time to resume, records
-//! received) goes to `target/chaos/<broker>-<time>/report.{md,json}`.
+//! received) goes to `target/chaos/<broker>-<time>/report.{md,json}`. With `--mixed` each
+//! cycle's fault is drawn at random from the seed instead.
 
 mod kafka;
 mod kinesis;
@@ -77,7 +78,20 @@ trait Target {
     /// The broker keeps what it accepted across a restart; if not, the run restarts the
     /// store instead.
     fn restarts_broker(&self) -> bool {
-        true
+        !self.broker_in_memory()
+    }
+    /// The run starts the broker afresh without writing its state to disk (kinesis-mock),
+    /// and stops it at the end; the broker is then never restarted in the run.
+    fn broker_in_memory(&self) -> bool {
+        false
+    }
+    /// The highest producer rate the rig's broker sustains beside the pipeline (records/s).
+    fn max_rate(&self) -> u64 {
+        u64::MAX
+    }
+    /// Deletes what [`Target::prepare`] created, once the ledger is written.
+    fn cleanup(&self, _rig: &Rig, _stream: &str) -> Result<(), String> {
+        Ok(())
     }
 }
 
@@ -145,6 +159,22 @@ impl Fault {
             f => f,
         }
     }
+
+    /// A fault drawn at random (`--mixed`) from the kinds the run can use.
+    fn random(rng: &mut Rng, t: &Schedule) -> Fault {
+        let mut kinds = vec![Fault::Kill, Fault::SinkStall];
+        kinds.extend(Net::ALL.map(Fault::Network));
+        if t.restarts_broker {
+            kinds.push(Fault::BrokerRestart);
+        }
+        if t.postgres {
+            kinds.push(Fault::StoreRestart);
+        }
+        if t.churn {
+            kinds.push(Fault::Churn);
+        }
+        kinds[rng.below(kinds.len() as u64) as usize]
+    }
 }
 
 /// What a run's faults can use.
@@ -175,6 +205,8 @@ struct Options {
     seed: u64,
     /// Checkpoints in PostgreSQL (restarted by some cycles) rather than the embedded store.
     postgres: bool,
+    /// Each cycle's fault drawn at random from the seed, rather than in the fixed order.
+    mixed: bool,
 }
 
 fn options(args: &[&str]) -> Result<(String, Options), String> {
@@ -185,6 +217,7 @@ fn options(args: &[&str]) -> Result<(String, Options), String> {
         rate: 2_000,
         seed: 0x5eed,
         postgres: false,
+        mixed: false,
     };
     for a in args {
         let num = |v: &str| v.parse::<u64>().map_err(|e| format!("{a}: {e}"));
@@ -202,6 +235,8 @@ fn options(args: &[&str]) -> Result<(String, Options), String> {
                 "embedded" => false,
                 _ => return Err(format!("{a}: expected embedded or postgres")),
             };
+        } else if *a == "--mixed" {
+            o.mixed = true;
         } else if !a.starts_with("--") {
             target = a.to_string();
         } else {
@@ -459,8 +494,20 @@ fn run_files(
 }
 
 fn chaos_one(rig: &Rig, t: &dyn Target, o: &Options) -> Result<(), String> {
+    if t.broker_in_memory() {
+        let rig = &rig.with_kinesis_in_memory();
+        rig.down(&[t.broker()])?;
+        let res = chaos_on(rig, t, o);
+        rig.down(&[t.broker()])?;
+        return res;
+    }
+    chaos_on(rig, t, o)
+}
+
+fn chaos_on(rig: &Rig, t: &dyn Target, o: &Options) -> Result<(), String> {
     let o = &Options {
         postgres: o.postgres || t.checkpoints_in_postgres(),
+        rate: o.rate.min(t.max_rate()),
         ..*o
     };
     let brokers: &[Broker] = if o.postgres {
@@ -511,7 +558,11 @@ fn chaos_one(rig: &Rig, t: &dyn Target, o: &Options) -> Result<(), String> {
         drained,
         started,
     };
-    ledger(rig, t, o, &run)
+    let res = ledger(rig, t, o, &run);
+    if let Err(e) = t.cleanup(rig, &stream) {
+        eprintln!("    could not delete {stream}: {e}");
+    }
+    res
 }
 
 /// The cycles: flowgate started, run 1–3 s, then the cycle's fault.
@@ -532,15 +583,16 @@ fn run_cycles(
         if deadline.is_some_and(|d| Instant::now() > d) {
             break;
         }
-        let fault = Fault::of_cycle(
-            n,
-            o.cycles,
-            &Schedule {
-                postgres: o.postgres,
-                restarts_broker: t.restarts_broker(),
-                churn: files.churn_config.is_some(),
-            },
-        );
+        let schedule = Schedule {
+            postgres: o.postgres,
+            restarts_broker: t.restarts_broker(),
+            churn: files.churn_config.is_some(),
+        };
+        let fault = if o.mixed {
+            Fault::random(&mut rng, &schedule)
+        } else {
+            Fault::of_cycle(n, o.cycles, &schedule)
+        };
         let config = match fault {
             Fault::SinkStall => &files.stall_config,
             _ => &files.config,
@@ -715,7 +767,11 @@ fn ledger(rig: &Rig, t: &dyn Target, o: &Options, run: &Run<'_>) -> Result<(), S
         o.cycles,
         o.rate,
         o.seed,
-        if o.postgres { " --store=postgres" } else { "" },
+        format!(
+            "{}{}",
+            if o.postgres { " --store=postgres" } else { "" },
+            if o.mixed { " --mixed" } else { "" }
+        ),
         kills,
         run.started.elapsed().as_secs_f64(),
         setup,
@@ -844,6 +900,28 @@ mod tests {
         assert_eq!(f[7], Fault::StoreRestart);
         assert_eq!(f[9], Fault::BrokerRestart);
         assert_eq!(f.iter().filter(|x| **x == Fault::Kill).count(), 10);
+    }
+
+    #[test]
+    fn mixed_runs_draw_only_the_faults_the_run_can_use() {
+        let rabbitmq = Schedule {
+            postgres: false,
+            restarts_broker: true,
+            churn: false,
+        };
+        let mut rng = Rng(0x5eed);
+        let drawn: Vec<Fault> = (0..200)
+            .map(|_| Fault::random(&mut rng, &rabbitmq))
+            .collect();
+        assert!(!drawn.contains(&Fault::StoreRestart) && !drawn.contains(&Fault::Churn));
+        for kind in [
+            Fault::Kill,
+            Fault::SinkStall,
+            Fault::BrokerRestart,
+            Fault::Network(Net::Reset),
+        ] {
+            assert!(drawn.contains(&kind), "{kind:?} drawn in 200 cycles");
+        }
     }
 
     #[test]

@@ -47,7 +47,7 @@ impl Rig {
             )
             .env("KINESIS_MOCK_PLAIN_PORT", KINESIS_PORT.to_string())
             .env("KINESIS_MOCK_TLS_PORT", KINESIS_TLS_PORT.to_string())
-            .env("SHOULD_PERSIST_DATA", "true")
+            .env("SHOULD_PERSIST_DATA", (!self.kinesis_in_memory).to_string())
             .env("PERSIST_PATH", dir.join("data"))
             .env("PERSIST_INTERVAL", "2s")
             .env("CREATE_STREAM_DURATION", "200ms")

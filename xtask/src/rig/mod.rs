@@ -286,10 +286,13 @@ pub(crate) enum Engine {
     Docker,
 }
 
+#[derive(Clone)]
 pub(crate) struct Rig {
     root: PathBuf,
     state: PathBuf,
     cache: PathBuf,
+    /// kinesis-mock keeps its streams in memory only ([`Rig::with_kinesis_in_memory`]).
+    kinesis_in_memory: bool,
 }
 
 type Res<T = ()> = Result<T, String>;
@@ -306,7 +309,23 @@ impl Rig {
             None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
                 .join(".cache/flowgate-rig"),
         };
-        Ok(Rig { root, state, cache })
+        Ok(Rig {
+            root,
+            state,
+            cache,
+            kinesis_in_memory: false,
+        })
+    }
+
+    /// The same rig, but a kinesis-mock it starts keeps its streams in memory only. By
+    /// default it writes its whole state to disk every 2 s, so that a restarted mock finds its
+    /// streams again; with a stream of hundreds of thousands of records that write keeps the
+    /// mock's one thread busy and its calls time out.
+    pub(crate) fn with_kinesis_in_memory(&self) -> Rig {
+        Rig {
+            kinesis_in_memory: true,
+            ..self.clone()
+        }
     }
 
     /// Where the native Kafka broker keeps its log: as its `server.properties` says (the last
