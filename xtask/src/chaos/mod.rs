@@ -751,7 +751,7 @@ fn ledger(rig: &Rig, t: &dyn Target, o: &Options, run: &Run<'_>) -> Result<(), S
     };
     let setup = format!("{} Checkpoints in {store}.", t.setup());
     let mut md = format!(
-        "# chaos {name}\n\n`cargo xtask chaos {name} --cycles={} --rate={} --seed={}{}`: {} cycles in {:.0} s \
+        "# chaos {name}\n\n`cargo xtask chaos {name} --cycles={} --rate={} --seed={}{}{}`: {} cycles in {:.0} s \
          (each ends with a SIGKILL of flowgate; the faults before it, by kind, below); {}\n\n\
          | | |\n|---|---|\n\
          | records the producer was given | {} |\n\
@@ -767,11 +767,8 @@ fn ledger(rig: &Rig, t: &dyn Target, o: &Options, run: &Run<'_>) -> Result<(), S
         o.cycles,
         o.rate,
         o.seed,
-        format!(
-            "{}{}",
-            if o.postgres { " --store=postgres" } else { "" },
-            if o.mixed { " --mixed" } else { "" }
-        ),
+        if o.postgres { " --store=postgres" } else { "" },
+        if o.mixed { " --mixed" } else { "" },
         kills,
         run.started.elapsed().as_secs_f64(),
         setup,
