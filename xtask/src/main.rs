@@ -4,6 +4,7 @@
 
 mod chaos;
 mod examples;
+mod measure;
 mod patterns;
 mod peers;
 mod rig;
@@ -352,17 +353,17 @@ fn brokers(args: &[&str]) -> Result<(), String> {
 }
 
 fn kafka_tool(tool: &str, args: &[&str]) -> Result<(), String> {
+    let rig = Rig::new()?;
     let class = match tool {
         "consumer-groups" => "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand",
         "topics" => "org.apache.kafka.tools.TopicCommand",
-        "console-producer" => rig::kafka_console_producer_class(),
+        "console-producer" => rig.kafka_class(rig::CONSOLE_PRODUCER)?,
         "console-consumer" => "org.apache.kafka.tools.consumer.ConsoleConsumer",
         "producer-perf-test" => "org.apache.kafka.tools.ProducerPerformance",
         "consumer-perf-test" => "org.apache.kafka.tools.ConsumerPerformance",
         "broker-api-versions" => "org.apache.kafka.tools.BrokerApiVersionsCommand",
         other => return Err(format!("unknown Kafka tool {other:?}\n\n{HELP}")),
     };
-    let rig = Rig::new()?;
     let status = rig
         .kafka_java(&rig.state_dir(Broker::Kafka))
         .arg(class)

@@ -36,13 +36,9 @@ fn kafka_tool(class: &str) -> Command {
     cmd
 }
 
-/// The console producer's class: in Kafka's core jar before 4.0, in its tools jar since.
-fn console_producer() -> &'static str {
-    if flowgate_rig_tests::endpoint("FLOWGATE_TEST_KAFKA_VERSION").starts_with("3.") {
-        "kafka.tools.ConsoleProducer"
-    } else {
-        "org.apache.kafka.tools.ConsoleProducer"
-    }
+/// A Kafka tool that moved between releases, as the rig's release has it.
+fn moved_class(env: &str) -> String {
+    flowgate_rig_tests::endpoint(env)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,7 +46,7 @@ async fn the_source_reads_topics_of_every_codec_written_by_the_console_producer(
     for (_, codec) in CODECS {
         let topic = unique(&format!("codec-in-{codec}"));
         create_topic(&topic, 1).await;
-        let mut producer = kafka_tool(console_producer())
+        let mut producer = kafka_tool(&moved_class("FLOWGATE_TEST_KAFKA_CONSOLE_PRODUCER"))
             .args(["--bootstrap-server", &bootstrap(), "--topic", &topic])
             .args(["--producer-property", &format!("compression.type={codec}")])
             .args(["--producer-property", "linger.ms=50"])
@@ -141,21 +137,11 @@ async fn the_sink_writes_every_codec_and_the_console_consumer_reads_it() {
         );
 
         let segment = log_dir.join(format!("{topic}-0/00000000000000000000.log"));
-        // The tool moved from Kafka's core jar to its tools jar in 4.x.
-        let dump = [
-            "org.apache.kafka.tools.DumpLogSegments",
-            "kafka.tools.DumpLogSegments",
-        ]
-        .into_iter()
-        .map(|class| {
-            kafka_tool(class)
-                .arg("--files")
-                .arg(&segment)
-                .output()
-                .unwrap()
-        })
-        .find(|out| !String::from_utf8_lossy(&out.stderr).contains("ClassNotFoundException"))
-        .expect("Kafka's jars hold DumpLogSegments");
+        let dump = kafka_tool(&moved_class("FLOWGATE_TEST_KAFKA_DUMP_LOG_SEGMENTS"))
+            .arg("--files")
+            .arg(&segment)
+            .output()
+            .unwrap();
         let dump = String::from_utf8_lossy(&dump.stdout);
         let want = format!("compresscodec: {codec}");
         assert!(

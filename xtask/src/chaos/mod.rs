@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::peers::measure::line_count;
+use crate::measure::{file_len, line_count};
 use crate::rig::{Broker, Engine, Rig};
 use network::{Net, Toxiproxy};
 
@@ -264,10 +264,6 @@ fn received(sink: &Path) -> Vec<u64> {
         .collect()
 }
 
-fn sink_bytes(sink: &Path) -> u64 {
-    fs::metadata(sink).map_or(0, |m| m.len())
-}
-
 /// Waits until the sink grows past `before` bytes; how long that took (its size is polled
 /// every 10 ms: reading a sink of millions of lines would slow the measurement down). Acts
 /// as a supervisor meanwhile: a flowgate that exits (a fatal error) is started again, and
@@ -280,7 +276,7 @@ fn wait_for_growth(
 ) -> Result<Option<Duration>, String> {
     let started = Instant::now();
     while started.elapsed() < limit {
-        if sink_bytes(run.sink) > before {
+        if file_len(run.sink) > before {
             return Ok(Some(started.elapsed()));
         }
         if let Ok(Some(status)) = run.child.try_wait() {
@@ -609,7 +605,7 @@ fn run_cycles(
         };
         let mut resume = wait_for_growth(
             &mut run,
-            sink_bytes(&files.sink),
+            file_len(&files.sink),
             Duration::from_secs(60),
             &mut restarts,
         )?;
@@ -638,7 +634,7 @@ fn run_cycles(
             }
             resume = wait_for_growth(
                 &mut run,
-                sink_bytes(&files.sink),
+                file_len(&files.sink),
                 Duration::from_secs(120),
                 &mut restarts,
             )?;

@@ -106,7 +106,7 @@ fn parse(text: &str) -> Sample {
 
 /// Resident set size of `pid` in MiB (`VmRSS`), 0 once it is gone.
 fn rss_mib(pid: u32) -> f64 {
-    crate::peers::measure::proc_status_mib(pid, "VmRSS")
+    crate::measure::proc_status_mib(pid, "VmRSS")
 }
 
 /// Per-second rates of a counter between consecutive samples, at the later sample's time. A

@@ -4,6 +4,8 @@
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+
+use crate::measure::{file_len, line_count, proc_status_mib};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -44,41 +46,6 @@ pub(super) fn children_cpu() -> Result<f64, String> {
 /// A process's peak resident set (VmHWM), MiB; 0 once it has exited.
 pub(super) fn peak_rss_mib(pid: u32) -> f64 {
     proc_status_mib(pid, "VmHWM")
-}
-
-/// A size `field` of `/proc/PID/status` (`VmRSS`, `VmHWM`, …) in MiB; 0 once the process
-/// is gone.
-pub(crate) fn proc_status_mib(pid: u32, field: &str) -> f64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
-pub(super) fn file_len(path: &Path) -> u64 {
-    fs::metadata(path).map_or(0, |m| m.len())
-}
-
-/// Lines in a file, by `wc -l` (fast on hundreds of megabytes, unlike a debug build's loop).
-pub(crate) fn line_count(path: &Path) -> Result<u64, String> {
-    if !path.exists() {
-        return Ok(0);
-    }
-    let out = Command::new("wc")
-        .arg("-l")
-        .arg(path)
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("cannot run wc -l {}: {e}", path.display()))?;
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| format!("wc -l {}: unexpected output", path.display()))
 }
 
 /// A contender that writes every record it reads to `out`, one line per record.

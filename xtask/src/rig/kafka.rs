@@ -176,7 +176,7 @@ impl Rig {
     pub(crate) fn kafka_console_producer(&self, topic: &str, log: &Path) -> Res<Child> {
         self.kafka_java(&self.state_dir(Broker::Kafka))
             .args([
-                kafka_console_producer_class(),
+                self.kafka_class(CONSOLE_PRODUCER)?,
                 "--bootstrap-server",
                 "127.0.0.1:9092",
                 "--topic",
@@ -193,6 +193,36 @@ impl Rig {
             .map_err(|e| format!("cannot start Kafka's console producer: {e}"))
     }
 
+    /// The first of `candidates` (fully qualified class names) that the release's Kafka jars
+    /// hold: Kafka's tools move between its jars from release to release.
+    pub(crate) fn kafka_class(&self, candidates: &[&'static str]) -> Res<&'static str> {
+        let dir = self.kafka_jars();
+        let mut jars = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+            let path = entry.map_err(|e| format!("{}: {e}", dir.display()))?.path();
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            if name.is_some_and(|n| n.starts_with("kafka") && n.ends_with(".jar")) {
+                // A jar names its entries uncompressed, in the central directory.
+                jars.push(fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?);
+            }
+        }
+        candidates
+            .iter()
+            .find(|class| {
+                let entry = format!("{}.class", class.replace('.', "/"));
+                jars.iter()
+                    .any(|jar| jar.windows(entry.len()).any(|w| w == entry.as_bytes()))
+            })
+            .copied()
+            .ok_or_else(|| {
+                format!(
+                    "none of {candidates:?} is in Kafka {}'s jars ({})",
+                    kafka_version(),
+                    dir.display()
+                )
+            })
+    }
+
     /// `java` with the Kafka classpath and the rig's log4j2 configuration.
     pub(crate) fn kafka_java(&self, dir: &Path) -> Command {
         let mut cmd = Command::new("java");
@@ -206,11 +236,20 @@ impl Rig {
     }
 }
 
-/// The console producer's class: in Kafka's core jar before 4.0, in its tools jar since.
-pub(crate) fn kafka_console_producer_class() -> &'static str {
-    if kafka_version().starts_with("3.") {
-        "kafka.tools.ConsoleProducer"
-    } else {
-        "org.apache.kafka.tools.ConsoleProducer"
-    }
-}
+/// Kafka's console producer: in its tools jar since 4.0, in its core jar before.
+pub(crate) const CONSOLE_PRODUCER: &[&str] = &[
+    "org.apache.kafka.tools.ConsoleProducer",
+    "kafka.tools.ConsoleProducer",
+];
+
+/// Kafka's log segment dumper: in its tools jar in 4.x, in its core jar before.
+pub(crate) const DUMP_LOG_SEGMENTS: &[&str] = &[
+    "org.apache.kafka.tools.DumpLogSegments",
+    "kafka.tools.DumpLogSegments",
+];
+
+/// Kafka's config tool: in its tools jar in 4.x, in its core jar before.
+pub(crate) const CONFIG_COMMAND: &[&str] = &[
+    "org.apache.kafka.tools.ConfigCommand",
+    "kafka.admin.ConfigCommand",
+];

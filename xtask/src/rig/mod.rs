@@ -35,7 +35,8 @@ mod redis;
 mod tls;
 mod toxiproxy;
 
-pub(crate) use kafka::kafka_console_producer_class;
+pub(crate) use kafka::CONSOLE_PRODUCER;
+use kafka::{CONFIG_COMMAND, DUMP_LOG_SEGMENTS};
 use kinesis::kinesis_list_streams;
 use postgres::psql_db;
 use redis::redis_ping;
@@ -148,6 +149,19 @@ impl Broker {
                     format!("{}/*", rig.kafka_jars().display()),
                 ),
                 v("FLOWGATE_TEST_KAFKA_VERSION", kafka_version().to_string()),
+                // Classes that moved between releases, as this release has them.
+                v(
+                    "FLOWGATE_TEST_KAFKA_CONSOLE_PRODUCER",
+                    rig.kafka_class(CONSOLE_PRODUCER)
+                        .unwrap_or(CONSOLE_PRODUCER[0])
+                        .to_string(),
+                ),
+                v(
+                    "FLOWGATE_TEST_KAFKA_DUMP_LOG_SEGMENTS",
+                    rig.kafka_class(DUMP_LOG_SEGMENTS)
+                        .unwrap_or(DUMP_LOG_SEGMENTS[0])
+                        .to_string(),
+                ),
                 v(
                     "FLOWGATE_TEST_KAFKA_SSL_BOOTSTRAP",
                     format!("127.0.0.1:{KAFKA_SSL_PORT}"),
@@ -530,35 +544,21 @@ impl Rig {
                 // One mechanism per request: the broker refuses two changes of one user's
                 // credentials in the same request.
                 for mechanism in ["SCRAM-SHA-256", "SCRAM-SHA-512"] {
-                    // The tool moved from Kafka's core jar to its tools jar in 4.x.
-                    let mut res = Ok(());
-                    for class in [
-                        "org.apache.kafka.tools.ConfigCommand",
-                        "kafka.admin.ConfigCommand",
-                    ] {
-                        res = run_quiet(
-                            self.kafka_java(&dir).args([
-                                class,
-                                "--bootstrap-server",
-                                &format!("127.0.0.1:{KAFKA_PORT}"),
-                                "--alter",
-                                "--add-config",
-                                &format!("{mechanism}=[password={KAFKA_SASL_PASSWORD}]"),
-                                "--entity-type",
-                                "users",
-                                "--entity-name",
-                                KAFKA_SASL_USER,
-                            ]),
-                            "kafka: creating the SCRAM user",
-                        );
-                        if !res
-                            .as_ref()
-                            .is_err_and(|e| e.contains("ClassNotFoundException"))
-                        {
-                            break;
-                        }
-                    }
-                    res?;
+                    run_quiet(
+                        self.kafka_java(&dir).args([
+                            self.kafka_class(CONFIG_COMMAND)?,
+                            "--bootstrap-server",
+                            &format!("127.0.0.1:{KAFKA_PORT}"),
+                            "--alter",
+                            "--add-config",
+                            &format!("{mechanism}=[password={KAFKA_SASL_PASSWORD}]"),
+                            "--entity-type",
+                            "users",
+                            "--entity-name",
+                            KAFKA_SASL_USER,
+                        ]),
+                        "kafka: creating the SCRAM user",
+                    )?;
                 }
                 wait_until("kafka (TLS and SASL listeners)", timeout, || {
                     Ok(port_open(KAFKA_SSL_PORT)

@@ -32,21 +32,22 @@ pub struct JsonLinesSink {
     file: Arc<Mutex<std::fs::File>>,
 }
 
-#[derive(Serialize, Deserialize)]
+/// A line as read back ([`JsonLinesSink::read`]); `encode` writes the same fields in place.
+#[derive(Deserialize)]
 struct Line<'a> {
     partition: Cow<'a, str>,
     position: Cow<'a, str>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[serde(default)]
     key: Option<Cow<'a, str>>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[serde(default)]
     key_hex: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[serde(default)]
     payload: Option<Cow<'a, str>>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[serde(default)]
     payload_hex: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[serde(default)]
     idempotency_key: Option<Cow<'a, str>>,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    #[serde(default)]
     headers: BTreeMap<String, String>,
 }
 
