@@ -55,20 +55,24 @@ cargo xtask <task>
   bench http               a raw reqwest loop against the flowgate HTTP sink (same concurrency
                            and batch size) to a local endpoint answering at once and after
                            5 ms, alternately. --records=N --rounds=N
-  chaos kafka|rabbitmq|kinesis|all [--cycles=N] [--minutes=M] [--rate=R] [--seed=S] [--store=postgres] [--mixed]
+  chaos kafka|rabbitmq|kinesis|all [--cycles=N] [--minutes=M] [--rate=R] [--seed=S]
+        [--store=embedded|postgres|redis] [--dedup] [--sink=jsonl|table] [--mixed]
                            faults at volume against the rig's broker: a numbered producer for
                            the whole run, flowgate SIGKILLed every cycle (every tenth after a
                            broker restart under it, every tenth from the fifth after a network
                            fault through toxiproxy: latency, bandwidth, a 15 s cut, resets;
                            every tenth from the third with a sink stalled 20 s; on Kafka every
                            tenth from the seventh after a second member joined and left 3x;
-                           with --store=postgres (always for Kinesis), every tenth from the
-                           eighth after a restart of the checkpoint store), then a ledger:
-                           nothing lost, duplicates counted, everything consumed by the
-                           broker's own tools (kafka-consumer-groups, rabbitmqctl list_queues,
-                           Kinesis GetRecords after each checkpoint); report in
-                           target/chaos/. Default 100 cycles; --mixed draws each cycle's
-                           fault at random from the seed
+                           with a server store (--store=postgres or redis; PostgreSQL by
+                           default for Kinesis, --dedup and --sink=table), every tenth from
+                           the eighth after a restart of the store), then a ledger: nothing
+                           lost, duplicates counted (with --dedup at most 800 per SIGKILL or
+                           fault; into the PostgreSQL table sink, --sink=table, none),
+                           everything consumed by the broker's own tools
+                           (kafka-consumer-groups, rabbitmqctl list_queues, Kinesis
+                           GetRecords after each checkpoint); report in target/chaos/.
+                           Default 100 cycles; --mixed draws each cycle's fault at random
+                           from the seed
   kafka-versions [--versions=A,B] [--cycles=N]
                            the Kafka adapter's broker tests, the CLI's SIGKILL tests and a
                            short chaos run against each Apache Kafka release (default
@@ -257,9 +261,19 @@ fn test() -> Result<(), String> {
         ]);
         cli.envs(env);
         run("cargo test (CLI against real brokers)", &mut cli)?;
-        // A short chaos run on each broker (the full one: `cargo xtask chaos all`, 100 cycles each).
-        eprintln!("\n==> chaos all --cycles=4");
-        chaos::chaos(&["all", "--cycles=4"])
+        // A short chaos run on each broker (the full ones: 100 cycles each), each with dedup
+        // and its duplicates held to account: into the table sink (none at all), through the
+        // dedup window with Redis, and with PostgreSQL.
+        [
+            &["kafka", "--cycles=4", "--sink=table"][..],
+            &["rabbitmq", "--cycles=4", "--dedup", "--store=redis"],
+            &["kinesis", "--cycles=4", "--dedup", "--store=postgres"],
+        ]
+        .iter()
+        .try_for_each(|args| {
+            eprintln!("\n==> chaos {}", args.join(" "));
+            chaos::chaos(args)
+        })
     });
     eprintln!("\n==> brokers down");
     let down = rig.down(&rig::ALL);

@@ -89,7 +89,7 @@ impl Target for Kafka {
 
     /// The group's committed offsets equal the log end of every partition, by Kafka's
     /// consumer-groups tool (the group is named after the topic).
-    fn consumed_to_end(&self, rig: &Rig, topic: &str) -> Result<bool, String> {
+    fn consumed_to_end(&self, rig: &Rig, topic: &str, _: &Path) -> Result<bool, String> {
         let out = rig
             .kafka_java(&rig.state_dir(Broker::Kafka))
             .args([
@@ -119,7 +119,7 @@ impl Target for Kafka {
     }
 
     fn setup(&self) -> &'static str {
-        "4 partitions, static membership (session timeout 10 s), commits every 200 ms, no dedup."
+        "4 partitions, static membership (session timeout 10 s), commits every 200 ms."
     }
 
     fn end_check(&self) -> &'static str {

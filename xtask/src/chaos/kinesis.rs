@@ -1,6 +1,6 @@
 //! The chaos run's Kinesis (the rig's kinesis-mock): a 2-shard stream, a boto3 producer
 //! (`PutRecords`, failed entries sent again until accepted), checkpoints and leases in
-//! PostgreSQL, and Kinesis's own API for the ledger: every record read from the start of each
+//! PostgreSQL or Redis, and Kinesis's own API for the ledger: every record read from the start of each
 //! shard, and `GetRecords` after each shard's stored checkpoint.
 //!
 //! The broker is never restarted in this run: kinesis-mock writes its state to disk every
@@ -13,7 +13,7 @@
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use super::{Target, pg_schema};
+use super::Target;
 use crate::rig::{Broker, Rig};
 
 const SHARDS: u32 = 2;
@@ -147,20 +147,29 @@ impl Target for Kinesis {
         Ok(out.lines().filter_map(|l| l.trim().parse().ok()).collect())
     }
 
-    /// `GetRecords` after each shard's checkpoint (read from PostgreSQL) returns nothing.
-    fn consumed_to_end(&self, rig: &Rig, stream: &str) -> Result<bool, String> {
-        let sql = format!(
-            "SELECT partition || '=' || position_text FROM {}.flowgate_checkpoints WHERE pipeline = '{stream}'",
-            pg_schema(stream)
-        );
-        let checkpoints = crate::output(rig.client(Broker::Postgres)?.args(["-At", "-c", &sql]))?;
+    /// `GetRecords` after each shard's checkpoint (read by `flowgate checkpoints show`, from
+    /// whichever store the pipeline uses) returns nothing.
+    fn consumed_to_end(&self, rig: &Rig, stream: &str, config: &Path) -> Result<bool, String> {
+        let shown = crate::output(
+            Command::new(rig.root().join("target/debug/flowgate"))
+                .args(["checkpoints", "show", "-c"])
+                .arg(config),
+        )?;
+        // `SHARD\tPOSITION[\tfence=N]` per line.
+        let after: Vec<String> = shown
+            .lines()
+            .filter_map(|l| {
+                let mut cols = l.split('\t');
+                Some(format!("{}={}", cols.next()?, cols.next()?))
+            })
+            .collect();
         let mut args = vec!["left", stream];
-        args.extend(checkpoints.lines().map(str::trim).filter(|l| !l.is_empty()));
+        args.extend(after.iter().map(String::as_str));
         let left = crate::output(&mut self.script(rig, &args)?)?;
         Ok(left.trim() == "0")
     }
 
-    fn checkpoints_in_postgres(&self) -> bool {
+    fn needs_shared_store(&self) -> bool {
         true
     }
 
@@ -181,7 +190,7 @@ impl Target for Kinesis {
     }
 
     fn setup(&self) -> &'static str {
-        "a 2-shard stream of kinesis-mock, one worker (a fixed worker id, 3 s leases), no dedup; \
+        "a 2-shard stream of kinesis-mock, one worker (a fixed worker id, 3 s leases); \
          the broker is not restarted (kinesis-mock loses its last seconds on a restart): those \
          cycles restart the store."
     }

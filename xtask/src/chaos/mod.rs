@@ -1,36 +1,40 @@
 //! `cargo xtask chaos kafka|rabbitmq|kinesis|all [--cycles=N] [--minutes=M] [--rate=R]
-//! [--seed=S] [--store=postgres] [--mixed]`:
+//! [--seed=S] [--store=embedded|postgres|redis] [--dedup] [--sink=jsonl|table] [--mixed]`:
 //! faults at volume against a real broker, with one ledger at the end.
 //!
 //! A producer writes uniquely numbered records for the whole run (Kafka's own console
-//! producer; for RabbitMQ a pika client publishing with confirms; for Kinesis a boto3 client
-//! calling `PutRecords`); `flowgate run` consumes them into a JSON-lines sink, reaching the
-//! broker through a toxiproxy proxy. Each cycle starts flowgate, lets it run 1–3 s, and ends
-//! with a fault: SIGKILL of flowgate; or (every tenth cycle, and the last of a run of fewer
-//! than ten) the broker stopped and restarted under the running pipeline, then SIGKILL; or
-//! (every tenth from the fifth, and the second of a short run: a cut) a network fault through
-//! the proxy — latency, a bandwidth limit, a cut longer than the Kafka session timeout,
-//! connection resets, in turn — then SIGKILL; or (every tenth from the third, and the third of
-//! a short run) a sink that stalls for 20 s, then SIGKILL; or, with `--store=postgres` (always
-//! for Kinesis), (every tenth from the eighth) the checkpoint store restarted, then SIGKILL;
-//! or, for Kafka, (every tenth from the seventh) a second member of the group joining and
-//! leaving every 5 s, three times, then SIGKILL. The harness is the supervisor: a flowgate
-//! that exits by itself is started again, and counted. After the last cycle the producer
-//! stops, flowgate runs once more to the end and stops on SIGTERM. The ledger: every record
-//! the broker accepted was received (lost = 0), duplicates counted, and the broker's own
-//! tools show everything consumed (Kafka: the group's committed offsets equal the end of
-//! every partition, by kafka-consumer-groups; RabbitMQ: the queue holds no message, ready or
-//! unacknowledged, by `rabbitmqctl list_queues`; Kinesis: `GetRecords` after each shard's
-//! checkpoint returns nothing). The report (one row per cycle: fault, time to resume, records
-//! received) goes to `target/chaos/<broker>-<time>/report.{md,json}`. With `--mixed` each
-//! cycle's fault is drawn at random from the seed instead.
+//! producer; for RabbitMQ a pika client publishing with confirms, each number its message id;
+//! for Kinesis a boto3 client calling `PutRecords`); `flowgate run` consumes them into a
+//! JSON-lines sink (or, with `--sink=table`, the PostgreSQL table sink), reaching the broker
+//! through a toxiproxy proxy. Each cycle starts flowgate, lets it run 1–3 s, and ends with a
+//! fault: SIGKILL of flowgate; or (every tenth cycle, and the last of a run of fewer than ten)
+//! the broker stopped and restarted under the running pipeline, then SIGKILL; or (every tenth
+//! from the fifth, and the second of a short run: a cut) a network fault through the proxy —
+//! latency, a bandwidth limit, a cut longer than the Kafka session timeout, connection resets,
+//! in turn — then SIGKILL; or (every tenth from the third, and the third of a short run) a
+//! sink that stalls for 20 s, then SIGKILL; or, with a server store (PostgreSQL or Redis),
+//! (every tenth from the eighth) the store restarted, then SIGKILL; or, for Kafka, (every
+//! tenth from the seventh) a second member of the group joining and leaving every 5 s, three
+//! times, then SIGKILL. The harness is the supervisor: a flowgate that exits by itself is
+//! started again, and counted. After the last cycle the producer stops, flowgate runs once
+//! more to the end and stops on SIGTERM. The ledger: every record the broker accepted was
+//! received (lost = 0); duplicates counted per cycle and, with `--dedup`, held to the dedup
+//! window per SIGKILL or fault ([`DEDUP_CONCURRENCY`] × [`DEDUP_BATCH`]), into the table sink
+//! to none; and the broker's own tools show everything consumed (Kafka: the group's committed
+//! offsets equal the end of every partition, by kafka-consumer-groups; RabbitMQ: the queue
+//! holds no message, ready or unacknowledged, by `rabbitmqctl list_queues`; Kinesis:
+//! `GetRecords` after each shard's checkpoint returns nothing). The report (one row per cycle:
+//! fault, time to resume, records received, duplicates) goes to
+//! `target/chaos/<broker>-<time>/report.{md,json}`. With `--mixed` each cycle's fault is drawn
+//! at random from the seed instead.
 
 mod kafka;
 mod kinesis;
+mod ledger;
 mod network;
+mod output;
 mod rabbitmq;
 
-use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -39,9 +43,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::measure::{file_len, line_count};
 use crate::rig::{Broker, Engine, Rig};
+use ledger::{Run, ledger};
 use network::{Net, Toxiproxy};
+use output::{Mark, Output};
 
 /// A broker the chaos run can drive: what it reads, how records are produced, and how its
 /// own tools tell what it accepted and whether everything was consumed.
@@ -60,14 +65,20 @@ trait Target {
     fn producer(&self, rig: &Rig, stream: &str, log: &Path) -> Result<Child, String>;
     /// Every record number the broker accepted; `fed`: how many the producer was given.
     fn accepted(&self, rig: &Rig, stream: &str, fed: u64) -> Result<Vec<u64>, String>;
-    /// The broker's own tools show every record of `stream` consumed by the pipeline.
-    fn consumed_to_end(&self, rig: &Rig, stream: &str) -> Result<bool, String>;
+    /// The broker's own tools show every record of `stream` consumed by the pipeline of
+    /// `config`.
+    fn consumed_to_end(&self, rig: &Rig, stream: &str, config: &Path) -> Result<bool, String>;
     /// How the run is set up, and the check `consumed_to_end` makes, for the report.
     fn setup(&self) -> &'static str;
     fn end_check(&self) -> &'static str;
-    /// The ledger reads the checkpoints while the pipeline runs: they must be in PostgreSQL.
-    fn checkpoints_in_postgres(&self) -> bool {
+    /// The ledger reads the checkpoints while the pipeline runs: they must be in a store
+    /// another process can read (PostgreSQL or Redis).
+    fn needs_shared_store(&self) -> bool {
         false
+    }
+    /// The `dedup.key` of the pipeline with `--dedup`.
+    fn dedup_key(&self) -> &'static str {
+        "source_position"
     }
     /// The `[source]` section of a second member of the same consumer group, joining and
     /// leaving at once (no static membership): the rebalance churn cycles. `None`: the
@@ -114,7 +125,7 @@ enum Fault {
     Network(Net),
     /// The sink stops answering 1 s after flowgate starts, for 20 s.
     SinkStall,
-    /// The checkpoint store (PostgreSQL, with `--store=postgres`) stopped and restarted.
+    /// The store (PostgreSQL or Redis, with `--store=postgres|redis`) stopped and restarted.
     StoreRestart,
     /// A second member of the group joins and leaves every 5 s, three times.
     Churn,
@@ -149,12 +160,12 @@ impl Fault {
             2 => Fault::SinkStall,
             4 if !short => Fault::Network(Net::ALL[(n / 10) % Net::ALL.len()]),
             6 if t.churn && !short => Fault::Churn,
-            7 if t.postgres => Fault::StoreRestart,
+            7 if t.store => Fault::StoreRestart,
             9 => Fault::BrokerRestart,
             _ => Fault::Kill,
         };
         match fault {
-            Fault::BrokerRestart if !t.restarts_broker && t.postgres => Fault::StoreRestart,
+            Fault::BrokerRestart if !t.restarts_broker && t.store => Fault::StoreRestart,
             Fault::BrokerRestart if !t.restarts_broker => Fault::Kill,
             f => f,
         }
@@ -167,7 +178,7 @@ impl Fault {
         if t.restarts_broker {
             kinds.push(Fault::BrokerRestart);
         }
-        if t.postgres {
+        if t.store {
             kinds.push(Fault::StoreRestart);
         }
         if t.churn {
@@ -179,8 +190,8 @@ impl Fault {
 
 /// What a run's faults can use.
 struct Schedule {
-    /// The checkpoints are in PostgreSQL (which can be restarted).
-    postgres: bool,
+    /// The store is a server (PostgreSQL or Redis), which can be restarted.
+    store: bool,
     restarts_broker: bool,
     /// A second group member can churn.
     churn: bool,
@@ -192,7 +203,8 @@ struct Cycle {
     /// lifted) to the next record in the sink.
     resume: Option<Duration>,
     ran: Duration,
-    received: usize,
+    /// Where the sink stood when the cycle started.
+    from: Mark,
     /// Times flowgate exited by itself (a fatal error) and was started again.
     restarts: u32,
 }
@@ -203,11 +215,99 @@ struct Options {
     minutes: Option<f64>,
     rate: u64,
     seed: u64,
-    /// Checkpoints in PostgreSQL (restarted by some cycles) rather than the embedded store.
-    postgres: bool,
+    /// Where checkpoints and dedup marks live (`--store`); `None`: the embedded store, or
+    /// PostgreSQL where the run needs a server.
+    store: Option<Store>,
+    /// Dedup on (`--dedup`): the ledger holds each cycle's duplicates to the window.
+    dedup: bool,
+    /// Into the PostgreSQL table sink (`--sink=table`), with dedup: no duplicate at all.
+    table: bool,
     /// Each cycle's fault drawn at random from the seed, rather than in the fixed order.
     mixed: bool,
 }
+
+impl Options {
+    fn store(&self) -> Store {
+        self.store.unwrap_or(Store::Embedded)
+    }
+
+    /// The options for `t`: the store chosen, dedup with the table sink, the rate capped.
+    fn resolve(&self, t: &dyn Target) -> Result<Options, String> {
+        let name = t.broker().name();
+        let dedup = self.dedup || self.table;
+        // A server store: the ledger reads it while flowgate runs, and a churning member
+        // shares the dedup marks.
+        let shared = t.needs_shared_store() || dedup;
+        let store = match self.store {
+            Some(s) => s,
+            None if shared => Store::Postgres,
+            None => Store::Embedded,
+        };
+        if shared && store == Store::Embedded {
+            return Err(format!(
+                "chaos {name}: {} needs a store that other processes reach: --store=postgres or --store=redis",
+                if dedup {
+                    "dedup"
+                } else {
+                    "this broker's ledger"
+                }
+            ));
+        }
+        if self.table && store != Store::Postgres {
+            return Err(
+                "chaos: --sink=table writes rows and dedup marks in one PostgreSQL transaction: --store=postgres"
+                    .into(),
+            );
+        }
+        Ok(Options {
+            store: Some(store),
+            dedup,
+            rate: self.rate.min(t.max_rate()),
+            ..*self
+        })
+    }
+}
+
+/// Where a run keeps checkpoints and dedup marks.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Store {
+    Embedded,
+    Postgres,
+    Redis,
+}
+
+impl Store {
+    fn name(self) -> &'static str {
+        match self {
+            Store::Embedded => "embedded",
+            Store::Postgres => "postgres",
+            Store::Redis => "redis",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Store::Embedded => "the embedded store",
+            Store::Postgres => "PostgreSQL",
+            Store::Redis => "Redis",
+        }
+    }
+
+    /// The rig's server holding the store, if it is one.
+    fn server(self) -> Option<Broker> {
+        match self {
+            Store::Embedded => None,
+            Store::Postgres => Some(Broker::Postgres),
+            Store::Redis => Some(Broker::Redis),
+        }
+    }
+}
+
+/// With `--dedup`: sink batches in flight at most. With [`DEDUP_BATCH`], the duplicate
+/// window per crash (docs/guarantees.md).
+const DEDUP_CONCURRENCY: u64 = 8;
+/// With `--dedup`: records per sink batch at most.
+const DEDUP_BATCH: u64 = 100;
 
 fn options(args: &[&str]) -> Result<(String, Options), String> {
     let mut target = "kafka".to_string();
@@ -216,7 +316,9 @@ fn options(args: &[&str]) -> Result<(String, Options), String> {
         minutes: None,
         rate: 2_000,
         seed: 0x5eed,
-        postgres: false,
+        store: None,
+        dedup: false,
+        table: false,
         mixed: false,
     };
     for a in args {
@@ -230,11 +332,20 @@ fn options(args: &[&str]) -> Result<(String, Options), String> {
         } else if let Some(v) = a.strip_prefix("--seed=") {
             o.seed = num(v)?.max(1);
         } else if let Some(v) = a.strip_prefix("--store=") {
-            o.postgres = match v {
-                "postgres" => true,
-                "embedded" => false,
-                _ => return Err(format!("{a}: expected embedded or postgres")),
+            o.store = Some(match v {
+                "embedded" => Store::Embedded,
+                "postgres" => Store::Postgres,
+                "redis" => Store::Redis,
+                _ => return Err(format!("{a}: expected embedded, postgres or redis")),
+            });
+        } else if let Some(v) = a.strip_prefix("--sink=") {
+            o.table = match v {
+                "table" => true,
+                "jsonl" => false,
+                _ => return Err(format!("{a}: expected jsonl or table")),
             };
+        } else if *a == "--dedup" {
+            o.dedup = true;
         } else if *a == "--mixed" {
             o.mixed = true;
         } else if !a.starts_with("--") {
@@ -246,45 +357,36 @@ fn options(args: &[&str]) -> Result<(String, Options), String> {
     Ok((target, o))
 }
 
-/// The PostgreSQL schema holding a run's checkpoints (with `--store=postgres`).
+/// The PostgreSQL schema holding a run's checkpoints, dedup marks and rows (with
+/// `--store=postgres`).
 fn pg_schema(stream: &str) -> String {
     stream.replace('-', "_")
 }
 
-/// Lines of the JSON-lines sink, and their payloads (the record numbers).
-fn received(sink: &Path) -> Vec<u64> {
-    let Ok(text) = fs::read_to_string(sink) else {
-        return Vec::new();
-    };
-    text.lines()
-        .filter_map(|l| {
-            let rest = &l[l.find("\"payload\":\"")? + 11..];
-            rest[..rest.find('"')?].parse().ok()
-        })
-        .collect()
-}
-
-/// Waits until the sink grows past `before` bytes; how long that took (its size is polled
-/// every 10 ms: reading a sink of millions of lines would slow the measurement down). Acts
-/// as a supervisor meanwhile: a flowgate that exits (a fatal error) is started again, and
-/// counted in `restarts`.
+/// Waits until the sink writes again; how long that took (its [`Output::progress`] is
+/// polled: reading a sink of millions of records would slow the measurement down). Acts as a
+/// supervisor meanwhile: a flowgate that exits (a fatal error) is started again, and counted
+/// in `restarts`.
 fn wait_for_growth(
     run: &mut Flowgate<'_>,
-    before: u64,
     limit: Duration,
     restarts: &mut u32,
 ) -> Result<Option<Duration>, String> {
+    let mut before = run.output.progress(run.rig);
     let started = Instant::now();
     while started.elapsed() < limit {
-        if file_len(run.sink) > before {
-            return Ok(Some(started.elapsed()));
+        match (before, run.output.progress(run.rig)) {
+            (Some(b), Some(now)) if now > b => return Ok(Some(started.elapsed())),
+            // The store holding the table was away: growth counts from its first answer.
+            (None, now) => before = now,
+            _ => {}
         }
         if let Ok(Some(status)) = run.child.try_wait() {
             eprintln!("    flowgate exited ({status}); starting it again");
             *restarts += 1;
             run.child = flowgate(run.bin, run.config, run.log)?;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(run.output.poll_every());
     }
     Ok(None)
 }
@@ -295,7 +397,8 @@ struct Flowgate<'a> {
     bin: &'a Path,
     config: &'a Path,
     log: &'a Path,
-    sink: &'a Path,
+    output: &'a Output,
+    rig: &'a Rig,
 }
 
 fn flowgate(bin: &Path, config: &Path, log: &Path) -> Result<Child, String> {
@@ -376,6 +479,9 @@ pub(crate) fn chaos(args: &[&str]) -> Result<(), String> {
             ));
         }
     };
+    for t in &targets {
+        o.resolve(t.as_ref())?;
+    }
     let rig = Rig::new()?;
     crate::run(
         "build flowgate",
@@ -390,21 +496,41 @@ pub(crate) fn chaos(args: &[&str]) -> Result<(), String> {
 /// Where a run keeps its files.
 struct RunFiles {
     dir: PathBuf,
-    sink: PathBuf,
+    /// Where the pipeline (and the churning member) writes.
+    output: Output,
     config: PathBuf,
     /// The same pipeline with a sink that stalls (`Fault::SinkStall`).
     stall_config: PathBuf,
     log: PathBuf,
-    /// The churning second member's pipeline (`Fault::Churn`), its sink and log.
+    /// The churning second member's pipeline (`Fault::Churn`) and log.
     churn_config: Option<PathBuf>,
-    churn_sink: PathBuf,
     churn_log: PathBuf,
 }
 
-impl RunFiles {
-    /// Lines in both sinks.
-    fn lines(&self) -> Result<u64, String> {
-        Ok(line_count(&self.sink)? + line_count(&self.churn_sink)?)
+/// The rig's URL of `server` (`FLOWGATE_TEST_<NAME>_URL`).
+fn server_url(rig: &Rig, server: Broker) -> String {
+    let key = format!("FLOWGATE_TEST_{}_URL", server.name().to_uppercase());
+    server
+        .env(rig)
+        .into_iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+        .unwrap_or_default()
+}
+
+/// The `[store]` section of a run's pipelines (`own`: the embedded store's directory).
+fn store_toml(rig: &Rig, o: &Options, stream: &str, own: &Path) -> String {
+    match o.store() {
+        Store::Embedded => format!("type = \"embedded\"\npath = \"{}\"", own.display()),
+        Store::Postgres => format!(
+            "type = \"postgres\"\nurl = \"{}\"\nschema = \"{}\"",
+            server_url(rig, Broker::Postgres),
+            pg_schema(stream)
+        ),
+        Store::Redis => format!(
+            "type = \"redis\"\nurl = \"{}\"\nprefix = \"{stream}\"",
+            server_url(rig, Broker::Redis)
+        ),
     }
 }
 
@@ -413,66 +539,68 @@ fn run_files(
     t: &dyn Target,
     stream: &str,
     stamp: u64,
-    postgres: bool,
+    o: &Options,
 ) -> Result<RunFiles, String> {
     let dir = rig
         .root()
         .join(format!("target/chaos/{}-{stamp}", t.broker().name()));
     fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let sink = dir.join("sink.jsonl");
-    let store = if postgres {
-        let url = Broker::Postgres
-            .env(rig)
-            .into_iter()
-            .find(|(k, _)| k == "FLOWGATE_TEST_POSTGRES_URL")
-            .map(|(_, v)| v)
-            .unwrap_or_default();
+    let output = if o.table {
+        Output::Table {
+            schema: pg_schema(stream),
+            pipeline: stream.to_string(),
+        }
+    } else {
+        Output::Jsonl {
+            main: dir.join("sink.jsonl"),
+            churn: dir.join("sink-churn.jsonl"),
+        }
+    };
+    let dedup = if o.dedup {
         format!(
-            "type = \"postgres\"\nurl = \"{url}\"\nschema = \"{}\"",
-            pg_schema(stream)
+            "[dedup]\nkey = \"{}\"\n\n[runtime.batch]\nmax_records = {DEDUP_BATCH}\n\n\
+             [runtime.concurrency]\nmax = {DEDUP_CONCURRENCY}\n\n",
+            t.dedup_key()
         )
     } else {
-        format!(
-            "type = \"embedded\"\npath = \"{}\"",
-            dir.join("data").display()
-        )
+        String::new()
     };
-    let pipeline = |source: &str, sink: &Path, store: &str, faults: &str| {
+    let pipeline = |source: &str, sink: &str, store: &str| {
         format!(
-            "name = \"{stream}\"\n\n{source}\n\n[sink]\ntype = \"jsonl\"\npath = \"{}\"\n{faults}\n\
-             [store]\n{store}\n\n[runtime.commit]\nevery = \"200ms\"\n",
-            sink.display(),
+            "name = \"{stream}\"\n\n{source}\n\n{sink}\n[store]\n{store}\n\n{dedup}\
+             [runtime.commit]\nevery = \"200ms\"\n"
         )
     };
     let source = t.source(stream);
+    let store = store_toml(rig, o, stream, &dir.join("data"));
     let config = dir.join("pipeline.toml");
     let stall_config = dir.join("pipeline-stalling-sink.toml");
-    write(&config, &pipeline(&source, &sink, &store, ""))?;
+    write(
+        &config,
+        &pipeline(&source, &output.sink_toml(false, ""), &store),
+    )?;
     write(
         &stall_config,
         &pipeline(
             &source,
-            &sink,
+            &output.sink_toml(
+                false,
+                "faults = { stall_after = \"1s\", stall_for = \"20s\" }\n",
+            ),
             &store,
-            "faults = { stall_after = \"1s\", stall_for = \"20s\" }\n",
         ),
     )?;
-    // The second member shares PostgreSQL; with the embedded store it keeps its own (a
+    // The second member shares a server store; with the embedded store it keeps its own (a
     // partition coming back then starts from the group's committed offset or an older
     // checkpoint of the first member: repeats, never a gap).
-    let churn_sink = dir.join("sink-churn.jsonl");
     let churn_config = match t.churn_member_source(stream) {
         Some(source) => {
-            let store = if postgres {
-                store.clone()
-            } else {
-                format!(
-                    "type = \"embedded\"\npath = \"{}\"",
-                    dir.join("data-churn").display()
-                )
-            };
+            let store = store_toml(rig, o, stream, &dir.join("data-churn"));
             let path = dir.join("pipeline-churn-member.toml");
-            write(&path, &pipeline(&source, &churn_sink, &store, ""))?;
+            write(
+                &path,
+                &pipeline(&source, &output.sink_toml(true, ""), &store),
+            )?;
             Some(path)
         }
         None => None,
@@ -481,11 +609,10 @@ fn run_files(
         log: dir.join("flowgate.log"),
         churn_log: dir.join("flowgate-churn.log"),
         dir,
-        sink,
+        output,
         config,
         stall_config,
         churn_config,
-        churn_sink,
     })
 }
 
@@ -501,23 +628,16 @@ fn chaos_one(rig: &Rig, t: &dyn Target, o: &Options) -> Result<(), String> {
 }
 
 fn chaos_on(rig: &Rig, t: &dyn Target, o: &Options) -> Result<(), String> {
-    let o = &Options {
-        postgres: o.postgres || t.checkpoints_in_postgres(),
-        rate: o.rate.min(t.max_rate()),
-        ..*o
-    };
-    let brokers: &[Broker] = if o.postgres {
-        &[t.broker(), Broker::Postgres]
-    } else {
-        &[t.broker()]
-    };
-    rig.up(brokers, Engine::Native)?;
+    let o = &o.resolve(t)?;
+    let mut brokers = vec![t.broker()];
+    brokers.extend(o.store().server());
+    rig.up(&brokers, Engine::Native)?;
     let bin = rig.root().join("target/debug/flowgate");
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let stream = t.prepare(rig, stamp)?;
-    let files = run_files(rig, t, &stream, stamp, o.postgres)?;
+    let files = run_files(rig, t, &stream, stamp, o)?;
     let (listen, upstream) = t.proxy();
     let proxy = Toxiproxy::start(rig, listen, upstream, &files.dir.join("toxiproxy.log"))?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -535,11 +655,12 @@ fn chaos_on(rig: &Rig, t: &dyn Target, o: &Options) -> Result<(), String> {
     let fed = feeder.join().unwrap_or(0);
     let _ = producer_child.wait();
     // The last run: to the end, then a clean stop.
+    let drain_from = files.output.mark(rig)?;
     let mut last = flowgate(&bin, &files.config, &files.log)?;
     let drain_started = Instant::now();
     let mut drained = false;
     while drain_started.elapsed() < Duration::from_secs(180) {
-        if t.consumed_to_end(rig, &stream)? {
+        if t.consumed_to_end(rig, &stream, &files.config)? {
             drained = true;
             break;
         }
@@ -548,8 +669,11 @@ fn chaos_on(rig: &Rig, t: &dyn Target, o: &Options) -> Result<(), String> {
     stop_gracefully(&mut last);
     let run = Run {
         stream: &stream,
-        files: &files,
+        dir: &files.dir,
+        config: &files.config,
+        output: &files.output,
         cycles: &cycles,
+        drain_from,
         fed,
         drained,
         started,
@@ -558,7 +682,33 @@ fn chaos_on(rig: &Rig, t: &dyn Target, o: &Options) -> Result<(), String> {
     if let Err(e) = t.cleanup(rig, &stream) {
         eprintln!("    could not delete {stream}: {e}");
     }
+    if let Err(e) = drop_store(rig, o.store(), &stream) {
+        eprintln!("    could not delete the run's {}: {e}", o.store().label());
+    }
     res
+}
+
+/// Deletes what the run kept in a server store (a 100-cycle run leaves millions of rows
+/// and marks), once the ledger is written.
+fn drop_store(rig: &Rig, store: Store, stream: &str) -> Result<(), String> {
+    match store {
+        Store::Embedded => Ok(()),
+        Store::Postgres => crate::output(rig.client(Broker::Postgres)?.args([
+            "-c",
+            &format!(
+                "SET client_min_messages TO warning; DROP SCHEMA IF EXISTS {} CASCADE",
+                pg_schema(stream)
+            ),
+        ]))
+        .map(drop),
+        Store::Redis => crate::output(rig.client(Broker::Redis)?.args([
+            "EVAL",
+            "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end",
+            "0",
+            &format!("{stream}:*"),
+        ]))
+        .map(drop),
+    }
 }
 
 /// The cycles: flowgate started, run 1–3 s, then the cycle's fault.
@@ -580,7 +730,7 @@ fn run_cycles(
             break;
         }
         let schedule = Schedule {
-            postgres: o.postgres,
+            store: o.store().server().is_some(),
             restarts_broker: t.restarts_broker(),
             churn: files.churn_config.is_some(),
         };
@@ -593,7 +743,7 @@ fn run_cycles(
             Fault::SinkStall => &files.stall_config,
             _ => &files.config,
         };
-        let before = files.lines()?;
+        let from = files.output.mark(rig)?;
         let t0 = Instant::now();
         let mut restarts = 0;
         let mut run = Flowgate {
@@ -601,14 +751,10 @@ fn run_cycles(
             bin,
             config,
             log: &files.log,
-            sink: &files.sink,
+            output: &files.output,
+            rig,
         };
-        let mut resume = wait_for_growth(
-            &mut run,
-            file_len(&files.sink),
-            Duration::from_secs(60),
-            &mut restarts,
-        )?;
+        let mut resume = wait_for_growth(&mut run, Duration::from_secs(60), &mut restarts)?;
         let run_for = Duration::from_millis(1_000 + rng.below(2_000));
         std::thread::sleep(run_for.saturating_sub(t0.elapsed()));
         if fault != Fault::Kill {
@@ -624,7 +770,7 @@ fn run_cycles(
                 }
                 _ => {
                     let restarted = match fault {
-                        Fault::StoreRestart => Broker::Postgres,
+                        Fault::StoreRestart => o.store().server().unwrap_or(t.broker()),
                         _ => t.broker(),
                     };
                     rig.down(&[restarted])?;
@@ -632,16 +778,12 @@ fn run_cycles(
                     rig.up(&[restarted], Engine::Native)?;
                 }
             }
-            resume = wait_for_growth(
-                &mut run,
-                file_len(&files.sink),
-                Duration::from_secs(120),
-                &mut restarts,
-            )?;
+            resume = wait_for_growth(&mut run, Duration::from_secs(120), &mut restarts)?;
         }
         let _ = run.child.kill();
         let _ = run.child.wait();
-        let received = (files.lines()? - before) as usize;
+        let to = files.output.mark(rig)?;
+        let received = to.0 + to.1 - from.0 - from.1;
         eprintln!(
             "    cycle {n:>3} {:<30} ran {:>5.1}s, resumed in {}, {received} records{}",
             fault.name(),
@@ -657,7 +799,7 @@ fn run_cycles(
             fault,
             resume,
             ran: t0.elapsed(),
-            received,
+            from,
             restarts,
         });
     }
@@ -676,196 +818,6 @@ fn churn(bin: &Path, config: &Path, log: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// What a run produced, for the ledger.
-struct Run<'a> {
-    stream: &'a str,
-    files: &'a RunFiles,
-    cycles: &'a [Cycle],
-    fed: u64,
-    drained: bool,
-    started: Instant,
-}
-
-/// What the ledger found.
-struct Tally {
-    accepted: usize,
-    received: usize,
-    distinct: usize,
-    lost: Vec<u64>,
-    unexpected: usize,
-    duplicates: usize,
-    consumed_to_end: bool,
-    resume_median: f64,
-    resume_worst: f64,
-    never: usize,
-    exits: u32,
-}
-
-fn tally(rig: &Rig, t: &dyn Target, run: &Run<'_>) -> Result<Tally, String> {
-    let accepted = t.accepted(rig, run.stream, run.fed)?;
-    let mut got = received(&run.files.sink);
-    got.extend(received(&run.files.churn_sink));
-    let mut counts: HashMap<u64, u32> = HashMap::new();
-    for v in &got {
-        *counts.entry(*v).or_default() += 1;
-    }
-    let lost: Vec<u64> = accepted
-        .iter()
-        .filter(|v| !counts.contains_key(v))
-        .copied()
-        .collect();
-    let held: HashSet<u64> = accepted.iter().copied().collect();
-    let mut resumes: Vec<f64> = run
-        .cycles
-        .iter()
-        .filter_map(|c| c.resume.map(|d| d.as_secs_f64()))
-        .collect();
-    resumes.sort_by(f64::total_cmp);
-    Ok(Tally {
-        accepted: accepted.len(),
-        received: got.len(),
-        distinct: counts.len(),
-        lost,
-        unexpected: counts.keys().filter(|v| !held.contains(v)).count(),
-        duplicates: got.len() - counts.len(),
-        consumed_to_end: run.drained && t.consumed_to_end(rig, run.stream)?,
-        resume_median: resumes.get(resumes.len() / 2).copied().unwrap_or(0.0),
-        resume_worst: resumes.last().copied().unwrap_or(0.0),
-        never: run.cycles.iter().filter(|c| c.resume.is_none()).count(),
-        exits: run.cycles.iter().map(|c| c.restarts).sum(),
-    })
-}
-
-fn ledger(rig: &Rig, t: &dyn Target, o: &Options, run: &Run<'_>) -> Result<(), String> {
-    let x = tally(rig, t, run)?;
-    let name = t.broker().name();
-    let kills = run.cycles.len();
-    let store = if o.postgres {
-        "PostgreSQL"
-    } else {
-        "the embedded store"
-    };
-    let setup = format!("{} Checkpoints in {store}.", t.setup());
-    let mut md = format!(
-        "# chaos {name}\n\n`cargo xtask chaos {name} --cycles={} --rate={} --seed={}{}{}`: {} cycles in {:.0} s \
-         (each ends with a SIGKILL of flowgate; the faults before it, by kind, below); {}\n\n\
-         | | |\n|---|---|\n\
-         | records the producer was given | {} |\n\
-         | records the broker accepted | {} |\n\
-         | records received | {} ({} distinct) |\n\
-         | **lost** | **{}** |\n\
-         | duplicates | {} ({:.2} per kill) |\n\
-         | {} | {} |\n\
-         | time to resume, median / worst | {:.2} s / {:.2} s |\n\
-         | cycles that never resumed | {} |\n\
-         | flowgate exits by itself (fatal errors), started again | {} |\n\n{}\n\
-         | cycle | fault | ran | resumed in | records | flowgate exited by itself |\n|---:|---|---:|---:|---:|---:|\n",
-        o.cycles,
-        o.rate,
-        o.seed,
-        if o.postgres { " --store=postgres" } else { "" },
-        if o.mixed { " --mixed" } else { "" },
-        kills,
-        run.started.elapsed().as_secs_f64(),
-        setup,
-        run.fed,
-        x.accepted,
-        x.received,
-        x.distinct,
-        x.lost.len(),
-        x.duplicates,
-        x.duplicates as f64 / kills.max(1) as f64,
-        t.end_check(),
-        if x.consumed_to_end { "yes" } else { "**no**" },
-        x.resume_median,
-        x.resume_worst,
-        x.never,
-        x.exits,
-        by_fault(run.cycles),
-    );
-    let mut json_rows = Vec::new();
-    for (i, c) in run.cycles.iter().enumerate() {
-        let resume = c.resume.map(|d| d.as_secs_f64());
-        md.push_str(&format!(
-            "| {i} | {} | {:.1} s | {} | {} | {} |\n",
-            c.fault.name(),
-            c.ran.as_secs_f64(),
-            resume.map_or("never".into(), |r| format!("{r:.2} s")),
-            c.received,
-            c.restarts
-        ));
-        json_rows.push(format!(
-            "{{\"cycle\":{i},\"fault\":\"{}\",\"ran_s\":{:.3},\"resume_s\":{},\"records\":{},\"exited\":{}}}",
-            c.fault.name(),
-            c.ran.as_secs_f64(),
-            resume.map_or("null".into(), |r| format!("{r:.3}")),
-            c.received,
-            c.restarts
-        ));
-    }
-    let json = format!(
-        "{{\"broker\":\"{name}\",\"cycles\":{kills},\"fed\":{},\"accepted\":{},\"received\":{},\"distinct\":{},\"lost\":{},\"duplicates\":{},\"consumed_to_end\":{},\"resume_median_s\":{:.3},\"resume_worst_s\":{:.3},\"never_resumed\":{},\"exits\":{},\"rows\":[{}]}}\n",
-        run.fed,
-        x.accepted,
-        x.received,
-        x.distinct,
-        x.lost.len(),
-        x.duplicates,
-        x.consumed_to_end,
-        x.resume_median,
-        x.resume_worst,
-        x.never,
-        x.exits,
-        json_rows.join(",")
-    );
-    let dir = &run.files.dir;
-    write(&dir.join("report.md"), &md)?;
-    write(&dir.join("report.json"), &json)?;
-    println!("{}", md.split("| cycle |").next().unwrap_or(&md));
-    println!("report: {}", dir.join("report.md").display());
-    if !x.lost.is_empty() || x.unexpected > 0 || !x.consumed_to_end || x.never > 0 {
-        return Err(format!(
-            "chaos {name} failed: {} lost (first {:?}), {} not accepted by the broker, consumed to the end: {}, {} cycles never resumed",
-            x.lost.len(),
-            x.lost.iter().take(5).collect::<Vec<_>>(),
-            x.unexpected,
-            x.consumed_to_end,
-            x.never
-        ));
-    }
-    Ok(())
-}
-
-/// Per kind of fault: cycles, the median and worst time to resume, and exits.
-fn by_fault(cycles: &[Cycle]) -> String {
-    let mut kinds: Vec<Fault> = Vec::new();
-    for c in cycles {
-        if !kinds.contains(&c.fault) {
-            kinds.push(c.fault);
-        }
-    }
-    let mut md = String::from(
-        "| fault | cycles | resume median | resume worst | flowgate exited by itself |\n|---|---:|---:|---:|---:|\n",
-    );
-    for k in kinds {
-        let of: Vec<&Cycle> = cycles.iter().filter(|c| c.fault == k).collect();
-        let mut r: Vec<f64> = of
-            .iter()
-            .filter_map(|c| c.resume.map(|d| d.as_secs_f64()))
-            .collect();
-        r.sort_by(f64::total_cmp);
-        md.push_str(&format!(
-            "| {} | {} | {:.2} s | {:.2} s | {} |\n",
-            k.name(),
-            of.len(),
-            r.get(r.len() / 2).copied().unwrap_or(0.0),
-            r.last().copied().unwrap_or(0.0),
-            of.iter().map(|c| c.restarts).sum::<u32>()
-        ));
-    }
-    md
-}
-
 fn write(path: &PathBuf, text: &str) -> Result<(), String> {
     fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
@@ -881,7 +833,7 @@ mod tests {
     #[test]
     fn every_kind_of_fault_has_its_place_in_ten_cycles() {
         let kafka = Schedule {
-            postgres: true,
+            store: true,
             restarts_broker: true,
             churn: true,
         };
@@ -898,7 +850,7 @@ mod tests {
     #[test]
     fn mixed_runs_draw_only_the_faults_the_run_can_use() {
         let rabbitmq = Schedule {
-            postgres: false,
+            store: false,
             restarts_broker: true,
             churn: false,
         };
@@ -920,7 +872,7 @@ mod tests {
     #[test]
     fn a_broker_that_loses_data_on_restart_has_its_store_restarted_instead() {
         let kinesis = Schedule {
-            postgres: true,
+            store: true,
             restarts_broker: false,
             churn: false,
         };

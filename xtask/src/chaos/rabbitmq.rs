@@ -10,9 +10,10 @@ use crate::rig::{Broker, Rig};
 
 const URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
-/// The producer: one persistent message per line of standard input, confirmed by the broker
-/// before the next; a failed publish is retried on a new connection until confirmed, so every
-/// number given is accepted (some perhaps twice).
+/// The producer: one persistent message per line of standard input, its number also its
+/// `message_id`, confirmed by the broker before the next; a failed publish is retried on a new
+/// connection until confirmed, so every number given is accepted (some perhaps twice, under
+/// the same message id).
 const PRODUCER: &str = r#"
 import sys, time, pika
 url, queue = sys.argv[1], sys.argv[2]
@@ -27,11 +28,11 @@ def connect():
         except Exception:
             time.sleep(0.5)
 conn, ch = connect()
-props = pika.BasicProperties(delivery_mode=2)
 for line in sys.stdin:
     body = line.strip()
     if not body:
         continue
+    props = pika.BasicProperties(delivery_mode=2, message_id=body)
     while True:
         try:
             ch.basic_publish(exchange="", routing_key=queue, body=body, properties=props, mandatory=True)
@@ -92,7 +93,7 @@ impl Target for Rabbitmq {
     }
 
     /// The queue holds no message, ready or unacknowledged (`rabbitmqctl list_queues`).
-    fn consumed_to_end(&self, rig: &Rig, queue: &str) -> Result<bool, String> {
+    fn consumed_to_end(&self, rig: &Rig, queue: &str, _: &Path) -> Result<bool, String> {
         let out = rig
             .client(Broker::Rabbitmq)?
             .args([
@@ -112,9 +113,15 @@ impl Target for Rabbitmq {
         }))
     }
 
+    /// The message id the producer set (the source makes it the record's idempotency key,
+    /// which wins over any extractor).
+    fn dedup_key(&self) -> &'static str {
+        "key"
+    }
+
     fn setup(&self) -> &'static str {
-        "a durable classic queue, prefetch from the runtime's in-flight limit, acknowledgements after \
-         the sink's write, no dedup."
+        "a durable classic queue, the producer's message id on every message, prefetch from the \
+         runtime's in-flight limit, acknowledgements after the sink's write."
     }
 
     fn end_check(&self) -> &'static str {
