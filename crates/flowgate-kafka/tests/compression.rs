@@ -142,11 +142,12 @@ async fn the_sink_writes_every_codec_and_the_console_consumer_reads_it() {
             .arg(&segment)
             .output()
             .unwrap();
+        let (status, err) = (dump.status, String::from_utf8_lossy(&dump.stderr));
         let dump = String::from_utf8_lossy(&dump.stdout);
         let want = format!("compresscodec: {codec}");
         assert!(
             dump.contains(&want),
-            "{codec}: the log holds {want}:\n{dump}"
+            "{codec}: the log holds {want}; DumpLogSegments ({status}):\n{dump}\n{err}"
         );
         eprintln!(
             "kafka/compression: the sink wrote {codec} ({want}), the console consumer read {RECORDS}"

@@ -464,3 +464,40 @@ async fn waiting_batches_cut_the_mark_interval_short() {
     );
     assert_eq!(sink.records().len(), 1_000);
 }
+
+/// A producer that published a message twice puts both copies side by side, often in one
+/// batch: the second is skipped like a replay, not written next to the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_twice_in_one_batch_is_written_once() {
+    let store = Arc::new(MemoryStore::new());
+    let sink = MemorySink::new();
+    let keys = [0u64, 1, 2, 2, 3, 4, 4, 4, 5];
+    let records = keys.iter().enumerate().map(|(pos, k)| {
+        let mut r = flowgate_core::Record::new(
+            PartitionId::new("q"),
+            Position::from(pos as u64),
+            format!("message {k}").into_bytes(),
+        );
+        r.idempotency_key = Some(IdempotencyKey::new(format!("id-{k}").into_bytes()));
+        r
+    });
+    let summary = Pipeline::builder("twice-in-a-batch")
+        .source(flowgate_runtime::adapters::MemorySource::new(records))
+        .sink(sink.clone())
+        .dedup(store.clone(), KeyExtractor::Key)
+        .build()
+        .unwrap()
+        .run(Shutdown::never())
+        .await
+        .unwrap();
+    let written: Vec<String> = sink
+        .records()
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect();
+    assert_eq!(
+        written,
+        (0..=5).map(|k| format!("message {k}")).collect::<Vec<_>>()
+    );
+    assert_eq!(summary.stats.dedup_hits, 3);
+}

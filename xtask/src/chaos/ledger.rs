@@ -24,12 +24,22 @@ pub(super) struct Run<'a> {
     pub(super) started: Instant,
 }
 
-/// The records written from one cycle's start to the next's (the last: the run to the end):
-/// the replay after the previous cycle's SIGKILL, and whatever the cycle's own fault replays.
+/// The records written from one cycle's start to the next's (the last: the run to the end).
 #[derive(Clone, Copy, Default)]
 struct Segment {
     received: usize,
-    duplicates: usize,
+    /// Records of this segment written again later: the replay after the SIGKILL that ended
+    /// it, after the fault in it, or after an exit of flowgate during it.
+    repeated: usize,
+}
+
+/// A duplicate: a record number written again, where, and the segment of its previous copy.
+struct Repeat {
+    number: u64,
+    place: u64,
+    churn: bool,
+    segment: usize,
+    of: usize,
 }
 
 /// What the ledger found.
@@ -39,9 +49,9 @@ struct Tally {
     distinct: usize,
     lost: Vec<u64>,
     unexpected: usize,
-    duplicates: usize,
     /// One per cycle, then the run to the end.
     segments: Vec<Segment>,
+    repeats: Vec<Repeat>,
     consumed_to_end: bool,
     resume_median: f64,
     resume_worst: f64,
@@ -55,50 +65,56 @@ fn segment_of(starts: &[u64], place: u64) -> usize {
     starts.partition_point(|s| *s < place).saturating_sub(1)
 }
 
-/// Duplicates per segment: a record received more often than the broker holds it (a producer
-/// may have written a number twice) is a duplicate where it appears again.
+/// Per segment, its records and how many of them were written again later; and every
+/// duplicate. A record received more often than the broker holds it (a producer may have
+/// written a number twice) is a duplicate where it appears again, charged to the segment of
+/// its previous copy: the crash or fault there kept that copy's dedup mark from being durable.
 fn segments(
     accepted: &HashMap<u64, u32>,
     marks: &[Mark],
     main: &[Placed],
     churn: &[Placed],
-) -> Vec<Segment> {
-    let mut by_segment: Vec<Vec<u64>> = vec![Vec::new(); marks.len()];
-    for (records, starts) in [
-        (main, marks.iter().map(|m| m.0).collect::<Vec<_>>()),
-        (churn, marks.iter().map(|m| m.1).collect()),
+) -> (Vec<Segment>, Vec<Repeat>) {
+    let mut by_segment: Vec<Vec<(u64, u64, bool)>> = vec![Vec::new(); marks.len()];
+    for (records, starts, is_churn) in [
+        (main, marks.iter().map(|m| m.0).collect::<Vec<_>>(), false),
+        (churn, marks.iter().map(|m| m.1).collect(), true),
     ] {
         for (place, n) in records {
-            by_segment[segment_of(&starts, *place)].push(*n);
+            by_segment[segment_of(&starts, *place)].push((*place, *n, is_churn));
         }
     }
-    let mut seen: HashMap<u64, u32> = HashMap::new();
-    by_segment
-        .iter()
-        .map(|records| {
-            let mut s = Segment {
-                received: records.len(),
-                duplicates: 0,
-            };
-            for n in records {
-                let count = seen.entry(*n).or_default();
-                if *count >= accepted.get(n).copied().unwrap_or(1) {
-                    s.duplicates += 1;
-                }
-                *count += 1;
+    let mut segments = vec![Segment::default(); marks.len()];
+    let mut repeats = Vec::new();
+    // Per number: copies so far, and the segment of the last.
+    let mut seen: HashMap<u64, (u32, usize)> = HashMap::new();
+    for (i, records) in by_segment.iter().enumerate() {
+        segments[i].received = records.len();
+        for (place, n, churn) in records {
+            let copies = seen.entry(*n).or_insert((0, i));
+            if copies.0 >= accepted.get(n).copied().unwrap_or(1) {
+                segments[copies.1].repeated += 1;
+                repeats.push(Repeat {
+                    number: *n,
+                    place: *place,
+                    churn: *churn,
+                    segment: i,
+                    of: copies.1,
+                });
             }
-            s
-        })
-        .collect()
+            *copies = (copies.0 + 1, i);
+        }
+    }
+    (segments, repeats)
 }
 
-/// Events in segment `i` of `cycles` that may replay what the sink already wrote: the SIGKILL
-/// ending the cycle before, and the cycle's own fault.
+/// Events in segment `i` of `cycles` that may keep dedup marks of written records from being
+/// durable: the SIGKILL ending the cycle (the run to the end stops on SIGTERM, a clean
+/// stop), the cycle's own fault, and each exit of flowgate by itself during it.
 fn events(cycles: &[Cycle], i: usize) -> u64 {
-    u64::from(i > 0)
-        + cycles
-            .get(i)
-            .map_or(0, |c| u64::from(c.fault != Fault::Kill))
+    cycles.get(i).map_or(0, |c| {
+        1 + u64::from(c.fault != Fault::Kill) + u64::from(c.restarts)
+    })
 }
 
 fn tally(rig: &Rig, t: &dyn Target, run: &Run<'_>) -> Result<Tally, String> {
@@ -111,7 +127,7 @@ fn tally(rig: &Rig, t: &dyn Target, run: &Run<'_>) -> Result<Tally, String> {
     let got: HashSet<u64> = main.iter().chain(&churn).map(|(_, n)| *n).collect();
     let mut marks: Vec<Mark> = run.cycles.iter().map(|c| c.from).collect();
     marks.push(run.drain_from);
-    let segments = segments(&held, &marks, &main, &churn);
+    let (segments, repeats) = segments(&held, &marks, &main, &churn);
     let mut lost: Vec<u64> = held.keys().filter(|v| !got.contains(v)).copied().collect();
     lost.sort_unstable();
     let mut resumes: Vec<f64> = run
@@ -126,8 +142,8 @@ fn tally(rig: &Rig, t: &dyn Target, run: &Run<'_>) -> Result<Tally, String> {
         distinct: got.len(),
         lost,
         unexpected: got.iter().filter(|v| !held.contains_key(v)).count(),
-        duplicates: segments.iter().map(|s| s.duplicates).sum(),
         segments,
+        repeats,
         consumed_to_end: run.drained && t.consumed_to_end(rig, run.stream, run.config)?,
         resume_median: resumes.get(resumes.len() / 2).copied().unwrap_or(0.0),
         resume_worst: resumes.last().copied().unwrap_or(0.0),
@@ -143,6 +159,8 @@ enum Value {
     Seconds(f64),
     Yes(bool),
     Text(String),
+    /// No value (JSON `null`), shown as this text.
+    None(&'static str),
 }
 
 impl Value {
@@ -153,6 +171,7 @@ impl Value {
             Value::Seconds(s) => format!("{s:.2} s"),
             Value::Yes(b) => if *b { "yes" } else { "**no**" }.to_string(),
             Value::Text(t) => t.clone(),
+            Value::None(t) => t.to_string(),
         }
     }
 
@@ -163,8 +182,18 @@ impl Value {
             Value::Seconds(s) => format!("{s:.3}"),
             Value::Yes(b) => b.to_string(),
             Value::Text(t) => format!("\"{}\"", t.replace('\\', "\\\\").replace('"', "\\\"")),
+            Value::None(_) => "null".to_string(),
         }
     }
+}
+
+/// `(key, value)` pairs as a JSON object.
+fn json_object(fields: &[(&str, Value)]) -> String {
+    let fields: Vec<String> = fields
+        .iter()
+        .map(|(k, v)| format!("\"{k}\":{}", v.json()))
+        .collect();
+    format!("{{{}}}", fields.join(","))
 }
 
 /// The command line that reproduces the run.
@@ -176,6 +205,9 @@ fn command(name: &str, o: &Options) -> String {
         o.seed,
         o.store().name()
     );
+    if let Some(m) = o.minutes {
+        c.push_str(&format!(" --minutes={m}"));
+    }
     if o.table {
         c.push_str(" --sink=table");
     } else if o.dedup {
@@ -187,36 +219,49 @@ fn command(name: &str, o: &Options) -> String {
     c
 }
 
+/// How many records of segment `i` the run may write again: with the table sink none, with
+/// dedup the window per event, without dedup any number.
+fn bound(o: &Options, cycles: &[Cycle], i: usize) -> Option<u64> {
+    match (o.table, o.dedup) {
+        (true, _) => Some(0),
+        (false, true) => Some(super::DEDUP_CONCURRENCY * super::DEDUP_BATCH * events(cycles, i)),
+        (false, false) => None,
+    }
+}
+
+/// The ledger: tallies the run, writes the report and fails the run on a loss, a record the
+/// broker never held, a partition not consumed to its end, a cycle that never resumed, or a
+/// segment written again past its bound.
 pub(super) fn ledger(rig: &Rig, t: &dyn Target, o: &Options, run: &Run<'_>) -> Result<(), String> {
     let x = tally(rig, t, run)?;
     let name = t.broker().name();
     let kills = run.cycles.len();
-    let window = o
-        .dedup
-        .then_some(super::DEDUP_CONCURRENCY * super::DEDUP_BATCH);
-    // Segments whose duplicates pass the dedup window (per event that replays), or any
-    // duplicate into the table sink.
     let over: Vec<usize> = (0..x.segments.len())
-        .filter(|i| match (o.table, window) {
-            (true, _) => x.segments[*i].duplicates > 0,
-            (false, Some(w)) => x.segments[*i].duplicates as u64 > w * events(run.cycles, *i),
-            (false, None) => false,
-        })
+        .filter(|i| bound(o, run.cycles, *i).is_some_and(|b| x.segments[*i].repeated as u64 > b))
         .collect();
-    let worst = x.segments.iter().map(|s| s.duplicates).max().unwrap_or(0);
-    let dedup = match (o.table, window) {
+    let cycle_name = |i: usize| {
+        if i < kills {
+            format!("cycle {i}")
+        } else {
+            "the run to the end".to_string()
+        }
+    };
+    let duplicates = x.repeats.len();
+    let worst = x.segments.iter().map(|s| s.repeated).max().unwrap_or(0);
+    let window = super::DEDUP_CONCURRENCY * super::DEDUP_BATCH;
+    let dedup = match (o.table, o.dedup) {
         (true, _) => format!(
-            "{}, with `dedup.key = \"{}\"`: no duplicate allowed",
+            "{}, `dedup.key = \"{}\"`: no record written twice",
             run.output.name(),
             t.dedup_key()
         ),
-        (false, Some(w)) => format!(
-            "`dedup.key = \"{}\"`, concurrency ≤ {}, batches ≤ {} records: at most {w} duplicates per SIGKILL or fault",
+        (false, true) => format!(
+            "`dedup.key = \"{}\"`, concurrency ≤ {}, batches ≤ {} records: at most {window} records of a cycle written again per SIGKILL, fault or exit in it",
             t.dedup_key(),
             super::DEDUP_CONCURRENCY,
             super::DEDUP_BATCH
         ),
-        (false, None) => "no dedup".to_string(),
+        (false, false) => "none: duplicates are counted, not bounded".to_string(),
     };
     let summary: Vec<(&str, &str, Value)> = vec![
         ("broker", "broker", Value::Text(name.to_string())),
@@ -243,26 +288,26 @@ pub(super) fn ledger(rig: &Rig, t: &dyn Target, o: &Options, run: &Run<'_>) -> R
             Value::Count(x.distinct as u64),
         ),
         ("lost", "**lost**", Value::Count(x.lost.len() as u64)),
-        (
-            "duplicates",
-            "duplicates",
-            Value::Count(x.duplicates as u64),
-        ),
+        ("duplicates", "duplicates", Value::Count(duplicates as u64)),
         (
             "duplicates_per_kill",
             "duplicates per kill",
-            Value::Ratio(x.duplicates as f64 / kills.max(1) as f64),
+            Value::Ratio(duplicates as f64 / kills.max(1) as f64),
         ),
         (
             "duplicates_worst_cycle",
-            "duplicates, worst cycle",
+            "records of one cycle written again, worst",
             Value::Count(worst as u64),
         ),
         ("dedup", "dedup", Value::Text(dedup.clone())),
         (
-            "within_window",
-            "duplicates within the window",
-            Value::Yes(over.is_empty()),
+            "within_bound",
+            "duplicates within the bound",
+            if o.dedup {
+                Value::Yes(over.is_empty())
+            } else {
+                Value::None("no bound")
+            },
         ),
         (
             "end_check",
@@ -310,8 +355,10 @@ pub(super) fn ledger(rig: &Rig, t: &dyn Target, o: &Options, run: &Run<'_>) -> R
     md.push('\n');
     md.push_str(&by_fault(run.cycles));
     md.push_str(
-        "\n| cycle | fault | ran | resumed in | records | duplicates | flowgate exited by itself |\n\
-         |---:|---|---:|---:|---:|---:|---:|\n",
+        "\n\"written again later\": records of the cycle that a later one wrote again (the \
+         replay after the SIGKILL that ended it, its fault, or an exit of flowgate in it).\n\n\
+         | cycle | fault | ran | resumed in | records | written again later | bound | flowgate exited by itself |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut rows = Vec::new();
     for (i, s) in x.segments.iter().enumerate() {
@@ -319,7 +366,7 @@ pub(super) fn ledger(rig: &Rig, t: &dyn Target, o: &Options, run: &Run<'_>) -> R
         let row: Vec<(&str, Value)> = vec![
             (
                 "cycle",
-                c.map_or(Value::Text("to the end".into()), |_| Value::Count(i as u64)),
+                c.map_or(Value::None("to the end"), |_| Value::Count(i as u64)),
             ),
             (
                 "fault",
@@ -330,69 +377,109 @@ pub(super) fn ledger(rig: &Rig, t: &dyn Target, o: &Options, run: &Run<'_>) -> R
             ),
             (
                 "ran_s",
-                c.map_or(Value::Text("".into()), |c| {
-                    Value::Seconds(c.ran.as_secs_f64())
-                }),
+                c.map_or(Value::None(""), |c| Value::Seconds(c.ran.as_secs_f64())),
             ),
             (
                 "resume_s",
                 match c.map(|c| c.resume) {
                     Some(Some(d)) => Value::Seconds(d.as_secs_f64()),
-                    Some(None) => Value::Text("never".into()),
-                    None => Value::Text("".into()),
+                    Some(None) => Value::None("never"),
+                    None => Value::None(""),
                 },
             ),
             ("records", Value::Count(s.received as u64)),
-            ("duplicates", Value::Count(s.duplicates as u64)),
+            ("written_again", Value::Count(s.repeated as u64)),
+            (
+                "bound",
+                bound(o, run.cycles, i).map_or(Value::None("none"), Value::Count),
+            ),
             (
                 "exited",
                 Value::Count(u64::from(c.map_or(0, |c| c.restarts))),
             ),
         ];
+        let cells: Vec<String> = row.iter().map(|(_, v)| v.md()).collect();
+        md.push_str(&format!("| {} |\n", cells.join(" | ")));
+        rows.push(json_object(&row));
+    }
+    let first_repeats: Vec<String> = x
+        .repeats
+        .iter()
+        .take(10)
+        .map(|r| {
+            format!(
+                "{} ({} {} {}, in {}, previous copy in {})",
+                r.number,
+                if r.churn {
+                    "the second member's sink,"
+                } else {
+                    "the sink,"
+                },
+                run.output.place_name(),
+                r.place,
+                cycle_name(r.segment),
+                cycle_name(r.of)
+            )
+        })
+        .collect();
+    if !first_repeats.is_empty() {
         md.push_str(&format!(
-            "| {} |\n",
-            row.iter()
-                .map(|(_, v)| v.md())
-                .collect::<Vec<_>>()
-                .join(" | ")
-        ));
-        rows.push(format!(
-            "{{{}}}",
-            row.iter()
-                .map(|(k, v)| format!("\"{k}\":{}", v.json()))
-                .collect::<Vec<_>>()
-                .join(",")
+            "\nThe first duplicates: {}.\n",
+            first_repeats.join("; ")
         ));
     }
+    let summary_fields: Vec<(&str, Value)> = summary.into_iter().map(|(k, _, v)| (k, v)).collect();
     let json = format!(
-        "{{{},\"rows\":[{}]}}\n",
-        summary
-            .iter()
-            .map(|(k, _, v)| format!("\"{k}\":{}", v.json()))
-            .collect::<Vec<_>>()
-            .join(","),
+        "{},\"rows\":[{}]}}\n",
+        json_object(&summary_fields).trim_end_matches('}'),
         rows.join(",")
     );
     write(&run.dir.join("report.md"), &md)?;
     write(&run.dir.join("report.json"), &json)?;
-    println!("{}", md.split("| cycle |").next().unwrap_or(&md));
+    println!(
+        "{}",
+        md.split("\n\"written again later\"").next().unwrap_or(&md)
+    );
     println!("report: {}", run.dir.join("report.md").display());
-    if !x.lost.is_empty()
-        || x.unexpected > 0
-        || !x.consumed_to_end
-        || x.never > 0
-        || !over.is_empty()
-    {
-        return Err(format!(
-            "chaos {name} failed: {} lost (first {:?}), {} not accepted by the broker, consumed to the end: {}, {} cycles never resumed, duplicates past the window in cycles {over:?} ({dedup})",
+    let mut failures = Vec::new();
+    if !x.lost.is_empty() {
+        failures.push(format!(
+            "{} lost (first {:?})",
             x.lost.len(),
-            x.lost.iter().take(5).collect::<Vec<_>>(),
-            x.unexpected,
-            x.consumed_to_end,
-            x.never
+            x.lost.iter().take(5).collect::<Vec<_>>()
         ));
     }
-    Ok(())
+    if x.unexpected > 0 {
+        failures.push(format!("{} records the broker never held", x.unexpected));
+    }
+    if !x.consumed_to_end {
+        failures.push(format!("not consumed to the end ({})", t.end_check()));
+    }
+    if x.never > 0 {
+        failures.push(format!("{} cycles never resumed", x.never));
+    }
+    if !over.is_empty() {
+        let named: Vec<String> = over
+            .iter()
+            .map(|i| {
+                format!(
+                    "{}: {} written again",
+                    cycle_name(*i),
+                    x.segments[*i].repeated
+                )
+            })
+            .collect();
+        failures.push(format!(
+            "past the bound ({dedup}): {}; first duplicates: {}",
+            named.join(", "),
+            first_repeats.join("; ")
+        ));
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("chaos {name} failed: {}", failures.join("; ")))
+    }
 }
 
 /// Per kind of fault: cycles, the median and worst time to resume, and exits.
@@ -430,7 +517,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_record_is_a_duplicate_in_the_cycle_it_comes_again() {
+    fn a_duplicate_is_charged_to_the_cycle_of_its_previous_copy() {
         // Cycle 0 wrote lines 1–3, cycle 1 lines 4–6, the run to the end line 7; the churning
         // member wrote its line 1 in cycle 1.
         let marks = [(0, 0), (3, 0), (6, 1)];
@@ -442,31 +529,46 @@ mod tests {
             (5, 13),
             (6, 14),
             (7, 14),
+            (8, 13),
         ];
         let churn = [(1, 11)];
         // The broker holds 14 twice (the producer wrote it twice): its second copy is no
         // duplicate.
         let accepted = HashMap::from([(10, 1), (11, 1), (12, 1), (13, 1), (14, 2)]);
-        let s = segments(&accepted, &marks, &main, &churn);
-        let got: Vec<(usize, usize)> = s.iter().map(|s| (s.received, s.duplicates)).collect();
-        assert_eq!(got, [(3, 0), (4, 2), (1, 0)]);
+        let (s, repeats) = segments(&accepted, &marks, &main, &churn);
+        let got: Vec<(usize, usize)> = s.iter().map(|s| (s.received, s.repeated)).collect();
+        // 12 and 11 of cycle 0 came again in cycle 1; 13 of cycle 1 in the run to the end.
+        assert_eq!(got, [(3, 2), (4, 1), (2, 0)]);
+        let r: Vec<(u64, u64, bool, usize, usize)> = repeats
+            .iter()
+            .map(|r| (r.number, r.place, r.churn, r.segment, r.of))
+            .collect();
+        assert_eq!(
+            r,
+            [
+                (12, 4, false, 1, 0),
+                (11, 1, true, 1, 0),
+                (13, 8, false, 2, 1)
+            ]
+        );
     }
 
     #[test]
-    fn every_cycle_after_the_first_replays_the_kill_before_it_and_its_own_fault() {
-        let cycle = |fault| Cycle {
+    fn a_cycle_ends_with_a_sigkill_and_may_add_a_fault_and_exits() {
+        let cycle = |fault, restarts| Cycle {
             fault,
             resume: None,
             ran: std::time::Duration::ZERO,
-            restarts: 0,
+            restarts,
             from: (0, 0),
         };
         let cycles = [
-            cycle(Fault::Kill),
-            cycle(Fault::BrokerRestart),
-            cycle(Fault::Kill),
+            cycle(Fault::Kill, 0),
+            cycle(Fault::BrokerRestart, 1),
+            cycle(Fault::Kill, 0),
         ];
         let e: Vec<u64> = (0..=cycles.len()).map(|i| events(&cycles, i)).collect();
-        assert_eq!(e, [0, 2, 1, 1]);
+        // The run to the end stops on SIGTERM.
+        assert_eq!(e, [1, 3, 1, 0]);
     }
 }

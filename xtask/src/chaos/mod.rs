@@ -235,29 +235,31 @@ impl Options {
     fn resolve(&self, t: &dyn Target) -> Result<Options, String> {
         let name = t.broker().name();
         let dedup = self.dedup || self.table;
-        // A server store: the ledger reads it while flowgate runs, and a churning member
-        // shares the dedup marks.
-        let shared = t.needs_shared_store() || dedup;
         let store = match self.store {
             Some(s) => s,
-            None if shared => Store::Postgres,
+            None if dedup || t.needs_shared_store() => Store::Postgres,
             None => Store::Embedded,
         };
-        if shared && store == Store::Embedded {
+        if self.table && store != Store::Postgres {
             return Err(format!(
-                "chaos {name}: {} needs a store that other processes reach: --store=postgres or --store=redis",
-                if dedup {
-                    "dedup"
-                } else {
-                    "this broker's ledger"
-                }
+                "chaos {name}: --sink=table writes rows and dedup marks in one PostgreSQL transaction: \
+                 use --store=postgres (or leave --store out)"
             ));
         }
-        if self.table && store != Store::Postgres {
-            return Err(
-                "chaos: --sink=table writes rows and dedup marks in one PostgreSQL transaction: --store=postgres"
-                    .into(),
-            );
+        // The ledger reads the checkpoints while flowgate runs; a churning second member
+        // must see the first's dedup marks.
+        let why = if t.needs_shared_store() {
+            Some("its ledger reads the checkpoints while flowgate runs")
+        } else if dedup && t.churn_member_source("").is_some() {
+            Some("with --dedup, the churning second member must see the first's dedup marks")
+        } else {
+            None
+        };
+        if let (Some(why), Store::Embedded) = (why, store) {
+            return Err(format!(
+                "chaos {name}: {why}, which the embedded store (one process) cannot serve: use \
+                 --store=postgres or --store=redis"
+            ));
         }
         Ok(Options {
             store: Some(store),
@@ -266,6 +268,44 @@ impl Options {
             ..*self
         })
     }
+}
+
+/// A child process killed and reaped when dropped: a run that fails half-way leaves no
+/// flowgate, producer or group member running.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+/// Where the sink stands, asked again for up to 10 s while it cannot tell (PostgreSQL
+/// holding the table just restarted, say).
+fn mark(rig: &Rig, output: &Output) -> Result<Mark, String> {
+    let mut res = output.mark(rig);
+    for _ in 0..10 {
+        if res.is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        res = output.mark(rig);
+    }
+    res
 }
 
 /// Where a run keeps checkpoints and dedup marks.
@@ -384,7 +424,7 @@ fn wait_for_growth(
         if let Ok(Some(status)) = run.child.try_wait() {
             eprintln!("    flowgate exited ({status}); starting it again");
             *restarts += 1;
-            run.child = flowgate(run.bin, run.config, run.log)?;
+            run.child = Reaped(flowgate(run.bin, run.config, run.log)?);
         }
         std::thread::sleep(run.output.poll_every());
     }
@@ -393,7 +433,7 @@ fn wait_for_growth(
 
 /// A running `flowgate run` and how to start it again.
 struct Flowgate<'a> {
-    child: Child,
+    child: Reaped,
     bin: &'a Path,
     config: &'a Path,
     log: &'a Path,
@@ -508,30 +548,30 @@ struct RunFiles {
 }
 
 /// The rig's URL of `server` (`FLOWGATE_TEST_<NAME>_URL`).
-fn server_url(rig: &Rig, server: Broker) -> String {
+fn server_url(rig: &Rig, server: Broker) -> Result<String, String> {
     let key = format!("FLOWGATE_TEST_{}_URL", server.name().to_uppercase());
     server
         .env(rig)
         .into_iter()
         .find(|(k, _)| *k == key)
         .map(|(_, v)| v)
-        .unwrap_or_default()
+        .ok_or_else(|| format!("the rig gives no {key} for {}", server.name()))
 }
 
 /// The `[store]` section of a run's pipelines (`own`: the embedded store's directory).
-fn store_toml(rig: &Rig, o: &Options, stream: &str, own: &Path) -> String {
-    match o.store() {
+fn store_toml(rig: &Rig, o: &Options, stream: &str, own: &Path) -> Result<String, String> {
+    Ok(match o.store() {
         Store::Embedded => format!("type = \"embedded\"\npath = \"{}\"", own.display()),
         Store::Postgres => format!(
             "type = \"postgres\"\nurl = \"{}\"\nschema = \"{}\"",
-            server_url(rig, Broker::Postgres),
+            server_url(rig, Broker::Postgres)?,
             pg_schema(stream)
         ),
         Store::Redis => format!(
             "type = \"redis\"\nurl = \"{}\"\nprefix = \"{stream}\"",
-            server_url(rig, Broker::Redis)
+            server_url(rig, Broker::Redis)?
         ),
-    }
+    })
 }
 
 fn run_files(
@@ -572,7 +612,7 @@ fn run_files(
         )
     };
     let source = t.source(stream);
-    let store = store_toml(rig, o, stream, &dir.join("data"));
+    let store = store_toml(rig, o, stream, &dir.join("data"))?;
     let config = dir.join("pipeline.toml");
     let stall_config = dir.join("pipeline-stalling-sink.toml");
     write(
@@ -595,7 +635,7 @@ fn run_files(
     // checkpoint of the first member: repeats, never a gap).
     let churn_config = match t.churn_member_source(stream) {
         Some(source) => {
-            let store = store_toml(rig, o, stream, &dir.join("data-churn"));
+            let store = store_toml(rig, o, stream, &dir.join("data-churn"))?;
             let path = dir.join("pipeline-churn-member.toml");
             write(
                 &path,
@@ -642,7 +682,8 @@ fn chaos_on(rig: &Rig, t: &dyn Target, o: &Options) -> Result<(), String> {
     let proxy = Toxiproxy::start(rig, listen, upstream, &files.dir.join("toxiproxy.log"))?;
     let stop = Arc::new(AtomicBool::new(false));
     let producer = t.producer(rig, &stream, &files.dir.join("producer.log"))?;
-    let (mut producer_child, feeder) = feed(producer, o.rate, stop.clone())?;
+    let (producer_child, feeder) = feed(producer, o.rate, stop.clone())?;
+    let mut producer_child = Reaped(producer_child);
     let started = Instant::now();
     eprintln!(
         "==> chaos {}: {} cycles, {stream}, report in {}",
@@ -655,14 +696,18 @@ fn chaos_on(rig: &Rig, t: &dyn Target, o: &Options) -> Result<(), String> {
     let fed = feeder.join().unwrap_or(0);
     let _ = producer_child.wait();
     // The last run: to the end, then a clean stop.
-    let drain_from = files.output.mark(rig)?;
-    let mut last = flowgate(&bin, &files.config, &files.log)?;
+    let drain_from = mark(rig, &files.output)?;
+    let mut last = Reaped(flowgate(&bin, &files.config, &files.log)?);
     let drain_started = Instant::now();
     let mut drained = false;
     while drain_started.elapsed() < Duration::from_secs(180) {
-        if t.consumed_to_end(rig, &stream, &files.config)? {
-            drained = true;
-            break;
+        match t.consumed_to_end(rig, &stream, &files.config) {
+            Ok(true) => {
+                drained = true;
+                break;
+            }
+            Ok(false) => {}
+            Err(e) => eprintln!("    cannot tell yet whether everything was consumed: {e}"),
         }
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -679,6 +724,16 @@ fn chaos_on(rig: &Rig, t: &dyn Target, o: &Options) -> Result<(), String> {
         started,
     };
     let res = ledger(rig, t, o, &run);
+    if res.is_err() {
+        // The evidence stays: the broker's records and the store's checkpoints, marks, rows.
+        let kept = match o.store() {
+            Store::Embedded => format!("{}", files.dir.join("data").display()),
+            Store::Postgres => format!("PostgreSQL's schema {}", pg_schema(&stream)),
+            Store::Redis => format!("Redis's keys {stream}:*"),
+        };
+        eprintln!("    kept for inspection: {stream} in the broker, and {kept}");
+        return res;
+    }
     if let Err(e) = t.cleanup(rig, &stream) {
         eprintln!("    could not delete {stream}: {e}");
     }
@@ -701,13 +756,23 @@ fn drop_store(rig: &Rig, store: Store, stream: &str) -> Result<(), String> {
             ),
         ]))
         .map(drop),
-        Store::Redis => crate::output(rig.client(Broker::Redis)?.args([
-            "EVAL",
-            "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end",
-            "0",
-            &format!("{stream}:*"),
-        ]))
-        .map(drop),
+        Store::Redis => {
+            // SCAN, not KEYS: a run leaves millions of marks, and KEYS would block Redis.
+            let keys = crate::output(rig.client(Broker::Redis)?.args([
+                "--scan",
+                "--pattern",
+                &format!("{stream}:*"),
+            ]))?;
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            for chunk in keys.chunks(10_000) {
+                let out = crate::output(rig.client(Broker::Redis)?.arg("UNLINK").args(chunk))?;
+                // redis-cli exits 0 on a server error, and says so.
+                if out.starts_with("ERR") || out.contains("(error)") {
+                    return Err(format!("redis-cli UNLINK: {}", out.trim()));
+                }
+            }
+            Ok(())
+        }
     }
 }
 
@@ -743,11 +808,11 @@ fn run_cycles(
             Fault::SinkStall => &files.stall_config,
             _ => &files.config,
         };
-        let from = files.output.mark(rig)?;
+        let from = mark(rig, &files.output)?;
         let t0 = Instant::now();
         let mut restarts = 0;
         let mut run = Flowgate {
-            child: flowgate(bin, config, &files.log)?,
+            child: Reaped(flowgate(bin, config, &files.log)?),
             bin,
             config,
             log: &files.log,
@@ -770,7 +835,9 @@ fn run_cycles(
                 }
                 _ => {
                     let restarted = match fault {
-                        Fault::StoreRestart => o.store().server().unwrap_or(t.broker()),
+                        Fault::StoreRestart => o.store().server().ok_or(
+                            "a store restart was scheduled without a server store (a bug of the schedule)",
+                        )?,
                         _ => t.broker(),
                     };
                     rig.down(&[restarted])?;
@@ -782,8 +849,9 @@ fn run_cycles(
         }
         let _ = run.child.kill();
         let _ = run.child.wait();
-        let to = files.output.mark(rig)?;
-        let received = to.0 + to.1 - from.0 - from.1;
+        let to = mark(rig, &files.output)?;
+        // Row ids count rolled-back inserts too: for the table sink an estimate.
+        let received = (to.0 + to.1).saturating_sub(from.0 + from.1);
         eprintln!(
             "    cycle {n:>3} {:<30} ran {:>5.1}s, resumed in {}, {received} records{}",
             fault.name(),
@@ -810,7 +878,7 @@ fn run_cycles(
 /// 5 s in and 5 s out.
 fn churn(bin: &Path, config: &Path, log: &Path) -> Result<(), String> {
     for _ in 0..3 {
-        let mut member = flowgate(bin, config, log)?;
+        let mut member = Reaped(flowgate(bin, config, log)?);
         std::thread::sleep(Duration::from_secs(5));
         stop_gracefully(&mut member);
         std::thread::sleep(Duration::from_secs(5));

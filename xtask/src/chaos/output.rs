@@ -42,7 +42,7 @@ impl Output {
         }
     }
 
-    /// How often [`Output::progress`] is worth asking.
+    /// How often [`Output::progress`] is worth asking: the resolution of the time to resume.
     pub(super) fn poll_every(&self) -> std::time::Duration {
         std::time::Duration::from_millis(match self {
             Output::Jsonl { .. } => 10,
@@ -69,8 +69,9 @@ impl Output {
                     rig,
                     &format!("SELECT coalesce(max(id), 0) FROM {}", self.table()),
                 ) {
-                    // The sink creates its table when it first starts.
-                    Err(e) if e.contains("does not exist") => return Ok((0, 0)),
+                    // The sink creates its table when it first starts (SQLSTATE 42P01:
+                    // undefined_table).
+                    Err(e) if e.contains("42P01") => return Ok((0, 0)),
                     res => res?,
                 };
                 let id = out
@@ -86,7 +87,7 @@ impl Output {
     /// member's.
     pub(super) fn records(&self, rig: &Rig) -> Result<(Vec<Placed>, Vec<Placed>), String> {
         match self {
-            Output::Jsonl { main, churn } => Ok((jsonl_records(main), jsonl_records(churn))),
+            Output::Jsonl { main, churn } => Ok((jsonl_records(main)?, jsonl_records(churn)?)),
             Output::Table { pipeline, .. } => {
                 let out = self.query(
                     rig,
@@ -107,6 +108,14 @@ impl Output {
         }
     }
 
+    /// What a record's place is.
+    pub(super) fn place_name(&self) -> &'static str {
+        match self {
+            Output::Jsonl { .. } => "line",
+            Output::Table { .. } => "row id",
+        }
+    }
+
     pub(super) fn name(&self) -> &'static str {
         match self {
             Output::Jsonl { .. } => "JSON-lines",
@@ -123,11 +132,11 @@ impl Output {
         }
     }
 
-    /// `sql`'s rows, `|`-separated; an error holds psql's message.
+    /// `sql`'s rows, `|`-separated; an error holds psql's message with its SQLSTATE.
     fn query(&self, rig: &Rig, sql: &str) -> Result<String, String> {
         let out = rig
             .client(Broker::Postgres)?
-            .args(["-At", "-c", sql])
+            .args(["-At", "-v", "VERBOSITY=verbose", "-c", sql])
             .stderr(Stdio::piped())
             .output()
             .map_err(|e| format!("cannot run psql: {e}"))?;
@@ -141,16 +150,19 @@ impl Output {
     }
 }
 
-/// Lines of a JSON-lines sink, numbered from 1, and their payloads (the record numbers).
-fn jsonl_records(sink: &Path) -> Vec<Placed> {
-    let Ok(text) = fs::read_to_string(sink) else {
-        return Vec::new();
-    };
-    text.lines()
+/// Lines of a JSON-lines sink (none if it was never written), numbered from 1, and their
+/// payloads (the record numbers).
+fn jsonl_records(sink: &Path) -> Result<Vec<Placed>, String> {
+    if !sink.exists() {
+        return Ok(Vec::new());
+    }
+    let text = fs::read_to_string(sink).map_err(|e| format!("{}: {e}", sink.display()))?;
+    Ok(text
+        .lines()
         .enumerate()
         .filter_map(|(i, l)| {
             let rest = &l[l.find("\"payload\":\"")? + 11..];
             Some((i as u64 + 1, rest[..rest.find('"')?].parse().ok()?))
         })
-        .collect()
+        .collect())
 }

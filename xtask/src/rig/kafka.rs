@@ -1,6 +1,8 @@
 //! Apache Kafka from Maven Central jars (KRaft, one node), with its SSL, SASL_SSL and SASL_PLAINTEXT listeners.
 
 use super::*;
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 impl Rig {
     pub(super) fn start_kafka(&self, dir: &Path) -> Res {
@@ -194,33 +196,47 @@ impl Rig {
     }
 
     /// The first of `candidates` (fully qualified class names) that the release's Kafka jars
-    /// hold: Kafka's tools move between its jars from release to release.
+    /// hold: Kafka's tools move between its jars from release to release. Looked up once per
+    /// release and class.
     pub(crate) fn kafka_class(&self, candidates: &[&'static str]) -> Res<&'static str> {
+        static FOUND: OnceLock<Mutex<HashMap<(String, &'static str), &'static str>>> =
+            OnceLock::new();
+        let found = FOUND.get_or_init(Default::default);
+        let key = (
+            kafka_version().to_string(),
+            candidates.first().copied().unwrap_or(""),
+        );
+        if let Some(class) = found.lock().ok().and_then(|f| f.get(&key).copied()) {
+            return Ok(class);
+        }
         let dir = self.kafka_jars();
+        let hint = "run `cargo xtask brokers up --only kafka` first, which fetches them";
         let mut jars = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+        for entry in fs::read_dir(&dir).map_err(|e| format!("{}: {e} ({hint})", dir.display()))? {
             let path = entry.map_err(|e| format!("{}: {e}", dir.display()))?.path();
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
             if name.is_some_and(|n| n.starts_with("kafka") && n.ends_with(".jar")) {
-                // A jar names its entries uncompressed, in the central directory.
                 jars.push(fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?);
             }
         }
-        candidates
+        let class = candidates
             .iter()
             .find(|class| {
                 let entry = format!("{}.class", class.replace('.', "/"));
-                jars.iter()
-                    .any(|jar| jar.windows(entry.len()).any(|w| w == entry.as_bytes()))
+                jars.iter().any(|jar| names_entry(jar, entry.as_bytes()))
             })
             .copied()
             .ok_or_else(|| {
                 format!(
-                    "none of {candidates:?} is in Kafka {}'s jars ({})",
+                    "none of {candidates:?} is in Kafka {}'s jars ({}; {hint})",
                     kafka_version(),
                     dir.display()
                 )
-            })
+            })?;
+        if let Ok(mut f) = found.lock() {
+            f.insert(key, class);
+        }
+        Ok(class)
     }
 
     /// `java` with the Kafka classpath and the rig's log4j2 configuration.
@@ -253,3 +269,12 @@ pub(crate) const CONFIG_COMMAND: &[&str] = &[
     "org.apache.kafka.tools.ConfigCommand",
     "kafka.admin.ConfigCommand",
 ];
+
+/// The jar names `entry` (a jar names its entries uncompressed, in its local headers and its
+/// central directory): a whole name, not the tail of a longer path.
+fn names_entry(jar: &[u8], entry: &[u8]) -> bool {
+    let first = entry.first().copied().unwrap_or(0);
+    jar.iter().enumerate().any(|(i, b)| {
+        *b == first && jar.get(i..i + entry.len()) == Some(entry) && (i == 0 || jar[i - 1] != b'/')
+    })
+}

@@ -9,11 +9,11 @@
 //! rate = 10000
 //!
 //! [sink]
-//! type = "jsonl"            # null / jsonl / table
+//! type = "jsonl"            # null / jsonl / table; kafka / rabbitmq / kinesis / http
 //! path = "out.jsonl"
 //!
 //! [store]
-//! type = "embedded"         # embedded / memory / none
+//! type = "embedded"         # embedded / postgres / redis / dynamodb / memory / none
 //! path = "./flowgate-data"
 //!
 //! [dedup]

@@ -2,6 +2,7 @@
 //! does its part before or after handing the batch inward. Only the layers a pipeline needs
 //! are built (no dedup store: no dedup check and no marks).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -179,7 +180,9 @@ impl Layer for Transform {
     }
 }
 
-/// Before the write: drops records whose idempotency key the store has seen.
+/// Before the write: drops records whose idempotency key the store has seen, or an earlier
+/// record of the same batch carries (a message a producer published twice, side by side in
+/// the queue).
 struct KeyDedup {
     common: Arc<Common>,
     store: Arc<dyn DedupStore>,
@@ -202,12 +205,14 @@ impl Layer for KeyDedup {
                 self.store.seen(&c.pipeline, &keys)
             })
             .await?;
-            let skip = keyed
+            let mut in_batch: HashSet<&IdempotencyKey> = HashSet::with_capacity(keyed.len());
+            let skip: Vec<usize> = keyed
                 .iter()
                 .zip(seen)
-                .filter(|(_, s)| *s)
-                .map(|((i, _), _)| *i);
-            drop_seen(c, &mut work.records, skip);
+                .filter(|((_, k), seen)| !in_batch.insert(k) || *seen)
+                .map(|((i, _), _)| *i)
+                .collect();
+            drop_seen(c, &mut work.records, skip.into_iter());
         }
         self.inner.call(ticket, work).await
     }
