@@ -56,7 +56,7 @@ cargo xtask <task>
                            and batch size) to a local endpoint answering at once and after
                            5 ms, alternately. --records=N --rounds=N
   chaos kafka|rabbitmq|kinesis|all [--cycles=N] [--minutes=M] [--rate=R] [--seed=S]
-        [--store=embedded|postgres|redis] [--dedup] [--sink=jsonl|table] [--mixed]
+        [--store=embedded|postgres|redis] [--dedup] [--sink=jsonl|table] [--mixed] [--overlap]
                            faults at volume against the rig's broker: a numbered producer for
                            the whole run, flowgate SIGKILLed every cycle (every tenth after a
                            broker restart under it, every tenth from the fifth after a network
@@ -72,7 +72,8 @@ cargo xtask <task>
                            (kafka-consumer-groups, rabbitmqctl list_queues, Kinesis
                            GetRecords after each checkpoint); report in target/chaos/.
                            Default 100 cycles; --mixed draws each cycle's fault at random
-                           from the seed
+                           from the seed; --overlap starts a network fault (each kind in
+                           turn) with every broker or store restart
   kafka-versions [--versions=A,B] [--cycles=N]
                            the Kafka adapter's broker tests, the CLI's SIGKILL tests and a
                            short chaos run against each Apache Kafka release (default

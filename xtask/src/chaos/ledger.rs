@@ -113,7 +113,9 @@ fn segments(
 /// stop), the cycle's own fault, and each exit of flowgate by itself during it.
 fn events(cycles: &[Cycle], i: usize) -> u64 {
     cycles.get(i).map_or(0, |c| {
-        1 + u64::from(c.fault != Fault::Kill) + u64::from(c.restarts)
+        1 + u64::from(c.fault != Fault::Kill)
+            + u64::from(c.overlap.is_some())
+            + u64::from(c.restarts)
     })
 }
 
@@ -215,6 +217,9 @@ fn command(name: &str, o: &Options) -> String {
     }
     if o.mixed {
         c.push_str(" --mixed");
+    }
+    if o.overlap {
+        c.push_str(" --overlap");
     }
     c
 }
@@ -370,10 +375,7 @@ pub(super) fn ledger(rig: &Rig, t: &dyn Target, o: &Options, run: &Run<'_>) -> R
             ),
             (
                 "fault",
-                Value::Text(
-                    c.map_or("none, SIGTERM at the end", |c| c.fault.name())
-                        .into(),
-                ),
+                Value::Text(c.map_or("none, SIGTERM at the end".to_string(), Cycle::label)),
             ),
             (
                 "ran_s",
@@ -484,17 +486,17 @@ pub(super) fn ledger(rig: &Rig, t: &dyn Target, o: &Options, run: &Run<'_>) -> R
 
 /// Per kind of fault: cycles, the median and worst time to resume, and exits.
 fn by_fault(cycles: &[Cycle]) -> String {
-    let mut kinds: Vec<Fault> = Vec::new();
+    let mut kinds: Vec<String> = Vec::new();
     for c in cycles {
-        if !kinds.contains(&c.fault) {
-            kinds.push(c.fault);
+        if !kinds.contains(&c.label()) {
+            kinds.push(c.label());
         }
     }
     let mut md = String::from(
         "| fault | cycles | resume median | resume worst | flowgate exited by itself |\n|---|---:|---:|---:|---:|\n",
     );
     for k in kinds {
-        let of: Vec<&Cycle> = cycles.iter().filter(|c| c.fault == k).collect();
+        let of: Vec<&Cycle> = cycles.iter().filter(|c| c.label() == k).collect();
         let mut r: Vec<f64> = of
             .iter()
             .filter_map(|c| c.resume.map(|d| d.as_secs_f64()))
@@ -502,7 +504,7 @@ fn by_fault(cycles: &[Cycle]) -> String {
         r.sort_by(f64::total_cmp);
         md.push_str(&format!(
             "| {} | {} | {:.2} s | {:.2} s | {} |\n",
-            k.name(),
+            k,
             of.len(),
             r.get(r.len() / 2).copied().unwrap_or(0.0),
             r.last().copied().unwrap_or(0.0),
@@ -557,6 +559,7 @@ mod tests {
     fn a_cycle_ends_with_a_sigkill_and_may_add_a_fault_and_exits() {
         let cycle = |fault, restarts| Cycle {
             fault,
+            overlap: None,
             resume: None,
             ran: std::time::Duration::ZERO,
             restarts,
@@ -570,5 +573,14 @@ mod tests {
         let e: Vec<u64> = (0..=cycles.len()).map(|i| events(&cycles, i)).collect();
         // The run to the end stops on SIGTERM.
         assert_eq!(e, [1, 3, 1, 0]);
+        let overlapping = Cycle {
+            overlap: Some(super::super::Net::Cut),
+            ..cycle(Fault::StoreRestart, 0)
+        };
+        assert_eq!(
+            overlapping.label(),
+            "store restart and network: cut for 15 s at once, then SIGKILL"
+        );
+        assert_eq!(events(&[overlapping], 0), 3);
     }
 }

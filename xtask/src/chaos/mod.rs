@@ -1,5 +1,6 @@
 //! `cargo xtask chaos kafka|rabbitmq|kinesis|all [--cycles=N] [--minutes=M] [--rate=R]
-//! [--seed=S] [--store=embedded|postgres|redis] [--dedup] [--sink=jsonl|table] [--mixed]`:
+//! [--seed=S] [--store=embedded|postgres|redis] [--dedup] [--sink=jsonl|table] [--mixed]
+//! [--overlap]`:
 //! faults at volume against a real broker, with one ledger at the end.
 //!
 //! A producer writes uniquely numbered records for the whole run (Kafka's own console
@@ -26,7 +27,8 @@
 //! `GetRecords` after each shard's checkpoint returns nothing). The report (one row per cycle:
 //! fault, time to resume, records received, duplicates) goes to
 //! `target/chaos/<broker>-<time>/report.{md,json}`. With `--mixed` each cycle's fault is drawn
-//! at random from the seed instead.
+//! at random from the seed instead; with `--overlap` a network fault (each kind in turn) starts
+//! with every broker or store restart.
 
 mod kafka;
 mod kinesis;
@@ -199,6 +201,8 @@ struct Schedule {
 
 struct Cycle {
     fault: Fault,
+    /// With `--overlap`: the network fault injected as the restart began.
+    overlap: Option<Net>,
     /// From the fault's end (flowgate started again, the broker back, or the network fault
     /// lifted) to the next record in the sink.
     resume: Option<Duration>,
@@ -207,6 +211,21 @@ struct Cycle {
     from: Mark,
     /// Times flowgate exited by itself (a fatal error) and was started again.
     restarts: u32,
+}
+
+impl Cycle {
+    /// The cycle's fault, with the network fault overlapping it.
+    fn label(&self) -> String {
+        let name = self.fault.name();
+        match self.overlap {
+            Some(net) => format!(
+                "{} and {net_name} at once, then SIGKILL",
+                name.trim_end_matches(", then SIGKILL"),
+                net_name = net.name()
+            ),
+            None => name.to_string(),
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -224,6 +243,8 @@ struct Options {
     table: bool,
     /// Each cycle's fault drawn at random from the seed, rather than in the fixed order.
     mixed: bool,
+    /// Each broker or store restart with a network fault at once (each kind in turn).
+    overlap: bool,
 }
 
 impl Options {
@@ -360,6 +381,7 @@ fn options(args: &[&str]) -> Result<(String, Options), String> {
         dedup: false,
         table: false,
         mixed: false,
+        overlap: false,
     };
     for a in args {
         let num = |v: &str| v.parse::<u64>().map_err(|e| format!("{a}: {e}"));
@@ -388,6 +410,8 @@ fn options(args: &[&str]) -> Result<(String, Options), String> {
             o.dedup = true;
         } else if *a == "--mixed" {
             o.mixed = true;
+        } else if *a == "--overlap" {
+            o.overlap = true;
         } else if !a.starts_with("--") {
             target = a.to_string();
         } else {
@@ -790,6 +814,7 @@ fn run_cycles(
         .minutes
         .map(|m| Instant::now() + Duration::from_secs_f64(m * 60.0));
     let mut cycles: Vec<Cycle> = Vec::new();
+    let mut overlaps = 0;
     for n in 0..o.cycles {
         if deadline.is_some_and(|d| Instant::now() > d) {
             break;
@@ -807,6 +832,13 @@ fn run_cycles(
         let config = match fault {
             Fault::SinkStall => &files.stall_config,
             _ => &files.config,
+        };
+        let overlap = match fault {
+            Fault::BrokerRestart | Fault::StoreRestart if o.overlap => {
+                overlaps += 1;
+                Some(Net::ALL[(overlaps - 1) % Net::ALL.len()])
+            }
+            _ => None,
         };
         let from = mark(rig, &files.output)?;
         let t0 = Instant::now();
@@ -840,9 +872,22 @@ fn run_cycles(
                         )?,
                         _ => t.broker(),
                     };
-                    rig.down(&[restarted])?;
-                    std::thread::sleep(Duration::from_secs(2));
-                    rig.up(&[restarted], Engine::Native)?;
+                    let restart = || -> Result<(), String> {
+                        rig.down(&[restarted])?;
+                        std::thread::sleep(Duration::from_secs(2));
+                        rig.up(&[restarted], Engine::Native)
+                    };
+                    match overlap {
+                        Some(net) => std::thread::scope(|s| {
+                            let network = s.spawn(|| proxy.inject(net));
+                            let restarted = restart();
+                            let network = network.join().unwrap_or_else(|_| {
+                                Err("the network fault's thread panicked".into())
+                            });
+                            restarted.and(network)
+                        })?,
+                        None => restart()?,
+                    }
                 }
             }
             resume = wait_for_growth(&mut run, Duration::from_secs(120), &mut restarts)?;
@@ -854,7 +899,10 @@ fn run_cycles(
         let received = (to.0 + to.1).saturating_sub(from.0 + from.1);
         eprintln!(
             "    cycle {n:>3} {:<30} ran {:>5.1}s, resumed in {}, {received} records{}",
-            fault.name(),
+            match overlap {
+                Some(net) => format!("{} + {}", fault.name(), net.name()),
+                None => fault.name().to_string(),
+            },
             t0.elapsed().as_secs_f64(),
             resume.map_or("never".to_string(), |d| format!("{:.2}s", d.as_secs_f64())),
             if restarts > 0 {
@@ -865,6 +913,7 @@ fn run_cycles(
         );
         cycles.push(Cycle {
             fault,
+            overlap,
             resume,
             ran: t0.elapsed(),
             from,
