@@ -247,7 +247,8 @@ impl RedisStore {
         format!("{}:{kind}:{pipeline}", self.cfg.prefix)
     }
 
-    /// Runs `op` on a clone of the managed connection, retrying lost connections.
+    /// Runs `op` on a clone of the managed connection, retrying lost connections and a server
+    /// not ready to serve yet (loading its dataset, say) until `give_up_after`.
     async fn retry<T, F, Fut>(&self, what: &'static str, mut op: F) -> Result<T, Error>
     where
         F: FnMut(ConnectionManager) -> Fut,
@@ -262,7 +263,11 @@ impl RedisStore {
                     return Ok(v);
                 }
                 Err(e) => {
-                    let lost = e.is_io_error() || e.is_connection_dropped() || e.is_timeout();
+                    let lost = e.is_io_error() || e.is_connection_dropped() || e.is_timeout()
+                        // The server answers but cannot serve yet: loading its dataset after
+                        // a restart (LOADING), a replica without its master (MASTERDOWN), a
+                        // cluster moving slots (TRYAGAIN, CLUSTERDOWN).
+                        || matches!(e.retry_method(), redis::RetryMethod::WaitAndRetry);
                     if lost {
                         if let Some(wait) = backoff.next_delay() {
                             tracing::warn!(error = %e, retry_in = ?wait, "redis store: {what} failed; retrying");
