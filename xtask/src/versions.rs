@@ -175,7 +175,7 @@ fn one_version(
                 line("| **lost**"),
                 line("| records the broker accepted"),
                 line("| duplicates"),
-                line("| committed offsets = log end"),
+                line("| consumed to the end"),
             )
         },
     )?;
