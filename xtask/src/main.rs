@@ -66,8 +66,9 @@ cargo xtask <task>
                            with a server store (--store=postgres or redis; PostgreSQL by
                            default for Kinesis, --dedup and --sink=table), every tenth from
                            the eighth after a restart of the store), then a ledger: nothing
-                           lost, duplicates counted (with --dedup at most 800 per SIGKILL or
-                           fault; into the PostgreSQL table sink, --sink=table, none),
+                           lost, duplicates counted (with --dedup at most 800 records of a
+                           cycle written again per SIGKILL, fault or exit in it; into the
+                           PostgreSQL table sink, --sink=table, none),
                            everything consumed by the broker's own tools
                            (kafka-consumer-groups, rabbitmqctl list_queues, Kinesis
                            GetRecords after each checkpoint); report in target/chaos/.

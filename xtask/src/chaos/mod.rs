@@ -20,7 +20,7 @@
 //! started again, and counted. After the last cycle the producer stops, flowgate runs once
 //! more to the end and stops on SIGTERM. The ledger: every record the broker accepted was
 //! received (lost = 0); duplicates counted per cycle and, with `--dedup`, held to the dedup
-//! window per SIGKILL or fault ([`DEDUP_CONCURRENCY`] × [`DEDUP_BATCH`]), into the table sink
+//! window per SIGKILL, fault or exit ([`DEDUP_CONCURRENCY`] × [`DEDUP_BATCH`]), into the table sink
 //! to none; and the broker's own tools show everything consumed (Kafka: the group's committed
 //! offsets equal the end of every partition, by kafka-consumer-groups; RabbitMQ: the queue
 //! holds no message, ready or unacknowledged, by `rabbitmqctl list_queues`; Kinesis:

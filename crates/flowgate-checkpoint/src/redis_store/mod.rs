@@ -12,7 +12,9 @@
 //!   (`SET … PX`), so Redis itself forgets expired marks. No positional marks: with dedup
 //!   by source position the runtime marks one key per record here.
 //! - Connection loss: the connection manager reconnects; every operation retries with backoff
-//!   until `give_up_after`, then fails with an error naming the server.
+//!   until `give_up_after`, then fails with an error naming the server. So do answers that say
+//!   the server cannot serve yet (`LOADING` after a restart, `MASTERDOWN`, `TRYAGAIN`,
+//!   `CLUSTERDOWN`).
 //! - Durability is the server's: run it with `appendonly yes` (and `appendfsync always` if a
 //!   second of writes must survive a power loss).
 
